@@ -1,0 +1,152 @@
+"""The ``nas`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from nas.cost import subnet_params
+from nas.errors import NasError
+from nas.space import DEFAULT_SPACE, SearchSpace, load_space
+
+
+def _fmt_flops(flops: int) -> str:
+    for unit, scale in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:,.2f} {unit}"
+    return f"{flops} FLOPs"
+
+
+def _fmt_share(part: int, whole: int) -> str:
+    """A share that never rounds a strict part to 0% or 100%."""
+    if part == whole:
+        return "all of the space"
+    if part == 0:
+        return "none of the space"
+    share = part / whole
+    if share >= 0.999:
+        return f"all but {whole - part:,} subnets of the space"
+    return f"{share * 100:.3g}% of the space"
+
+
+def space_summary(space: SearchSpace) -> dict:
+    """Everything ``nas space show`` reports, as plain data."""
+    from nas.cost import added_flops
+
+    g = space.geometry
+    smallest, largest = space.smallest(), space.largest()
+    summary = {
+        "name": space.name,
+        "file": space.path,
+        "backbone": {
+            **space.backbone.to_dict(),
+            "width": g.width,
+            "depth": g.depth,
+            "heads": g.num_heads,
+            "tokens": g.seq_len,
+        },
+        "modules": {k: s.to_data() for k, s in space.modules.items()},
+        "subnets": space.count(),
+        "params_min": subnet_params(smallest, g),
+        "params_max": subnet_params(largest, g),
+        "smallest": {"subnet": str(smallest), "params": subnet_params(smallest, g),
+                     "added_flops": added_flops(smallest, g)},
+        "largest": {"subnet": str(largest), "params": subnet_params(largest, g),
+                    "added_flops": added_flops(largest, g)},
+        "supernet_params": sum(
+            type_.params(cap, g)
+            for type_, cap in (
+                (s.module, s.capacity()) for s in space.modules.values()
+            )
+        ),
+        "head_params_per_class": g.width + 1,
+    }
+    if space.budget.is_set:
+        fit = space.count_in_budget()
+        summary["budget"] = {**space.budget.to_data(), "fitting": fit.fitting, "exact": fit.exact}
+    return summary
+
+
+def print_space(space: SearchSpace) -> None:
+    s = space_summary(space)
+    b = s["backbone"]
+    print(f"search space  {s['name']}" + (f"  ({s['file']})" if s["file"] else ""))
+    if space.description:
+        print(f"              {space.description}")
+    overrides = f" {b['overrides']}" if b.get("overrides") else ""
+    print(f"backbone      {b['model']}{overrides}: width {b['width']}, {b['depth']} blocks, "
+          f"{b['heads']} heads, {b['tokens']} tokens")
+    print("modules")
+    for kind, m in s["modules"].items():
+        opts = ", ".join(f"{k}={v:g}" for k, v in m["options"].items())
+        print(f"  {kind:<9} dims {m['dims']}  depths {m['depths']}  supernet max {m['max_dim']}"
+              + (f"  ({opts})" if opts else ""))
+    print(f"subnets       {s['subnets']:,}")
+    print(f"trainable     {s['params_min']:,} to {s['params_max']:,} parameters in the modules; "
+          f"the head adds {s['head_params_per_class']:,} per class")
+    for which in ("smallest", "largest"):
+        w = s[which]
+        print(f"{which:<13} {w['subnet']}  ({w['params']:,} params, +{_fmt_flops(w['added_flops'])})")
+    print(f"supernet      allocates {s['supernet_params']:,} module parameters")
+    if "budget" in s:
+        bud = s["budget"]
+        bounds = "; ".join(f"{k} {space.budget.params if k == 'params' else space.budget.flops}"
+                           for k in ("params", "flops") if k in bud)
+        share = _fmt_share(bud["fitting"], s["subnets"])
+        how = "" if bud["exact"] else " (estimated from a uniform sample)"
+        print(f"budget        {bounds}: {bud['fitting']:,} subnets fit, {share}{how}")
+    else:
+        print("budget        none")
+
+
+def cmd_space_show(args: argparse.Namespace) -> int:
+    space = load_space(args.space)
+    if args.json:
+        print(json.dumps(space_summary(space), indent=2))
+    else:
+        print_space(space)
+    return 0
+
+
+def cmd_space_validate(args: argparse.Namespace) -> int:
+    for path in args.files:
+        space = load_space(path)
+        print(f"{path}: ok ({space.name}: {space.count():,} subnets)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nas", description="Search prompt modules for frozen vision transformers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    space = commands.add_parser("space", help="inspect and validate search spaces")
+    space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
+    show = space_cmds.add_parser("show", help="summarise a search space")
+    show.add_argument("space", nargs="?", default=DEFAULT_SPACE,
+                      help=f"a YAML file or a shipped space name (default: {DEFAULT_SPACE})")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON")
+    show.set_defaults(func=cmd_space_show)
+    validate = space_cmds.add_parser("validate", help="check search space files")
+    validate.add_argument("files", nargs="+", help="YAML files or shipped space names")
+    validate.set_defaults(func=cmd_space_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NasError as exc:
+        print(f"nas: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nas: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The per-block injection interface between prompt modules and a transformer tower.
+
+A prompt module acts at one or more *sites* of block ``i``:
+
+- ``tokens``: the token sequence entering block ``i`` (insert, replace or remove prompt tokens);
+- ``qkv``: the fused query/key/value projection of block ``i``'s attention (add a delta);
+- ``mlp``: the output of block ``i``'s MLP, before the block's residual add.
+
+An ``Injector`` (the prompted model) answers those calls; a tower adapter calls it at the right
+places of one concrete tower implementation. ``TimmViTTower`` adapts timm's VisionTransformer with
+forward hooks on ``attn.qkv`` and ``mlp`` and its own loop over the blocks, so timm's code is not
+edited and the backbone's state-dict keys stay unchanged. Another tower (open_clip's
+``nn.MultiheadAttention`` blocks) needs only another adapter, not copies of the modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from nas.errors import NasError
+
+SITES = ("tokens", "qkv", "mlp")
+
+
+@dataclass
+class TokenLayout:
+    """Where prompt tokens sit in the sequence: after the prefix tokens (class, registers),
+    one segment per owning module, in the order the segments were first inserted."""
+
+    num_prefix: int
+    segments: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return sum(self.segments.values())
+
+    def replace(self, x: torch.Tensor, owner: str, tokens: torch.Tensor) -> torch.Tensor:
+        """Replace ``owner``'s prompt tokens in ``x`` (B, N, D) with ``tokens`` (B, P, D)."""
+        start = self.num_prefix
+        for name, count in self.segments.items():
+            if name == owner:
+                break
+            start += count
+        old = self.segments.get(owner, 0)
+        self.segments[owner] = tokens.shape[1]
+        return torch.cat((x[:, :start], tokens, x[:, start + old :]), dim=1)
+
+    def strip(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` without any prompt tokens (unchanged, not copied, when there are none)."""
+        total = self.num_prompts
+        if total == 0:
+            return x
+        return torch.cat((x[:, : self.num_prefix], x[:, self.num_prefix + total :]), dim=1)
+
+
+class Injector(Protocol):
+    """What a tower adapter calls at each site of block ``layer``."""
+
+    def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor: ...
+
+    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None: ...
+
+    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor: ...
+
+
+class TimmViTTower:
+    """Adapter for timm's ``VisionTransformer`` (vit_*, deit_*, custom sizes, register tokens,
+    token/avg/attention pooling, with or without a class token)."""
+
+    def __init__(self, model: nn.Module, injector: Injector) -> None:
+        self.check(model)
+        self.model = model
+        self.injector = injector
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.attach()
+
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        """Raise NasError unless ``model`` has the structure this adapter relies on."""
+        needed = ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head", "num_prefix_tokens")
+        missing = [a for a in needed if not hasattr(model, a)]
+        if missing:
+            raise NasError(
+                f"{type(model).__name__} is not a timm VisionTransformer "
+                f"(missing: {', '.join(missing)}); prompt modules support timm vit_*/deit_* models"
+            )
+        for i, block in enumerate(model.blocks):
+            attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+            if not isinstance(getattr(attn, "qkv", None), nn.Linear) or mlp is None:
+                raise NasError(
+                    f"{type(model).__name__}.blocks[{i}] ({type(block).__name__}) has no fused "
+                    "attn.qkv Linear and mlp; this block type is not supported"
+                )
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for i, block in enumerate(self.model.blocks):
+            self._handles.append(block.attn.qkv.register_forward_hook(self._qkv_hook(i)))
+            self._handles.append(block.mlp.register_forward_hook(self._mlp_hook(i)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _qkv_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            delta = self.injector.qkv_delta(layer, args[0])
+            return output if delta is None else output + delta
+
+        return hook
+
+    def _mlp_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return self.injector.mlp_out(layer, output)
+
+        return hook
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits; the same operations as ``VisionTransformer.forward`` plus the token site."""
+        m = self.model
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        x = m.norm_pre(x)
+        layout = TokenLayout(int(m.num_prefix_tokens))
+        for i, block in enumerate(m.blocks):
+            x = self.injector.tokens(i, x, layout)
+            x = block(x)
+        # Prompt tokens never reach the final norm or the pooling (token, avg or attention).
+        x = layout.strip(x)
+        x = m.norm(x)
+        return m.forward_head(x)
+
+    def head_modules(self) -> list[nn.Module]:
+        """The classifier head(s) that train together with the prompt modules."""
+        heads = [self.model.head]
+        if isinstance(getattr(self.model, "head_dist", None), nn.Module):
+            heads.append(self.model.head_dist)
+        return heads
+
+    def qkv_linear(self, layer: int) -> nn.Linear:
+        return self.model.blocks[layer].attn.qkv

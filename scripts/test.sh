@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: set-up, lint, format check, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+venv="${NAS_VENV:-.venv}"
+# No telemetry, no token files or results written into the home directory by the tools under test.
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
+"$venv/bin/python" -m pytest "$@"

@@ -1,0 +1,71 @@
+"""Shared fixtures: small timm ViTs that build and run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing the tools under test do may write into the home directory or phone home.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from nas.backbone import BackboneSpec  # noqa: E402
+from nas.space import parse_space  # noqa: E402
+from nas.yamlio import parse_yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
+
+# Variants a prompt module must work on: class token, register tokens, average pooling,
+# attention pooling, no class token, DeiT with a distillation token.
+VARIANTS = {
+    "cls-token": BackboneSpec("vit_tiny_patch16_224", SMALL),
+    "registers": BackboneSpec("vit_tiny_patch16_224", {**SMALL, "reg_tokens": 2}),
+    "avg-pool": BackboneSpec("vit_tiny_patch16_224", {**SMALL, "global_pool": "avg"}),
+    "attn-pool": BackboneSpec("vit_tiny_patch16_224", {**SMALL, "global_pool": "map"}),
+    "no-cls": BackboneSpec(
+        "vit_tiny_patch16_224", {**SMALL, "class_token": False, "global_pool": "avg"}
+    ),
+    "deit-distilled": BackboneSpec("deit_tiny_distilled_patch16_224", SMALL),
+}
+
+
+def small_space_yaml(model: str = "vit_tiny_patch16_224", overrides: dict | None = None,
+                     extra: str = "") -> str:
+    overrides = SMALL if overrides is None else overrides
+    return f"""
+backbone:
+  model: {model}
+  overrides: {overrides}
+modules:
+  vpt: {{dims: [0, 2, 3], depths: [1, 2, 4], max_dim: 5}}
+  lora: {{dims: [1, 4], depths: [2, 4], max_dim: 6}}
+  adapter: {{dims: [0, 3, 8], depths: [0, 3], max_dim: 8}}
+{extra}"""
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def small_space():
+    return parse_space(parse_yaml(small_space_yaml()))
+
+
+def space_for(spec: BackboneSpec):
+    return parse_space(parse_yaml(small_space_yaml(spec.model, spec.overrides)))
+
+
+def randomise_modules(model: torch.nn.Module) -> None:
+    """Give every module weight (LoRA's zero-initialised B included) a nonzero value, so that
+    equivalence tests compare modules that actually change the output."""
+    with torch.no_grad():
+        for p in model.prompt_modules.parameters():
+            p.normal_(0.0, 0.2)

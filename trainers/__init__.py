@@ -1,0 +1,1 @@
+"""Training and evaluation loops. They know nothing about Ray; ``nas`` adapts them."""
