@@ -51,15 +51,19 @@ def space_summary(space: SearchSpace) -> dict:
         "subnets": space.count(),
         "params_min": subnet_params(smallest, g),
         "params_max": subnet_params(largest, g),
-        "smallest": {"subnet": str(smallest), "params": subnet_params(smallest, g),
-                     "added_flops": added_flops(smallest, g)},
-        "largest": {"subnet": str(largest), "params": subnet_params(largest, g),
-                    "added_flops": added_flops(largest, g)},
+        "smallest": {
+            "subnet": str(smallest),
+            "params": subnet_params(smallest, g),
+            "added_flops": added_flops(smallest, g),
+        },
+        "largest": {
+            "subnet": str(largest),
+            "params": subnet_params(largest, g),
+            "added_flops": added_flops(largest, g),
+        },
         "supernet_params": sum(
             type_.params(cap, g)
-            for type_, cap in (
-                (s.module, s.capacity()) for s in space.modules.values()
-            )
+            for type_, cap in ((s.module, s.capacity()) for s in space.modules.values())
         ),
         "head_params_per_class": g.width + 1,
     }
@@ -76,24 +80,35 @@ def print_space(space: SearchSpace) -> None:
     if space.description:
         print(f"              {space.description}")
     overrides = f" {b['overrides']}" if b.get("overrides") else ""
-    print(f"backbone      {b['model']}{overrides}: width {b['width']}, {b['depth']} blocks, "
-          f"{b['heads']} heads, {b['tokens']} tokens")
+    print(
+        f"backbone      {b['model']}{overrides}: width {b['width']}, {b['depth']} blocks, "
+        f"{b['heads']} heads, {b['tokens']} tokens"
+    )
     print("modules")
     for kind, m in s["modules"].items():
         opts = ", ".join(f"{k}={v:g}" for k, v in m["options"].items())
-        print(f"  {kind:<9} dims {m['dims']}  depths {m['depths']}  supernet max {m['max_dim']}"
-              + (f"  ({opts})" if opts else ""))
+        print(
+            f"  {kind:<9} dims {m['dims']}  depths {m['depths']}  supernet max {m['max_dim']}"
+            + (f"  ({opts})" if opts else "")
+        )
     print(f"subnets       {s['subnets']:,}")
-    print(f"trainable     {s['params_min']:,} to {s['params_max']:,} parameters in the modules; "
-          f"the head adds {s['head_params_per_class']:,} per class")
+    print(
+        f"trainable     {s['params_min']:,} to {s['params_max']:,} parameters in the modules; "
+        f"the head adds {s['head_params_per_class']:,} per class"
+    )
     for which in ("smallest", "largest"):
         w = s[which]
-        print(f"{which:<13} {w['subnet']}  ({w['params']:,} params, +{_fmt_flops(w['added_flops'])})")
+        print(
+            f"{which:<13} {w['subnet']}  ({w['params']:,} params, +{_fmt_flops(w['added_flops'])})"
+        )
     print(f"supernet      allocates {s['supernet_params']:,} module parameters")
     if "budget" in s:
         bud = s["budget"]
-        bounds = "; ".join(f"{k} {space.budget.params if k == 'params' else space.budget.flops}"
-                           for k in ("params", "flops") if k in bud)
+        bounds = "; ".join(
+            f"{k} {space.budget.params if k == 'params' else space.budget.flops}"
+            for k in ("params", "flops")
+            if k in bud
+        )
         share = _fmt_share(bud["fitting"], s["subnets"])
         how = "" if bud["exact"] else " (estimated from a uniform sample)"
         print(f"budget        {bounds}: {bud['fitting']:,} subnets fit, {share}{how}")
@@ -126,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     space = commands.add_parser("space", help="inspect and validate search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
     show = space_cmds.add_parser("show", help="summarise a search space")
-    show.add_argument("space", nargs="?", default=DEFAULT_SPACE,
-                      help=f"a YAML file or a shipped space name (default: {DEFAULT_SPACE})")
+    show.add_argument(
+        "space",
+        nargs="?",
+        default=DEFAULT_SPACE,
+        help=f"a YAML file or a shipped space name (default: {DEFAULT_SPACE})",
+    )
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(func=cmd_space_show)
     validate = space_cmds.add_parser("validate", help="check search space files")

@@ -252,8 +252,9 @@ class PromptedViT(nn.Module):
         meta_path, weights_path = directory / SUBNET_FILE, directory / WEIGHTS_FILE
         for path in (meta_path, weights_path):
             if not path.is_file():
-                raise NasError(f"{path}: missing; a saved subnet folder holds {SUBNET_FILE} "
-                               f"and {WEIGHTS_FILE}")
+                raise NasError(
+                    f"{path}: missing; a saved subnet folder holds {SUBNET_FILE} and {WEIGHTS_FILE}"
+                )
         doc = load_yaml(meta_path)
         reader = Reader(doc)
         meta = reader.mapping(
@@ -265,7 +266,9 @@ class PromptedViT(nn.Module):
         num_classes = reader.integer(meta["num_classes"], "num_classes", minimum=1)
         spec = None
         if meta.get("backbone"):
-            bb = reader.mapping(meta["backbone"], "backbone", required=["model"], optional=["overrides"])
+            bb = reader.mapping(
+                meta["backbone"], "backbone", required=["model"], optional=["overrides"]
+            )
             spec = BackboneSpec(bb["model"], dict(bb.get("overrides") or {}))
         if backbone is None:
             if spec is None:

@@ -221,8 +221,9 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
     if shipped.exists():
         return shipped
     known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-    raise ConfigError(f"no such file, and no shipped search space of that name (shipped: {known})",
-                      file=path)
+    raise ConfigError(
+        f"no such file, and no shipped search space of that name (shipped: {known})", file=path
+    )
 
 
 def _parse_bounds(reader: Reader, value: Any, key: str) -> Bounds:
@@ -267,7 +268,9 @@ def parse_space(doc: Document) -> SearchSpace:
     if data.get("budget") is not None:
         b = reader.mapping(data["budget"], "budget", optional=["params", "flops"])
         budget = Budget(
-            params=_parse_bounds(reader, b["params"], "budget.params") if "params" in b else Bounds(),
+            params=_parse_bounds(reader, b["params"], "budget.params")
+            if "params" in b
+            else Bounds(),
             flops=_parse_bounds(reader, b["flops"], "budget.flops") if "flops" in b else Bounds(),
         )
 

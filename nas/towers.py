@@ -81,7 +81,14 @@ class TimmViTTower:
     @staticmethod
     def check(model: nn.Module) -> None:
         """Raise NasError unless ``model`` has the structure this adapter relies on."""
-        needed = ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head", "num_prefix_tokens")
+        needed = (
+            "patch_embed",
+            "_pos_embed",
+            "blocks",
+            "norm",
+            "forward_head",
+            "num_prefix_tokens",
+        )
         missing = [a for a in needed if not hasattr(model, a)]
         if missing:
             raise NasError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,7 +38,9 @@ class Reader:
         """A mapping with the ``required`` keys and otherwise only ``optional`` ones."""
         what = f"expected a mapping, got {_type_name(value)}"
         if not isinstance(value, dict):
-            self.fail(key, what if key else f"the document must be a mapping, got {_type_name(value)}")
+            self.fail(
+                key, what if key else f"the document must be a mapping, got {_type_name(value)}"
+            )
         required, optional = list(required), list(optional)
         for name in value:
             if not isinstance(name, str):
@@ -56,16 +59,13 @@ class Reader:
         return value
 
     def integer(self, value: Any, key: str, *, minimum: int | None = None) -> int:
-        # YAML reads 1e6 as a string and 640000.0 as a float: accept integral floats.
+        # YAML 1.1 reads 6.4e5 as a string and 640000.0 as a float: accept integral values
+        # written in those notations, but not quoted numbers such as "4".
+        if isinstance(value, str) and "e" in value.lower():
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, str):
-            try:
-                as_float = float(value)
-            except ValueError:
-                as_float = None
-            if as_float is not None and as_float.is_integer():
-                value = int(as_float)
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(key, f"expected an integer, got {_type_name(value)} ({value!r})")
         if minimum is not None and value < minimum:
@@ -75,14 +75,14 @@ class Reader:
         return value
 
     def number(self, value: Any, key: str, *, minimum: float | None = None) -> float:
-        if isinstance(value, str):
-            try:
+        if isinstance(value, str) and "e" in value.lower():
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"expected a number, got {_type_name(value)} ({value!r})")
         if minimum is not None and value < minimum:
+            if minimum == 0:
+                self.fail(key, f"{value} is negative; expected a number >= 0")
             self.fail(key, f"{value} is too small; expected a number >= {minimum}")
         return float(value)
 

@@ -12,9 +12,9 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from nas.backbone import BackboneSpec  # noqa: E402
-from nas.space import parse_space  # noqa: E402
-from nas.yamlio import parse_yaml  # noqa: E402
+from nas.backbone import BackboneSpec
+from nas.space import parse_space
+from nas.yamlio import parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,9 @@ VARIANTS = {
 }
 
 
-def small_space_yaml(model: str = "vit_tiny_patch16_224", overrides: dict | None = None,
-                     extra: str = "") -> str:
+def small_space_yaml(
+    model: str = "vit_tiny_patch16_224", overrides: dict | None = None, extra: str = ""
+) -> str:
     overrides = SMALL if overrides is None else overrides
     return f"""
 backbone:

@@ -109,15 +109,20 @@ def test_switching_subnets_allocates_and_copies_nothing():
     lora = model.prompt_modules["lora"]
     sliced = lora.sliced(1, 4)
     assert sliced["A"].data_ptr() == lora.layers["1"].A.data_ptr()
-    assert sliced["A"].untyped_storage().data_ptr() == lora.layers["1"].A.untyped_storage().data_ptr()
+    assert (
+        sliced["A"].untyped_storage().data_ptr() == lora.layers["1"].A.untyped_storage().data_ptr()
+    )
 
 
 def test_optimizer_step_touches_only_modules_and_head():
     _, model, _ = build("cls-token")
     subnet = Subnet({"vpt": [2, 0, 3], "lora": [1, 4], "adapter": [3, 0, 3]})
     model.set_subnet(subnet)
-    frozen = {n: p.detach().clone() for n, p in model.backbone.named_parameters()
-              if not n.startswith("head.")}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.backbone.named_parameters()
+        if not n.startswith("head.")
+    }
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, lr=1e-2)
     x, y = images("cls-token", 8), torch.randint(0, 5, (8,))
@@ -129,11 +134,17 @@ def test_optimizer_step_touches_only_modules_and_head():
             continue
         assert not p.requires_grad and p.grad is None, name
         assert torch.equal(p, frozen[name]), f"backbone weight {name} changed"
-    changed = {n for n, p in model.named_parameters() if p.requires_grad
-               and not torch.equal(p, trainable[n])}
+    changed = {
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not torch.equal(p, trainable[n])
+    }
     assert "backbone.head.weight" in changed
-    for n in ("prompt_modules.vpt.layers.0.prompts", "prompt_modules.lora.layers.1.A",
-              "prompt_modules.adapter.layers.2.down_weight"):
+    for n in (
+        "prompt_modules.vpt.layers.0.prompts",
+        "prompt_modules.lora.layers.1.A",
+        "prompt_modules.adapter.layers.2.down_weight",
+    ):
         assert n in changed, n
 
     # Gradients of unused slices are zero; of used slices, not.
@@ -145,7 +156,9 @@ def test_optimizer_step_touches_only_modules_and_head():
     vpt3 = mods["vpt"].layers["3"].prompts.grad  # beyond the depth
     assert vpt3 is None or torch.count_nonzero(vpt3) == 0
     lora0 = mods["lora"].layers["0"]
-    assert torch.count_nonzero(lora0.A.grad[1:]) == 0 and torch.count_nonzero(lora0.B.grad[:, 1:]) == 0
+    assert (
+        torch.count_nonzero(lora0.A.grad[1:]) == 0 and torch.count_nonzero(lora0.B.grad[:, 1:]) == 0
+    )
     assert lora0.B.grad[:, :1].abs().sum() > 0
     ad0 = mods["adapter"].layers["0"]
     assert torch.count_nonzero(ad0.down_weight.grad[3:]) == 0
@@ -157,13 +170,18 @@ def test_optimizer_step_touches_only_modules_and_head():
 def _block_inputs(model, x):
     """The token sequence entering each block, and entering the final norm."""
     seen = []
-    handles = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-               for b in model.backbone.blocks]
-    handles.append(model.backbone.norm.register_forward_pre_hook(
-        lambda m, a: seen.append(a[0].detach())))
+    handles = [
+        b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        for b in model.backbone.blocks
+    ]
+    handles.append(
+        model.backbone.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    )
     outputs = []
-    handles += [b.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
-                for b in model.backbone.blocks]
+    handles += [
+        b.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
+        for b in model.backbone.blocks
+    ]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -173,7 +191,7 @@ def _block_inputs(model, x):
 
 @pytest.mark.parametrize("variant", ["cls-token", "registers", "no-cls", "avg-pool"])
 def test_vpt_semantics(variant):
-    space, model, _ = build(variant)
+    _, model, _ = build(variant)
     g = model.geometry
     prefix, base = g.num_prefix_tokens, g.seq_len
     subnet = Subnet({"vpt": [2, 0, 3]})
@@ -188,17 +206,21 @@ def test_vpt_semantics(variant):
     assert [t.shape[1] for t in inputs] == seq_lens(subnet, g)
     assert final.shape[1] == base
     # Prompts sit right after the prefix tokens (class and register tokens).
-    assert torch.equal(inputs[0][:, prefix:prefix + 2], prompts["0"].prompts[:2].expand(2, -1, -1))
-    assert torch.equal(inputs[2][:, prefix:prefix + 3], prompts["2"].prompts[:3].expand(2, -1, -1))
+    assert torch.equal(
+        inputs[0][:, prefix : prefix + 2], prompts["0"].prompts[:2].expand(2, -1, -1)
+    )
+    assert torch.equal(
+        inputs[2][:, prefix : prefix + 3], prompts["2"].prompts[:3].expand(2, -1, -1)
+    )
     # At the dim-0 layer the sequence is block 0's output unchanged (prompts carried through);
     # at layer 2 the previous prompts are removed and the rest is block 1's output.
     assert torch.equal(inputs[1], outputs[0])
     assert torch.equal(inputs[2][:, :prefix], outputs[1][:, :prefix])
-    assert torch.equal(inputs[2][:, prefix + 3:], outputs[1][:, prefix + 2:])
+    assert torch.equal(inputs[2][:, prefix + 3 :], outputs[1][:, prefix + 2 :])
     assert torch.equal(inputs[3], outputs[2])
     # The final norm sees the prefix and patch tokens of the last block's output only.
     assert torch.equal(final[:, :prefix], outputs[3][:, :prefix])
-    assert torch.equal(final[:, prefix:], outputs[3][:, prefix + 3:])
+    assert torch.equal(final[:, prefix:], outputs[3][:, prefix + 3 :])
 
 
 def test_prompts_do_not_enter_attention_pooling():

@@ -16,9 +16,7 @@ def module_class(kind: str) -> type[PromptModule]:
     try:
         return REGISTRY[kind]
     except KeyError:
-        raise NasError(
-            f"unknown prompt module {kind!r}; known: {', '.join(REGISTRY)}"
-        ) from None
+        raise NasError(f"unknown prompt module {kind!r}; known: {', '.join(REGISTRY)}") from None
 
 
 __all__ = [

@@ -147,9 +147,9 @@ class ModuleSpace:
 # ---------------------------------------------------------------------------------------------
 
 
-def trim(dims: Sequence[int]) -> tuple[int, ...]:
+def trim(dims: Sequence[int] | None) -> tuple[int, ...]:
     """Canonical per-layer dims: a tuple without trailing zeros."""
-    dims = tuple(int(d) for d in dims)
+    dims = tuple(int(d) for d in dims or ())
     end = len(dims)
     while end and dims[end - 1] == 0:
         end -= 1
@@ -179,7 +179,9 @@ class LayeredModule(PromptModule):
         super().__init__()
         capacity = trim(capacity)
         if len(capacity) > geometry.depth:
-            raise ValueError(f"{self.kind}: capacity has {len(capacity)} layers, tower has {geometry.depth}")
+            raise ValueError(
+                f"{self.kind}: capacity has {len(capacity)} layers, tower has {geometry.depth}"
+            )
         self.geometry = geometry
         self.capacity = capacity
         self.config = {**self.options, **dict(options)}
@@ -219,7 +221,10 @@ class LayeredModule(PromptModule):
                     join_key(key, "dims"),
                     f"has {len(dims)} entries but depth is {depth}; give one dim per layer",
                 )
-            return trim(reader.integer(v, join_key(key, f"dims[{i}]"), minimum=0) for i, v in enumerate(dims))
+            return trim(
+                reader.integer(v, join_key(key, f"dims[{i}]"), minimum=0)
+                for i, v in enumerate(dims)
+            )
         dim = reader.integer(dims, join_key(key, "dims"), minimum=0)
         return trim((dim,) * depth)
 
@@ -321,7 +326,9 @@ class LayeredModule(PromptModule):
     def export(self, choice: Sequence[int]) -> LayeredModule:
         choice = trim(choice)
         if not self.fits(choice):
-            raise ValueError(f"{self.kind}: cannot export {list(choice)} from {list(self.capacity)}")
+            raise ValueError(
+                f"{self.kind}: cannot export {list(choice)} from {list(self.capacity)}"
+            )
         clone = type(self)(self.geometry, choice, self.config)
         with torch.no_grad():
             for layer, dim in enumerate(choice):

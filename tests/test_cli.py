@@ -1,0 +1,55 @@
+"""The ``nas space`` command: summaries, validation, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from nas.cli import main
+from tests.conftest import REPO, small_space_yaml
+
+
+def test_space_show_default(capsys):
+    assert main(["space", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "noah-vtab" in out
+    assert "subnets       168,086,938,404,672,000" in out
+    assert "smallest      vpt=1x3 lora=1x3 adapter=1x3  (18,435 params" in out
+    assert "params <= 640,000: 168,086,938,404,671,323 subnets fit" in out
+
+
+def test_space_show_json(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(small_space_yaml(extra="budget: {params: {max: 3000}}"))
+    assert main(["space", "show", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # vpt: dims {0,2,3} include 0, so every depth is a prefix of depth 4: 3^4 subnets;
+    # lora: dims {1,4}, depths {2,4}: 2^2 + 2^4; adapter: dims {0,3,8}, max depth 3: 3^3.
+    assert summary["subnets"] == 3**4 * (2**2 + 2**4) * 3**3
+    assert summary["budget"]["exact"] and 0 < summary["budget"]["fitting"] < summary["subnets"]
+    assert summary["smallest"]["subnet"] == "lora=1x2"
+
+
+def test_space_validate_every_shipped_file(capsys):
+    files = sorted(str(p) for p in (REPO / "search_spaces").glob("*.yaml"))
+    assert main(["space", "validate", *files]) == 0
+    assert capsys.readouterr().out.count(": ok (") == len(files)
+
+
+def test_bad_file_exits_2_with_one_line_and_no_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(small_space_yaml().replace("dims: [1, 4]", "dims: [1, -4]"))
+    result = subprocess.run(
+        [sys.executable, "-m", "nas", "space", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"nas: error: {path}:")
+    assert "modules.lora.dims[1]: -4 is negative" in lines[0]

@@ -1,0 +1,81 @@
+"""Saving a subnet's trainable weights as safetensors beside its YAML, and loading them back."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from nas.errors import NasError
+from nas.model import SUBNET_FILE, WEIGHTS_FILE, PromptedViT
+from nas.subnet import Subnet
+from tests.conftest import VARIANTS, randomise_modules, space_for
+
+SUBNET = Subnet({"vpt": [2, 0, 3], "lora": [4, 1], "adapter": [8, 0, 3]})
+
+
+@pytest.fixture
+def trained(tmp_path):
+    spec = VARIANTS["cls-token"]
+    backbone = spec.create(5)
+    pretrained = copy.deepcopy(backbone)  # stands for the pretrained weights a user reloads
+    model = PromptedViT.supernet(space_for(spec), 5, backbone).eval()
+    randomise_modules(model)
+    with torch.no_grad():
+        model.backbone.head.weight.normal_()
+    model.set_subnet(SUBNET)
+    return model, pretrained, model.save(tmp_path / "winner")
+
+
+def test_round_trip_gives_the_same_logits(trained):
+    model, pretrained, folder = trained
+    x = torch.randn(2, 3, 32, 32)
+    loaded = PromptedViT.load(folder, copy.deepcopy(pretrained)).eval()
+    assert loaded.subnet == SUBNET
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+        merged = PromptedViT.load(folder, copy.deepcopy(pretrained), merge_lora=True).eval()
+        assert torch.allclose(merged(x), model(x), atol=1e-5)
+    # Built from the recorded architecture alone, it still knows the subnet and sizes.
+    rebuilt = PromptedViT.load(folder, check_backbone=False)
+    assert rebuilt.subnet == SUBNET
+
+
+def test_only_trained_weights_are_written(trained):
+    model, _, folder = trained
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    assert all(k.startswith(("prompt_modules.", "backbone.head.")) for k in tensors)
+    assert sum(t.numel() for t in tensors.values()) == model.num_params()["total"]
+    meta = yaml.safe_load((folder / SUBNET_FILE).read_text())
+    assert Subnet.from_data(meta["subnet"]) == SUBNET
+    assert meta["trainable_params"]["modules"] == model.num_params()["modules"]
+    assert meta["num_classes"] == 5
+
+
+def test_wrong_backbone_is_refused(trained):
+    _, _, folder = trained
+    other = VARIANTS["cls-token"].create(5)  # same architecture, other weights
+    with pytest.raises(NasError, match="differ from the ones these prompt weights were trained on"):
+        PromptedViT.load(folder, other)
+
+
+def test_bad_checkpoints_give_clear_errors(trained, tmp_path):
+    _, pretrained, folder = trained
+    (folder / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(NasError, match="not a readable safetensors file"):
+        PromptedViT.load(folder, copy.deepcopy(pretrained))
+
+    with pytest.raises(NasError, match=r"subnet\.yaml: missing"):
+        PromptedViT.load(tmp_path / "empty", copy.deepcopy(pretrained))
+
+
+def test_weights_of_another_subnet_are_refused(trained):
+    _, pretrained, folder = trained
+    meta = yaml.safe_load((folder / SUBNET_FILE).read_text())
+    meta["subnet"]["lora"] = {"depth": 2, "dims": [1, 1]}
+    (folder / SUBNET_FILE).write_text(yaml.safe_dump(meta))
+    with pytest.raises(NasError, match=r"lora\.layers\.0\.A has shape \(4, 48\)"):
+        PromptedViT.load(folder, copy.deepcopy(pretrained))
