@@ -132,6 +132,47 @@ def cmd_space_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_subnet_show(args: argparse.Namespace) -> int:
+    from nas.cost import added_flops
+    from nas.subnet import Subnet
+
+    subnet = Subnet.load(args.subnet)
+    space = load_space(args.space)
+    g = space.geometry
+    unknown = [kind for kind in subnet if kind not in space.modules]
+    info = {
+        "subnet": str(subnet),
+        "canonical": subnet.to_data(),
+        "in_space": space.contains(subnet),
+        "in_budget": space.admits(subnet) if space.budget.is_set else None,
+        "params": subnet_params(subnet, g),
+        "head_params_per_class": g.width + 1,
+        "added_flops": added_flops(subnet, g),
+        "added_flops_lora_merged": added_flops(subnet, g, merge_lora=True),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"subnet        {info['subnet']}")
+    where = (
+        "yes"
+        if info["in_space"]
+        else "no" + (f" (modules not in the space: {', '.join(unknown)})" if unknown else "")
+    )
+    print(f"in space      {where}  ({space.name})")
+    if info["in_budget"] is not None:
+        print(f"in budget     {'yes' if info['in_budget'] else 'no'}")
+    print(
+        f"trainable     {info['params']:,} module parameters; the head adds "
+        f"{info['head_params_per_class']:,} per class"
+    )
+    print(
+        f"added FLOPs   {_fmt_flops(info['added_flops'])} per image "
+        f"({_fmt_flops(info['added_flops_lora_merged'])} with LoRA merged)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas", description="Search prompt modules for frozen vision transformers."
@@ -152,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate = space_cmds.add_parser("validate", help="check search space files")
     validate.add_argument("files", nargs="+", help="YAML files or shipped space names")
     validate.set_defaults(func=cmd_space_validate)
+
+    subnet = commands.add_parser("subnet", help="inspect a subnet written in YAML")
+    subnet_cmds = subnet.add_subparsers(dest="subnet_command", required=True, metavar="ACTION")
+    sub_show = subnet_cmds.add_parser("show", help="costs of a subnet and whether a space has it")
+    sub_show.add_argument("subnet", help="a subnet YAML file")
+    sub_show.add_argument(
+        "--space",
+        default=DEFAULT_SPACE,
+        help=f"the search space it belongs to (default: {DEFAULT_SPACE})",
+    )
+    sub_show.add_argument("--json", action="store_true", help="print as JSON")
+    sub_show.set_defaults(func=cmd_subnet_show)
     return parser
 
 

@@ -53,3 +53,18 @@ def test_bad_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith(f"nas: error: {path}:")
     assert "modules.lora.dims[1]: -4 is negative" in lines[0]
+
+
+def test_subnet_show(tmp_path, capsys):
+    path = tmp_path / "vpt_deep.yaml"
+    path.write_text("vpt: {depth: 12, dims: 10}\n")
+    assert main(["subnet", "show", str(path), "--space", "vpt_only", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["subnet"] == "vpt=10x12"
+    assert info["in_space"] is True and info["in_budget"] is None  # vpt_only has no budget
+    assert info["params"] == 12 * 10 * 768
+    # NOAH's VTAB space always has all three modules (depths >= 3): VPT alone is not in it.
+    assert main(["subnet", "show", str(path), "--space", "noah_vtab", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_space"] is False
+    assert main(["subnet", "show", str(path), "--space", "lora_only"]) == 0
+    assert "in space      no (modules not in the space: vpt)" in capsys.readouterr().out
