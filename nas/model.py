@@ -72,6 +72,9 @@ class PromptedViT(nn.Module):
         self.backbone = backbone
         self.backbone_spec = backbone_spec
         self.prompt_modules = nn.ModuleDict(dict(modules))
+        # Modules live where the backbone does (a backbone already moved to a GPU, say).
+        reference = next(backbone.parameters())
+        self.prompt_modules.to(device=reference.device, dtype=reference.dtype)
         self.tower = TimmViTTower(backbone, injector=self)
         self.geometry: TowerGeometry = geometry_of(backbone)
         self.backbone.requires_grad_(False)

@@ -269,3 +269,17 @@ def test_geometry_mismatch_and_unsupported_models_are_refused():
     model = PromptedViT.supernet(space, 5)
     with pytest.raises(ValueError, match="exceeds the allocated capacity"):
         model.set_subnet(Subnet({"lora": [7]}))
+
+
+def test_export_and_new_modules_follow_the_backbone_dtype():
+    """Exports and modules are created where the source lives (float64 here; CUDA alike)."""
+    spec = VARIANTS["cls-token"]
+    model = PromptedViT.supernet(space_for(spec), 5, spec.create(5).double()).eval()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    randomise_modules(model)
+    model.set_subnet(SUBNETS[0])
+    x = images("cls-token").double()
+    with torch.no_grad():
+        for export in (model.export(), model.export(merge_lora=True)):
+            assert all(p.dtype == torch.float64 for p in export.parameters())
+            assert torch.allclose(export(x), model(x), atol=1e-10)

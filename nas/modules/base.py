@@ -330,6 +330,9 @@ class LayeredModule(PromptModule):
                 f"{self.kind}: cannot export {list(choice)} from {list(self.capacity)}"
             )
         clone = type(self)(self.geometry, choice, self.config)
+        reference = next(self.parameters(), None)
+        if reference is not None:  # the copy lives where the source does (device and dtype)
+            clone.to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for layer, dim in enumerate(choice):
                 if dim == 0:
