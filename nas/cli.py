@@ -79,9 +79,11 @@ def print_space(space: SearchSpace) -> None:
     print(f"search space  {s['name']}" + (f"  ({s['file']})" if s["file"] else ""))
     if space.description:
         print(f"              {space.description}")
-    overrides = f" {b['overrides']}" if b.get("overrides") else ""
+    label = f"{b['name']} ({b['model']})" if b.get("name") else b["model"]
+    if not b.get("name") and b.get("overrides"):
+        label += f" {b['overrides']}"
     print(
-        f"backbone      {b['model']}{overrides}: width {b['width']}, {b['depth']} blocks, "
+        f"backbone      {label}: width {b['width']}, {b['depth']} blocks, "
         f"{b['heads']} heads, {b['tokens']} tokens"
     )
     print("modules")
@@ -173,6 +175,55 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from nas.data.mini_vtab import DEFAULT_TASKS, prepare
+
+    if args.benchmark != "mini-vtab":
+        raise NasError(f"unknown benchmark {args.benchmark!r}; available: mini-vtab")
+    tasks = list(args.tasks or DEFAULT_TASKS)
+    if args.with_elpv and "elpv" not in tasks:
+        tasks.append("elpv")
+        print("note: ELPV's data licence is CC BY-NC-SA 4.0 (non-commercial use only)")
+    prepare(args.out, tasks, seed=args.seed, test_size=args.test_size)
+    print(f"wrote {len(tasks)} tasks to {args.out} (manifest: {args.out}/manifest.json)")
+    return 0
+
+
+def cmd_data_few_shot(args: argparse.Namespace) -> int:
+    from nas.data.fewshot import write_few_shot_splits
+
+    info = write_few_shot_splits(
+        args.images,
+        args.out,
+        shots=args.shots,
+        seeds=args.seeds,
+        val_per_class=args.val_per_class,
+        test_fraction=args.test_fraction,
+    )
+    print(
+        f"wrote {info['files']} list files: {info['classes']} classes, "
+        f"{info['val']} val and {info['test']} test images"
+    )
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from nas.data.decode import decode_split
+    from nas.data.formats import read_few_shot, read_image_folder, read_vtab
+
+    dup = "drop" if args.drop_duplicates else "error"
+    if args.format == "vtab":
+        splits = read_vtab(args.folder, duplicates=dup)
+    elif args.format == "few-shot":
+        splits = read_few_shot(args.folder, args.shots, args.seed, duplicates=dup)
+    else:
+        splits = {"all": read_image_folder(args.folder)}
+    for name, split in splits.items():
+        decode_split(split, 32, 3)  # every image must decode
+        print(f"{name:<9} {len(split):>6} images, {split.num_classes} classes  ({split.source})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas", description="Search prompt modules for frozen vision transformers."
@@ -205,6 +256,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub_show.add_argument("--json", action="store_true", help="print as JSON")
     sub_show.set_defaults(func=cmd_subnet_show)
+
+    data = commands.add_parser("data", help="prepare and check datasets")
+    data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = data_cmds.add_parser("prepare", help="write the offline mini-VTAB benchmark")
+    prep.add_argument("benchmark", help="mini-vtab")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--tasks", nargs="*", help="a subset of the tasks (default: all but elpv)")
+    prep.add_argument(
+        "--with-elpv",
+        action="store_true",
+        help="add the ELPV solar-cell task (licence CC BY-NC-SA: non-commercial)",
+    )
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--test-size", type=int, default=2000, help="largest test split per task")
+    prep.set_defaults(func=cmd_data_prepare)
+    few = data_cmds.add_parser("few-shot", help="write few-shot splits for an ImageFolder")
+    few.add_argument("images", help="an ImageFolder: IMAGES/<class>/<image>")
+    few.add_argument(
+        "--out",
+        help="the dataset folder to write annotations/ into (default: the parent of IMAGES)",
+    )
+    few.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    few.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    few.add_argument("--val-per-class", type=int, default=4)
+    few.add_argument("--test-fraction", type=float, default=0.2)
+    few.set_defaults(func=cmd_data_few_shot)
+    check = data_cmds.add_parser("check", help="read and decode every image of a dataset")
+    check.add_argument("folder")
+    check.add_argument("--format", choices=["vtab", "few-shot", "imagefolder"], default="vtab")
+    check.add_argument("--shots", type=int, default=16)
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="read lists that repeat entries (NOAH's released few-shot lists)",
+    )
+    check.set_defaults(func=cmd_data_check)
     return parser
 
 

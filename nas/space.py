@@ -4,7 +4,7 @@ assume, and an optional budget.
 ```yaml
 name: noah-vtab                    # optional, defaults to the file name
 description: NOAH's VTAB-1k space  # optional
-backbone:
+backbone:                          # a shipped backbone's name (vit_fmnist), a backbone.yaml, or
   model: vit_base_patch16_224      # a timm model name
   overrides: {}                    # optional timm.create_model arguments (img_size, depth, ...)
 modules:                           # one entry per registered kind (vpt, lora, adapter)
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.backbone import BackboneSpec, TowerGeometry
+from nas.backbone import BackboneSpec, TowerGeometry, load_backbone, parse_backbone_mapping
 from nas.cost import added_flops, subnet_params
 from nas.errors import ConfigError
 from nas.modules import REGISTRY, LayeredSpace, ModuleSpace
@@ -237,6 +237,25 @@ def _parse_bounds(reader: Reader, value: Any, key: str) -> Bounds:
     return Bounds(low, high)
 
 
+def _parse_backbone(value: Any, reader: Reader, doc: Document) -> BackboneSpec:
+    """A shipped backbone's name (``vit_fmnist``), a path to a backbone.yaml, or a mapping
+    ``{model, overrides, weights, mean, std}``."""
+    base = Path(doc.file).parent if doc.file else Path.cwd()
+    if isinstance(value, str):
+        try:
+            path = Path(value)
+            return load_backbone(value if not path.suffix or path.is_absolute() else base / path)
+        except ConfigError as exc:
+            reader.fail("backbone", f"{value!r}: {exc}")
+    bb = reader.mapping(
+        value,
+        "backbone",
+        required=["model"],
+        optional=["overrides", "weights", "mean", "std", "name"],
+    )
+    return parse_backbone_mapping(bb, reader, "backbone", base)
+
+
 def parse_space(doc: Document) -> SearchSpace:
     """Validate a parsed search-space document (see the module docstring for the format)."""
     reader = Reader(doc)
@@ -247,9 +266,7 @@ def parse_space(doc: Document) -> SearchSpace:
     name = reader.string(data["name"], "name") if "name" in data else default_name
     description = reader.string(data["description"], "description") if "description" in data else ""
 
-    bb = reader.mapping(data["backbone"], "backbone", required=["model"], optional=["overrides"])
-    overrides = reader.mapping(bb.get("overrides") or {}, "backbone.overrides", open_keys=True)
-    backbone = BackboneSpec(reader.string(bb["model"], "backbone.model"), dict(overrides))
+    backbone = _parse_backbone(data["backbone"], reader, doc)
     try:
         geometry = backbone.geometry()
     except ConfigError as exc:

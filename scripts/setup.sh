@@ -22,4 +22,8 @@ fi
 # Ray's usage statistics stay off for everything this venv runs.
 export RAY_USAGE_STATS_ENABLED=0
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# Data-only packages for mini-VTAB, without the dependencies they declare (animal-mnist's
+# metadata pulls in tensorflow, which its data files do not need).
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+  "animal-mnist>=0.4" "elpv-dataset>=1.0"
 echo "setup: ready ($("$venv/bin/python" -c 'import torch, timm; print(f"torch {torch.__version__}, timm {timm.__version__}")'))"

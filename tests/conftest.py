@@ -11,6 +11,8 @@ import torch
 # Nothing the tools under test do may write into the home directory or phone home.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The tests never download: a hub request fails at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nas.backbone import BackboneSpec
 from nas.space import parse_space

@@ -236,3 +236,18 @@ def test_missing_file_and_unknown_shipped_name():
         load_space("/nonexistent/space.yaml")
     with pytest.raises(ConfigError, match="no shipped search space of that name"):
         load_space("no_such_space")
+
+
+def test_space_on_a_named_backbone(tmp_path: Path):
+    text = "backbone: {name}\nmodules:\n  lora: {{dims: [1, 2], depths: [2, 6]}}\n"
+    path = tmp_path / "s.yaml"
+    path.write_text(text.format(name="vit_fmnist"))
+    space = load_space(path)
+    assert space.backbone.name == "vit_fmnist" and space.geometry.depth == 6
+    assert space.backbone.weights.endswith("backbones/vit_fmnist/model.safetensors")
+    path.write_text(text.format(name="vit_nowhere"))
+    with pytest.raises(
+        ConfigError,
+        match=r"backbone: 'vit_nowhere': .*no shipped backbone of that name and no such folder \(shipped: vit_fmnist\)",
+    ):
+        load_space(path)

