@@ -61,10 +61,7 @@ def space_summary(space: SearchSpace) -> dict:
             "params": subnet_params(largest, g),
             "added_flops": added_flops(largest, g),
         },
-        "supernet_params": sum(
-            type_.params(cap, g)
-            for type_, cap in ((s.module, s.capacity()) for s in space.modules.values())
-        ),
+        "supernet_params": sum(s.module.params(s.capacity(), g) for s in space.modules.values()),
         "head_params_per_class": g.width + 1,
     }
     if space.budget.is_set:

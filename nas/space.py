@@ -33,7 +33,7 @@ from typing import Any
 from nas.backbone import BackboneSpec, TowerGeometry, load_backbone, parse_backbone_mapping
 from nas.cost import added_flops, subnet_params
 from nas.errors import ConfigError
-from nas.modules import REGISTRY, LayeredSpace, ModuleSpace
+from nas.modules import REGISTRY, ModuleSpace
 from nas.subnet import Subnet
 from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
@@ -126,16 +126,7 @@ class SearchSpace:
 
     def sample_uniform(self, rng: random.Random) -> Subnet:
         """A subnet drawn uniformly from all subnets of the space."""
-        choices = {}
-        for kind, space in self.modules.items():
-            if isinstance(space, LayeredSpace):
-                groups = space._depth_groups()
-                weights = [len(space.dims) ** d for d in groups]
-                depth = rng.choices(groups, weights=weights)[0]
-                choices[kind] = space.sample_layers(rng, depth)
-            else:
-                choices[kind] = space.sample(rng)
-        return Subnet(choices)
+        return Subnet({kind: space.sample_uniform(rng) for kind, space in self.modules.items()})
 
     def subnets(self):
         """Every subnet of the space (only sensible for small spaces)."""

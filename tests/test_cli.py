@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -68,3 +69,40 @@ def test_subnet_show(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["in_space"] is False
     assert main(["subnet", "show", str(path), "--space", "lora_only"]) == 0
     assert "in space      no (modules not in the space: vpt)" in capsys.readouterr().out
+
+
+def test_data_prepare_check_and_few_shot(tmp_path, capsys):
+    out = tmp_path / "mv"
+    args = ["data", "prepare", "mini-vtab", "--out", str(out), "--tasks", "digits"]
+    assert main([*args, "--test-size", "60"]) == 0
+    assert (out / "digits" / "train800.txt").is_file() and (out / "manifest.json").is_file()
+    assert main(["data", "check", str(out / "digits")]) == 0
+    assert re.search(r"^test\s+60 images, 10 classes", capsys.readouterr().out, re.M)
+    assert main(["data", "check", str(out / "digits" / "images"), "--format", "imagefolder"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "few-shot",
+                str(out / "digits" / "images"),
+                "--out",
+                str(tmp_path / "fs"),
+                "--shots",
+                "1",
+                "2",
+                "--seeds",
+                "0",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["data", "check", str(tmp_path / "fs"), "--format", "few-shot", "--shots", "2"]) == 0
+    )
+    # The ImageFolder holds train/val/test folders as its 3 "classes": 2 shots each.
+    assert re.search(r"^train\s+6 images, 3 classes", capsys.readouterr().out, re.M)
+    assert main(["data", "check", str(out / "nowhere")]) == 2
+    assert "VTAB-1k dataset folder not found" in capsys.readouterr().err
+    assert main(["data", "prepare", "mini-vtab", "--out", str(out), "--tasks", "imagenet"]) == 2
+    assert "unknown mini-vtab task(s) ['imagenet']" in capsys.readouterr().err

@@ -119,6 +119,11 @@ class ModuleSpace:
         raise NotImplementedError
 
     def sample(self, rng: random.Random) -> Choice:
+        """NOAH's supernet sampling distribution."""
+        raise NotImplementedError
+
+    def sample_uniform(self, rng: random.Random) -> Choice:
+        """A choice drawn uniformly from all of this module's choices."""
         raise NotImplementedError
 
     def choices(self) -> Iterator[Choice]:
@@ -382,7 +387,9 @@ class LayeredSpace(ModuleSpace):
         depth = rng.choice(self.depths)
         return trim(rng.choice(self.dims) for _ in range(depth))
 
-    def sample_layers(self, rng: random.Random, depth: int) -> tuple[int, ...]:
+    def sample_uniform(self, rng: random.Random) -> tuple[int, ...]:
+        groups = self._depth_groups()
+        depth = rng.choices(groups, weights=[len(self.dims) ** d for d in groups])[0]
         return trim(rng.choice(self.dims) for _ in range(depth))
 
     def choices(self) -> Iterator[tuple[int, ...]]:
