@@ -129,6 +129,14 @@ class ModuleSpace:
     def choices(self) -> Iterator[Choice]:
         raise NotImplementedError
 
+    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
+        """NOAH/AutoFormer mutation of one module's choice."""
+        raise NotImplementedError
+
+    def suggest(self, trial: Any, prefix: str) -> Choice:
+        """The choice as Optuna parameters (conditional ones where the choice is structured)."""
+        raise NotImplementedError
+
     def capacity(self) -> Choice:
         """The choice that the supernet allocates (every other choice is a slice of it)."""
         raise NotImplementedError
@@ -391,6 +399,28 @@ class LayeredSpace(ModuleSpace):
         groups = self._depth_groups()
         depth = rng.choices(groups, weights=[len(self.dims) ** d for d in groups])[0]
         return trim(rng.choice(self.dims) for _ in range(depth))
+
+    def mutate(
+        self, choice: Sequence[int], rng: random.Random, m_prob: float, s_prob: float
+    ) -> tuple[int, ...]:
+        """With probability ``s_prob`` a new depth (kept layers keep their dims, new layers get
+        random ones); then each layer's dim is resampled with probability ``m_prob``."""
+        dims = list(trim(choice))
+        depth = min((d for d in self.depths if d >= len(dims)), default=len(dims))
+        dims += [0] * (depth - len(dims))
+        if rng.random() < s_prob:
+            depth = rng.choice(self.depths)
+            dims = dims[:depth] + [rng.choice(self.dims) for _ in range(depth - len(dims))]
+        dims = [rng.choice(self.dims) if rng.random() < m_prob else d for d in dims]
+        return trim(dims)
+
+    def suggest(self, trial: Any, prefix: str) -> tuple[int, ...]:
+        """Depth first, then one dim per active layer: the layer parameters exist only for the
+        layers the depth switches on (Optuna's conditional, define-by-run parameters)."""
+        depth = trial.suggest_categorical(f"{prefix}depth", list(self.depths))
+        return trim(
+            trial.suggest_categorical(f"{prefix}dim{i}", list(self.dims)) for i in range(depth)
+        )
 
     def choices(self) -> Iterator[tuple[int, ...]]:
         for depth in self._depth_groups():

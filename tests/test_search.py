@@ -1,0 +1,111 @@
+"""Search algorithms without Ray: legal, unseen proposals; deterministic replay; Pareto fronts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nas.cost import subnet_params
+from nas.errors import NasError
+from nas.search import ALGORITHMS, Evaluated, NSGA2Search, make_search
+from nas.space import parse_space
+from nas.yamlio import parse_yaml
+from tests.conftest import small_space_yaml
+
+OPTIONS = {
+    "evolution": {"generations": 4, "population": 16, "top_k": 4, "mutations": 6, "crossovers": 6},
+    "optuna-tpe": {"num_candidates": 48, "batch_size": 8},
+    "optuna-nsga2": {"num_candidates": 48, "batch_size": 8, "population": 8},
+    "random": {"num_candidates": 48, "batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def space():
+    # A budget that binds: it excludes a large part of the space.
+    return parse_space(parse_yaml(small_space_yaml(extra="budget: {params: {max: 3000}}")))
+
+
+def score(space, subnet) -> float:
+    """A deterministic stand-in for validation accuracy that prefers some structure."""
+    noise = random.Random(subnet.key()).random() * 0.05
+    return 0.5 + noise + 0.1 * len(subnet["lora"]) - 0.02 * len(subnet["vpt"])
+
+
+def run(space, name, seed=0, stop_after=None, history=None):
+    algo = make_search(name, space, seed=seed, **OPTIONS[name])
+    if history is not None:
+        algo.restore(history)
+    while not algo.finished:
+        batch = algo.ask()
+        if not batch:
+            break
+        known = {e.subnet: e for e in (history or [])}
+        algo.tell(
+            [known.get(s) or Evaluated(s, score(space, s), algo.cost(s), algo.round) for s in batch]
+        )
+        if stop_after is not None and len(algo.history) >= stop_after:
+            break
+    return algo
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_proposes_only_legal_unseen_candidates(space, name):
+    algo = make_search(name, space, seed=3, **OPTIONS[name])
+    seen = set()
+    rounds = 0
+    while True:
+        batch = algo.ask()
+        if not batch:
+            break
+        rounds += 1
+        assert len(batch) == len(set(batch))
+        for s in batch:
+            assert space.contains(s), s
+            assert subnet_params(s, space.geometry) <= 3000, s
+            assert s not in seen, f"{s} proposed twice"
+            seen.add(s)
+        algo.tell([Evaluated(s, score(space, s), algo.cost(s), algo.round) for s in batch])
+    assert len(seen) == len(algo.history) == algo.planned
+    assert rounds >= 3
+    assert algo.best(1)[0].score == max(e.score for e in algo.history)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_restore_replays_to_the_same_search(space, name):
+    full = run(space, name, seed=5)
+    # Stopped in the middle of a round: the first 21 evaluations survive.
+    resumed = run(space, name, seed=5, history=full.history[:21])
+    assert [e.subnet for e in resumed.history] == [e.subnet for e in full.history]
+    assert [e.score for e in resumed.history] == [e.score for e in full.history]
+
+
+def test_restore_refuses_a_foreign_history(space):
+    other = run(space, "random", seed=1)
+    algo = make_search("random", space, seed=2, **OPTIONS["random"])
+    with pytest.raises(ValueError, match="does not come from random with seed 2"):
+        algo.restore(other.history)
+
+
+def test_evolution_breeds_from_the_best(space):
+    algo = run(space, "evolution", seed=0)
+    gen0 = [e for e in algo.history if e.round == 0]
+    later = [e for e in algo.history if e.round == 3]
+    assert len(gen0) == 16
+    assert sum(e.score for e in later) / len(later) > sum(e.score for e in gen0) / len(gen0)
+
+
+def test_nsga2_pareto_front(space):
+    algo = run(space, "optuna-nsga2", seed=0)
+    assert isinstance(algo, NSGA2Search)
+    front = algo.pareto_front()
+    assert front
+    for e in front:
+        assert not any(o.score > e.score and o.cost <= e.cost for o in algo.history)
+    assert [e.cost for e in front] == sorted(e.cost for e in front)
+
+
+def test_unknown_algorithm():
+    with pytest.raises(NasError, match="unknown search algorithm 'bayes'; known: evolution"):
+        make_search("bayes", None)
