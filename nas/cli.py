@@ -221,11 +221,48 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from nas.pipeline.driver import results_markdown, run_experiment
+
+    results = run_experiment(args.spec, output=args.output, new=args.new)
+    print(results_markdown(results))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nas.pipeline.driver import results_markdown
+
+    path = Path(args.output) / "results.json"
+    if not path.is_file():
+        raise NasError(f"{path}: no results yet (has `nas run` finished in {args.output}?)")
+    text = results_markdown(json.loads(path.read_text()))
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas", description="Search prompt modules for frozen vision transformers."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run an experiment spec (supernet, search, retrain)")
+    run.add_argument("spec", help="an experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("--output", help="output folder (default: the spec's 'output')")
+    run.add_argument(
+        "--new",
+        action="store_true",
+        help="if the output folder holds another spec's run, start beside it",
+    )
+    run.set_defaults(func=cmd_run)
+    report = commands.add_parser("report", help="print the results table of a run")
+    report.add_argument("output", help="the run's output folder")
+    report.add_argument("--markdown", help="also write the table to this file")
+    report.set_defaults(func=cmd_report)
 
     space = commands.add_parser("space", help="inspect and validate search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")

@@ -1,0 +1,275 @@
+"""Orchestration of an experiment: provenance, data preparation, the three stages through
+Ray Tune, and the results table. Re-running the same command continues an interrupted run:
+finished trials are skipped (their ``done.json``), unfinished ones resume from their state."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.data.hashing import file_sha256
+from nas.errors import NasError
+from nas.pipeline import stages
+from nas.pipeline.ray_layer import run_stage, start_ray
+from nas.spec import ExperimentSpec, load_spec
+from nas.yamlio import to_plain
+
+PACKAGES = ("torch", "timm", "ray", "optuna", "mlflow", "numpy", "safetensors", "nas-prompt")
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def provenance(spec: ExperimentSpec) -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    weights = spec.backbone.weights
+    return {
+        "spec_hash": spec.hash(),
+        "spec": spec.to_data(),
+        "code_version": code_version(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "backbone_weights_sha256": file_sha256(weights) if weights and weights != "hub" else None,
+        "seeds": list(spec.seeds),
+    }
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if old == new else [prefix]
+
+
+def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
+    """Refuse to continue a different spec in an existing output folder (or move to a new
+    folder when asked); record the spec and its provenance."""
+    from dataclasses import replace
+
+    prov_path = spec.output / "provenance.json"
+    if prov_path.is_file():
+        old = json.loads(prov_path.read_text())
+        if old.get("spec_hash") != spec.hash():
+            if new:
+                spec = replace(
+                    spec,
+                    output=spec.output.with_name(
+                        f"{spec.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                    ),
+                )
+            else:
+                changed = _diff(old.get("spec", {}), spec.to_data())
+                raise NasError(
+                    f"{spec.output} holds a run of a different spec (changed: "
+                    f"{', '.join(changed[:8]) or 'unknown'}); give another output folder, "
+                    "or --new to start a new run beside it"
+                )
+    spec.output.mkdir(parents=True, exist_ok=True)
+    stages.write_json(spec.output / "provenance.json", provenance(spec))
+    if spec.path:
+        (spec.output / "spec.yaml").write_text(Path(spec.path).read_text())
+    return spec
+
+
+def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
+    """Write the mini-VTAB tasks the spec uses (once) and return the data's content hashes."""
+    from nas.data.mini_vtab import prepare
+
+    hashes: dict[str, Any] = {}
+    mini = [d for d in spec.datasets if d.format == "mini-vtab"]
+    for ds in mini:
+        root = stages.dataset_root(spec, ds)
+        manifest_path = root / ds.name / "manifest.json"
+        if not manifest_path.is_file():
+            print(f"preparing mini-VTAB task {ds.name} in {root}", flush=True)
+            manifest = prepare(root / ".staging" / ds.name, (ds.name,), log=lambda *_: None)
+            staged = root / ".staging" / ds.name
+            (staged / ds.name).rename(root / ds.name) if not (root / ds.name).exists() else None
+            stages.write_json(manifest_path, manifest["tasks"][ds.name])
+            import shutil
+
+            shutil.rmtree(staged, ignore_errors=True)
+        hashes[ds.key] = {
+            s: v["sha256"] for s, v in json.loads(manifest_path.read_text())["splits"].items()
+        }
+    return hashes
+
+
+def run_experiment(
+    spec_path: str | Path, *, output: str | Path | None = None, new: bool = False
+) -> dict[str, Any]:
+    spec = load_spec(spec_path, output=output)
+    if spec.gpus > 0 and not spec.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NasError(
+                f"{spec_path}: resources.gpus is {spec.gpus:g} but this machine has "
+                "no GPU; set resources.gpus: 0, or submit to a cluster with GPUs"
+            )
+    spec = check_output(spec, new)
+    data_hashes = prepare_data(spec)
+    prov = json.loads((spec.output / "provenance.json").read_text())
+    prov["data_sha256"] = data_hashes
+    stages.write_json(spec.output / "provenance.json", prov)
+
+    started = start_ray(spec.ray_address)
+    try:
+        base = {
+            "spec": str(Path(spec.path).resolve()) if spec.path else None,
+            "output": str(spec.output),
+        }
+        pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
+        storage = spec.output / "ray"
+        for stage, dir_of in (("supernet", stages.supernet_dir), ("search", stages.search_dir)):
+            todo = [
+                {**base, "dataset": ds.key, "seed": seed}
+                for ds, seed in pairs
+                if not (dir_of(spec, ds.key, seed) / "done.json").is_file()
+            ]
+            print(f"== {stage}: {len(todo)} of {len(pairs)} trials to run", flush=True)
+            run_stage(stage, todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+        tasks = retrain_tasks(spec, base, pairs)
+        todo = [
+            t
+            for t in tasks
+            if not (
+                stages.retrain_dir(spec, t["dataset"], t["seed"], t["label"]) / "done.json"
+            ).is_file()
+        ]
+        print(f"== retrain: {len(todo)} of {len(tasks)} trials to run", flush=True)
+        run_stage("retrain", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    results = collect_results(spec)
+    return results
+
+
+def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dict[str, Any]]:
+    tasks = []
+    for ds, seed in pairs:
+        found = stages.read_json(stages.search_dir(spec, ds.key, seed) / "done.json")
+        for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
+            tasks.append(
+                {
+                    **base,
+                    "dataset": ds.key,
+                    "seed": seed,
+                    "label": f"rank{rank}",
+                    "role": "searched" if rank == 1 else "searched (not reported)",
+                    "subnet": cand["subnet"],
+                    "val_acc": cand["score"],
+                }
+            )
+        for name, subnet in spec.retrain.baselines.items():
+            tasks.append(
+                {
+                    **base,
+                    "dataset": ds.key,
+                    "seed": seed,
+                    "label": f"baseline-{name}",
+                    "role": "baseline",
+                    "subnet": subnet.to_data(),
+                    "val_acc": None,
+                }
+            )
+    return tasks
+
+
+def collect_results(spec: ExperimentSpec) -> dict[str, Any]:
+    """The results table: per dataset the subnet ranked first by validation (retrained, tested
+    once), other retrained subnets labelled as such, and VTAB-style group means."""
+    from nas.data.catalog import vtab_group
+
+    rows = []
+    for path in sorted((spec.output / "retrain").glob("*/*/done.json")):
+        rows.append(stages.read_json(path))
+    reported: dict[str, list[float]] = {}
+    for r in rows:
+        if r["role"] == "searched":
+            reported.setdefault(r["dataset"], []).append(r["test_acc"])
+    per_dataset = {k: sum(v) / len(v) for k, v in reported.items()}
+    groups: dict[str, list[float]] = {}
+    for ds in spec.datasets:
+        if ds.key not in per_dataset:
+            continue
+        group = vtab_group(ds.name)
+        manifest = stages.dataset_root(spec, ds) / ds.name / "manifest.json"
+        if ds.format == "mini-vtab" and manifest.is_file():
+            group = json.loads(manifest.read_text()).get("group")
+        if group:
+            groups.setdefault(group, []).append(per_dataset[ds.key])
+    group_means = {g: sum(v) / len(v) for g, v in groups.items()}
+    results = {
+        "spec_hash": spec.hash(),
+        "rows": rows,
+        "per_dataset": per_dataset,
+        "group_means": group_means,
+        "mean_of_groups": sum(group_means.values()) / len(group_means) if group_means else None,
+        "flat_mean": sum(per_dataset.values()) / len(per_dataset) if per_dataset else None,
+    }
+    stages.write_json(spec.output / "results.json", results)
+    (spec.output / "results.md").write_text(results_markdown(results))
+    return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| dataset | seed | subnet | role | val acc | test acc | params | added FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["seed"], r["label"])):
+        val = f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "—"
+        lines.append(
+            f"| {r['dataset']} | {r['seed']} | {r['subnet_str']} | {r['role']} | {val} "
+            f"| {r['test_acc']:.4f} | {r['params']:,} | {r['added_flops']:,} |"
+        )
+    lines.append("")
+    lines.append(
+        "Reported per dataset: the subnet ranked first by validation accuracy, retrained "
+        "on train+val and tested once (mean over seeds)."
+    )
+    lines.append("")
+    for ds, acc in sorted(results["per_dataset"].items()):
+        lines.append(f"- {ds}: {acc:.4f}")
+    for g, acc in sorted(results["group_means"].items()):
+        lines.append(f"- group {g}: {acc:.4f}")
+    if results["mean_of_groups"] is not None:
+        lines.append(f"- mean of group means: {results['mean_of_groups']:.4f}")
+        lines.append(f"- flat mean over datasets: {results['flat_mean']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(to_plain(data), sort_keys=False)

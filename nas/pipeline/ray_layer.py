@@ -1,0 +1,121 @@
+"""The thin layer between the pipeline and Ray Tune: one Tune trial per task of a stage.
+
+Everything distributed is configuration here (resources per trial, storage path, retries);
+the work itself is a plain function of a task dict (``nas.pipeline.stages``). A trial that
+fails is retried (``max_failures``) and resumes from its own state in the output folder; one
+that still fails is reported by name with its error, never dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from nas.errors import NasError
+
+# Ray's side effects we do not want: usage statistics, and a token file in the home directory.
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Attach to a cluster (``address``, or RAY_ADDRESS as under ``ray job submit``), or start
+    a private local instance. Returns whether this call started Ray (and should stop it)."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": dict(RAY_ENV)},
+    )
+    return True
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    from nas.pipeline import stages
+
+    fn = {
+        "supernet": stages.run_supernet,
+        "search": stages.run_search,
+        "retrain": stages.run_retrain,
+    }[config["stage"]]
+    task = config["task"]
+
+    def report(metrics: dict[str, Any]) -> None:
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        tune.report(numeric)
+        print(_progress_line(metrics), flush=True)
+
+    result = fn(task, report)
+    tune.report(
+        {"finished": 1, **{k: v for k, v in (result or {}).items() if isinstance(v, int | float)}}
+    )
+
+
+def _progress_line(m: dict[str, Any]) -> str:
+    head = f"[{m.get('stage')} {m.get('dataset')} seed {m.get('seed')}"
+    head += f" {m['label']}]" if "label" in m else "]"
+    if m.get("stage") == "search":
+        return (
+            f"{head} round {m['round']}: {m['evaluated']}/{m['planned']} candidates, "
+            f"best val acc {m['best_val_acc']:.4f}"
+        )
+    eta = f", ~{m['eta_s']:.0f} s left" if "eta_s" in m else ""
+    return (
+        f"{head} epoch {m['epoch']}/{m['epochs']}: loss {m['train_loss']:.4f}, "
+        f"train acc {m['train_acc']:.4f}{eta}"
+    )
+
+
+def run_stage(
+    stage: str,
+    tasks: Sequence[dict[str, Any]],
+    *,
+    storage: Path,
+    cpus: float,
+    gpus: float,
+    max_failures: int = 2,
+) -> None:
+    """Run the stage's work on every task, one Tune trial each; NasError if any failed."""
+    if not tasks:
+        return
+    trainable = tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"stage": stage, "task": tune.grid_search(list(tasks))},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=stage,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    failed = [(r.config["task"], r.error) for r in results if r.error is not None]
+    if failed:
+        lines = [
+            f"{t.get('dataset')} seed {t.get('seed')}{' ' + t['label'] if 'label' in t else ''}"
+            f": {str(err).strip().splitlines()[-1][:300]}"
+            for t, err in failed
+        ]
+        raise NasError(
+            f"{stage}: {len(failed)} trial(s) failed after {max_failures} retries:\n  "
+            + "\n  ".join(lines)
+            + f"\n(trial logs under {storage / stage})"
+        )

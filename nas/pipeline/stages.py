@@ -1,0 +1,442 @@
+"""The work of one trial of each stage. Nothing here knows about Ray: progress goes to a
+``report`` callback; everything a later run needs to resume is in the output folder.
+
+Output layout (per dataset key and seed, ``<ds>-seed<k>``)::
+
+    supernet/<ds>-seed<k>/state.pt              training state every checkpoint_every epochs
+    supernet/<ds>-seed<k>/supernet.safetensors  final module and head weights; done.json
+    search/<ds>-seed<k>/candidates.jsonl        every evaluated candidate, appended as scored
+    search/<ds>-seed<k>/candidates.csv          the table of all candidates; done.json
+    retrain/<ds>-seed<k>/<label>/model/         subnet.yaml + weights.safetensors; done.json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nas.cost import added_flops, subnet_params
+from nas.data.decode import DecodedSplit, decode_split
+from nas.data.formats import read_few_shot, read_image_folder, read_vtab
+from nas.model import PromptedViT
+from nas.search import Evaluated, make_search
+from nas.spec import DatasetSpec, ExperimentSpec, load_spec
+from nas.subnet import Subnet
+from nas.tracking import CandidateLogger, Tracker, subnet_params_flat
+from trainers.train import TrainConfig, evaluate, evaluate_candidates, load_trainable, train
+
+Report = Callable[[dict[str, Any]], None]
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a reader never sees half a file, a kill never leaves one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def run_key(dataset: str, seed: int) -> str:
+    return f"{dataset}-seed{seed}"
+
+
+def dataset_root(spec: ExperimentSpec, ds: DatasetSpec) -> Path:
+    if ds.format == "mini-vtab":
+        return Path(ds.root) if ds.root else spec.output / "data" / "mini-vtab"
+    return Path(ds.root)
+
+
+def load_splits(
+    spec: ExperimentSpec, ds: DatasetSpec, names: tuple[str, ...]
+) -> dict[str, DecodedSplit]:
+    """Decoded splits at the backbone's input size (cached under <output>/cache)."""
+    folder = dataset_root(spec, ds) / ds.name
+    if ds.format in ("mini-vtab", "vtab"):
+        splits = read_vtab(folder, duplicates=ds.duplicates)
+    elif ds.format == "few-shot":
+        splits = read_few_shot(folder, ds.shots, ds.split_seed, duplicates=ds.duplicates)
+    else:
+        splits = {
+            name: read_image_folder(Path(ds.root) / ds.name / name)
+            for name in ("train", "val", "test")
+        }
+        splits["trainval"] = type(splits["train"])(
+            "trainval",
+            splits["train"].entries + splits["val"].entries,
+            splits["train"].source,
+            splits["train"].num_classes,
+            splits["train"].class_names,
+        )
+    g = spec.backbone.geometry()
+    size = g.patch_size * round(g.num_patches**0.5)  # square inputs
+    return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
+
+
+def device_for(spec: ExperimentSpec) -> torch.device:
+    return torch.device("cuda" if spec.gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
+def tracker_for(spec: ExperimentSpec) -> Tracker:
+    return Tracker(
+        spec.tracking_uri,
+        spec.mlflow_experiment,
+        artifact_location=(spec.output / "mlartifacts").as_uri(),
+    )
+
+
+def task_context(task: dict[str, Any]) -> tuple[ExperimentSpec, DatasetSpec, int]:
+    spec = load_spec(task["spec"], output=task["output"])
+    ds = next(d for d in spec.datasets if d.key == task["dataset"])
+    return spec, ds, int(task["seed"])
+
+
+def base_tags(spec: ExperimentSpec, stage: str, ds: DatasetSpec, seed: int) -> dict[str, Any]:
+    return {"spec_hash": spec.hash(), "stage": stage, "dataset": ds.key, "seed": seed}
+
+
+# -- supernet ---------------------------------------------------------------------------------
+
+
+def supernet_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
+    return spec.output / "supernet" / run_key(dataset, seed)
+
+
+def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+    spec, ds, seed = task_context(task)
+    out = supernet_dir(spec, ds.key, seed)
+    if (out / "done.json").is_file():
+        return read_json(out / "done.json")
+    device = device_for(spec)
+    data = load_splits(spec, ds, ("train",))["train"]
+    torch.manual_seed(seed)
+    model = PromptedViT.supernet(
+        spec.space, data.num_classes, spec.backbone.create(data.num_classes)
+    ).to(device)
+    st = spec.supernet
+    cfg = TrainConfig(
+        epochs=st.epochs,
+        batch_size=st.batch_size,
+        lr=st.lr,
+        weight_decay=st.weight_decay,
+        warmup_epochs=st.warmup_epochs,
+        warmup_lr=st.warmup_lr,
+        min_lr=st.min_lr,
+        label_smoothing=st.label_smoothing,
+        crop_pad=st.crop_pad,
+        hflip=st.hflip,
+        seed=seed,
+    )
+    state_path = out / "state.pt"
+    state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    tracker = tracker_for(spec)
+    run_id = tracker.run(
+        f"supernet {ds.key} seed {seed}",
+        base_tags(spec, "supernet", ds, seed),
+        params={**cfg.to_dict(), "space": spec.space.name, "train_images": len(data)},
+    )
+    mean, std = spec.backbone.normalisation()
+    started = time.time()
+
+    def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        if epoch % st.checkpoint_every == 0 or epoch == cfg.epochs:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".state.{os.getpid()}.tmp"
+            torch.save(get_state(), tmp)
+            os.replace(tmp, state_path)
+        elapsed = time.time() - started
+        done_epochs = epoch - (state["epoch"] if state else 0)
+        report(
+            {
+                "stage": "supernet",
+                "dataset": ds.key,
+                "seed": seed,
+                "epoch": epoch,
+                "epochs": cfg.epochs,
+                **metrics,
+                "eta_s": elapsed / max(done_epochs, 1) * (cfg.epochs - epoch),
+            }
+        )
+
+    train(
+        model,
+        data,
+        cfg,
+        mean=mean,
+        std=std,
+        sample_subnet=spec.space.sample,
+        state=state,
+        on_epoch=on_epoch,
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.trainable_state_dict().items()},
+        str(out / "supernet.safetensors"),
+    )
+    result = {
+        "dataset": ds.key,
+        "seed": seed,
+        "num_classes": data.num_classes,
+        "mlflow_run_id": run_id,
+    }
+    write_json(out / "done.json", result)
+    tracker.finish(run_id)
+    return result
+
+
+# -- search -----------------------------------------------------------------------------------
+
+
+def search_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
+    return spec.output / "search" / run_key(dataset, seed)
+
+
+def _read_log(path: Path) -> list[Evaluated]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(Evaluated.from_data(json.loads(line)))
+        except (json.JSONDecodeError, KeyError):
+            break  # a line cut by a kill: everything before it is good
+    return out
+
+
+def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+    spec, ds, seed = task_context(task)
+    out = search_dir(spec, ds.key, seed)
+    if (out / "done.json").is_file():
+        return read_json(out / "done.json")
+    out.mkdir(parents=True, exist_ok=True)
+    device = device_for(spec)
+    val = load_splits(spec, ds, ("val",))["val"]
+    supernet_out = read_json(supernet_dir(spec, ds.key, seed) / "done.json")
+    model = PromptedViT.supernet(
+        spec.space, supernet_out["num_classes"], spec.backbone.create(supernet_out["num_classes"])
+    ).to(device)
+    load_trainable(model, load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors")))
+    mean, std = spec.backbone.normalisation()
+
+    s = spec.search
+    algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
+    log_path = out / "candidates.jsonl"
+    known = {e.subnet: e for e in _read_log(log_path)}
+    algo.restore(list(known.values()))
+    tracker = tracker_for(spec)
+    tags = base_tags(spec, "search", ds, seed)
+    parent = tracker.run(
+        f"search {ds.key} seed {seed}",
+        tags,
+        params={"algorithm": s.algorithm, "cost": s.cost, **s.options},
+    )
+    logger = CandidateLogger(tracker, parent, tags)
+    for e in known.values():  # logged before a kill? CandidateLogger skips those already there
+        logger.log(
+            e.subnet.key(),
+            str(e.subnet),
+            subnet_params_flat(e.subnet.to_data()),
+            _candidate_metrics(spec, e),
+            {"round": e.round},
+        )
+    evaluated_now = 0
+    with open(log_path, "a") as log:
+        while not algo.finished:
+            batch = algo.ask()
+            if not batch:
+                break
+            fresh = [c for c in batch if c not in known]
+            scores = evaluate_candidates(
+                model, fresh, val, mean=mean, std=std, batch_size=s.eval_batch_size
+            )
+            for subnet, score in zip(fresh, scores, strict=True):
+                e = Evaluated(subnet, score, algo.cost(subnet), algo.round)
+                known[subnet] = e
+                log.write(json.dumps(e.to_data()) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                logger.log(
+                    subnet.key(),
+                    str(subnet),
+                    subnet_params_flat(subnet.to_data()),
+                    _candidate_metrics(spec, e),
+                    {"round": e.round},
+                )
+            evaluated_now += len(fresh)
+            algo.tell([known[c] for c in batch])
+            best = algo.best(1)[0]
+            tracker.log_metrics(
+                parent,
+                {
+                    "best_val_acc": best.score,
+                    "round_mean_val_acc": sum(known[c].score for c in batch) / len(batch),
+                },
+                step=algo.round,
+            )
+            report(
+                {
+                    "stage": "search",
+                    "dataset": ds.key,
+                    "seed": seed,
+                    "round": algo.round,
+                    "evaluated": len(algo.history),
+                    "planned": algo.planned,
+                    "best_val_acc": best.score,
+                }
+            )
+    logger.close()
+    ranking = [
+        e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)}
+        for e in algo.best(len(algo.history))
+    ]
+    _write_table(out / "candidates.csv", algo.history, spec)
+    tracker.log_artifact(parent, out / "candidates.csv")
+    result = {
+        "dataset": ds.key,
+        "seed": seed,
+        "evaluated": len(algo.history),
+        "evaluated_this_run": evaluated_now,
+        "top": ranking[: max(1, spec.retrain.top_k)],
+        "mlflow_run_id": parent,
+    }
+    write_json(out / "done.json", result)
+    tracker.finish(parent)
+    return result
+
+
+def _candidate_metrics(spec: ExperimentSpec, e: Evaluated) -> dict[str, float]:
+    g = spec.space.geometry
+    return {
+        "val_acc": e.score,
+        "params": subnet_params(e.subnet, g),
+        "added_flops": added_flops(e.subnet, g),
+        "round": e.round,
+    }
+
+
+def _write_table(path: Path, history: list[Evaluated], spec: ExperimentSpec) -> None:
+    g = spec.space.geometry
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["round", "subnet", "val_acc", "params", "added_flops"])
+        for e in history:
+            w.writerow(
+                [
+                    e.round,
+                    str(e.subnet),
+                    f"{e.score:.4f}",
+                    subnet_params(e.subnet, g),
+                    added_flops(e.subnet, g),
+                ]
+            )
+
+
+# -- retrain ----------------------------------------------------------------------------------
+
+
+def retrain_dir(spec: ExperimentSpec, dataset: str, seed: int, label: str) -> Path:
+    return spec.output / "retrain" / run_key(dataset, seed) / label
+
+
+def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+    """Retrain one subnet from the pretrained backbone on train+val; test once at the end."""
+    spec, ds, seed = task_context(task)
+    label, subnet = task["label"], Subnet.from_data(task["subnet"])
+    out = retrain_dir(spec, ds.key, seed, label)
+    if (out / "done.json").is_file():
+        return read_json(out / "done.json")
+    device = device_for(spec)
+    data = load_splits(spec, ds, ("trainval", "test"))
+    num_classes = data["trainval"].num_classes
+    torch.manual_seed(seed)
+    model = PromptedViT.for_subnet(
+        spec.backbone.create(num_classes).to(device), subnet, spec.space.options(), spec.backbone
+    )
+    r = spec.retrain
+    cfg = TrainConfig(
+        epochs=r.epochs,
+        batch_size=r.batch_size,
+        lr=r.lr,
+        weight_decay=r.weight_decay,
+        warmup_epochs=r.warmup_epochs,
+        warmup_lr=r.warmup_lr,
+        min_lr=r.min_lr,
+        label_smoothing=r.label_smoothing,
+        crop_pad=r.crop_pad,
+        hflip=r.hflip,
+        seed=seed,
+    )
+    state_path = out / "state.pt"
+    state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    tracker = tracker_for(spec)
+    g = spec.space.geometry
+    tags = {**base_tags(spec, "retrain", ds, seed), "label": label}
+    run_id = tracker.run(
+        f"retrain {ds.key} seed {seed} {label}",
+        tags,
+        params={
+            **cfg.to_dict(),
+            **subnet_params_flat(subnet.to_data()),
+            "subnet": str(subnet),
+            "role": task["role"],
+        },
+    )
+    mean, std = spec.backbone.normalisation()
+
+    def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".state.{os.getpid()}.tmp"
+        torch.save(get_state(), tmp)
+        os.replace(tmp, state_path)
+        report(
+            {
+                "stage": "retrain",
+                "dataset": ds.key,
+                "seed": seed,
+                "label": label,
+                "epoch": epoch,
+                "epochs": cfg.epochs,
+                **metrics,
+            }
+        )
+
+    train(model, data["trainval"], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
+    test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
+    model.save(out / "model")
+    result = {
+        "dataset": ds.key,
+        "seed": seed,
+        "label": label,
+        "role": task["role"],
+        "subnet": subnet.to_data(),
+        "subnet_str": str(subnet),
+        "val_acc": task.get("val_acc"),
+        "test_acc": test_acc,
+        "params": subnet_params(subnet, g),
+        "head_params": g.width * num_classes + num_classes,
+        "added_flops": added_flops(subnet, g),
+        "mlflow_run_id": run_id,
+    }
+    tracker.log_metrics(
+        run_id,
+        {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]},
+    )
+    tracker.log_artifact(run_id, out / "model", "model")
+    write_json(out / "done.json", result)
+    tracker.finish(run_id)
+    return result

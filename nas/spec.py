@@ -1,0 +1,352 @@
+"""Experiment specs: one YAML file says what to search, on which data, with which stages.
+
+```yaml
+name: quickstart
+datasets:                          # one or many
+  - {name: digits, format: mini-vtab}                 # prepared under <output>/data/mini-vtab
+  - {name: dtd, format: vtab, root: /data/vtab-1k}
+  - {name: oxford-pets, format: few-shot, root: /data/few-shot, shots: 16, split_seed: 0}
+backbone: vit_fmnist               # a shipped backbone, a backbone.yaml, or {model, weights, ...}
+space: tiny_cpu                    # a shipped space name or a YAML path (relative to this file)
+budget: {params: {max: 40000}}     # optional: replaces the space's budget
+seeds: [0]                         # supernet/search/retrain seeds
+output: runs/quickstart            # results, checkpoints, Ray storage; relative to the cwd
+mlflow: {tracking_uri: null, experiment: quickstart}   # default: sqlite in the output folder
+resources: {cpus: 1, gpus: 0}      # per trial; fractional GPUs allowed
+ray: {address: null}               # null: a private local Ray; "auto": the running cluster
+stages:
+  supernet: {epochs: 10, batch_size: 64, lr: 5.0e-4, checkpoint_every: 2, ...}
+  search: {algorithm: evolution, cost: params, options: {generations: 3, population: 20}}
+  retrain: {top_k: 1, epochs: 10, lr: 1.0e-3, baselines: {lora8: {lora: {depth: 6, dims: 8}}}}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from nas.backbone import BackboneSpec, load_backbone, parse_backbone_mapping
+from nas.errors import ConfigError
+from nas.search import ALGORITHMS
+from nas.space import Bounds, Budget, SearchSpace, _parse_bounds, load_space
+from nas.subnet import Subnet
+from nas.validate import Reader
+from nas.yamlio import Document, load_yaml, to_plain
+
+FORMATS = ("mini-vtab", "vtab", "few-shot", "imagefolder")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    format: str
+    root: str | None = None  # the folder holding <name>/ (mini-vtab: default under output)
+    shots: int | None = None  # few-shot only
+    split_seed: int | None = None  # few-shot only: which seed's split
+    duplicates: str = "error"
+
+    @property
+    def key(self) -> str:
+        """A name unique within a spec (few-shot datasets carry their shots and split)."""
+        if self.format == "few-shot":
+            return f"{self.name}-{self.shots}shot-s{self.split_seed}"
+        return self.name
+
+
+@dataclass(frozen=True)
+class SupernetStage:
+    epochs: int = 500
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.0
+    crop_pad: int = 0
+    hflip: bool = False
+    checkpoint_every: int = 10
+
+
+@dataclass(frozen=True)
+class SearchStage:
+    algorithm: str = "evolution"
+    cost: str = "params"
+    options: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class RetrainStage:
+    top_k: int = 1
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.0
+    crop_pad: int = 0
+    hflip: bool = False
+    baselines: dict[str, Subnet] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    path: str | None
+    datasets: tuple[DatasetSpec, ...]
+    backbone: BackboneSpec
+    space: SearchSpace
+    seeds: tuple[int, ...]
+    output: Path
+    mlflow_uri: str | None
+    mlflow_experiment: str
+    cpus: float
+    gpus: float
+    ray_address: str | None
+    supernet: SupernetStage
+    search: SearchStage
+    retrain: RetrainStage
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_uri or f"sqlite:///{self.output / 'mlflow.db'}"
+
+    def to_data(self) -> dict[str, Any]:
+        """Everything that determines the results (not where they go), as plain data."""
+        return to_plain(
+            {
+                "name": self.name,
+                "datasets": [asdict(d) for d in self.datasets],
+                "backbone": self.backbone.to_dict(),
+                "space": self.space.to_data(),
+                "seeds": list(self.seeds),
+                "supernet": asdict(self.supernet),
+                "search": asdict(self.search),
+                "retrain": {
+                    **asdict(replace(self.retrain, baselines={})),
+                    "baselines": {k: v.to_data() for k, v in self.retrain.baselines.items()},
+                },
+            }
+        )
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_data(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _stage(reader: Reader, value: Any, key: str, cls, extra: dict | None = None):
+    defaults = cls()
+    names = [f for f in asdict(defaults) if f not in (extra or {})]
+    data = reader.mapping(value or {}, key, optional=names + list(extra or {}))
+    out = {}
+    for name in names:
+        if name not in data:
+            continue
+        default = getattr(defaults, name)
+        k = f"{key}.{name}"
+        if isinstance(default, bool):
+            if not isinstance(data[name], bool):
+                reader.fail(k, f"expected true or false, got {data[name]!r}")
+            out[name] = data[name]
+        elif isinstance(default, int):
+            out[name] = reader.integer(data[name], k, minimum=0)
+        elif isinstance(default, float):
+            out[name] = reader.number(data[name], k, minimum=0)
+        elif isinstance(default, str):
+            out[name] = reader.string(data[name], k)
+        elif isinstance(default, dict):
+            out[name] = reader.mapping(data[name], k, open_keys=True)
+    return cls(**out), data
+
+
+def parse_spec(doc: Document, *, output: str | Path | None = None) -> ExperimentSpec:
+    r = Reader(doc)
+    base = Path(doc.file).parent if doc.file else Path.cwd()
+    data = r.mapping(
+        doc.data,
+        "",
+        required=["datasets", "space"],
+        optional=[
+            "name",
+            "description",
+            "backbone",
+            "budget",
+            "seeds",
+            "output",
+            "mlflow",
+            "resources",
+            "ray",
+            "stages",
+        ],
+    )
+    default_name = Path(doc.file).stem if doc.file else "experiment"
+    name = r.string(data["name"], "name") if "name" in data else default_name
+
+    # -- search space, backbone, budget
+    space_ref = r.string(data["space"], "space")
+    space_path = Path(space_ref)
+    if space_path.suffix and not space_path.is_absolute():
+        space_path = base / space_path
+    try:
+        space = load_space(space_path if space_path.suffix else space_ref)
+    except ConfigError as exc:
+        r.fail("space", f"{space_ref!r}: {exc}")
+    if "backbone" in data:
+        value = data["backbone"]
+        if isinstance(value, str):
+            try:
+                path = Path(value)
+                backbone = load_backbone(
+                    value if not path.suffix or path.is_absolute() else base / path
+                )
+            except ConfigError as exc:
+                r.fail("backbone", f"{value!r}: {exc}")
+        else:
+            bb = r.mapping(
+                value,
+                "backbone",
+                required=["model"],
+                optional=["overrides", "weights", "mean", "std", "name"],
+            )
+            backbone = parse_backbone_mapping(bb, r, "backbone", base)
+        try:
+            geometry = backbone.geometry()
+        except ConfigError as exc:
+            r.fail("backbone", exc.message)
+        if geometry != space.geometry:
+            r.fail(
+                "backbone",
+                f"its geometry (width {geometry.width}, {geometry.depth} blocks, "
+                f"{geometry.seq_len} tokens) does not match the one space {space.name!r} "
+                f"assumes (width {space.geometry.width}, {space.geometry.depth} blocks, "
+                f"{space.geometry.seq_len} tokens)",
+            )
+    else:
+        backbone = space.backbone
+    if data.get("budget") is not None:
+        b = r.mapping(data["budget"], "budget", optional=["params", "flops"])
+        budget = Budget(
+            params=_parse_bounds(r, b["params"], "budget.params") if "params" in b else Bounds(),
+            flops=_parse_bounds(r, b["flops"], "budget.flops") if "flops" in b else Bounds(),
+        )
+        space = replace(space, budget=budget)
+        if space.count_within(budget.params) == 0:
+            r.fail("budget", "no subnet of the space meets this budget")
+
+    # -- datasets
+    if not isinstance(data["datasets"], list) or not data["datasets"]:
+        r.fail("datasets", "expected a non-empty list of datasets")
+    datasets = []
+    for i, item in enumerate(data["datasets"]):
+        k = f"datasets[{i}]"
+        d = r.mapping(
+            item,
+            k,
+            required=["name", "format"],
+            optional=["root", "shots", "split_seed", "duplicates"],
+        )
+        fmt = r.string(d["format"], f"{k}.format", choices=FORMATS)
+        root = None
+        if "root" in d:
+            root_path = Path(r.string(d["root"], f"{k}.root")).expanduser()
+            root = str(root_path if root_path.is_absolute() else (base / root_path).resolve())
+        elif fmt != "mini-vtab":
+            r.fail(k, f"missing required key 'root' (the folder holding the {fmt} dataset)")
+        shots = split_seed = None
+        if fmt == "few-shot":
+            shots = r.integer(d.get("shots", 16), f"{k}.shots", minimum=1)
+            split_seed = r.integer(d.get("split_seed", 0), f"{k}.split_seed", minimum=0)
+        ds = DatasetSpec(
+            name=r.string(d["name"], f"{k}.name"),
+            format=fmt,
+            root=root,
+            shots=shots,
+            split_seed=split_seed,
+            duplicates=r.string(
+                d.get("duplicates", "error"), f"{k}.duplicates", choices=["error", "drop"]
+            ),
+        )
+        if fmt == "mini-vtab":
+            from nas.data.mini_vtab import TASKS
+
+            if ds.name not in TASKS:
+                r.fail(
+                    f"{k}.name", f"{ds.name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}"
+                )
+        elif fmt != "imagefolder" and not (Path(root) / ds.name).is_dir():
+            r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / ds.name}")
+        if any(o.key == ds.key for o in datasets):
+            r.fail(f"{k}.name", f"dataset {ds.key!r} is listed twice")
+        datasets.append(ds)
+
+    seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0)
+    out_value = output if output is not None else data.get("output", f"runs/{name}")
+    out_path = Path(r.string(str(out_value), "output")).expanduser().resolve()
+
+    ml = r.mapping(data.get("mlflow") or {}, "mlflow", optional=["tracking_uri", "experiment"])
+    uri = ml.get("tracking_uri")
+    if uri is not None:
+        uri = r.string(uri, "mlflow.tracking_uri")
+    res = r.mapping(data.get("resources") or {}, "resources", optional=["cpus", "gpus"])
+    ray_cfg = r.mapping(data.get("ray") or {}, "ray", optional=["address"])
+    address = ray_cfg.get("address")
+    if address is not None:
+        address = r.string(address, "ray.address")
+
+    stages = r.mapping(
+        data.get("stages") or {}, "stages", optional=["supernet", "search", "retrain"]
+    )
+    supernet, _ = _stage(r, stages.get("supernet"), "stages.supernet", SupernetStage)
+    search, _ = _stage(r, stages.get("search"), "stages.search", SearchStage)
+    if search.algorithm not in ALGORITHMS:
+        r.fail(
+            "stages.search.algorithm",
+            f"{search.algorithm!r} is not one of: {', '.join(ALGORITHMS)}",
+        )
+    if search.cost not in ("params", "flops"):
+        r.fail("stages.search.cost", f"{search.cost!r} is not one of: params, flops")
+    retrain, raw = _stage(
+        r, stages.get("retrain"), "stages.retrain", RetrainStage, extra={"baselines": None}
+    )
+    baselines = {}
+    for bname, value in (
+        r.mapping(raw.get("baselines") or {}, "stages.retrain.baselines", open_keys=True)
+    ).items():
+        subnet = Subnet.from_data(value, doc, f"stages.retrain.baselines.{bname}")
+        unknown = [kind for kind in subnet if kind not in space.modules]
+        if unknown:
+            r.fail(
+                f"stages.retrain.baselines.{bname}",
+                f"uses {unknown}, which the space does not hold",
+            )
+        baselines[bname] = subnet
+    retrain = replace(retrain, baselines=baselines)
+
+    return ExperimentSpec(
+        name=name,
+        path=doc.file,
+        datasets=tuple(datasets),
+        backbone=backbone,
+        space=space,
+        seeds=seeds,
+        output=out_path,
+        mlflow_uri=uri,
+        mlflow_experiment=r.string(ml.get("experiment", name), "mlflow.experiment"),
+        cpus=r.number(res.get("cpus", 1), "resources.cpus", minimum=0),
+        gpus=r.number(res.get("gpus", 0), "resources.gpus", minimum=0),
+        ray_address=address,
+        supernet=supernet,
+        search=search,
+        retrain=retrain,
+    )
+
+
+def load_spec(path: str | Path, *, output: str | Path | None = None) -> ExperimentSpec:
+    return parse_spec(load_yaml(path), output=output)
