@@ -270,9 +270,19 @@ class PromptedViT(nn.Module):
         spec = None
         if meta.get("backbone"):
             bb = reader.mapping(
-                meta["backbone"], "backbone", required=["model"], optional=["overrides"]
+                meta["backbone"],
+                "backbone",
+                required=["model"],
+                optional=["overrides", "weights", "mean", "std", "name"],
             )
-            spec = BackboneSpec(bb["model"], dict(bb.get("overrides") or {}))
+            spec = BackboneSpec(
+                bb["model"],
+                dict(bb.get("overrides") or {}),
+                weights=bb.get("weights"),
+                mean=tuple(bb["mean"]) if bb.get("mean") else None,
+                std=tuple(bb["std"]) if bb.get("std") else None,
+                name=bb.get("name"),
+            )
         if backbone is None:
             if spec is None:
                 raise NasError(f"{meta_path}: no backbone recorded; pass the backbone to load onto")

@@ -79,3 +79,15 @@ def test_weights_of_another_subnet_are_refused(trained):
     (folder / SUBNET_FILE).write_text(yaml.safe_dump(meta))
     with pytest.raises(NasError, match=r"lora\.layers\.0\.A has shape \(4, 48\)"):
         PromptedViT.load(folder, copy.deepcopy(pretrained))
+
+
+def test_saved_record_of_a_pretrained_backbone_rebuilds_it(tmp_path):
+    """A subnet trained on a backbone with weights records them; loading without a backbone
+    rebuilds the same pretrained one from that record."""
+    from nas.backbone import load_backbone
+
+    spec = load_backbone("vit_fmnist")
+    model = PromptedViT.for_subnet(spec.create(4), Subnet({"lora": [2, 2]}), backbone_spec=spec)
+    folder = model.save(tmp_path / "m")
+    loaded = PromptedViT.load(folder)  # backbone built from the record, hash checked
+    assert loaded.backbone_spec == spec

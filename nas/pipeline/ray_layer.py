@@ -9,6 +9,7 @@ that still fails is reported by name with its error, never dropped.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def run_stage(
         param_space={"stage": stage, "task": tune.grid_search(list(tasks))},
         tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(
-            name=stage,
+            name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
