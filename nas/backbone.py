@@ -275,8 +275,9 @@ def geometry_of(model: nn.Module) -> TowerGeometry:
 def _geometry(spec_key: str) -> TowerGeometry:
     spec = json.loads(spec_key)
     name, overrides = spec["model"], spec.get("overrides", {})
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+    arch = name.split(".")[0]  # "vit_base_patch16_224.augreg_in21k": architecture.tag
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown timm model {name!r}{hint}", key="backbone.model")
     try:

@@ -17,6 +17,7 @@ ray: {address: null}               # null: a private local Ray; "auto": the runn
 stages:
   supernet: {epochs: 10, batch_size: 64, lr: 5.0e-4, checkpoint_every: 2, ...}
   search: {algorithm: evolution, cost: params, options: {generations: 3, population: 20}}
+                                   # search: {enabled: false} retrains only the baselines
   retrain: {top_k: 1, epochs: 10, lr: 1.0e-3, baselines: {lora8: {lora: {depth: 6, dims: 8}}}}
 ```
 """
@@ -74,6 +75,7 @@ class SupernetStage:
 
 @dataclass(frozen=True)
 class SearchStage:
+    enabled: bool = True  # false: no supernet and no search; only the baselines are retrained
     algorithm: str = "evolution"
     cost: str = "params"
     options: dict[str, Any] = field(default_factory=dict)
@@ -166,7 +168,11 @@ def _stage(reader: Reader, value: Any, key: str, cls, extra: dict | None = None)
     return cls(**out), data
 
 
-def parse_spec(doc: Document, *, output: str | Path | None = None) -> ExperimentSpec:
+def parse_spec(
+    doc: Document, *, output: str | Path | None = None, check_data: bool = True
+) -> ExperimentSpec:
+    """Validate a spec. ``check_data=False`` skips checking that dataset folders exist (to
+    validate a spec written for another machine)."""
     r = Reader(doc)
     base = Path(doc.file).parent if doc.file else Path.cwd()
     data = r.mapping(
@@ -253,38 +259,41 @@ def parse_spec(doc: Document, *, output: str | Path | None = None) -> Experiment
             optional=["root", "shots", "split_seed", "duplicates"],
         )
         fmt = r.string(d["format"], f"{k}.format", choices=FORMATS)
+        name = r.string(d["name"], f"{k}.name")
         root = None
         if "root" in d:
             root_path = Path(r.string(d["root"], f"{k}.root")).expanduser()
             root = str(root_path if root_path.is_absolute() else (base / root_path).resolve())
         elif fmt != "mini-vtab":
             r.fail(k, f"missing required key 'root' (the folder holding the {fmt} dataset)")
-        shots = split_seed = None
-        if fmt == "few-shot":
-            shots = r.integer(d.get("shots", 16), f"{k}.shots", minimum=1)
-            split_seed = r.integer(d.get("split_seed", 0), f"{k}.split_seed", minimum=0)
-        ds = DatasetSpec(
-            name=r.string(d["name"], f"{k}.name"),
-            format=fmt,
-            root=root,
-            shots=shots,
-            split_seed=split_seed,
-            duplicates=r.string(
-                d.get("duplicates", "error"), f"{k}.duplicates", choices=["error", "drop"]
-            ),
+        duplicates = r.string(
+            d.get("duplicates", "error"), f"{k}.duplicates", choices=["error", "drop"]
         )
+        # A few-shot entry may list several shots and split seeds: one dataset per pair.
+        variants: list[tuple[int | None, int | None]] = [(None, None)]
+        if fmt == "few-shot":
+            shots = r.int_choices(d.get("shots", 16), f"{k}.shots", minimum=1)
+            splits = r.int_choices(d.get("split_seed", 0), f"{k}.split_seed", minimum=0)
+            variants = [(n, s) for n in shots for s in splits]
         if fmt == "mini-vtab":
             from nas.data.mini_vtab import TASKS
 
-            if ds.name not in TASKS:
-                r.fail(
-                    f"{k}.name", f"{ds.name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}"
-                )
-        elif fmt != "imagefolder" and not (Path(root) / ds.name).is_dir():
-            r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / ds.name}")
-        if any(o.key == ds.key for o in datasets):
-            r.fail(f"{k}.name", f"dataset {ds.key!r} is listed twice")
-        datasets.append(ds)
+            if name not in TASKS:
+                r.fail(f"{k}.name", f"{name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}")
+        elif check_data and fmt != "imagefolder" and not (Path(root) / name).is_dir():
+            r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / name}")
+        for shots_k, split_seed in variants:
+            ds = DatasetSpec(
+                name=name,
+                format=fmt,
+                root=root,
+                shots=shots_k,
+                split_seed=split_seed,
+                duplicates=duplicates,
+            )
+            if any(o.key == ds.key for o in datasets):
+                r.fail(f"{k}.name", f"dataset {ds.key!r} is listed twice")
+            datasets.append(ds)
 
     seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0)
     out_value = output if output is not None else data.get("output", f"runs/{name}")
@@ -348,5 +357,7 @@ def parse_spec(doc: Document, *, output: str | Path | None = None) -> Experiment
     )
 
 
-def load_spec(path: str | Path, *, output: str | Path | None = None) -> ExperimentSpec:
-    return parse_spec(load_yaml(path), output=output)
+def load_spec(
+    path: str | Path, *, output: str | Path | None = None, check_data: bool = True
+) -> ExperimentSpec:
+    return parse_spec(load_yaml(path), output=output, check_data=check_data)

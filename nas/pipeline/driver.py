@@ -149,7 +149,8 @@ def run_experiment(
         }
         pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
         storage = spec.output / "ray"
-        for stage, dir_of in (("supernet", stages.supernet_dir), ("search", stages.search_dir)):
+        searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
+        for stage, dir_of in searched if spec.search.enabled else ():
             todo = [
                 {**base, "dataset": ds.key, "seed": seed}
                 for ds, seed in pairs
@@ -179,7 +180,9 @@ def run_experiment(
 def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dict[str, Any]]:
     tasks = []
     for ds, seed in pairs:
-        found = stages.read_json(stages.search_dir(spec, ds.key, seed) / "done.json")
+        found = {"top": []}
+        if spec.search.enabled:
+            found = stages.read_json(stages.search_dir(spec, ds.key, seed) / "done.json")
         for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
             tasks.append(
                 {

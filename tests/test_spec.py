@@ -1,0 +1,116 @@
+"""Experiment specs: every shipped one validates; each bad spec gets one clear error."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas.errors import ConfigError, NasError
+from nas.pipeline.driver import run_experiment
+from nas.spec import load_spec
+from tests.conftest import REPO
+from trainers.pretrain import load_config
+
+SPECS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def test_every_shipped_spec_validates():
+    names = {p.stem for p in SPECS}
+    assert {"quickstart", "noah_vtab", "noah_fewshot", "baselines_vtab"} <= names
+    for path in SPECS:
+        if path.stem.startswith("pretrain_"):
+            load_config(path)  # a pretraining recipe, not a search spec
+            continue
+        spec = load_spec(path, check_data=False)
+        assert spec.datasets
+    noah = load_spec(REPO / "experiments/noah_vtab.yaml", check_data=False)
+    assert len(noah.datasets) == 19 and noah.supernet.epochs == 500
+    assert noah.space.geometry.width == 768
+    few = load_spec(REPO / "experiments/noah_fewshot.yaml", check_data=False)
+    assert len(few.datasets) == 5 * 5 * 3
+    assert {d.key for d in few.datasets if d.name == "food-101"} >= {"food-101-16shot-s2"}
+
+
+BASE = {
+    "datasets": [{"name": "digits", "format": "mini-vtab"}],
+    "backbone": "vit_fmnist",
+    "space": "tiny_cpu",
+}
+
+BAD = [
+    (
+        {"datasets": [{"name": "dtd", "format": "vtab", "root": "/nonexistent"}]},
+        r"datasets\[0\]\.root: dataset folder not found: /nonexistent/dtd",
+    ),
+    (
+        {"datasets": [{"name": "dtd", "format": "vtab"}]},
+        r"datasets\[0\]: missing required key 'root'",
+    ),
+    (
+        {"datasets": [{"name": "imagenet", "format": "mini-vtab"}]},
+        r"datasets\[0\]\.name: 'imagenet' is not a mini-VTAB task",
+    ),
+    (
+        {
+            "datasets": [
+                {"name": "digits", "format": "mini-vtab"},
+                {"name": "digits", "format": "mini-vtab"},
+            ]
+        },
+        r"datasets\[1\]\.name: dataset 'digits' is listed twice",
+    ),
+    (
+        {"datasets": [{"name": "digits", "format": "tfds"}]},
+        r"datasets\[0\]\.format: 'tfds' is not one of: mini-vtab, vtab, few-shot, imagefolder",
+    ),
+    ({"space": "no_such_space"}, r"space: 'no_such_space': .*no shipped search space"),
+    (
+        {"backbone": {"model": "vit_small_patch16_224"}},
+        r"backbone: its geometry \(width 384, 12 blocks, 197 tokens\) does not match the one space 'tiny-cpu' assumes \(width 192, 6 blocks, 17 tokens\)",
+    ),
+    (
+        {"stages": {"search": {"algorithm": "grid"}}},
+        r"stages\.search\.algorithm: 'grid' is not one of: evolution, optuna-tpe, optuna-nsga2, random",
+    ),
+    ({"stages": {"supernet": {"epochs": -1}}}, r"stages\.supernet\.epochs: -1 is negative"),
+    ({"stages": {"supernet": {"epoch": 3}}}, r"stages\.supernet\.epoch: unknown key"),
+    (
+        {"stages": {"retrain": {"baselines": {"b": {"pgn": {"depth": 1, "dims": 1}}}}}},
+        r"stages\.retrain\.baselines\.b\.pgn: unknown key",
+    ),
+    (
+        {"budget": {"params": {"max": 1}}, "space": "lora_only", "backbone": None},
+        r"budget: no subnet of the space meets this budget",
+    ),
+    ({"resources": {"gpus": "one"}}, r"resources\.gpus: expected a number"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD)
+def test_bad_spec(tmp_path: Path, change, message):
+    data = {**BASE, **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert re.search(message, str(info.value)), str(info.value)
+    assert str(info.value).startswith(str(path))
+
+
+def test_gpus_on_a_machine_without_one(tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {**BASE, "resources": {"cpus": 1, "gpus": 0.5}, "output": str(tmp_path / "out")}
+        )
+    )
+    with pytest.raises(NasError, match=r"resources\.gpus is 0\.5 but this machine has no GPU"):
+        run_experiment(path)
