@@ -9,12 +9,16 @@ background thread in batches, so that tracking overlaps evaluation instead of ad
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+# MLflow otherwise writes telemetry settings under ~/.config/mlflow; a user may still opt in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
