@@ -259,7 +259,7 @@ def parse_spec(
             optional=["root", "shots", "split_seed", "duplicates"],
         )
         fmt = r.string(d["format"], f"{k}.format", choices=FORMATS)
-        name = r.string(d["name"], f"{k}.name")
+        ds_name = r.string(d["name"], f"{k}.name")
         root = None
         if "root" in d:
             root_path = Path(r.string(d["root"], f"{k}.root")).expanduser()
@@ -278,13 +278,16 @@ def parse_spec(
         if fmt == "mini-vtab":
             from nas.data.mini_vtab import TASKS
 
-            if name not in TASKS:
-                r.fail(f"{k}.name", f"{name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}")
-        elif check_data and fmt != "imagefolder" and not (Path(root) / name).is_dir():
-            r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / name}")
+            if ds_name not in TASKS:
+                r.fail(
+                    f"{k}.name",
+                    f"{ds_name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}",
+                )
+        elif check_data and fmt != "imagefolder" and not (Path(root) / ds_name).is_dir():
+            r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / ds_name}")
         for shots_k, split_seed in variants:
             ds = DatasetSpec(
-                name=name,
+                name=ds_name,
                 format=fmt,
                 root=root,
                 shots=shots_k,

@@ -29,6 +29,7 @@ def test_every_shipped_spec_validates():
     noah = load_spec(REPO / "experiments/noah_vtab.yaml", check_data=False)
     assert len(noah.datasets) == 19 and noah.supernet.epochs == 500
     assert noah.space.geometry.width == 768
+    assert noah.name == noah.mlflow_experiment == "noah-vtab"  # not a dataset's name
     few = load_spec(REPO / "experiments/noah_fewshot.yaml", check_data=False)
     assert len(few.datasets) == 5 * 5 * 3
     assert {d.key for d in few.datasets if d.name == "food-101"} >= {"food-101-16shot-s2"}

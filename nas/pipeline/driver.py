@@ -143,10 +143,8 @@ def run_experiment(
 
     started = start_ray(spec.ray_address)
     try:
-        base = {
-            "spec": str(Path(spec.path).resolve()) if spec.path else None,
-            "output": str(spec.output),
-        }
+        base = {**spec_reference(spec), "output": str(spec.output)}
+        check_cluster(spec)
         pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
         storage = spec.output / "ray"
         searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
@@ -175,6 +173,63 @@ def run_experiment(
             ray.shutdown()
     results = collect_results(spec)
     return results
+
+
+def spec_reference(spec: ExperimentSpec) -> dict[str, str | None]:
+    """How trials find the spec: relative to the working directory when it lies inside it
+    (under ``ray job submit`` every node has its own copy of that directory), else absolute."""
+    if not spec.path:
+        raise NasError("the pipeline needs a spec file")
+    absolute = Path(spec.path).resolve()
+    try:
+        relative = str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        relative = None
+    return {"spec": relative or str(absolute), "spec_abs": str(absolute)}
+
+
+def check_cluster(spec: ExperimentSpec) -> None:
+    """On a cluster of several nodes, every node must reach the MLflow store and see the
+    output folder; refuse a node-local sqlite store or output path with the fix."""
+    import uuid
+
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    uri = spec.tracking_uri
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise NasError(
+            f"{spec.path}: the cluster has {len(nodes)} nodes but mlflow.tracking_uri is "
+            f"{uri!r}, a store on one node's disk; start a tracking server every node reaches "
+            "(mlflow server --backend-store-uri ... --host <head ip>) and set "
+            "mlflow.tracking_uri: http://<head ip>:5000 (or a database URI)"
+        )
+    marker = spec.output / f".shared-check-{uuid.uuid4().hex}"
+    marker.write_text("visible")
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> bool:
+            return Path(path).is_file()
+
+        checks = {
+            n["NodeManagerAddress"] + " " + n["NodeID"][:8]: sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in nodes
+        }
+        blind = [name for name, ref in checks.items() if not ray.get(ref, timeout=120)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise NasError(
+            f"{spec.path}: the output folder {spec.output} is not visible from node(s) "
+            f"{', '.join(blind)}; on a cluster of several nodes set output to a path on storage "
+            "every node shares (an NFS mount at the same path on every node)"
+        )
 
 
 def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dict[str, Any]]:

@@ -55,7 +55,8 @@ def _trainable(config: dict[str, Any]) -> None:
         "search": stages.run_search,
         "retrain": stages.run_retrain,
     }[config["stage"]]
-    task = config["task"]
+    # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
+    task = {**config["task"], "node": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict[str, Any]) -> None:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}

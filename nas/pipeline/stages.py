@@ -100,7 +100,10 @@ def tracker_for(spec: ExperimentSpec) -> Tracker:
 
 
 def task_context(task: dict[str, Any]) -> tuple[ExperimentSpec, DatasetSpec, int]:
-    spec = load_spec(task["spec"], output=task["output"])
+    path = Path(task["spec"])
+    if not path.is_file():  # relative to a working directory this process does not share
+        path = Path(task.get("spec_abs", task["spec"]))
+    spec = load_spec(path, output=task["output"])
     ds = next(d for d in spec.datasets if d.key == task["dataset"])
     return spec, ds, int(task["seed"])
 
@@ -192,6 +195,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         "seed": seed,
         "num_classes": data.num_classes,
         "mlflow_run_id": run_id,
+        "node": task.get("node"),
     }
     write_json(out / "done.json", result)
     tracker.finish(run_id)
@@ -431,6 +435,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "head_params": g.width * num_classes + num_classes,
         "added_flops": added_flops(subnet, g),
         "mlflow_run_id": run_id,
+        "node": task.get("node"),
     }
     tracker.log_metrics(
         run_id,

@@ -1,0 +1,222 @@
+"""Clusters: a two-node Ray cluster on this machine (both nodes on 127.0.0.1) with a local
+MLflow tracking server, and `ray job submit` to a `ray start --head` cluster. Everything the
+tests start listens on 127.0.0.1 and is stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+SPEC = REPO / "tests" / "specs" / "small.yaml"
+ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_matching(text: str) -> None:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if text in args and int(pid) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    store = tmp_path / "mlflow-server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root",
+            (store / "art").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def nas_run(spec: Path, output: Path, env: dict, extra: dict | None = None, cwd: Path = REPO):
+    text = spec.read_text()
+    if extra:
+        import yaml
+
+        data = yaml.safe_load(text)
+        data.update(extra)
+        spec = output.parent / f"{output.name}.yaml"
+        spec.write_text(yaml.safe_dump(data))
+    return subprocess.run(
+        [sys.executable, "-m", "nas", "run", str(spec), "--output", str(output)],
+        cwd=cwd,
+        env={**os.environ, **ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def test_two_node_cluster(tmp_path, mlflow_server):
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    os.environ.update(ENV)
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": 1,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "temp_dir": temp,
+        },
+    )
+    try:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        env = {"RAY_ADDRESS": cluster.address}
+        # A node-local sqlite store on a two-node cluster is refused, with the fix.
+        refused = nas_run(SPEC, tmp_path / "refused", env)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert "the cluster has 2 nodes but mlflow.tracking_uri is 'sqlite:" in refused.stderr
+        assert "mlflow.tracking_uri: http://<head ip>:5000" in refused.stderr
+        # With a tracking server every node reaches, it runs, on both nodes.
+        out = tmp_path / "shared" / "run"
+        done = nas_run(
+            SPEC, out, env, extra={"mlflow": {"tracking_uri": mlflow_server, "experiment": "two"}}
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+        kill_matching(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    nodes = {json.loads(p.read_text())["node"] for p in (out / "supernet").glob("*/done.json")}
+    assert len(nodes) == 2, "the two supernet trials should run on different nodes"
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("two")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 * 12
+    assert json.loads((out / "results.json").read_text())["per_dataset"].keys() == {
+        "digits",
+        "dsprites_loc",
+    }
+
+
+def test_ray_job_submit(tmp_path):
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    port, dash = free_port(), free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, **ENV}
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    try:
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
+        job = subprocess.run(
+            [
+                ray_bin,
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dash}",
+                f"--working-dir={REPO}",
+                "--",
+                sys.executable,
+                "-m",
+                "nas",
+                "run",
+                "tests/specs/small.yaml",
+                "--output",
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        assert job.returncode == 0 and "succeeded" in job.stdout, (
+            job.stdout[-4000:] + job.stderr[-2000:]
+        )
+    finally:
+        kill_matching(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_dataset"]) == {"digits", "dsprites_loc"}
+    # The job ran the uploaded copy of the code, not this checkout.
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["spec"]["name"] == "small"
