@@ -38,12 +38,33 @@ def free_port() -> int:
 
 
 def kill_matching(text: str) -> None:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if text in args and int(pid) != os.getpid():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    """SIGKILL every process whose command line contains ``text``, and their descendants
+    (Ray's agents rename themselves, so they are found through their parents)."""
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+    ).stdout
+    rows = [[*line.split(None, 2), ""] for line in out.splitlines()]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    todo = [int(pid) for pid, _, args, *_ in rows if text in args and int(pid) != os.getpid()]
+    seen: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def ray_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    return subprocess.run(
+        [ray_bin, *args], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
 
 
 @pytest.fixture
@@ -113,24 +134,38 @@ def nas_run(spec: Path, output: Path, env: dict, extra: dict | None = None, cwd:
 
 
 def test_two_node_cluster(tmp_path, mlflow_server):
-    from ray.cluster_utils import Cluster
-
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    os.environ.update(ENV)
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={
-            "num_cpus": 1,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "temp_dir": temp,
-        },
+    env = {**os.environ, **ENV}
+    port = free_port()
+    head = ray_cli(
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=1",
+        "--include-dashboard=false",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        env=env,
     )
     try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
-        env = {"RAY_ADDRESS": cluster.address}
+        assert head.returncode == 0, head.stderr[-2000:]
+        ports = [free_port() for _ in range(6)]
+        second = ray_cli(
+            "start",
+            f"--address=127.0.0.1:{port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--dashboard-agent-listen-port={ports[2]}",
+            f"--metrics-export-port={ports[3]}",
+            f"--runtime-env-agent-port={ports[4]}",
+            f"--dashboard-agent-grpc-port={ports[5]}",
+            env=env,
+        )
+        assert second.returncode == 0, second.stderr[-2000:]
+        env = {"RAY_ADDRESS": f"127.0.0.1:{port}"}
         # A node-local sqlite store on a two-node cluster is refused, with the fix.
         refused = nas_run(SPEC, tmp_path / "refused", env)
         assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
@@ -138,12 +173,12 @@ def test_two_node_cluster(tmp_path, mlflow_server):
         assert "mlflow.tracking_uri: http://<head ip>:5000" in refused.stderr
         # With a tracking server every node reaches, it runs, on both nodes.
         out = tmp_path / "shared" / "run"
+        out.parent.mkdir()
         done = nas_run(
             SPEC, out, env, extra={"mlflow": {"tracking_uri": mlflow_server, "experiment": "two"}}
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:
-        cluster.shutdown()
         kill_matching(temp)
         shutil.rmtree(temp, ignore_errors=True)
     nodes = {json.loads(p.read_text())["node"] for p in (out / "supernet").glob("*/done.json")}
@@ -164,51 +199,50 @@ def test_ray_job_submit(tmp_path):
     port, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, **ENV}
-    start = subprocess.run(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-        ],
+    start = ray_cli(
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
     )
     try:
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
-        job = subprocess.run(
-            [
-                ray_bin,
-                "job",
-                "submit",
-                f"--address=http://127.0.0.1:{dash}",
-                f"--working-dir={REPO}",
-                "--",
-                sys.executable,
-                "-m",
-                "nas",
-                "run",
-                "tests/specs/small.yaml",
-                "--output",
-                str(out),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
+        job = None
+        deadline = time.time() + 120
+        while True:  # the job agent comes up a little after `ray start` returns
+            job = subprocess.run(
+                [
+                    ray_bin,
+                    "job",
+                    "submit",
+                    f"--address=http://127.0.0.1:{dash}",
+                    f"--working-dir={REPO}",
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "nas",
+                    "run",
+                    "tests/specs/small.yaml",
+                    "--output",
+                    str(out),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
+            if "No available agent" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0 and "succeeded" in job.stdout, (
             job.stdout[-4000:] + job.stderr[-2000:]
         )

@@ -68,7 +68,7 @@ SPEC = {
 
 
 def ray_pids(tmpdir: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if tmpdir in line]
 
 
@@ -171,6 +171,21 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     assert roles == {"searched": 2, "searched (not reported)": 2, "baseline": 2}
     assert set(results["per_dataset"]) == {"digits", "dsprites_loc"}
     assert set(results["group_means"]) == {"natural", "structured"}
+
+    # The search runs carry the candidate table and the plots.
+    search = next(
+        r
+        for r in runs
+        if r.data.tags.get("nas.stage") == "search" and "mlflow.parentRunId" not in r.data.tags
+    )
+    files = {a.path for a in client.list_artifacts(search.info.run_id)}
+    files |= {a.path for a in client.list_artifacts(search.info.run_id, "plots")}
+    assert {
+        "candidates.csv",
+        "plots/accuracy_vs_cost.png",
+        "plots/accuracy_per_round.png",
+        "plots/winner_layers.png",
+    } <= files
 
     # A winner reloads from MLflow alone and reproduces its recorded test accuracy.
     winner = next(

@@ -309,6 +309,18 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     ]
     _write_table(out / "candidates.csv", algo.history, spec)
     tracker.log_artifact(parent, out / "candidates.csv")
+    from nas.plots import plot_search
+
+    cost_label = "trainable parameters" if s.cost == "params" else "added FLOPs"
+    for png in plot_search(
+        algo.history,
+        spec.space,
+        algo.best(1)[0].subnet,
+        out / "plots",
+        f"{ds.key} seed {seed} ({s.algorithm})",
+        cost_label,
+    ):
+        tracker.log_artifact(parent, png, "plots")
     result = {
         "dataset": ds.key,
         "seed": seed,
