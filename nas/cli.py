@@ -232,12 +232,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nas.pipeline.driver import results_markdown
+    from nas.pipeline.driver import results_from_mlflow, results_markdown
 
-    path = Path(args.output) / "results.json"
-    if not path.is_file():
-        raise NasError(f"{path}: no results yet (has `nas run` finished in {args.output}?)")
-    text = results_markdown(json.loads(path.read_text()))
+    source = args.source
+    if "://" in source or source.startswith("sqlite:"):
+        results = results_from_mlflow(source, args.experiment)
+    else:
+        path = Path(source) / "results.json"
+        if not path.is_file():
+            raise NasError(f"{path}: no results yet (has `nas run` finished in {source}?)")
+        results = json.loads(path.read_text())
+    text = results_markdown(results)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -260,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
     report = commands.add_parser("report", help="print the results table of a run")
-    report.add_argument("output", help="the run's output folder")
+    report.add_argument("source", help="a run's output folder, or an MLflow tracking URI")
+    report.add_argument("--experiment", help="the MLflow experiment (with a URI)")
     report.add_argument("--markdown", help="also write the table to this file")
     report.set_defaults(func=cmd_report)
 

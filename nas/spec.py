@@ -15,6 +15,7 @@ mlflow: {tracking_uri: null, experiment: quickstart}   # default: sqlite in the 
 resources: {cpus: 1, gpus: 0}      # per trial; fractional GPUs allowed
 ray: {address: null}               # null: a private local Ray; "auto": the running cluster
 stages:
+  hparams: {enabled: false, lrs: [1.0e-4, 1.0e-3], weight_decays: [1.0e-4], epochs: 20}
   supernet: {epochs: 10, batch_size: 64, lr: 5.0e-4, checkpoint_every: 2, ...}
   search: {algorithm: evolution, cost: params, options: {generations: 3, population: 20}}
                                    # search: {enabled: false} retrains only the baselines
@@ -56,6 +57,21 @@ class DatasetSpec:
         if self.format == "few-shot":
             return f"{self.name}-{self.shots}shot-s{self.split_seed}"
         return self.name
+
+
+@dataclass(frozen=True)
+class HparamsStage:
+    """Stage 0 (optional): a learning-rate x weight-decay sweep per dataset and method (the
+    supernet, and each baseline) on train/val only, early-stopped with ASHA."""
+
+    enabled: bool = False
+    lrs: tuple[float, ...] = (1e-4, 5e-4, 1e-3, 5e-3)
+    weight_decays: tuple[float, ...] = (1e-4, 1e-2)
+    epochs: int = 20
+    batch_size: int = 64
+    grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 3  # ASHA: keep the best 1/reduction_factor at each rung
+    eval_subnets: int = 4  # the supernet is scored by the mean over this many fixed subnets
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,7 @@ class ExperimentSpec:
     cpus: float
     gpus: float
     ray_address: str | None
+    hparams: HparamsStage
     supernet: SupernetStage
     search: SearchStage
     retrain: RetrainStage
@@ -165,6 +182,13 @@ def _stage(reader: Reader, value: Any, key: str, cls, extra: dict | None = None)
             out[name] = reader.string(data[name], k)
         elif isinstance(default, dict):
             out[name] = reader.mapping(data[name], k, open_keys=True)
+        elif isinstance(default, tuple):
+            values = data[name] if isinstance(data[name], list) else [data[name]]
+            if not values:
+                reader.fail(k, "expected a non-empty list of numbers")
+            out[name] = tuple(
+                reader.number(v, f"{k}[{i}]", minimum=0) for i, v in enumerate(values)
+            )
     return cls(**out), data
 
 
@@ -313,8 +337,9 @@ def parse_spec(
         address = r.string(address, "ray.address")
 
     stages = r.mapping(
-        data.get("stages") or {}, "stages", optional=["supernet", "search", "retrain"]
+        data.get("stages") or {}, "stages", optional=["hparams", "supernet", "search", "retrain"]
     )
+    hparams, _ = _stage(r, stages.get("hparams"), "stages.hparams", HparamsStage)
     supernet, _ = _stage(r, stages.get("supernet"), "stages.supernet", SupernetStage)
     search, _ = _stage(r, stages.get("search"), "stages.search", SearchStage)
     if search.algorithm not in ALGORITHMS:
@@ -354,6 +379,7 @@ def parse_spec(
         cpus=r.number(res.get("cpus", 1), "resources.cpus", minimum=0),
         gpus=r.number(res.get("gpus", 0), "resources.gpus", minimum=0),
         ray_address=address,
+        hparams=hparams,
         supernet=supernet,
         search=search,
         retrain=retrain,

@@ -55,6 +55,10 @@ class Tracker:
         except Exception as exc:
             raise NasError(f"cannot use the MLflow tracking store {uri!r}: {exc}") from None
 
+    @staticmethod
+    def client_for(uri: str) -> MlflowClient:
+        return MlflowClient(tracking_uri=uri)
+
     def find_run(self, tags: Mapping[str, Any], parent: str | None = None) -> str | None:
         clauses = [f"tags.`{TAG}{k}` = {_quote(v)}" for k, v in tags.items()]
         if parent is not None:

@@ -202,6 +202,12 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     mean, std = space.backbone.normalisation()
     acc = evaluate(model, test, mean=mean, std=std)
     assert abs(acc - winner.data.metrics["test_acc"]) < 1e-9
+    # `nas report` rebuilds the same table from the MLflow store alone.
+    from nas.pipeline.driver import results_from_mlflow
+
+    again = results_from_mlflow(f"sqlite:///{uninterrupted / 'mlflow.db'}", "ci")
+    assert again["per_dataset"] == results["per_dataset"]
+    assert again["group_means"] == results["group_means"]
     # The provenance names the spec, the code and the data.
     prov = json.loads((uninterrupted / "provenance.json").read_text())
     assert prov["spec_hash"] == results["spec_hash"]
@@ -262,3 +268,57 @@ def test_another_spec_in_the_same_output_is_refused(workdir, uninterrupted):
     assert result.returncode == 2
     assert "holds a run of a different spec (changed: search.options.generations)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
+    spec = {
+        "name": "hp",
+        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
+        "backbone": "vit_fmnist",
+        "space": "tiny_cpu",
+        "stages": {
+            "hparams": {
+                "enabled": True,
+                "lrs": [1.0e-4, 5.0e-3],
+                "weight_decays": [1.0e-4],
+                "epochs": 3,
+                "grace_period": 1,
+                "reduction_factor": 2,
+                "eval_subnets": 2,
+            },
+            "supernet": {"epochs": 1, "warmup_epochs": 0},
+            "search": {"algorithm": "random", "options": {"num_candidates": 4, "batch_size": 4}},
+            "retrain": {
+                "epochs": 1,
+                "warmup_epochs": 0,
+                "baselines": {"lora4": {"lora": {"depth": 6, "dims": 4}}},
+            },
+        },
+    }
+    path = tmp_path / "hp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    run_to_end(path, out, mini_vtab_data)
+    winners = {}
+    for method in ("supernet", "baseline-lora4"):
+        done = json.loads((out / "hparams" / "digits-seed0" / method / "done.json").read_text())
+        assert len(done["grid"]) == 2 and done["lr"] in (1.0e-4, 5.0e-3)
+        assert done["val_acc"] == max(p["val_acc"] for p in done["grid"])
+        winners[method] = done["lr"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hp")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+
+    def run_of(stage, label=None):
+        return next(
+            r
+            for r in runs
+            if r.data.tags.get("nas.stage") == stage
+            and "mlflow.parentRunId" not in r.data.tags
+            and (label is None or r.data.tags.get("nas.label") == label)
+        )
+
+    assert float(run_of("supernet").data.params["lr"]) == winners["supernet"]
+    assert float(run_of("retrain", "rank1").data.params["lr"]) == winners["supernet"]
+    assert float(run_of("retrain", "baseline-lora4").data.params["lr"]) == winners["baseline-lora4"]
+    assert run_of("hparams", "supernet").data.params["chosen_lr"] == str(winners["supernet"])

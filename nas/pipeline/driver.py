@@ -136,6 +136,9 @@ def run_experiment(
                 "no GPU; set resources.gpus: 0, or submit to a cluster with GPUs"
             )
     spec = check_output(spec, new)
+    # Create the MLflow store's tables and the experiment here, once: trials that start
+    # together would otherwise race to migrate a new sqlite database (and deadlock).
+    stages.tracker_for(spec)
     data_hashes = prepare_data(spec)
     prov = json.loads((spec.output / "provenance.json").read_text())
     prov["data_sha256"] = data_hashes
@@ -147,6 +150,8 @@ def run_experiment(
         check_cluster(spec)
         pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
         storage = spec.output / "ray"
+        if spec.hparams.enabled:
+            run_hparams_stage(spec, base, pairs, storage)
         searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
         for stage, dir_of in searched if spec.search.enabled else ():
             todo = [
@@ -232,6 +237,77 @@ def check_cluster(spec: ExperimentSpec) -> None:
         )
 
 
+def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], pairs, storage: Path) -> None:
+    """Stage 0: per dataset, seed and method, the lr x wd grid as one Tune run with ASHA
+    (trials are compared only within their own dataset and method); the winner is recorded
+    in hparams/<ds>-seed<k>/<method>/done.json and used by the later stages."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    h = spec.hparams
+    methods = ["supernet"] if spec.search.enabled else []
+    methods += [f"baseline-{name}" for name in spec.retrain.baselines]
+    for ds, seed in pairs:
+        for method in methods:
+            out = stages.hparams_dir(spec, ds.key, seed, method)
+            if (out / "done.json").is_file():
+                continue
+            grid = [
+                {
+                    **base,
+                    "dataset": ds.key,
+                    "seed": seed,
+                    "method": method,
+                    "lr": lr,
+                    "weight_decay": wd,
+                }
+                for lr in h.lrs
+                for wd in h.weight_decays
+            ]
+            print(f"== hparams {ds.key} seed {seed} {method}: {len(grid)} points", flush=True)
+            scheduler = ASHAScheduler(
+                metric="val_acc",
+                mode="max",
+                max_t=h.epochs,
+                grace_period=min(h.grace_period, h.epochs),
+                reduction_factor=h.reduction_factor,
+            )
+            results = run_stage(
+                "hparams",
+                grid,
+                storage=storage,
+                cpus=spec.cpus,
+                gpus=spec.gpus,
+                scheduler=scheduler,
+                name=f"hparams-{stages.run_key(ds.key, seed)}-{method}",
+            )
+            points = [
+                {
+                    "lr": r.config["task"]["lr"],
+                    "weight_decay": r.config["task"]["weight_decay"],
+                    "val_acc": r.metrics.get("val_acc", 0.0),
+                    "epochs": r.metrics.get("training_iteration", 0),
+                }
+                for r in results
+            ]
+            best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
+            stages.write_json(out / "done.json", {**best, "grid": points})
+            tracker = stages.tracker_for(spec)
+            run_id = tracker.run(
+                f"hparams {ds.key} seed {seed} {method}",
+                {**stages.base_tags(spec, "hparams", ds, seed), "label": method},
+                params={
+                    "lrs": list(h.lrs),
+                    "weight_decays": list(h.weight_decays),
+                    "epochs": h.epochs,
+                    "chosen_lr": best["lr"],
+                    "chosen_weight_decay": best["weight_decay"],
+                },
+            )
+            tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
+            tracker.log_artifact(run_id, out / "done.json")
+            tracker.finish(run_id)
+
+
 def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dict[str, Any]]:
     tasks = []
     for ds, seed in pairs:
@@ -266,40 +342,74 @@ def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dic
 
 
 def collect_results(spec: ExperimentSpec) -> dict[str, Any]:
-    """The results table: per dataset the subnet ranked first by validation (retrained, tested
-    once), other retrained subnets labelled as such, and VTAB-style group means."""
-    from nas.data.catalog import vtab_group
+    """The results table of a run's output folder (see ``summarise``)."""
+    rows = [stages.read_json(p) for p in sorted((spec.output / "retrain").glob("*/*/done.json"))]
+    results = {"spec_hash": spec.hash(), **summarise(rows)}
+    stages.write_json(spec.output / "results.json", results)
+    (spec.output / "results.md").write_text(results_markdown(results))
+    return results
 
-    rows = []
-    for path in sorted((spec.output / "retrain").glob("*/*/done.json")):
-        rows.append(stages.read_json(path))
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per dataset the subnet ranked first by validation (retrained, tested once; mean over
+    seeds); other retrained subnets stay in ``rows``, labelled. VTAB-style group means of the
+    datasets whose group is known, their mean, and the flat mean over datasets."""
     reported: dict[str, list[float]] = {}
+    group_of: dict[str, str] = {}
     for r in rows:
         if r["role"] == "searched":
             reported.setdefault(r["dataset"], []).append(r["test_acc"])
+            if r.get("group"):
+                group_of[r["dataset"]] = r["group"]
     per_dataset = {k: sum(v) / len(v) for k, v in reported.items()}
     groups: dict[str, list[float]] = {}
-    for ds in spec.datasets:
-        if ds.key not in per_dataset:
-            continue
-        group = vtab_group(ds.name)
-        manifest = stages.dataset_root(spec, ds) / ds.name / "manifest.json"
-        if ds.format == "mini-vtab" and manifest.is_file():
-            group = json.loads(manifest.read_text()).get("group")
-        if group:
-            groups.setdefault(group, []).append(per_dataset[ds.key])
+    for ds, acc in per_dataset.items():
+        if ds in group_of:
+            groups.setdefault(group_of[ds], []).append(acc)
     group_means = {g: sum(v) / len(v) for g, v in groups.items()}
-    results = {
-        "spec_hash": spec.hash(),
+    return {
         "rows": rows,
         "per_dataset": per_dataset,
         "group_means": group_means,
         "mean_of_groups": sum(group_means.values()) / len(group_means) if group_means else None,
         "flat_mean": sum(per_dataset.values()) / len(per_dataset) if per_dataset else None,
     }
-    stages.write_json(spec.output / "results.json", results)
-    (spec.output / "results.md").write_text(results_markdown(results))
-    return results
+
+
+def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, Any]:
+    """The results table rebuilt from an MLflow store alone (its finished retrain runs)."""
+    from nas.tracking import Tracker  # sets MLflow's telemetry off before MLflow is used
+
+    client = Tracker.client_for(uri)
+    exps = [e for e in client.search_experiments() if e.name != "Default"]
+    if experiment is not None:
+        exps = [e for e in exps if e.name == experiment]
+    if len(exps) != 1:
+        names = ", ".join(e.name for e in client.search_experiments() if e.name != "Default")
+        raise NasError(f"{uri}: name the experiment with --experiment (found: {names or 'none'})")
+    runs = client.search_runs(
+        [exps[0].experiment_id],
+        "tags.`nas.stage` = 'retrain' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
+    rows = []
+    for run in runs:
+        t, m, p = run.data.tags, run.data.metrics, run.data.params
+        rows.append(
+            {
+                "dataset": t.get("nas.dataset"),
+                "seed": int(t.get("nas.seed", 0)),
+                "label": t.get("nas.label"),
+                "role": p.get("role"),
+                "group": t.get("nas.group"),
+                "subnet_str": p.get("subnet"),
+                "val_acc": m.get("val_acc"),
+                "test_acc": m.get("test_acc"),
+                "params": int(m.get("params", 0)),
+                "added_flops": int(m.get("added_flops", 0)),
+            }
+        )
+    return summarise(rows)
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -51,6 +51,7 @@ def _trainable(config: dict[str, Any]) -> None:
     from nas.pipeline import stages
 
     fn = {
+        "hparams": stages.run_hparams,
         "supernet": stages.run_supernet,
         "search": stages.run_search,
         "retrain": stages.run_retrain,
@@ -72,10 +73,15 @@ def _trainable(config: dict[str, Any]) -> None:
 def _progress_line(m: dict[str, Any]) -> str:
     head = f"[{m.get('stage')} {m.get('dataset')} seed {m.get('seed')}"
     head += f" {m['label']}]" if "label" in m else "]"
+    if m.get("stage") == "hparams":
+        return (
+            f"{head} lr {m['lr']:g} wd {m['weight_decay']:g} epoch {m['epoch']}/"
+            f"{m['epochs']}: val acc {m['val_acc']:.4f}"
+        )
     if m.get("stage") == "search":
         return (
             f"{head} round {m['round']}: {m['evaluated']}/{m['planned']} candidates, "
-            f"best val acc {m['best_val_acc']:.4f}"
+            f"best val acc {m['best_val_acc']:.4f}, ~{m['eta_s']:.0f} s left"
         )
     eta = f", ~{m['eta_s']:.0f} s left" if "eta_s" in m else ""
     return (
@@ -92,17 +98,19 @@ def run_stage(
     cpus: float,
     gpus: float,
     max_failures: int = 2,
-) -> None:
+    scheduler: Any = None,
+    name: str | None = None,
+) -> list[Any]:
     """Run the stage's work on every task, one Tune trial each; NasError if any failed."""
     if not tasks:
-        return
+        return []
     trainable = tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus})
     tuner = tune.Tuner(
         trainable,
         param_space={"stage": stage, "task": tune.grid_search(list(tasks))},
-        tune_config=tune.TuneConfig(reuse_actors=True),
+        tune_config=tune.TuneConfig(reuse_actors=True, scheduler=scheduler),
         run_config=tune.RunConfig(
-            name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
@@ -121,3 +129,4 @@ def run_stage(
             + "\n  ".join(lines)
             + f"\n(trial logs under {storage / stage})"
         )
+    return list(results)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,16 @@ def load_splits(
     return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
 
 
+def dataset_group(spec: ExperimentSpec, ds: DatasetSpec) -> str | None:
+    """The VTAB group (natural / specialized / structured) of a dataset, when known."""
+    from nas.data.catalog import vtab_group
+
+    manifest = dataset_root(spec, ds) / ds.name / "manifest.json"
+    if ds.format == "mini-vtab" and manifest.is_file():
+        return json.loads(manifest.read_text()).get("group")
+    return vtab_group(ds.name)
+
+
 def device_for(spec: ExperimentSpec) -> torch.device:
     return torch.device("cuda" if spec.gpus > 0 and torch.cuda.is_available() else "cpu")
 
@@ -112,6 +123,77 @@ def base_tags(spec: ExperimentSpec, stage: str, ds: DatasetSpec, seed: int) -> d
     return {"spec_hash": spec.hash(), "stage": stage, "dataset": ds.key, "seed": seed}
 
 
+# -- hparams ----------------------------------------------------------------------------------
+
+
+def hparams_dir(spec: ExperimentSpec, dataset: str, seed: int, method: str) -> Path:
+    return spec.output / "hparams" / run_key(dataset, seed) / method
+
+
+def tuned(spec: ExperimentSpec, dataset: str, seed: int, method: str) -> tuple[float, float]:
+    """(lr, weight decay) for a method: the hparams stage's winner when it ran, else the
+    stage's own settings ("supernet" covers the supernet and the searched subnets' retraining;
+    "baseline-NAME" a baseline's retraining)."""
+    done = hparams_dir(spec, dataset, seed, method) / "done.json"
+    if spec.hparams.enabled and done.is_file():
+        winner = read_json(done)
+        return float(winner["lr"]), float(winner["weight_decay"])
+    if method == "supernet":
+        return spec.supernet.lr, spec.supernet.weight_decay
+    return spec.retrain.lr, spec.retrain.weight_decay
+
+
+def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+    """One point of the sweep: train on the training split, score on validation every epoch
+    (the scheduler stops unpromising points early). The supernet is scored by the mean
+    accuracy of a fixed set of random subnets; a baseline by its own accuracy."""
+    spec, ds, seed = task_context(task)
+    method, lr, wd = task["method"], float(task["lr"]), float(task["weight_decay"])
+    device = device_for(spec)
+    data = load_splits(spec, ds, ("train", "val"))
+    classes = data["train"].num_classes
+    torch.manual_seed(seed)
+    h = spec.hparams
+    if method == "supernet":
+        model = PromptedViT.supernet(spec.space, classes, spec.backbone.create(classes))
+        rng = random.Random(seed)
+        scored = [spec.space.sample(rng) for _ in range(h.eval_subnets)]
+        sample = spec.space.sample
+    else:
+        subnet = spec.retrain.baselines[method.removeprefix("baseline-")]
+        model = PromptedViT.for_subnet(
+            spec.backbone.create(classes), subnet, spec.space.options(), spec.backbone
+        )
+        scored, sample = [subnet], None
+    model = model.to(device)
+    cfg = TrainConfig(
+        epochs=h.epochs, batch_size=h.batch_size, lr=lr, weight_decay=wd, warmup_epochs=0, seed=seed
+    )
+    mean, std = spec.backbone.normalisation()
+    last = {"val_acc": 0.0}
+
+    def on_epoch(epoch: int, metrics: dict[str, float], _get_state) -> None:
+        accs = evaluate_candidates(model, scored, data["val"], mean=mean, std=std)
+        last["val_acc"] = sum(accs) / len(accs)
+        report(
+            {
+                "stage": "hparams",
+                "dataset": ds.key,
+                "seed": seed,
+                "label": method,
+                "lr": lr,
+                "weight_decay": wd,
+                "epoch": epoch,
+                "epochs": h.epochs,
+                "val_acc": last["val_acc"],
+                **metrics,
+            }
+        )
+
+    train(model, data["train"], cfg, mean=mean, std=std, sample_subnet=sample, on_epoch=on_epoch)
+    return {"val_acc": last["val_acc"]}
+
+
 # -- supernet ---------------------------------------------------------------------------------
 
 
@@ -131,11 +213,12 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         spec.space, data.num_classes, spec.backbone.create(data.num_classes)
     ).to(device)
     st = spec.supernet
+    lr, wd = tuned(spec, ds.key, seed, "supernet")
     cfg = TrainConfig(
         epochs=st.epochs,
         batch_size=st.batch_size,
-        lr=st.lr,
-        weight_decay=st.weight_decay,
+        lr=lr,
+        weight_decay=wd,
         warmup_epochs=st.warmup_epochs,
         warmup_lr=st.warmup_lr,
         min_lr=st.min_lr,
@@ -258,6 +341,7 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
             {"round": e.round},
         )
     evaluated_now = 0
+    started = time.time()
     with open(log_path, "a") as log:
         while not algo.finished:
             batch = algo.ask()
@@ -300,6 +384,9 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
                     "evaluated": len(algo.history),
                     "planned": algo.planned,
                     "best_val_acc": best.score,
+                    "eta_s": (time.time() - started)
+                    / max(evaluated_now, 1)
+                    * max(algo.planned - len(algo.history), 0),
                 }
             )
     logger.close()
@@ -383,11 +470,13 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         spec.backbone.create(num_classes).to(device), subnet, spec.space.options(), spec.backbone
     )
     r = spec.retrain
+    method = label if task["role"] == "baseline" else "supernet"
+    lr, wd = tuned(spec, ds.key, seed, method)
     cfg = TrainConfig(
         epochs=r.epochs,
         batch_size=r.batch_size,
-        lr=r.lr,
-        weight_decay=r.weight_decay,
+        lr=lr,
+        weight_decay=wd,
         warmup_epochs=r.warmup_epochs,
         warmup_lr=r.warmup_lr,
         min_lr=r.min_lr,
@@ -400,7 +489,8 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
     tracker = tracker_for(spec)
     g = spec.space.geometry
-    tags = {**base_tags(spec, "retrain", ds, seed), "label": label}
+    group = dataset_group(spec, ds)
+    tags = {**base_tags(spec, "retrain", ds, seed), "label": label, "group": group or ""}
     run_id = tracker.run(
         f"retrain {ds.key} seed {seed} {label}",
         tags,
@@ -438,6 +528,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "dataset": ds.key,
         "seed": seed,
         "label": label,
+        "group": group,
         "role": task["role"],
         "subnet": subnet.to_data(),
         "subnet_str": str(subnet),
@@ -449,10 +540,10 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "mlflow_run_id": run_id,
         "node": task.get("node"),
     }
-    tracker.log_metrics(
-        run_id,
-        {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]},
-    )
+    final = {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]}
+    if task.get("val_acc") is not None:
+        final["val_acc"] = task["val_acc"]
+    tracker.log_metrics(run_id, final)
     tracker.log_artifact(run_id, out / "model", "model")
     write_json(out / "done.json", result)
     tracker.finish(run_id)
