@@ -38,6 +38,7 @@ from nas.space import Bounds, Budget, SearchSpace, _parse_bounds, load_space
 from nas.subnet import Subnet
 from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
+from trainers.train import TrainConfig
 
 FORMATS = ("mini-vtab", "vtab", "few-shot", "imagefolder")
 
@@ -75,7 +76,9 @@ class HparamsStage:
 
 
 @dataclass(frozen=True)
-class SupernetStage:
+class TrainingStage:
+    """What a training stage sets; NOAH's defaults for the supernet, overridden per stage."""
+
     epochs: int = 500
     batch_size: int = 64
     lr: float = 5e-4
@@ -86,6 +89,26 @@ class SupernetStage:
     label_smoothing: float = 0.0
     crop_pad: int = 0
     hflip: bool = False
+
+    def train_config(self, *, lr: float, weight_decay: float, seed: int) -> TrainConfig:
+        """The training loop's settings, with the (possibly tuned) lr and weight decay."""
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            min_lr=self.min_lr,
+            label_smoothing=self.label_smoothing,
+            crop_pad=self.crop_pad,
+            hflip=self.hflip,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class SupernetStage(TrainingStage):
     checkpoint_every: int = 10
 
 
@@ -99,18 +122,10 @@ class SearchStage:
 
 
 @dataclass(frozen=True)
-class RetrainStage:
-    top_k: int = 1
+class RetrainStage(TrainingStage):
     epochs: int = 100
-    batch_size: int = 64
     lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 10
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    label_smoothing: float = 0.0
-    crop_pad: int = 0
-    hflip: bool = False
+    top_k: int = 1
     baselines: dict[str, Subnet] = field(default_factory=dict)
 
 

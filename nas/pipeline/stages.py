@@ -214,19 +214,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
     ).to(device)
     st = spec.supernet
     lr, wd = tuned(spec, ds.key, seed, "supernet")
-    cfg = TrainConfig(
-        epochs=st.epochs,
-        batch_size=st.batch_size,
-        lr=lr,
-        weight_decay=wd,
-        warmup_epochs=st.warmup_epochs,
-        warmup_lr=st.warmup_lr,
-        min_lr=st.min_lr,
-        label_smoothing=st.label_smoothing,
-        crop_pad=st.crop_pad,
-        hflip=st.hflip,
-        seed=seed,
-    )
+    cfg = st.train_config(lr=lr, weight_decay=wd, seed=seed)
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
     tracker = tracker_for(spec)
@@ -472,19 +460,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     r = spec.retrain
     method = label if task["role"] == "baseline" else "supernet"
     lr, wd = tuned(spec, ds.key, seed, method)
-    cfg = TrainConfig(
-        epochs=r.epochs,
-        batch_size=r.batch_size,
-        lr=lr,
-        weight_decay=wd,
-        warmup_epochs=r.warmup_epochs,
-        warmup_lr=r.warmup_lr,
-        min_lr=r.min_lr,
-        label_smoothing=r.label_smoothing,
-        crop_pad=r.crop_pad,
-        hflip=r.hflip,
-        seed=seed,
-    )
+    cfg = r.train_config(lr=lr, weight_decay=wd, seed=seed)
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
     tracker = tracker_for(spec)
