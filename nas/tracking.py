@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +195,3 @@ def subnet_params_flat(subnet_data: Mapping[str, Any] | None) -> dict[str, Any]:
             out[f"{kind}.depth"] = value.get("depth", 0)
             out[f"{kind}.dims"] = ",".join(map(str, value.get("dims", [])))
     return out
-
-
-def batched(items: Sequence[Any], size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

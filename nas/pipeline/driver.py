@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nas.data.hashing import file_sha256
 from nas.errors import NasError
 from nas.pipeline import stages
 from nas.pipeline.ray_layer import run_stage, start_ray
 from nas.spec import ExperimentSpec, load_spec
-from nas.yamlio import to_plain
 
 PACKAGES = ("torch", "timm", "ray", "optuna", "mlflow", "numpy", "safetensors", "nas-prompt")
 
@@ -100,26 +98,31 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
 
 
 def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
-    """Write the mini-VTAB tasks the spec uses (once) and return the data's content hashes."""
+    """The content hashes of the mini-VTAB tasks the spec uses. A task under a user's ``root``
+    must have been written by ``nas data prepare`` (its manifest.json is read, nothing there is
+    touched); without ``root`` the task is prepared once under the output folder."""
     from nas.data.mini_vtab import prepare
 
     hashes: dict[str, Any] = {}
-    mini = [d for d in spec.datasets if d.format == "mini-vtab"]
-    for ds in mini:
+    for ds in (d for d in spec.datasets if d.format == "mini-vtab"):
         root = stages.dataset_root(spec, ds)
-        manifest_path = root / ds.name / "manifest.json"
-        if not manifest_path.is_file():
+        entry = stages.mini_vtab_entry(spec, ds)
+        if entry is None and ds.root is not None:
+            raise NasError(
+                f"{root / ds.name}: not a prepared mini-VTAB task; run `nas data prepare "
+                f"mini-vtab --out {root} --tasks {ds.name}`, or leave out 'root' to have it "
+                "prepared under the output folder"
+            )
+        if entry is None:
             print(f"preparing mini-VTAB task {ds.name} in {root}", flush=True)
-            manifest = prepare(root / ".staging" / ds.name, (ds.name,), log=lambda *_: None)
-            staged = root / ".staging" / ds.name
-            (staged / ds.name).rename(root / ds.name) if not (root / ds.name).exists() else None
-            stages.write_json(manifest_path, manifest["tasks"][ds.name])
-            import shutil
-
-            shutil.rmtree(staged, ignore_errors=True)
-        hashes[ds.key] = {
-            s: v["sha256"] for s, v in json.loads(manifest_path.read_text())["splits"].items()
-        }
+            staging = root / ".staging"
+            manifest = prepare(staging / ds.name, (ds.name,), log=lambda *_: None)
+            shutil.rmtree(root / ds.name, ignore_errors=True)  # left by an interrupted run
+            (staging / ds.name / ds.name).rename(root / ds.name)
+            shutil.rmtree(staging, ignore_errors=True)
+            entry = manifest["tasks"][ds.name]
+            stages.write_json(root / ds.name / "manifest.json", entry)
+        hashes[ds.key] = {split: v["sha256"] for split, v in entry["splits"].items()}
     return hashes
 
 
@@ -437,7 +440,3 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- mean of group means: {results['mean_of_groups']:.4f}")
         lines.append(f"- flat mean over datasets: {results['flat_mean']:.4f}")
     return "\n".join(lines) + "\n"
-
-
-def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(to_plain(data), sort_keys=False)

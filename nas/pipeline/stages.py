@@ -88,13 +88,25 @@ def load_splits(
     return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
 
 
+def mini_vtab_entry(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Any] | None:
+    """A prepared mini-VTAB task's manifest entry: ``<root>/<task>/manifest.json`` (prepared by
+    the pipeline) or the task's part of ``<root>/manifest.json`` (``nas data prepare``)."""
+    root = dataset_root(spec, ds)
+    own, shared = root / ds.name / "manifest.json", root / "manifest.json"
+    if own.is_file():
+        return read_json(own)
+    if shared.is_file():
+        return read_json(shared).get("tasks", {}).get(ds.name)
+    return None
+
+
 def dataset_group(spec: ExperimentSpec, ds: DatasetSpec) -> str | None:
     """The VTAB group (natural / specialized / structured) of a dataset, when known."""
     from nas.data.catalog import vtab_group
 
-    manifest = dataset_root(spec, ds) / ds.name / "manifest.json"
-    if ds.format == "mini-vtab" and manifest.is_file():
-        return json.loads(manifest.read_text()).get("group")
+    if ds.format == "mini-vtab":
+        entry = mini_vtab_entry(spec, ds)
+        return entry.get("group") if entry else None
     return vtab_group(ds.name)
 
 
