@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -243,8 +244,10 @@ def test_added_flops_equal_torch_flop_counter(variant):
     x = images(variant, 1)
 
     def counted(m):
+        # The math kernel: torch's counter does not see every fused attention kernel (the
+        # CPU flash kernel is uncounted in torch 2.14), and the FLOPs are the same.
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+        with sdpa_kernel([SDPBackend.MATH]), counter, torch.no_grad():
             m(x)
         return counter.get_total_flops()
 
