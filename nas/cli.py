@@ -224,7 +224,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from nas.pipeline.driver import results_markdown, run_experiment
 
-    results = run_experiment(args.spec, output=args.output, new=args.new)
+    try:
+        results = run_experiment(args.spec, output=args.output, new=args.new)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM (`ray job stop`)
+        print("nas: stopped; run the same command again to continue", file=sys.stderr)
+        return 130
     print(results_markdown(results))
     return 0
 

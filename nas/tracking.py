@@ -115,6 +115,19 @@ class Tracker:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(run_id, status)
 
+    def stop_running(self, tags: Mapping[str, Any]) -> int:
+        """Mark the runs with these tags that are still RUNNING as KILLED (an interrupted
+        pipeline); a rerun reopens them. Returns how many were marked."""
+        clauses = [f"tags.`{TAG}{k}` = {_quote(v)}" for k, v in tags.items()]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            " and ".join([*clauses, "attributes.status = 'RUNNING'"]),
+            max_results=5000,
+        )
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        return len(runs)
+
     def child_keys(self, parent: str, key_tag: str = "candidate") -> set[str]:
         """The ``nas.<key_tag>`` tags of the parent's child runs (paged through)."""
         keys: set[str] = set()

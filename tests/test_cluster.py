@@ -60,10 +60,10 @@ def kill_matching(text: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def ray_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+def ray_cli(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
     ray_bin = str(Path(sys.executable).parent / "ray")
     return subprocess.run(
-        [ray_bin, *args], env=env, capture_output=True, text=True, timeout=180, check=False
+        [ray_bin, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -194,10 +194,12 @@ def test_two_node_cluster(tmp_path, mlflow_server):
     }
 
 
-def test_ray_job_submit(tmp_path):
+def test_ray_job_submit_stop_and_resubmit(tmp_path):
+    """`ray job submit` of a spec to a `ray start --head` cluster; `ray job stop` mid-supernet
+    (SIGTERM) stops it cleanly, and submitting the same command again finishes the run with
+    exactly the MLflow runs of an uninterrupted one."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     port, dash = free_port(), free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, **ENV}
     start = ray_cli(
         "start",
@@ -212,37 +214,46 @@ def test_ray_job_submit(tmp_path):
         "--disable-usage-stats",
         env=env,
     )
-    try:
-        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
-        out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
-        job = None
+    out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
+    address = f"--address=http://127.0.0.1:{dash}"
+    command = ["--", sys.executable, "-m", "nas", "run", "tests/specs/small.yaml"]
+    command += ["--output", str(out)]
+
+    def submit(*flags: str) -> subprocess.CompletedProcess:
         deadline = time.time() + 120
         while True:  # the job agent comes up a little after `ray start` returns
-            job = subprocess.run(
-                [
-                    ray_bin,
-                    "job",
-                    "submit",
-                    f"--address=http://127.0.0.1:{dash}",
-                    f"--working-dir={REPO}",
-                    "--",
-                    sys.executable,
-                    "-m",
-                    "nas",
-                    "run",
-                    "tests/specs/small.yaml",
-                    "--output",
-                    str(out),
-                ],
+            job = ray_cli(
+                "job",
+                "submit",
+                address,
+                f"--working-dir={REPO}",
+                *flags,
+                *command,
                 env=env,
-                capture_output=True,
-                text=True,
                 timeout=900,
-                check=False,
             )
             if "No available agent" not in job.stderr or time.time() > deadline:
-                break
+                return job
             time.sleep(3)
+
+    try:
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        first = submit("--no-wait", "--submission-id=first")
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        deadline = time.time() + 300
+        while not list((out / "supernet").glob("*/state.pt")):  # mid-supernet
+            assert time.time() < deadline, ray_cli("job", "logs", address, "first", env=env).stdout
+            time.sleep(0.5)
+        stop = ray_cli("job", "stop", address, "first", env=env)
+        assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+        logs = ray_cli("job", "logs", address, "first", env=env).stdout
+        assert "nas: stopped; run the same command again to continue" in logs, logs[-3000:]
+        assert not (out / "results.json").exists()
+        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+        stopped = client.search_runs([client.get_experiment_by_name("small").experiment_id])
+        assert stopped and {r.info.status for r in stopped} == {"KILLED"}
+
+        job = submit()
         assert job.returncode == 0 and "succeeded" in job.stdout, (
             job.stdout[-4000:] + job.stderr[-2000:]
         )
@@ -254,3 +265,9 @@ def test_ray_job_submit(tmp_path):
     # The job ran the uploaded copy of the code, not this checkout.
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["spec"]["name"] == "small"
+    # Continued, not duplicated: per task one supernet, one search with 12 candidates, one
+    # retrain run, all finished.
+    runs = client.search_runs([client.get_experiment_by_name("small").experiment_id])
+    stages = [r.data.tags["nas.stage"] for r in runs]
+    assert len(runs) == 2 * (1 + 1 + 12 + 1) and stages.count("supernet") == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}

@@ -322,3 +322,30 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     assert float(run_of("retrain", "rank1").data.params["lr"]) == winners["supernet"]
     assert float(run_of("retrain", "baseline-lora4").data.params["lr"]) == winners["baseline-lora4"]
     assert run_of("hparams", "supernet").data.params["chosen_lr"] == str(winners["supernet"])
+
+
+def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_data):
+    """A learning rate that makes the loss NaN: the supernet trial fails on every retry, and
+    the run stops with one message naming the dataset, the seed and the error."""
+    spec = {
+        "name": "nan",
+        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
+        "backbone": "vit_fmnist",
+        "space": "tiny_cpu",
+        "stages": {
+            "supernet": {"epochs": 1, "lr": 1.0e30, "warmup_epochs": 0},
+            "search": {"algorithm": "random", "options": {"num_candidates": 2}},
+            "retrain": {"epochs": 1, "warmup_epochs": 0},
+        },
+    }
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc, tmpdir = start(path, tmp_path / "out", mini_vtab_data)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        stop(proc, tmpdir)
+    assert proc.returncode == 2, out[-3000:]
+    assert "nas: error: supernet: 1 trial(s) failed after 2 retries:" in out
+    assert "digits seed 0: FloatingPointError: loss is nan" in out
+    assert not (tmp_path / "out" / "supernet" / "digits-seed0" / "done.json").exists()

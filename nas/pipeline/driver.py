@@ -4,11 +4,16 @@ finished trials are skipped (their ``done.json``), unfinished ones resume from t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -149,38 +154,68 @@ def run_experiment(
 
     started = start_ray(spec.ray_address)
     try:
-        base = {**spec_reference(spec), "output": str(spec.output)}
-        check_cluster(spec)
-        pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
-        storage = spec.output / "ray"
-        if spec.hparams.enabled:
-            run_hparams_stage(spec, base, pairs, storage)
-        searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
-        for stage, dir_of in searched if spec.search.enabled else ():
-            todo = [
-                {**base, "dataset": ds.key, "seed": seed}
-                for ds, seed in pairs
-                if not (dir_of(spec, ds.key, seed) / "done.json").is_file()
-            ]
-            print(f"== {stage}: {len(todo)} of {len(pairs)} trials to run", flush=True)
-            run_stage(stage, todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
-        tasks = retrain_tasks(spec, base, pairs)
-        todo = [
-            t
-            for t in tasks
-            if not (
-                stages.retrain_dir(spec, t["dataset"], t["seed"], t["label"]) / "done.json"
-            ).is_file()
-        ]
-        print(f"== retrain: {len(todo)} of {len(tasks)} trials to run", flush=True)
-        run_stage("retrain", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+        with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
+            run_stages(spec)
+    except KeyboardInterrupt:
+        stages.tracker_for(spec).stop_running({"spec_hash": spec.hash()})
+        raise
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    results = collect_results(spec)
-    return results
+    return collect_results(spec)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Ctrl-C, SIGTERM (`ray job stop`, a scheduler's pre-emption) and SIGINT all stop the
+    run the same way: a KeyboardInterrupt in the driver, trials end with it, and the files
+    the stages wrote are the state a rerun continues from. Tune's own SIGINT handler (which
+    would end ``Tuner.fit`` as if the trials had finished) is switched off."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_stages(spec: ExperimentSpec) -> None:
+    """hparams (when enabled) -> supernet -> search -> retrain, each stage's unfinished
+    trials through Ray Tune."""
+    base = {**spec_reference(spec), "output": str(spec.output)}
+    check_cluster(spec)
+    pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
+    storage = spec.output / "ray"
+    if spec.hparams.enabled:
+        run_hparams_stage(spec, base, pairs, storage)
+    searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
+    for stage, dir_of in searched if spec.search.enabled else ():
+        todo = [
+            {**base, "dataset": ds.key, "seed": seed}
+            for ds, seed in pairs
+            if not (dir_of(spec, ds.key, seed) / "done.json").is_file()
+        ]
+        print(f"== {stage}: {len(todo)} of {len(pairs)} trials to run", flush=True)
+        run_stage(stage, todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+    tasks = retrain_tasks(spec, base, pairs)
+    todo = [
+        t
+        for t in tasks
+        if not (
+            stages.retrain_dir(spec, t["dataset"], t["seed"], t["label"]) / "done.json"
+        ).is_file()
+    ]
+    print(f"== retrain: {len(todo)} of {len(tasks)} trials to run", flush=True)
+    run_stage("retrain", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
 
 
 def spec_reference(spec: ExperimentSpec) -> dict[str, str | None]:

@@ -129,4 +129,11 @@ def run_stage(
             + "\n  ".join(lines)
             + f"\n(trial logs under {storage / stage})"
         )
+    if scheduler is None:  # a scheduler (ASHA) may stop trials early on purpose
+        unfinished = [r for r in results if r.error is None and not r.metrics.get("finished")]
+        if unfinished:
+            raise NasError(
+                f"{stage}: {len(unfinished)} trial(s) ended before finishing, without an error "
+                "(stopped from outside?); run the same command again to continue them"
+            )
     return list(results)
