@@ -236,7 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nas.pipeline.driver import results_from_mlflow, results_markdown
+    from nas.pipeline.driver import methods_markdown, results_from_mlflow, results_markdown
 
     source = args.source
     if "://" in source or source.startswith("sqlite:"):
@@ -246,7 +246,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise NasError(f"{path}: no results yet (has `nas run` finished in {source}?)")
         results = json.loads(path.read_text())
-    text = results_markdown(results)
+    text = methods_markdown(results) if args.by_method else results_markdown(results)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("source", help="a run's output folder, or an MLflow tracking URI")
     report.add_argument("--experiment", help="the MLflow experiment (with a URI)")
     report.add_argument("--markdown", help="also write the table to this file")
+    report.add_argument(
+        "--by-method",
+        action="store_true",
+        help="methods side by side (mean ± std over seeds, group means, costs)",
+    )
     report.set_defaults(func=cmd_report)
 
     space = commands.add_parser("space", help="inspect and validate search spaces")

@@ -67,17 +67,19 @@ class PromptedViT(nn.Module):
         backbone: nn.Module,
         modules: Mapping[str, PromptModule],
         backbone_spec: BackboneSpec | None = None,
+        full_finetune: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.backbone_spec = backbone_spec
+        self.full_finetune = full_finetune
         self.prompt_modules = nn.ModuleDict(dict(modules))
         # Modules live where the backbone does (a backbone already moved to a GPU, say).
         reference = next(backbone.parameters())
         self.prompt_modules.to(device=reference.device, dtype=reference.dtype)
         self.tower = TimmViTTower(backbone, injector=self)
         self.geometry: TowerGeometry = geometry_of(backbone)
-        self.backbone.requires_grad_(False)
+        self.backbone.requires_grad_(full_finetune)
         for head in self.tower.head_modules():
             head.requires_grad_(True)
         self._by_site = {
@@ -112,15 +114,18 @@ class PromptedViT(nn.Module):
         subnet: Subnet,
         options: Mapping[str, Mapping[str, float]] | None = None,
         backbone_spec: BackboneSpec | None = None,
+        *,
+        full_finetune: bool = False,
     ) -> PromptedViT:
-        """A standalone model with modules allocated at exactly ``subnet``'s sizes."""
+        """A standalone model with modules allocated at exactly ``subnet``'s sizes; with
+        ``full_finetune`` every backbone weight trains too (the full fine-tuning baseline)."""
         g = geometry_of(backbone)
         options = options or {}
         modules = {
             kind: module_class(kind)(g, choice, options.get(kind, {}))
             for kind, choice in subnet.items()
         }
-        model = cls(backbone, modules, backbone_spec)
+        model = cls(backbone, modules, backbone_spec, full_finetune)
         model.set_subnet(subnet)
         return model
 
@@ -166,9 +171,12 @@ class PromptedViT(nn.Module):
         return {n: p.detach() for n, p in self.named_parameters() if id(p) in names}
 
     def num_params(self, num_classes: int | None = None) -> dict[str, int]:
-        """Trainable parameters of the active subnet: modules, head, and their total."""
+        """Trainable parameters of the active subnet: modules (with full fine-tuning, every
+        backbone weight but the head), head, and their total."""
         modules = subnet_params(self.subnet, self.geometry)
         head = sum(p.numel() for h in self.tower.head_modules() for p in h.parameters())
+        if self.full_finetune:
+            modules += sum(p.numel() for p in self.backbone.parameters()) - head
         if num_classes is not None:
             head = head_params(self.geometry, num_classes)
         return {"modules": modules, "head": head, "total": modules + head}
@@ -190,7 +198,7 @@ class PromptedViT(nn.Module):
         modules = {
             kind: self.prompt_modules[kind].export(choice) for kind, choice in subnet.items()
         }
-        model = PromptedViT(backbone, modules, self.backbone_spec)
+        model = PromptedViT(backbone, modules, self.backbone_spec, self.full_finetune)
         model.set_subnet(subnet)
         model.train(self.training)
         if merge_lora:
@@ -225,7 +233,9 @@ class PromptedViT(nn.Module):
             "options": {k: dict(m.config) for k, m in model.prompt_modules.items()},
             "num_classes": int(model.backbone.num_classes),
             "backbone": model.backbone_spec.to_dict() if model.backbone_spec else None,
-            "backbone_sha256": backbone_hash(model.backbone),
+            # Fully fine-tuned weights are all saved: no pretrained backbone to check against.
+            "backbone_sha256": None if model.full_finetune else backbone_hash(model.backbone),
+            "full_finetune": model.full_finetune,
             "trainable_params": model.num_params(),
             "added_flops": model.added_flops(),
         }
@@ -298,7 +308,13 @@ class PromptedViT(nn.Module):
                 f"{meta_path}: the backbone's frozen weights differ from the ones these prompt "
                 "weights were trained on (sha256 mismatch); load onto the same pretrained backbone"
             )
-        model = cls.for_subnet(backbone, subnet, meta.get("options") or {}, spec)
+        model = cls.for_subnet(
+            backbone,
+            subnet,
+            meta.get("options") or {},
+            spec,
+            full_finetune=bool(meta.get("full_finetune", False)),
+        )
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:

@@ -41,6 +41,9 @@ from nas.yamlio import Document, load_yaml, to_plain
 from trainers.train import TrainConfig
 
 FORMATS = ("mini-vtab", "vtab", "few-shot", "imagefolder")
+# Baselines that are not subnets: the head alone on the frozen backbone (the same as an empty
+# subnet), and full fine-tuning (every backbone weight trains, with the head).
+LINEAR_PROBE, FULL_FINETUNE = "linear-probe", "full-finetune"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ class RetrainStage(TrainingStage):
     lr: float = 1e-3
     top_k: int = 1
     baselines: dict[str, Subnet] = field(default_factory=dict)
+    # Baselines that train the whole backbone too (full fine-tuning; their subnet is empty).
+    full_finetune: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,8 +169,15 @@ class ExperimentSpec:
                 "supernet": asdict(self.supernet),
                 "search": asdict(self.search),
                 "retrain": {
-                    **asdict(replace(self.retrain, baselines={})),
-                    "baselines": {k: v.to_data() for k, v in self.retrain.baselines.items()},
+                    **{
+                        k: v
+                        for k, v in asdict(replace(self.retrain, baselines={})).items()
+                        if k != "full_finetune"
+                    },
+                    "baselines": {
+                        k: FULL_FINETUNE if k in self.retrain.full_finetune else v.to_data()
+                        for k, v in self.retrain.baselines.items()
+                    },
                 },
             }
         )
@@ -175,9 +187,18 @@ class ExperimentSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _stage(reader: Reader, value: Any, key: str, cls, extra: dict | None = None):
+def _stage(
+    reader: Reader,
+    value: Any,
+    key: str,
+    cls,
+    extra: dict | None = None,
+    internal: tuple[str, ...] = (),
+):
+    """A stage's settings; ``extra`` keys are parsed by the caller, ``internal`` fields are
+    not written in YAML at all."""
     defaults = cls()
-    names = [f for f in asdict(defaults) if f not in (extra or {})]
+    names = [f for f in asdict(defaults) if f not in (extra or {}) and f not in internal]
     data = reader.mapping(value or {}, key, optional=names + list(extra or {}))
     out = {}
     for name in names:
@@ -365,12 +386,28 @@ def parse_spec(
     if search.cost not in ("params", "flops"):
         r.fail("stages.search.cost", f"{search.cost!r} is not one of: params, flops")
     retrain, raw = _stage(
-        r, stages.get("retrain"), "stages.retrain", RetrainStage, extra={"baselines": None}
+        r,
+        stages.get("retrain"),
+        "stages.retrain",
+        RetrainStage,
+        extra={"baselines": None},
+        internal=("full_finetune",),
     )
-    baselines = {}
+    baselines, full = {}, []
     for bname, value in (
         r.mapping(raw.get("baselines") or {}, "stages.retrain.baselines", open_keys=True)
     ).items():
+        if isinstance(value, str):
+            if value not in (LINEAR_PROBE, FULL_FINETUNE):
+                r.fail(
+                    f"stages.retrain.baselines.{bname}",
+                    f"{value!r} is not a subnet; expected a subnet mapping, "
+                    f"{LINEAR_PROBE!r} or {FULL_FINETUNE!r}",
+                )
+            baselines[bname] = Subnet()
+            if value == FULL_FINETUNE:
+                full.append(bname)
+            continue
         subnet = Subnet.from_data(value, doc, f"stages.retrain.baselines.{bname}")
         unknown = [kind for kind in subnet if kind not in space.modules]
         if unknown:
@@ -379,7 +416,7 @@ def parse_spec(
                 f"uses {unknown}, which the space does not hold",
             )
         baselines[bname] = subnet
-    retrain = replace(retrain, baselines=baselines)
+    retrain = replace(retrain, baselines=baselines, full_finetune=tuple(full))
 
     return ExperimentSpec(
         name=name,

@@ -91,3 +91,23 @@ def test_saved_record_of_a_pretrained_backbone_rebuilds_it(tmp_path):
     folder = model.save(tmp_path / "m")
     loaded = PromptedViT.load(folder)  # backbone built from the record, hash checked
     assert loaded.backbone_spec == spec
+
+
+def test_full_finetune_saves_and_reloads_every_weight(tmp_path):
+    spec = VARIANTS["cls-token"]
+    model = PromptedViT.for_subnet(spec.create(5), Subnet(), full_finetune=True).eval()
+    backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    head = model.num_params()["head"]
+    assert model.num_params()["modules"] == backbone_params - head
+    assert sum(p.numel() for p in model.trainable_parameters()) == backbone_params
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "fine-tuned"
+    folder = model.save(tmp_path / "full")
+    assert len(load_file(str(folder / WEIGHTS_FILE))) == len(list(model.backbone.parameters()))
+    # Onto a backbone with other (pretrained) weights: every weight comes from the file.
+    loaded = PromptedViT.load(folder, spec.create(5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.full_finetune

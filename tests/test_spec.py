@@ -11,10 +11,13 @@ import yaml
 from nas.errors import ConfigError, NasError
 from nas.pipeline.driver import run_experiment
 from nas.spec import load_spec
+from nas.subnet import Subnet
 from tests.conftest import REPO
 from trainers.pretrain import load_config
 
-SPECS = sorted((REPO / "experiments").glob("*.yaml"))
+SPECS = sorted(
+    [*(REPO / "experiments").glob("*.yaml"), *(REPO / "benchmarks" / "specs").glob("*.yaml")]
+)
 
 
 def test_every_shipped_spec_validates():
@@ -83,6 +86,14 @@ BAD = [
         r"stages\.retrain\.baselines\.b\.pgn: unknown key",
     ),
     (
+        {"stages": {"retrain": {"baselines": {"b": "full-fine-tuning"}}}},
+        r"stages\.retrain\.baselines\.b: 'full-fine-tuning' is not a subnet; expected a subnet mapping, 'linear-probe' or 'full-finetune'",
+    ),
+    (
+        {"stages": {"retrain": {"full_finetune": ["b"]}}},
+        r"stages\.retrain\.full_finetune: unknown key",
+    ),
+    (
         {"budget": {"params": {"max": 1}}, "space": "lora_only", "backbone": None},
         r"budget: no subnet of the space meets this budget",
     ),
@@ -115,3 +126,21 @@ def test_gpus_on_a_machine_without_one(tmp_path: Path):
     )
     with pytest.raises(NasError, match=r"resources\.gpus is 0\.5 but this machine has no GPU"):
         run_experiment(path)
+
+
+def test_linear_probe_and_full_finetune_baselines(tmp_path: Path):
+    path = tmp_path / "spec.yaml"
+    baselines = {"linear": "linear-probe", "full": "full-finetune", "lora": {"lora": [2, 2]}}
+    path.write_text(yaml.safe_dump({**BASE, "stages": {"retrain": {"baselines": baselines}}}))
+    spec = load_spec(path)
+    assert spec.retrain.baselines == {
+        "linear": Subnet(),
+        "full": Subnet(),
+        "lora": Subnet({"lora": [2, 2]}),
+    }
+    assert spec.retrain.full_finetune == ("full",)
+    assert spec.to_data()["retrain"]["baselines"]["full"] == "full-finetune"
+    # Recorded as given: full fine-tuning and a linear probe are different specs.
+    baselines["full"] = "linear-probe"
+    path.write_text(yaml.safe_dump({**BASE, "stages": {"retrain": {"baselines": baselines}}}))
+    assert load_spec(path).hash() != spec.hash()

@@ -193,10 +193,12 @@ def run_stages(spec: ExperimentSpec) -> None:
     trials through Ray Tune."""
     base = {**spec_reference(spec), "output": str(spec.output)}
     check_cluster(spec)
+    timings = StageTimer(spec.output / "timings.json")
     pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
     storage = spec.output / "ray"
     if spec.hparams.enabled:
-        run_hparams_stage(spec, base, pairs, storage)
+        with timings("hparams"):
+            run_hparams_stage(spec, base, pairs, storage)
     searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
     for stage, dir_of in searched if spec.search.enabled else ():
         todo = [
@@ -205,7 +207,8 @@ def run_stages(spec: ExperimentSpec) -> None:
             if not (dir_of(spec, ds.key, seed) / "done.json").is_file()
         ]
         print(f"== {stage}: {len(todo)} of {len(pairs)} trials to run", flush=True)
-        run_stage(stage, todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+        with timings(stage):
+            run_stage(stage, todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
     tasks = retrain_tasks(spec, base, pairs)
     todo = [
         t
@@ -215,7 +218,30 @@ def run_stages(spec: ExperimentSpec) -> None:
         ).is_file()
     ]
     print(f"== retrain: {len(todo)} of {len(tasks)} trials to run", flush=True)
-    run_stage("retrain", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+    with timings("retrain"):
+        run_stage("retrain", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+
+
+class StageTimer:
+    """Wall time of each stage, appended per invocation of ``nas run`` to ``timings.json``
+    (a resumed run adds an entry; stages it skipped take a fraction of a second)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entry: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": {}}
+        self.history = json.loads(path.read_text()) if path.is_file() else []
+        self.history.append(self.entry)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.entry["stages"][stage] = round(seconds, 2)
+            stages.write_json(self.path, self.history)
+            print(f"== {stage}: {seconds:.1f} s", flush=True)
 
 
 def spec_reference(spec: ExperimentSpec) -> dict[str, str | None]:
@@ -373,6 +399,7 @@ def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dic
                     "label": f"baseline-{name}",
                     "role": "baseline",
                     "subnet": subnet.to_data(),
+                    "full_finetune": name in spec.retrain.full_finetune,
                     "val_acc": None,
                 }
             )
@@ -474,4 +501,84 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results["mean_of_groups"] is not None:
         lines.append(f"- mean of group means: {results['mean_of_groups']:.4f}")
         lines.append(f"- flat mean over datasets: {results['flat_mean']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def method_of(row: dict[str, Any]) -> str | None:
+    """The method a retrained row stands for: the search's reported subnet ("searched") or a
+    baseline by name; other retrained candidates stand for none (they are never reported)."""
+    if row["role"] == "searched":
+        return "searched"
+    if row["role"] == "baseline":
+        return str(row["label"]).removeprefix("baseline-")
+    return None
+
+
+def methods_markdown(results: dict[str, Any]) -> str:
+    """Methods side by side: per dataset the test accuracy's mean ± standard deviation over
+    seeds, then VTAB-style group means, their mean and the flat mean, and each method's
+    trainable parameters (modules, head excluded) and added FLOPs, averaged over datasets."""
+    import statistics
+
+    cells: dict[tuple[str, str], list[float]] = {}
+    cost: dict[str, list[tuple[int, int]]] = {}
+    groups: dict[str, str] = {}
+    for r in results["rows"]:
+        method = method_of(r)
+        if method is None:
+            continue
+        cells.setdefault((r["dataset"], method), []).append(r["test_acc"])
+        cost.setdefault(method, []).append((r["params"], r["added_flops"]))
+        if r.get("group"):
+            groups[r["dataset"]] = r["group"]
+    methods = sorted(cost, key=lambda m: (m != "searched", m))
+    datasets = sorted({d for d, _ in cells}, key=lambda d: (groups.get(d, "~"), d))
+
+    def fmt(values: list[float]) -> str:
+        if not values:
+            return "—"
+        mean = 100 * statistics.mean(values)
+        if len(values) == 1:
+            return f"{mean:.1f}"
+        return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+    lines = [
+        "| dataset | group | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for d in datasets:
+        row = [fmt(cells.get((d, m), [])) for m in methods]
+        lines.append(f"| {d} | {groups.get(d, '')} | " + " | ".join(row) + " |")
+
+    def per_dataset(m: str) -> dict[str, float]:
+        return {d: statistics.mean(v) for (d, mm), v in cells.items() if mm == m}
+
+    summary: dict[str, list[str]] = {}
+    for m in methods:
+        accs = per_dataset(m)
+        by_group: dict[str, list[float]] = {}
+        for d, acc in accs.items():
+            if d in groups:
+                by_group.setdefault(groups[d], []).append(acc)
+        means = {g: statistics.mean(v) for g, v in by_group.items()}
+        for g in sorted({*groups.values()}):
+            summary.setdefault(f"group {g}", []).append(
+                f"{100 * means[g]:.1f}" if g in means else "—"
+            )
+        summary.setdefault("mean of group means", []).append(
+            f"{100 * statistics.mean(means.values()):.1f}" if means else "—"
+        )
+        summary.setdefault("flat mean", []).append(f"{100 * statistics.mean(accs.values()):.1f}")
+        params = statistics.mean(p for p, _ in cost[m])
+        flops = statistics.mean(f for _, f in cost[m])
+        summary.setdefault("trainable params (mean)", []).append(f"{params:,.0f}")
+        summary.setdefault("added MFLOPs (mean)", []).append(f"{flops / 1e6:,.2f}")
+    for name, values in summary.items():
+        lines.append(f"| **{name}** | | " + " | ".join(values) + " |")
+    lines += [
+        "",
+        "Test accuracy (%), mean ± standard deviation over seeds; 'searched' is the subnet the "
+        "search ranked first by validation accuracy, retrained and tested once. Trainable "
+        "parameters count the modules (full fine-tuning: the backbone), not the head.",
+    ]
     return "\n".join(lines) + "\n"

@@ -172,9 +172,14 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         scored = [spec.space.sample(rng) for _ in range(h.eval_subnets)]
         sample = spec.space.sample
     else:
-        subnet = spec.retrain.baselines[method.removeprefix("baseline-")]
+        name = method.removeprefix("baseline-")
+        subnet = spec.retrain.baselines[name]
         model = PromptedViT.for_subnet(
-            spec.backbone.create(classes), subnet, spec.space.options(), spec.backbone
+            spec.backbone.create(classes),
+            subnet,
+            spec.space.options(),
+            spec.backbone,
+            full_finetune=name in spec.retrain.full_finetune,
         )
         scored, sample = [subnet], None
     model = model.to(device)
@@ -467,7 +472,11 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     num_classes = data["trainval"].num_classes
     torch.manual_seed(seed)
     model = PromptedViT.for_subnet(
-        spec.backbone.create(num_classes).to(device), subnet, spec.space.options(), spec.backbone
+        spec.backbone.create(num_classes).to(device),
+        subnet,
+        spec.space.options(),
+        spec.backbone,
+        full_finetune=bool(task.get("full_finetune")),
     )
     r = spec.retrain
     method = label if task["role"] == "baseline" else "supernet"
@@ -485,7 +494,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         params={
             **cfg.to_dict(),
             **subnet_params_flat(subnet.to_data()),
-            "subnet": str(subnet),
+            "subnet": "full fine-tuning" if task.get("full_finetune") else str(subnet),
             "role": task["role"],
         },
     )
@@ -519,10 +528,10 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "group": group,
         "role": task["role"],
         "subnet": subnet.to_data(),
-        "subnet_str": str(subnet),
+        "subnet_str": "full fine-tuning" if task.get("full_finetune") else str(subnet),
         "val_acc": task.get("val_acc"),
         "test_acc": test_acc,
-        "params": subnet_params(subnet, g),
+        "params": model.num_params()["modules"],
         "head_params": g.width * num_classes + num_classes,
         "added_flops": added_flops(subnet, g),
         "mlflow_run_id": run_id,

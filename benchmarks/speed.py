@@ -1,0 +1,305 @@
+"""How fast against the limits (issue 10): each measurement is a ratio against its floor.
+
+1. supernet overhead: a training step of the supernet with a fresh random subnet per batch,
+   against the same subnets as standalone static models (``export()``), on the same batches.
+   Target: at most 1.05 on a GPU, 1.10 on a CPU.
+2. module cost: a training step of the largest subnet (standalone) against the frozen
+   backbone's own forward + backward with no modules (gradient to the input): the floor that
+   no prompt method can beat, since every one needs the backward pass through the blocks.
+3. search throughput: candidates scored per minute by the search stage as the pipeline runs it
+   (algorithm, candidate log, MLflow child run per candidate) against the pure forward time of
+   the validation split per candidate (target: above 0.9); and the same search stage through
+   a Ray Tune trial against it in this process (Ray's overhead, per stage and per candidate).
+
+Rates are medians of ``--repeats`` timed runs after a warm-up; every ratio is taken within
+one run, the two sides interleaved, because these machines are noisy.
+
+Run: python benchmarks/speed.py [--device cuda] [--json benchmarks/results/speed_cpu_DATE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from nas.data.decode import decode_split
+from nas.data.formats import read_vtab
+from nas.data.loader import TensorLoader
+from nas.data.mini_vtab import prepare
+from nas.model import PromptedViT
+from nas.space import load_space
+from trainers.optim import build_optimizer
+from trainers.train import evaluate_candidates
+
+for key, value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, run in turn ``repeats`` times after a warm-up."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def step_fn(model, batches, device, subnets=None):
+    """One pass of training steps over ``batches`` (a subnet per batch when given)."""
+    optimizer = build_optimizer(model, 1e-3)
+    amp = device.type == "cuda"
+    model.train()
+
+    def run():
+        for i, (x, y) in enumerate(batches):
+            if subnets is not None:
+                model.set_subnet(subnets[i])
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def training_steps(space, split, device, repeats: int, steps: int, batch: int) -> dict:
+    mean, std = space.backbone.normalisation()
+    loader = TensorLoader(split, batch, mean, std, shuffle=True, device=device, drop_last=True)
+    batches = [b for _, b in zip(range(steps), loader, strict=False)]
+    rng = random.Random(0)
+    subnets = [space.sample(rng) for _ in batches]
+    torch.manual_seed(0)
+    supernet = PromptedViT.supernet(space, split.num_classes).to(device)
+    standalone = []
+    for s in subnets:
+        supernet.set_subnet(s)
+        standalone.append(supernet.export())
+
+    standalone_runs = [step_fn(m, [b], device) for m, b in zip(standalone, batches, strict=True)]
+    supernet.set_subnet(space.largest())
+    largest = supernet.export()
+    backbone = space.backbone.create(split.num_classes).to(device)
+    backbone.requires_grad_(False)
+
+    def floor():
+        # The frozen backbone's own forward + backward: the gradient flows to the input
+        # through every block, as it must for any prompt module; no parameter gets one.
+        for x, _ in batches:
+            x = x.detach().requires_grad_(True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                out = backbone(x)
+            out.float().square().mean().backward()
+
+    times = interleaved(
+        {
+            "supernet": step_fn(supernet, batches, device, subnets),
+            "standalone": lambda: [run() for run in standalone_runs],
+            "largest": step_fn(largest, batches, device),
+            "floor": floor,
+        },
+        repeats,
+        device,
+    )
+    images = len(batches) * batch
+    return {
+        "steps": len(batches),
+        "batch": batch,
+        "img_s": {k: images / v for k, v in times.items()},
+        "supernet_over_standalone": times["supernet"] / times["standalone"],
+        "largest_over_floor": times["largest"] / times["floor"],
+        "largest_subnet": str(space.largest()),
+    }
+
+
+def search_spec(work: Path, data: Path, candidates: int, device: torch.device) -> Path:
+    spec = {
+        "name": "speed",
+        "datasets": [{"name": "dsprites_loc", "format": "mini-vtab", "root": str(data)}],
+        "backbone": "vit_fmnist",
+        "space": "tiny_cpu",
+        "resources": {"cpus": 1, "gpus": 1 if device.type == "cuda" else 0},
+        "stages": {
+            "supernet": {"epochs": 1, "warmup_epochs": 0},
+            "search": {
+                "algorithm": "random",
+                "options": {"num_candidates": candidates, "batch_size": 8},
+            },
+        },
+    }
+    path = work / "speed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def search_throughput(work: Path, data: Path, device, candidates: int, repeats: int) -> dict:
+    from nas.pipeline import stages
+    from nas.pipeline.ray_layer import run_stage, start_ray
+    from nas.spec import load_spec
+
+    path = search_spec(work, data, candidates, device)
+    out = work / "out"
+    spec = load_spec(path, output=out)
+    stages.tracker_for(spec)
+    task = {"spec": str(path), "output": str(out), "dataset": "dsprites_loc", "seed": 0}
+    stages.run_supernet(task)
+    search_dir = stages.search_dir(spec, "dsprites_loc", 0)
+
+    # The floor: the same candidates' forward passes over the validation split, nothing else
+    # (the candidates are those the search stage scores: read from its log).
+    stages.run_search(task)
+    subnets = [e.subnet for e in stages._read_log(search_dir / "candidates.jsonl")]
+    val = stages.load_splits(spec, spec.datasets[0], ("val",))["val"]
+    model = PromptedViT.supernet(spec.space, val.num_classes).to(device)
+    mean, std = spec.backbone.normalisation()
+
+    def pure():
+        evaluate_candidates(
+            model, subnets, val, mean=mean, std=std, batch_size=spec.search.eval_batch_size
+        )
+
+    fresh = iter(range(1_000_000))
+
+    def reset():
+        """A fresh search folder and MLflow experiment: in the old one the search's parent run
+        would be found again and its candidates skipped as already logged."""
+        shutil.rmtree(search_dir, ignore_errors=True)
+        data = yaml.safe_load(path.read_text())
+        data["mlflow"] = {"experiment": f"speed-{next(fresh)}"}
+        task["spec"] = str(path.with_name(f"speed-{next(fresh)}.yaml"))
+        Path(task["spec"]).write_text(yaml.safe_dump(data))
+        stages.tracker_for(load_spec(task["spec"], output=out))
+
+    def timed(fn) -> float:
+        reset()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    def in_process():
+        stages.run_search(task)
+
+    def through_ray():
+        run_stage("search", [task], storage=out / "ray", cpus=1, gpus=spec.gpus)
+
+    timed(pure), timed(in_process)  # warm-up
+    runs: dict[str, list[float]] = {
+        "pure": [],
+        "in_process": [],
+        "in_process_ray_up": [],
+        "ray": [],
+    }
+    for _ in range(repeats):  # before Ray starts: its idle daemons take CPU time too
+        runs["pure"].append(timed(pure))
+        runs["in_process"].append(timed(in_process))
+    started = start_ray(None)
+    try:
+        timed(through_ray)  # warm-up: the first trial of a Ray instance starts its worker pool
+        for _ in range(repeats):
+            runs["in_process_ray_up"].append(timed(in_process))
+            runs["ray"].append(timed(through_ray))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    t = {k: statistics.median(v) for k, v in runs.items()}
+    n = len(subnets)
+    return {
+        "candidates": n,
+        "s_per_candidate": {"pure_forward": t["pure"] / n, "search_stage": t["in_process"] / n},
+        "candidates_per_min": {
+            "pure_forward": 60 * n / t["pure"],
+            "search_stage": 60 * n / t["in_process"],
+        },
+        "search_rate_over_pure_rate": t["pure"] / t["in_process"],
+        "search_stage_s": {"in_process": t["in_process_ray_up"], "ray_trial": t["ray"]},
+        "ray_over_in_process": t["ray"] / t["in_process_ray_up"],
+        "ray_overhead_s_per_trial": t["ray"] - t["in_process_ray_up"],
+        "mlflow_cpu_ms_per_candidate": tracking_cost(work / "tracking") * 1000,
+    }
+
+
+def tracking_cost(folder: Path, n: int = 100) -> float:
+    """CPU seconds per candidate of logging it to MLflow (a child run with its subnet, costs
+    and score) through the pipeline's background logger, into a sqlite store."""
+    from nas.tracking import CandidateLogger, Tracker
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "tracking")
+    parent = tracker.run("search", {"stage": "search"})
+    logger = CandidateLogger(tracker, parent, {"stage": "search"})
+    params = {"vpt.depth": 3, "vpt.dims": "8,4,2", "lora.depth": 6, "lora.dims": "4,4,4,4,4,4"}
+    metrics = {"val_acc": 0.5, "params": 12345, "added_flops": 678901, "round": 1}
+    start = time.process_time()
+    for i in range(n):
+        logger.log(str(i), f"candidate {i}", params, metrics, {"round": 1})
+    logger.close()
+    return (time.process_time() - start) / n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="training steps per timed run")
+    parser.add_argument("--candidates", type=int, default=48)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "setting": "vit_fmnist (28x28 grey, width 192, 6 blocks), tiny_cpu space, mini-VTAB "
+        "dsprites_loc",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        prepare(work / "data", ("dsprites_loc",), test_size=200, log=lambda *_: None)
+        split = decode_split(read_vtab(work / "data" / "dsprites_loc")["train"], 28, 1)
+        results["training"] = training_steps(
+            load_space("tiny_cpu"), split, device, args.repeats, args.steps, 64
+        )
+        print(json.dumps(results["training"]), flush=True)
+        results["search"] = search_throughput(
+            work, work / "data", device, args.candidates, args.repeats
+        )
+        print(json.dumps(results["search"]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
