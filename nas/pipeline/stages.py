@@ -348,29 +348,27 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     evaluated_now = 0
     started = time.time()
     with open(log_path, "a") as log:
-        while not algo.finished:
-            batch = algo.ask()
-            if not batch:
-                break
-            fresh = [c for c in batch if c not in known]
-            scores = evaluate_candidates(
+
+        def score(fresh: list[Subnet]) -> list[float]:
+            return evaluate_candidates(
                 model, fresh, val, mean=mean, std=std, batch_size=s.eval_batch_size
             )
-            for subnet, score in zip(fresh, scores, strict=True):
-                e = Evaluated(subnet, score, algo.cost(subnet), algo.round)
-                known[subnet] = e
-                log.write(json.dumps(e.to_data()) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-                logger.log(
-                    subnet.key(),
-                    str(subnet),
-                    subnet_params_flat(subnet.to_data()),
-                    _candidate_metrics(spec, e),
-                    {"round": e.round},
-                )
-            evaluated_now += len(fresh)
-            algo.tell([known[c] for c in batch])
+
+        def on_scored(e: Evaluated) -> None:
+            nonlocal evaluated_now
+            evaluated_now += 1
+            log.write(json.dumps(e.to_data()) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            logger.log(
+                e.subnet.key(),
+                str(e.subnet),
+                subnet_params_flat(e.subnet.to_data()),
+                _candidate_metrics(spec, e),
+                {"round": e.round},
+            )
+
+        def on_round(batch: list[Subnet]) -> None:
             best = algo.best(1)[0]
             tracker.log_metrics(
                 parent,
@@ -394,6 +392,8 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
                     * max(algo.planned - len(algo.history), 0),
                 }
             )
+
+        algo.run(score, known, on_scored, on_round)
     logger.close()
     ranking = [
         e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -128,6 +128,31 @@ class SearchAlgorithm(ABC):
             if s not in self._seen and s not in exclude and self.legal(s):
                 return s
         return None
+
+    def run(
+        self,
+        score: Callable[[list[Subnet]], list[float]],
+        known: dict[Subnet, Evaluated] | None = None,
+        on_scored: Callable[[Evaluated], None] | None = None,
+        on_round: Callable[[list[Subnet]], None] | None = None,
+    ) -> None:
+        """Ask, score and tell until finished. ``score`` gets the round's candidates that
+        ``known`` (a restored run's results, filled in as candidates are scored) does not hold,
+        so that no candidate is scored twice; ``on_scored`` sees each new result as it
+        comes, ``on_round`` each finished round."""
+        known = {} if known is None else known
+        while not self.finished:
+            batch = self.ask()
+            if not batch:
+                break
+            fresh = [c for c in batch if c not in known]
+            for subnet, value in zip(fresh, score(fresh), strict=True):
+                known[subnet] = Evaluated(subnet, value, self.cost(subnet), self.round)
+                if on_scored is not None:
+                    on_scored(known[subnet])
+            self.tell([known[c] for c in batch])
+            if on_round is not None:
+                on_round(batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {
