@@ -197,13 +197,13 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
                 "stage": "hparams",
                 "dataset": ds.key,
                 "seed": seed,
+                **metrics,  # its "lr" is the scheduled one; the point's own lr wins
                 "label": method,
                 "lr": lr,
                 "weight_decay": wd,
                 "epoch": epoch,
                 "epochs": h.epochs,
                 "val_acc": last["val_acc"],
-                **metrics,
             }
         )
 
