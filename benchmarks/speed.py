@@ -40,7 +40,7 @@ from nas.data.mini_vtab import prepare
 from nas.model import PromptedViT
 from nas.space import load_space
 from trainers.optim import build_optimizer
-from trainers.train import evaluate_candidates
+from trainers.train import evaluate_candidates, load_trainable
 
 for key, value in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -186,6 +186,30 @@ def search_throughput(work: Path, data: Path, device, candidates: int, repeats: 
 
     fresh = iter(range(1_000_000))
 
+    parallel = {}
+    if device.type == "cuda":  # the gain from scoring several candidates at once on one GPU
+        weights = model.trainable_state_dict()
+        for k in (2, 4):
+            replicas = [
+                PromptedViT.supernet(spec.space, val.num_classes).to(device) for _ in range(k - 1)
+            ]
+            for r in replicas:
+                load_trainable(r, weights)
+
+            def scored(replicas=replicas):
+                evaluate_candidates(
+                    model,
+                    subnets,
+                    val,
+                    mean=mean,
+                    std=std,
+                    batch_size=spec.search.eval_batch_size,
+                    replicas=replicas,
+                )
+
+            t = interleaved({"one": pure, "several": scored}, repeats, device)
+            parallel[f"{k}_at_once_speedup"] = t["one"] / t["several"]
+
     def reset():
         """A fresh search folder and MLflow experiment: in the old one the search's parent run
         would be found again and its candidates skipped as already logged."""
@@ -245,6 +269,7 @@ def search_throughput(work: Path, data: Path, device, candidates: int, repeats: 
         "ray_over_in_process": t["ray"] / t["in_process_ray_up"],
         "ray_overhead_s_per_trial": t["ray"] - t["in_process_ray_up"],
         "mlflow_cpu_ms_per_candidate": tracking_cost(work / "tracking") * 1000,
+        "parallel_candidates": parallel or "not measured (CPU: torch already uses every core)",
     }
 
 

@@ -122,6 +122,9 @@ class SearchStage:
     cost: str = "params"
     options: dict[str, Any] = field(default_factory=dict)
     eval_batch_size: int = 256
+    # Candidates scored at once, each on its own copy of the supernet (and CUDA stream): on a
+    # GPU that one candidate's forward passes do not fill, 2-4 raise throughput.
+    parallel_candidates: int = 1
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,8 @@ def parse_spec(
             "stages.search.algorithm",
             f"{search.algorithm!r} is not one of: {', '.join(ALGORITHMS)}",
         )
+    if search.parallel_candidates < 1:
+        r.fail("stages.search.parallel_candidates", "expected an integer >= 1")
     if search.cost not in ("params", "flops"):
         r.fail("stages.search.cost", f"{search.cost!r} is not one of: params, flops")
     retrain, raw = _stage(

@@ -73,3 +73,30 @@ def test_fixed_subnet_training(mini_vtab):  # noqa: F811
     assert metrics["train_loss"] > 0
     assert evaluate(model, data["val"], mean=mean, std=std) > start + 0.3
     assert model.subnet == Subnet({"lora": [4] * 6})
+
+
+def test_candidates_scored_several_at_once_score_the_same(mini_vtab):  # noqa: F811
+    """Replicas of the supernet score candidates in parallel threads; each candidate's score
+    is exactly what the model alone gives, in the order asked, and the model's subnet stays."""
+    import random
+
+    from trainers.train import load_trainable
+
+    space, data, mean, std = setup(mini_vtab / "digits")
+    torch.manual_seed(0)
+    model = PromptedViT.supernet(space, 10)
+    for p in model.trainable_parameters():  # modules that change the logits
+        torch.nn.init.normal_(p, std=0.05)
+    replicas = [PromptedViT.supernet(space, 10, space.backbone.create(10)) for _ in range(2)]
+    for r in replicas:
+        load_trainable(r, model.trainable_state_dict())
+    rng = random.Random(0)
+    subnets = [space.sample(rng) for _ in range(7)]
+    model.set_subnet(subnets[0])
+    serial = evaluate_candidates(model, subnets, data["val"], mean=mean, std=std)
+    parallel = evaluate_candidates(
+        model, subnets, data["val"], mean=mean, std=std, replicas=replicas
+    )
+    assert parallel == serial
+    assert len(set(serial)) > 1  # the candidates really differ
+    assert model.subnet == subnets[0]

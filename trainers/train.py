@@ -10,6 +10,7 @@ goes to a callback, and state to a dict the caller saves wherever it likes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -167,23 +168,50 @@ def evaluate_candidates(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 256,
+    replicas: Sequence[PromptedViT] = (),
 ) -> list[float]:
     """Accuracy of each subnet on ``data`` with the model's (inherited) weights. The split is
-    normalised once and reused for every candidate."""
+    normalised once and reused for every candidate.
+
+    Args:
+        replicas: further copies of ``model`` (same weights, same device): candidates are then
+            scored several at once, one thread per model, each on its own CUDA stream, so
+            that one GPU stays busy when a single candidate's forward passes do not fill it.
+    """
+    device = next(model.parameters()).device
+    batches = list(TensorLoader(data, batch_size, mean, std, device=device))
+    models = [model, *replicas]
+    if len(models) == 1 or len(subnets) < 2:
+        return [_accuracy(model, s, batches, len(data)) for s in subnets]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def score_share(i: int) -> list[tuple[int, float]]:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.no_grad(), torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+            if stream is not None:
+                stream.wait_stream(torch.cuda.default_stream(device))  # the batches are ready
+            return [
+                (j, _accuracy(models[i], subnets[j], batches, len(data)))
+                for j in range(i, len(subnets), len(models))
+            ]
+
+    with ThreadPoolExecutor(len(models)) as pool:
+        shares = list(pool.map(score_share, range(len(models))))
+    scores = dict(pair for share in shares for pair in share)
+    return [scores[j] for j in range(len(subnets))]
+
+
+def _accuracy(model: PromptedViT, subnet: Subnet, batches, total: int) -> float:
     device = next(model.parameters()).device
     model.eval()
-    batches = list(TensorLoader(data, batch_size, mean, std, device=device))
-    scores = []
     previous = model.subnet
-    for subnet in subnets:
-        model.set_subnet(subnet)
-        correct = 0
-        for x, y in batches:
-            with _amp(device):
-                correct += (model(x).argmax(1) == y).sum().item()
-        scores.append(correct / len(data))
+    model.set_subnet(subnet)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in batches:
+        with _amp(device):
+            correct += (model(x).argmax(1) == y).sum()
     model.set_subnet(previous)
-    return scores
+    return correct.item() / total  # one synchronisation per candidate
 
 
 def evaluate(model: PromptedViT, data: DecodedSplit, *, mean, std) -> float:

@@ -317,11 +317,15 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     device = device_for(spec)
     val = load_splits(spec, ds, ("val",))["val"]
-    supernet_out = read_json(supernet_dir(spec, ds.key, seed) / "done.json")
-    model = PromptedViT.supernet(
-        spec.space, supernet_out["num_classes"], spec.backbone.create(supernet_out["num_classes"])
-    ).to(device)
-    load_trainable(model, load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors")))
+    classes = read_json(supernet_dir(spec, ds.key, seed) / "done.json")["num_classes"]
+    weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
+    models = []
+    for _ in range(spec.search.parallel_candidates):  # the first, and its replicas
+        models.append(
+            PromptedViT.supernet(spec.space, classes, spec.backbone.create(classes)).to(device)
+        )
+        load_trainable(models[-1], weights)
+    model = models[0]
     mean, std = spec.backbone.normalisation()
 
     s = spec.search
@@ -351,7 +355,13 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
 
         def score(fresh: list[Subnet]) -> list[float]:
             return evaluate_candidates(
-                model, fresh, val, mean=mean, std=std, batch_size=s.eval_batch_size
+                model,
+                fresh,
+                val,
+                mean=mean,
+                std=std,
+                batch_size=s.eval_batch_size,
+                replicas=models[1:],
             )
 
         def on_scored(e: Evaluated) -> None:
