@@ -213,6 +213,13 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     assert prov["spec_hash"] == results["spec_hash"]
     assert set(prov["data_sha256"]) == {"digits", "dsprites_loc"}
     assert prov["backbone_weights_sha256"]
+    # ... and every run the pixels and labels it saw: the same hashes as the prepared data.
+    supernet = next(
+        r
+        for r in runs
+        if r.data.tags.get("nas.stage") == "supernet" and r.data.tags["nas.dataset"] == "digits"
+    )
+    assert supernet.data.params["data.train.sha256"] == prov["data_sha256"]["digits"]["train"]
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, mini_vtab_data):

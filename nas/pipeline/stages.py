@@ -88,6 +88,12 @@ def load_splits(
     return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
 
 
+def data_params(*splits: DecodedSplit) -> dict[str, str]:
+    """The content hashes of the decoded splits a run trains or scores on, as MLflow params
+    (``data.<split>.sha256``): every run records exactly which pixels and labels it saw."""
+    return {f"data.{split.name}.sha256": split.content_hash() for split in splits}
+
+
 def mini_vtab_entry(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Any] | None:
     """A prepared mini-VTAB task's manifest entry: ``<root>/<task>/manifest.json`` (prepared by
     the pipeline) or the task's part of ``<root>/manifest.json`` (``nas data prepare``)."""
@@ -238,7 +244,12 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
     run_id = tracker.run(
         f"supernet {ds.key} seed {seed}",
         base_tags(spec, "supernet", ds, seed),
-        params={**cfg.to_dict(), "space": spec.space.name, "train_images": len(data)},
+        params={
+            **cfg.to_dict(),
+            "space": spec.space.name,
+            "train_images": len(data),
+            **data_params(data),
+        },
     )
     mean, std = spec.backbone.normalisation()
     started = time.time()
@@ -338,7 +349,7 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     parent = tracker.run(
         f"search {ds.key} seed {seed}",
         tags,
-        params={"algorithm": s.algorithm, "cost": s.cost, **s.options},
+        params={"algorithm": s.algorithm, "cost": s.cost, **s.options, **data_params(val)},
     )
     logger = CandidateLogger(tracker, parent, tags)
     for e in known.values():  # logged before a kill? CandidateLogger skips those already there
@@ -506,6 +517,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
             **subnet_params_flat(subnet.to_data()),
             "subnet": "full fine-tuning" if task.get("full_finetune") else str(subnet),
             "role": task["role"],
+            **data_params(data["trainval"], data["test"]),
         },
     )
     mean, std = spec.backbone.normalisation()
