@@ -85,6 +85,9 @@ def print_space(space: SearchSpace) -> None:
     )
     print("modules")
     for kind, m in s["modules"].items():
+        if "dims" not in m:  # not a layered kind (PGN): its own axes
+            print(f"  {kind:<9} " + "  ".join(f"{k} {v}" for k, v in m.items()))
+            continue
         opts = ", ".join(f"{k}={v:g}" for k, v in m["options"].items())
         print(
             f"  {kind:<9} dims {m['dims']}  depths {m['depths']}  supernet max {m['max_dim']}"

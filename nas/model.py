@@ -166,9 +166,21 @@ class PromptedViT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Module and head weights (everything that trains), by their names in this model."""
+        """Module and head weights (everything that trains), by their names in this model, and
+        the prompt modules' buffers (a PGN generator's batch-norm statistics)."""
         names = {id(p) for p in self.trainable_parameters()}
-        return {n: p.detach() for n, p in self.named_parameters() if id(p) in names}
+        out = {n: p.detach() for n, p in self.named_parameters() if id(p) in names}
+        out.update(
+            (f"prompt_modules.{n}", b.detach()) for n, b in self.prompt_modules.named_buffers()
+        )
+        return out
+
+    def load_trainable(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (named as ``trainable_state_dict`` names them) into this model."""
+        targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                targets[name].copy_(tensor)
 
     def num_params(self, num_classes: int | None = None) -> dict[str, int]:
         """Trainable parameters of the active subnet: modules (with full fine-tuning, every
@@ -333,10 +345,7 @@ class PromptedViT(nn.Module):
                     f"{weights_path}: {name} has shape {tuple(tensor.shape)}, subnet {subnet} "
                     f"needs {tuple(expected[name].shape)}"
                 )
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
+        model.load_trainable(tensors)
         if merge_lora:
             model.merge_lora()
         return model

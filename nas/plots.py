@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from nas.modules import LayeredSpace
 from nas.search.base import Evaluated
 from nas.space import SearchSpace
 from nas.subnet import Subnet
@@ -80,7 +81,7 @@ def plot_search(
     plt.close(fig)
 
     depth = space.geometry.depth
-    kinds = list(space.modules)
+    kinds = [k for k in space.modules if isinstance(space.modules[k], LayeredSpace)]
     fig, ax = plt.subplots(figsize=(6, 1 + 0.6 * len(kinds)))
     width = 0.8 / max(1, len(kinds))
     for i, kind in enumerate(kinds):

@@ -33,6 +33,8 @@ class TokenLayout:
 
     num_prefix: int
     segments: dict[str, int] = field(default_factory=dict)
+    #: the (normalised) input images, for modules whose prompts depend on them (PGN)
+    images: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -135,7 +137,7 @@ class TimmViTTower:
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         x = m.norm_pre(x)
-        layout = TokenLayout(int(m.num_prefix_tokens))
+        layout = TokenLayout(int(m.num_prefix_tokens), images=images)
         for i, block in enumerate(m.blocks):
             x = self.injector.tokens(i, x, layout)
             x = block(x)

@@ -201,10 +201,9 @@ class CandidateLogger:
 
 
 def subnet_params_flat(subnet_data: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A subnet as flat MLflow params: ``vpt.depth``, ``vpt.dims``, ..."""
+    """A subnet as flat MLflow params: ``vpt.depth``, ``vpt.dims``, ``pgn.prompts``, ..."""
     out: dict[str, Any] = {}
     for kind, value in (subnet_data or {}).items():
-        if isinstance(value, Mapping):
-            out[f"{kind}.depth"] = value.get("depth", 0)
-            out[f"{kind}.dims"] = ",".join(map(str, value.get("dims", [])))
+        for key, item in (value or {}).items():  # depth, dims; PGN: prompts, library, ...
+            out[f"{kind}.{key}"] = ",".join(map(str, item)) if isinstance(item, list) else item
     return out

@@ -147,16 +147,13 @@ def trainable_copy(model: PromptedViT) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(model: PromptedViT, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
     expected = model.trainable_state_dict()
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(
             f"checkpoint does not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
         )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+    model.load_trainable(tensors)
 
 
 @torch.no_grad()

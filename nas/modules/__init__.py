@@ -6,9 +6,10 @@ from nas.errors import NasError
 from nas.modules.adapter import Adapter
 from nas.modules.base import LayeredModule, LayeredSpace, ModuleSpace, PromptModule
 from nas.modules.lora import LoRA
+from nas.modules.pgn import PGN, PGNSpace
 from nas.modules.vpt import VPT
 
-REGISTRY: dict[str, type[PromptModule]] = {cls.kind: cls for cls in (VPT, LoRA, Adapter)}
+REGISTRY: dict[str, type[PromptModule]] = {cls.kind: cls for cls in (VPT, LoRA, Adapter, PGN)}
 
 
 def module_class(kind: str) -> type[PromptModule]:
@@ -20,6 +21,7 @@ def module_class(kind: str) -> type[PromptModule]:
 
 
 __all__ = [
+    "PGN",
     "REGISTRY",
     "VPT",
     "Adapter",
@@ -27,6 +29,7 @@ __all__ = [
     "LayeredSpace",
     "LoRA",
     "ModuleSpace",
+    "PGNSpace",
     "PromptModule",
     "module_class",
 ]

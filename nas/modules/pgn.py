@@ -1,0 +1,347 @@
+"""PGN: input-dependent prompts from a learned token library (Loedeman et al.).
+
+A small generator network (a timm ResNet) reads the image at its own resolution and outputs
+``L x M`` logits; a softmax over the library gives each of the ``L`` prompts its mixing
+weights, and the prompts are those mixtures of the ``M`` library tokens (vectors of the
+backbone's width, init N(0, 0.02)). They join the sequence once, before block 0, after the
+positional embedding and without one of their own, and flow through every block; like all
+prompt tokens they are dropped before the final norm and the pooling.
+
+Where they sit: in the prompt region after the prefix tokens, after any VPT tokens (modules
+act in registry order). Attention without positional embeddings is permutation-equivariant,
+so the position changes no output; the reference code appends them at the end.
+
+A choice is ``(L, M, generator, resolution)``. Weight entanglement: the supernet holds the
+largest library and, per generator variant, the largest output layer; a choice uses
+``library[:M]`` and the output rows of the first ``L`` prompts' first ``M`` logits. Generator
+variants are separate weights, chosen categorically; the resolution only resizes the input.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from timm.models.resnet import BasicBlock, ResNet
+from torch import nn
+from torch.nn import functional as F
+
+from nas.backbone import TowerGeometry
+from nas.modules.base import ModuleSpace, PromptModule
+from nas.towers import TokenLayout
+from nas.validate import Reader
+from nas.yamlio import join_key
+
+#: generator variants: timm ResNets of BasicBlocks (the paper's 4-stage ResNet-10 by default)
+GENERATORS: dict[str, dict[str, Any]] = {
+    "resnet10": {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16},
+    "resnet18": {"layers": (2, 2, 2, 2), "channels": (64, 128, 256, 512), "stem_width": 64},
+}
+
+Choice = tuple  # (prompts L, library M, generator, resolution); () when absent
+
+
+def make_generator(name: str, in_chans: int, device: str | torch.device | None = None) -> ResNet:
+    """A generator variant: a timm ResNet with no classifier (it returns pooled features)."""
+    cfg = GENERATORS[name]
+    return ResNet(
+        BasicBlock,
+        cfg["layers"],
+        num_classes=0,
+        in_chans=in_chans,
+        channels=cfg["channels"],
+        stem_width=cfg["stem_width"],
+        device=device,
+    )
+
+
+@functools.cache
+def generator_params(name: str, in_chans: int) -> tuple[int, int]:
+    """(parameters, feature width) of a generator variant, counted on the meta device."""
+    model = make_generator(name, in_chans, device="meta")
+    return sum(p.numel() for p in model.parameters()), int(model.num_features)
+
+
+@functools.cache
+def generator_flops(name: str, in_chans: int, resolution: int) -> int:
+    """Matmul/conv FLOPs of one image through a generator, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_generator(name, in_chans, device="meta").eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, in_chans, resolution, resolution, device="meta"))
+    return int(counter.get_total_flops())
+
+
+class PGN(PromptModule):
+    kind = "pgn"
+    sites = frozenset({"tokens"})
+    options: ClassVar[dict[str, float]] = {}
+
+    def __init__(
+        self, geometry: TowerGeometry, capacity: Sequence[Any], options: Mapping[str, float]
+    ) -> None:
+        """``capacity``: a choice, or ``(L, M, generators, resolutions)`` with tuples of the
+        generator variants and resolutions the weights must serve (a supernet's)."""
+        super().__init__()
+        prompts, library, generators = int(capacity[0]), int(capacity[1]), capacity[2]
+        generators = (generators,) if isinstance(generators, str) else tuple(generators)
+        self.geometry = geometry
+        self.capacity = (prompts, library, generators)
+        self.config = dict(options)
+        self.library = nn.Parameter(torch.randn(library, geometry.width) * 0.02)
+        self.generators = nn.ModuleDict(
+            {g: make_generator(g, geometry.in_chans) for g in generators}
+        )
+        self.outputs = nn.ModuleDict(
+            {
+                g: nn.Linear(generator_params(g, geometry.in_chans)[1], prompts * library)
+                for g in generators
+            }
+        )
+        self.active: Choice = ()
+
+    # -- choices as data -------------------------------------------------------------------
+    @classmethod
+    def empty_choice(cls) -> Choice:
+        return ()
+
+    @classmethod
+    def canonical(cls, choice: Sequence[Any]) -> Choice:
+        if not choice or int(choice[0]) == 0:
+            return ()
+        return (int(choice[0]), int(choice[1]), str(choice[2]), int(choice[3]))
+
+    @classmethod
+    def parse_choice(cls, value: Any, reader: Reader, key: str) -> Choice:
+        """``{prompts: L, library: M, generator: resnet10, resolution: 28}``, or null."""
+        if value is None:
+            return ()
+        value = reader.mapping(
+            value, key, required=["prompts", "library", "generator", "resolution"]
+        )
+        prompts = reader.integer(value["prompts"], join_key(key, "prompts"), minimum=1)
+        library = reader.integer(value["library"], join_key(key, "library"), minimum=1)
+        generator = _generator_name(reader, value["generator"], join_key(key, "generator"))
+        resolution = reader.integer(value["resolution"], join_key(key, "resolution"), minimum=1)
+        return (prompts, library, generator, resolution)
+
+    @classmethod
+    def choice_to_data(cls, choice: Choice) -> dict[str, Any] | None:
+        if not choice:
+            return None
+        prompts, library, generator, resolution = choice
+        return {
+            "prompts": prompts,
+            "library": library,
+            "generator": generator,
+            "resolution": resolution,
+        }
+
+    @classmethod
+    def choice_str(cls, choice: Choice) -> str:
+        if not choice:
+            return "-"
+        prompts, library, generator, resolution = choice
+        return f"{prompts}of{library}/{generator}@{resolution}"
+
+    @classmethod
+    def parse_space(cls, value: Any, reader: Reader, key: str, geometry: TowerGeometry) -> PGNSpace:
+        value = reader.mapping(
+            value, key, required=["prompts", "library"], optional=["generators", "resolutions"]
+        )
+        prompts = reader.int_choices(value["prompts"], join_key(key, "prompts"), minimum=1)
+        library = reader.int_choices(value["library"], join_key(key, "library"), minimum=1)
+        names = value.get("generators", ["resnet10"])
+        if not isinstance(names, list) or not names:
+            reader.fail(join_key(key, "generators"), "expected a non-empty list of generators")
+        generators = tuple(
+            sorted(
+                {
+                    _generator_name(reader, v, join_key(key, f"generators[{i}]"))
+                    for i, v in enumerate(names)
+                }
+            )
+        )
+        image = geometry.patch_size * round(geometry.num_patches**0.5)
+        resolutions = reader.int_choices(
+            value.get("resolutions", [image]), join_key(key, "resolutions"), minimum=1
+        )
+        return PGNSpace(prompts, library, generators, resolutions)
+
+    # -- costs -------------------------------------------------------------------------------
+    @classmethod
+    def params(cls, choice: Choice, geometry: TowerGeometry) -> int:
+        if not choice:
+            return 0
+        prompts, library, generators = choice[0], choice[1], choice[2]
+        total = library * geometry.width
+        # a supernet's capacity holds every generator variant, each with its output layer
+        for generator in (generators,) if isinstance(generators, str) else generators:
+            gen, features = generator_params(generator, geometry.in_chans)
+            total += gen + (features + 1) * prompts * library
+        return total
+
+    @classmethod
+    def extra_tokens(cls, choice: Choice, geometry: TowerGeometry) -> list[int]:
+        return [choice[0] if choice else 0] * geometry.depth
+
+    @classmethod
+    def flops(
+        cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
+    ) -> int:
+        """The generator, its output layer and the mixture of the library; the blocks' cost
+        of the extra tokens is counted by ``nas.cost``."""
+        if not choice:
+            return 0
+        prompts, library, generator, resolution = choice
+        features = generator_params(generator, geometry.in_chans)[1]
+        return (
+            generator_flops(generator, geometry.in_chans, resolution)
+            + 2 * features * prompts * library
+            + 2 * prompts * library * geometry.width
+        )
+
+    # -- runtime -----------------------------------------------------------------------------
+    def fits(self, choice: Choice) -> bool:
+        if not choice:
+            return True
+        prompts, library, generator, _ = choice
+        cap_p, cap_m, generators = self.capacity
+        return prompts <= cap_p and library <= cap_m and generator in generators
+
+    def activate(self, choice: Choice) -> None:
+        choice = self.canonical(choice)
+        if not self.fits(choice):
+            raise ValueError(f"pgn: choice {choice} exceeds the allocated capacity {self.capacity}")
+        self.active = choice
+
+    def _output(self, generator: str, prompts: int, library: int) -> tuple[torch.Tensor, ...]:
+        """The output layer's rows for the first ``prompts`` prompts' first ``library`` logits
+        (views: no copy)."""
+        cap_p, cap_m, _ = self.capacity
+        layer = self.outputs[generator]
+        weight = layer.weight.view(cap_p, cap_m, -1)[:prompts, :library]
+        bias = layer.bias.view(cap_p, cap_m)[:prompts, :library]
+        return weight, bias
+
+    def prompts(self, images: torch.Tensor) -> torch.Tensor:
+        """The active choice's prompts for ``images``: (B, L, width)."""
+        prompts, library, generator, resolution = self.active
+        if images.shape[-1] != resolution or images.shape[-2] != resolution:
+            images = F.interpolate(
+                images, size=(resolution, resolution), mode="bilinear", align_corners=False
+            )
+        features = self.generators[generator](images)
+        weight, bias = self._output(generator, prompts, library)
+        logits = torch.einsum("bf,lmf->blm", features, weight) + bias
+        mixing = logits.softmax(dim=-1)
+        return mixing @ self.library[:library]
+
+    def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if layer != 0 or not self.active:
+            return x
+        if layout.images is None:
+            raise RuntimeError("pgn needs the input images; the tower did not pass them")
+        return layout.replace(x, self.kind, self.prompts(layout.images).to(x.dtype))
+
+    def export(self, choice: Choice) -> PGN:
+        choice = self.canonical(choice)
+        if not choice or not self.fits(choice):
+            raise ValueError(f"pgn: cannot export {choice} from {self.capacity}")
+        prompts, library, generator, _ = choice
+        clone = PGN(self.geometry, choice, self.config)
+        clone.to(device=self.library.device, dtype=self.library.dtype)
+        with torch.no_grad():
+            clone.library.copy_(self.library[:library])
+            clone.generators[generator].load_state_dict(self.generators[generator].state_dict())
+            weight, bias = self._output(generator, prompts, library)
+            clone.outputs[generator].weight.copy_(weight.reshape(prompts * library, -1))
+            clone.outputs[generator].bias.copy_(bias.reshape(-1))
+        clone.activate(choice)
+        clone.train(self.training)
+        return clone
+
+
+def _generator_name(reader: Reader, value: Any, key: str) -> str:
+    if not isinstance(value, str) or value not in GENERATORS:
+        reader.fail(key, f"{value!r} is not a generator; expected one of: {', '.join(GENERATORS)}")
+    return value
+
+
+@dataclass(frozen=True)
+class PGNSpace(ModuleSpace):
+    """PGN's choices: prompts L, library size M, generator variant, generator resolution."""
+
+    prompts: tuple[int, ...]
+    library: tuple[int, ...]
+    generators: tuple[str, ...]
+    resolutions: tuple[int, ...]
+
+    kind = "pgn"
+    module = PGN
+
+    @property
+    def options(self) -> dict[str, float]:
+        return {}
+
+    def _axes(self) -> tuple[tuple[Any, ...], ...]:
+        return (self.prompts, self.library, self.generators, self.resolutions)
+
+    def count(self) -> int:
+        return len(self.prompts) * len(self.library) * len(self.generators) * len(self.resolutions)
+
+    def contains(self, choice: Choice) -> bool:
+        choice = PGN.canonical(choice)
+        return bool(choice) and all(v in axis for v, axis in zip(choice, self._axes(), strict=True))
+
+    def sample(self, rng: random.Random) -> Choice:
+        return tuple(rng.choice(axis) for axis in self._axes())
+
+    def sample_uniform(self, rng: random.Random) -> Choice:
+        return self.sample(rng)  # every choice is equally likely already
+
+    def choices(self) -> Iterator[Choice]:
+        yield from itertools.product(*self._axes())
+
+    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
+        """Each of L, M, generator and resolution is resampled with probability ``m_prob``."""
+        choice = PGN.canonical(choice) or self.sample(rng)
+        return tuple(
+            rng.choice(axis) if rng.random() < m_prob else v
+            for v, axis in zip(choice, self._axes(), strict=True)
+        )
+
+    def suggest(self, trial: Any, prefix: str) -> Choice:
+        names = ("prompts", "library", "generator", "resolution")
+        return tuple(
+            trial.suggest_categorical(f"{prefix}{name}", list(axis))
+            for name, axis in zip(names, self._axes(), strict=True)
+        )
+
+    def capacity(self) -> tuple[Any, ...]:
+        return (max(self.prompts), max(self.library), self.generators, self.resolutions)
+
+    def cost_distribution(self, geometry: TowerGeometry) -> Counter[int]:
+        return Counter(PGN.params(c, geometry) for c in self.choices())
+
+    def smallest(self, geometry: TowerGeometry) -> Choice:
+        return min(self.choices(), key=lambda c: (PGN.params(c, geometry), c[3]))
+
+    def largest(self, geometry: TowerGeometry) -> Choice:
+        return max(self.choices(), key=lambda c: (PGN.params(c, geometry), c[3]))
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "prompts": list(self.prompts),
+            "library": list(self.library),
+            "generators": list(self.generators),
+            "resolutions": list(self.resolutions),
+        }
