@@ -128,9 +128,9 @@ class Tracker:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
         return len(runs)
 
-    def child_keys(self, parent: str, key_tag: str = "candidate") -> set[str]:
-        """The ``nas.<key_tag>`` tags of the parent's child runs (paged through)."""
-        keys: set[str] = set()
+    def children(self, parent: str, key_tag: str = "candidate") -> dict[str, tuple[str, str]]:
+        """The parent's child runs by their ``nas.<key_tag>`` tag: (run id, status)."""
+        found: dict[str, tuple[str, str]] = {}
         token = None
         while True:
             page = self.client.search_runs(
@@ -139,18 +139,27 @@ class Tracker:
                 max_results=1000,
                 page_token=token,
             )
-            keys |= {r.data.tags.get(f"{TAG}{key_tag}") for r in page}
+            for r in page:
+                key = r.data.tags.get(f"{TAG}{key_tag}")
+                if key is not None:
+                    found[key] = (r.info.run_id, r.info.status)
             token = page.token
             if not token:
-                return keys - {None}
+                return found
 
 
 class CandidateLogger:
-    """Logs candidate child runs from a background thread, in the order given."""
+    """Logs candidate child runs from a background thread, in the order given. A candidate
+    whose run is already complete is skipped; one whose run a kill interrupted half-way
+    (created, not yet finished) is completed in that same run."""
 
     def __init__(self, tracker: Tracker, parent: str, tags: Mapping[str, Any]) -> None:
         self.tracker, self.parent, self.tags = tracker, parent, dict(tags)
-        self.done = tracker.child_keys(parent)
+        children = tracker.children(parent)
+        self.done = {k for k, (_, status) in children.items() if status == "FINISHED"}
+        self.unfinished = {
+            k: run_id for k, (run_id, status) in children.items() if k not in self.done
+        }
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, daemon=True, name="mlflow-candidates")
@@ -167,7 +176,8 @@ class CandidateLogger:
         if key in self.done:
             return
         self.done.add(key)
-        self.queue.put((key, name, dict(params), dict(metrics), dict(tags or {})))
+        run_id = self.unfinished.pop(key, None)
+        self.queue.put((key, run_id, name, dict(params), dict(metrics), dict(tags or {})))
 
     def _work(self) -> None:
         client = self.tracker.client
@@ -175,20 +185,24 @@ class CandidateLogger:
             item = self.queue.get()
             if item is None:
                 return
-            key, name, params, metrics, tags = item
+            key, run_id, name, params, metrics, tags = item
             try:
-                all_tags = {f"{TAG}{k}": str(v) for k, v in {**self.tags, **tags}.items()}
-                all_tags[f"{TAG}candidate"] = key
-                all_tags["mlflow.parentRunId"] = self.parent
-                run = client.create_run(self.tracker.experiment_id, tags=all_tags, run_name=name)
+                if run_id is None:
+                    all_tags = {f"{TAG}{k}": str(v) for k, v in {**self.tags, **tags}.items()}
+                    all_tags[f"{TAG}candidate"] = key
+                    all_tags["mlflow.parentRunId"] = self.parent
+                    run = client.create_run(
+                        self.tracker.experiment_id, tags=all_tags, run_name=name
+                    )
+                    run_id = run.info.run_id
                 now = int(time.time() * 1000)
                 client.log_batch(
-                    run.info.run_id,
+                    run_id,
                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                     params=[Param(k, str(v)[:6000]) for k, v in params.items()],
                     tags=[RunTag("mlflow.runName", name)],
                 )
-                client.set_terminated(run.info.run_id, "FINISHED")
+                client.set_terminated(run_id, "FINISHED")
             except BaseException as exc:
                 self.error = exc
 
