@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine, sync
 
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import read_vtab
@@ -32,11 +32,6 @@ from nas.data.mini_vtab import prepare
 from nas.model import PromptedViT
 from nas.space import load_space
 from trainers.optim import build_optimizer
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -136,9 +131,7 @@ def main() -> int:
     device = torch.device(args.device)
     results = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(device),
         "torch": torch.__version__,
         "runs": [],
     }

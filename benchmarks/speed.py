@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import machine, sync
 
 from nas.data.decode import decode_split
 from nas.data.formats import read_vtab
@@ -48,11 +48,6 @@ for key, value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }.items():
     os.environ.setdefault(key, value)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
@@ -302,9 +297,7 @@ def main() -> int:
     device = torch.device(args.device)
     results = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(device),
         "torch": torch.__version__,
         "setting": "vit_fmnist (28x28 grey, width 192, 6 blocks), tiny_cpu space, mini-VTAB "
         "dsprites_loc",

@@ -352,7 +352,8 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         params={"algorithm": s.algorithm, "cost": s.cost, **s.options, **data_params(val)},
     )
     logger = CandidateLogger(tracker, parent, tags)
-    for e in known.values():  # logged before a kill? CandidateLogger skips those already there
+
+    def log_candidate(e: Evaluated) -> None:
         logger.log(
             e.subnet.key(),
             str(e.subnet),
@@ -360,6 +361,9 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
             _candidate_metrics(spec, e),
             {"round": e.round},
         )
+
+    for e in known.values():  # logged before a kill? CandidateLogger skips those already there
+        log_candidate(e)
     evaluated_now = 0
     started = time.time()
     with open(log_path, "a") as log:
@@ -381,13 +385,7 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
             log.write(json.dumps(e.to_data()) + "\n")
             log.flush()
             os.fsync(log.fileno())
-            logger.log(
-                e.subnet.key(),
-                str(e.subnet),
-                subnet_params_flat(e.subnet.to_data()),
-                _candidate_metrics(spec, e),
-                {"round": e.round},
-            )
+            log_candidate(e)
 
         def on_round(batch: list[Subnet]) -> None:
             best = algo.best(1)[0]
