@@ -42,6 +42,12 @@ class TowerGeometry:
         """Tokens per image entering the first block, without prompts."""
         return self.num_prefix_tokens + self.num_patches
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Rows and columns of the patch grid (square images)."""
+        side = round(self.num_patches**0.5)
+        return side, side
+
 
 @dataclass(frozen=True)
 class BackboneSpec:

@@ -62,15 +62,95 @@ class PatchInverse:
 
 
 def to_pixels(
-    patches: torch.Tensor, mean: Sequence[float], std: Sequence[float], bits: int | None = 8
+    patches: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    bits: int | None = 8,
+    *,
+    clip: bool = True,
 ) -> torch.Tensor:
-    """Normalised patches (..., C, p, p) as an image's pixels: denormalised, clipped to [0, 1],
-    quantised to ``bits`` (None: not quantised), then normalised again for the model."""
+    """Normalised patches (..., C, p, p) as an image's pixels: denormalised, clipped to [0, 1]
+    (unless ``clip`` is False), quantised to ``bits`` (None: not quantised), then normalised
+    again for the model."""
     shape = (len(mean), 1, 1)
-    m = torch.tensor(mean, dtype=patches.dtype).reshape(shape)
-    s = torch.tensor(std, dtype=patches.dtype).reshape(shape)
-    pixels = (patches * s + m).clamp(0.0, 1.0)
+    m = torch.tensor(mean, dtype=patches.dtype, device=patches.device).reshape(shape)
+    s = torch.tensor(std, dtype=patches.dtype, device=patches.device).reshape(shape)
+    pixels = patches * s + m
+    if clip:
+        pixels = pixels.clamp(0.0, 1.0)
     if bits is not None:
         levels = 2**bits - 1
         pixels = torch.round(pixels * levels) / levels
     return (pixels - m) / s
+
+
+class RGBPrompts(nn.Module):
+    """A trained PGN with ``border`` placement as what a hosted, unmodified ViT can be given:
+    the generator reads the image and the prompts come out as pixel patches pasted over the
+    image's border patches (``forward`` returns the prompted image, normalised as the model
+    expects it). The library is inverted once (``PatchInverse``): since the mixing weights sum
+    to 1 and the patch embedding is affine, the mixture of the library's patches embeds to the
+    mixture of its tokens, exactly where the embedding is invertible.
+
+    Args:
+        model: a ``PromptedViT`` whose active subnet has PGN with ``placement: border``.
+        mean, std: the model's input normalisation (pixels are in [0, 1]).
+        bits: quantisation of the pasted pixels (None: none); ``clip``: clip them to [0, 1].
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        bits: int | None = 8,
+        clip: bool = True,
+    ) -> None:
+        super().__init__()
+        import copy
+
+        from nas.modules.pgn import border_patches
+
+        pgn = model.prompt_modules["pgn"] if "pgn" in model.prompt_modules else None  # noqa: SIM401
+        if pgn is None or not pgn.active:
+            raise NasError("the model's active subnet has no PGN to export")
+        prompts, library, generator, resolution, placement = pgn.active
+        if placement != "border":
+            raise NasError(
+                "only PGN with placement: border deploys as pixels (placement: tokens adds "
+                "tokens that no input image can carry); train with placement: border"
+            )
+        inverse = PatchInverse(model.backbone)
+        self.exact = inverse.exact
+        self.generator = copy.deepcopy(pgn.generators[generator])
+        weight, bias = pgn._output(generator, prompts, library)
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+        patches = inverse.patches(pgn.library[:library].detach()).to(pgn.library.dtype)
+        self.register_buffer("library_patches", patches)  # (M, C, p, p), normalised
+        self.resolution, self.patch = resolution, inverse.patch
+        grid = tuple(model.backbone.patch_embed.grid_size)
+        self.positions = [divmod(i, grid[1]) for i in border_patches(grid)[:prompts]]
+        self.mean, self.std, self.bits, self.clip = tuple(mean), tuple(std), bits, clip
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """The prompt patches for ``images``: (B, L, C, p, p), normalised, as pasted."""
+        small = images
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            small = nn.functional.interpolate(
+                images, size=(self.resolution,) * 2, mode="bilinear", align_corners=False
+            )
+        features = self.generator(small)
+        mixing = (torch.einsum("bf,lmf->blm", features, self.weight) + self.bias).softmax(-1)
+        patches = torch.einsum("blm,mchw->blchw", mixing, self.library_patches)
+        if not self.clip and self.bits is None:
+            return patches
+        return to_pixels(patches, self.mean, self.std, self.bits, clip=self.clip)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patches(images)
+        out, p = images.clone(), self.patch
+        for i, (row, col) in enumerate(self.positions):
+            out[:, :, row * p : (row + 1) * p, col * p : (col + 1) * p] = patches[:, i]
+        return out

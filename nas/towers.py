@@ -35,6 +35,10 @@ class TokenLayout:
     segments: dict[str, int] = field(default_factory=dict)
     #: the (normalised) input images, for modules whose prompts depend on them (PGN)
     images: torch.Tensor | None = None
+    #: the patch grid (rows, columns) and the patches' positional embeddings (N, D), for
+    #: modules that put prompts at patch positions
+    grid: tuple[int, int] = (0, 0)
+    patch_pos: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -137,7 +141,13 @@ class TimmViTTower:
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         x = m.norm_pre(x)
-        layout = TokenLayout(int(m.num_prefix_tokens), images=images)
+        grid = tuple(m.patch_embed.grid_size)
+        layout = TokenLayout(
+            int(m.num_prefix_tokens),
+            images=images,
+            grid=grid,
+            patch_pos=m.pos_embed[0, -grid[0] * grid[1] :] if m.pos_embed is not None else None,
+        )
         for i, block in enumerate(m.blocks):
             x = self.injector.tokens(i, x, layout)
             x = block(x)

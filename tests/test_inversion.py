@@ -55,3 +55,68 @@ def test_pixels_are_clipped_and_quantised():
     unquantised = to_pixels(patches, mean, std, bits=None)
     inside = (patches * 0.25 + 0.5 >= 0) & (patches * 0.25 + 0.5 <= 1)
     assert torch.allclose(unquantised[inside], patches[inside])
+
+
+def rgb_model(placement: str = "border"):
+    """A small RGB ViT whose patch embedding is invertible (3·8·8 = 192 = width), random
+    weights, with a PGN subnet; and the same backbone unmodified, as a host would run it."""
+    import copy
+
+    from nas.model import PromptedViT
+    from nas.space import parse_space
+    from nas.subnet import Subnet
+    from nas.yamlio import parse_yaml
+
+    text = """
+backbone:
+  model: vit_tiny_patch16_224
+  overrides: {img_size: 32, patch_size: 8, embed_dim: 192, depth: 2, num_heads: 3}
+modules:
+  vpt: {dims: [0, 2], depths: [2]}
+  pgn: {prompts: [3, 5], library: [8], resolutions: [16], placement: PLACEMENT}
+""".replace("PLACEMENT", placement)
+    space = parse_space(parse_yaml(text))
+    backbone = space.backbone.create(4)
+    host = copy.deepcopy(backbone).eval()
+    model = PromptedViT.supernet(space, 4, backbone).eval()
+    with torch.no_grad():
+        model.prompt_modules["pgn"].library.normal_(0, 0.5)
+        model.prompt_modules["pgn"].outputs["resnet10"].weight.normal_(0, 0.5)
+    model.set_subnet(Subnet({"vpt": [2, 2], "pgn": (5, 8, "resnet10", 16, placement)}))
+    return model, host
+
+
+def test_rgb_deployed_prompts_reproduce_the_token_space_logits():
+    from nas.inversion import RGBPrompts
+    from nas.subnet import Subnet
+
+    model, host = rgb_model()
+    model.set_subnet(Subnet({"pgn": (5, 8, "resnet10", 16, "border")}))  # pixels only: no VPT
+    images = torch.randn(3, 3, 32, 32)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    exact = RGBPrompts(model, mean, std, bits=None, clip=False).eval()
+    assert exact.exact
+    with torch.no_grad():
+        expected = model(images)
+        prompted = exact(images)
+        assert not torch.equal(prompted, images)  # the border patches carry the prompts
+        # only the first 5 border patches changed: top row (4), then the right column's 2nd
+        changed = (prompted != images).any(1).reshape(3, 4, 8, 4, 8).any(-1).any(-2)
+        assert changed[0].flatten().nonzero().flatten().tolist() == [0, 1, 2, 3, 7]
+        assert torch.allclose(host(prompted), expected, atol=1e-4)
+        # as 8-bit pixels, clipped: the quantisation's effect, measured
+        deployed = RGBPrompts(model, mean, std)(images)
+        pixels = deployed[:, :, :8] * 0.5 + 0.5
+        assert torch.allclose(pixels * 255, torch.round(pixels * 255), atol=1e-4)
+        assert (host(deployed) - expected).abs().max() < 1.0
+
+
+def test_tokens_placement_cannot_be_deployed_as_pixels():
+    import pytest
+
+    from nas.errors import NasError
+    from nas.inversion import RGBPrompts
+
+    model, _ = rgb_model("tokens")
+    with pytest.raises(NasError, match="only PGN with placement: border deploys as pixels"):
+        RGBPrompts(model, (0.5,) * 3, (0.5,) * 3)

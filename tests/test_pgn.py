@@ -188,6 +188,16 @@ def test_shipped_pgn_spaces():
             r"modules\.pgn\.resolutions\[0\]: expected an integer",
         ),
         ("{prompts: [2]}", r"modules\.pgn: missing required key 'library'"),
+        (
+            "{prompts: [2, 20], library: [4], placement: border}",
+            r"modules\.pgn\.prompts: 20 prompts do not fit on the image's border \(12 patches "
+            r"of a 4x4 grid\)",
+        ),
+        (
+            "{prompts: [2], library: [4], placement: corner}",
+            r"modules\.pgn\.placement: 'corner' is not a placement; "
+            r"expected one of: tokens, border",
+        ),
         ("{prompts: [2], library: [4], depth: 3}", r"modules\.pgn\.depth: unknown key"),
     ],
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,7 +45,21 @@ GENERATORS: dict[str, dict[str, Any]] = {
     "resnet18": {"layers": (2, 2, 2, 2), "channels": (64, 128, 256, 512), "stem_width": 64},
 }
 
-Choice = tuple  # (prompts L, library M, generator, resolution); () when absent
+Choice = tuple  # (prompts L, library M, generator, resolution, placement); () when absent
+
+#: where the prompts go: extra tokens (the paper's), or over the patches of the image's border
+#: (what an unmodified model can be given as pixels: see ``nas.inversion``)
+PLACEMENTS = ("tokens", "border")
+
+
+def border_patches(grid: tuple[int, int]) -> list[int]:
+    """Indices (raster order in the patch grid) of the border patches, clockwise from the top
+    left: the positions that ``border`` placement gives the prompts, in order."""
+    rows, cols = grid
+    ring = [(0, c) for c in range(cols)] + [(r, cols - 1) for r in range(1, rows)]
+    ring += [(rows - 1, c) for c in range(cols - 2, -1, -1)] if rows > 1 else []
+    ring += [(r, 0) for r in range(rows - 2, 0, -1)] if cols > 1 else []
+    return [r * cols + c for r, c in ring]
 
 
 def make_generator(name: str, in_chans: int, device: str | torch.device | None = None) -> ResNet:
@@ -117,47 +132,67 @@ class PGN(PromptModule):
     def canonical(cls, choice: Sequence[Any]) -> Choice:
         if not choice or int(choice[0]) == 0:
             return ()
-        return (int(choice[0]), int(choice[1]), str(choice[2]), int(choice[3]))
+        placement = str(choice[4]) if len(choice) > 4 else "tokens"
+        return (int(choice[0]), int(choice[1]), str(choice[2]), int(choice[3]), placement)
 
     @classmethod
     def parse_choice(cls, value: Any, reader: Reader, key: str) -> Choice:
-        """``{prompts: L, library: M, generator: resnet10, resolution: 28}``, or null."""
+        """``{prompts: L, library: M, generator: resnet10, resolution: 28, placement: tokens}``
+        (placement optional), or null."""
         if value is None:
             return ()
         value = reader.mapping(
-            value, key, required=["prompts", "library", "generator", "resolution"]
+            value,
+            key,
+            required=["prompts", "library", "generator", "resolution"],
+            optional=["placement"],
         )
         prompts = reader.integer(value["prompts"], join_key(key, "prompts"), minimum=1)
         library = reader.integer(value["library"], join_key(key, "library"), minimum=1)
         generator = _generator_name(reader, value["generator"], join_key(key, "generator"))
         resolution = reader.integer(value["resolution"], join_key(key, "resolution"), minimum=1)
-        return (prompts, library, generator, resolution)
+        placement = _placement(reader, value.get("placement", "tokens"), join_key(key, "placement"))
+        return (prompts, library, generator, resolution, placement)
 
     @classmethod
     def choice_to_data(cls, choice: Choice) -> dict[str, Any] | None:
         if not choice:
             return None
-        prompts, library, generator, resolution = choice
+        prompts, library, generator, resolution, placement = choice
         return {
             "prompts": prompts,
             "library": library,
             "generator": generator,
             "resolution": resolution,
+            "placement": placement,
         }
 
     @classmethod
     def choice_str(cls, choice: Choice) -> str:
         if not choice:
             return "-"
-        prompts, library, generator, resolution = choice
-        return f"{prompts}of{library}/{generator}@{resolution}"
+        prompts, library, generator, resolution, placement = choice
+        where = "" if placement == "tokens" else f"/{placement}"
+        return f"{prompts}of{library}/{generator}@{resolution}{where}"
 
     @classmethod
     def parse_space(cls, value: Any, reader: Reader, key: str, geometry: TowerGeometry) -> PGNSpace:
         value = reader.mapping(
-            value, key, required=["prompts", "library"], optional=["generators", "resolutions"]
+            value,
+            key,
+            required=["prompts", "library"],
+            optional=["generators", "resolutions", "placement"],
         )
         prompts = reader.int_choices(value["prompts"], join_key(key, "prompts"), minimum=1)
+        placement = _placement(reader, value.get("placement", "tokens"), join_key(key, "placement"))
+        border = len(border_patches(geometry.grid))
+        if placement == "border" and max(prompts) > border:
+            reader.fail(
+                join_key(key, "prompts"),
+                f"{max(prompts)} prompts do not fit on the image's border ({border} patches of "
+                f"a {geometry.grid[0]}x{geometry.grid[1]} grid); use at most {border}, or "
+                "placement: tokens",
+            )
         library = reader.int_choices(value["library"], join_key(key, "library"), minimum=1)
         names = value.get("generators", ["resnet10"])
         if not isinstance(names, list) or not names:
@@ -174,7 +209,7 @@ class PGN(PromptModule):
         resolutions = reader.int_choices(
             value.get("resolutions", [image]), join_key(key, "resolutions"), minimum=1
         )
-        return PGNSpace(prompts, library, generators, resolutions)
+        return PGNSpace(prompts, library, generators, resolutions, (placement,))
 
     # -- costs -------------------------------------------------------------------------------
     @classmethod
@@ -191,7 +226,8 @@ class PGN(PromptModule):
 
     @classmethod
     def extra_tokens(cls, choice: Choice, geometry: TowerGeometry) -> list[int]:
-        return [choice[0] if choice else 0] * geometry.depth
+        added = choice[0] if choice and choice[4] == "tokens" else 0
+        return [added] * geometry.depth
 
     @classmethod
     def flops(
@@ -201,7 +237,7 @@ class PGN(PromptModule):
         of the extra tokens is counted by ``nas.cost``."""
         if not choice:
             return 0
-        prompts, library, generator, resolution = choice
+        prompts, library, generator, resolution, _ = choice
         features = generator_params(generator, geometry.in_chans)[1]
         return (
             generator_flops(generator, geometry.in_chans, resolution)
@@ -213,7 +249,7 @@ class PGN(PromptModule):
     def fits(self, choice: Choice) -> bool:
         if not choice:
             return True
-        prompts, library, generator, _ = choice
+        prompts, library, generator = choice[:3]
         cap_p, cap_m, generators = self.capacity
         return prompts <= cap_p and library <= cap_m and generator in generators
 
@@ -234,7 +270,7 @@ class PGN(PromptModule):
 
     def prompts(self, images: torch.Tensor) -> torch.Tensor:
         """The active choice's prompts for ``images``: (B, L, width)."""
-        prompts, library, generator, resolution = self.active
+        prompts, library, generator, resolution, _ = self.active
         if images.shape[-1] != resolution or images.shape[-2] != resolution:
             images = F.interpolate(
                 images, size=(resolution, resolution), mode="bilinear", align_corners=False
@@ -250,13 +286,22 @@ class PGN(PromptModule):
             return x
         if layout.images is None:
             raise RuntimeError("pgn needs the input images; the tower did not pass them")
-        return layout.replace(x, self.kind, self.prompts(layout.images).to(x.dtype))
+        prompts = self.prompts(layout.images).to(x.dtype)
+        if self.active[4] == "tokens":
+            return layout.replace(x, self.kind, prompts)
+        # border: the prompts take the place of the first L border patches, with those
+        # positions' embeddings, exactly as prompt patches pasted into the image would
+        where = torch.tensor(border_patches(layout.grid)[: prompts.shape[1]], device=x.device)
+        start = layout.num_prefix + layout.num_prompts  # the patches follow any prompt tokens
+        x = x.clone()
+        x[:, start + where] = prompts + layout.patch_pos[where].to(x.dtype)
+        return x
 
     def export(self, choice: Choice) -> PGN:
         choice = self.canonical(choice)
         if not choice or not self.fits(choice):
             raise ValueError(f"pgn: cannot export {choice} from {self.capacity}")
-        prompts, library, generator, _ = choice
+        prompts, library, generator = choice[:3]
         clone = PGN(self.geometry, choice, self.config)
         clone.to(device=self.library.device, dtype=self.library.dtype)
         with torch.no_grad():
@@ -268,6 +313,12 @@ class PGN(PromptModule):
         clone.activate(choice)
         clone.train(self.training)
         return clone
+
+
+def _placement(reader: Reader, value: Any, key: str) -> str:
+    if value not in PLACEMENTS:
+        reader.fail(key, f"{value!r} is not a placement; expected one of: {', '.join(PLACEMENTS)}")
+    return value
 
 
 def _generator_name(reader: Reader, value: Any, key: str) -> str:
@@ -284,6 +335,7 @@ class PGNSpace(ModuleSpace):
     library: tuple[int, ...]
     generators: tuple[str, ...]
     resolutions: tuple[int, ...]
+    placements: tuple[str, ...] = ("tokens",)
 
     kind = "pgn"
     module = PGN
@@ -293,10 +345,10 @@ class PGNSpace(ModuleSpace):
         return {}
 
     def _axes(self) -> tuple[tuple[Any, ...], ...]:
-        return (self.prompts, self.library, self.generators, self.resolutions)
+        return (self.prompts, self.library, self.generators, self.resolutions, self.placements)
 
     def count(self) -> int:
-        return len(self.prompts) * len(self.library) * len(self.generators) * len(self.resolutions)
+        return math.prod(len(axis) for axis in self._axes())
 
     def contains(self, choice: Choice) -> bool:
         choice = PGN.canonical(choice)
@@ -320,14 +372,14 @@ class PGNSpace(ModuleSpace):
         )
 
     def suggest(self, trial: Any, prefix: str) -> Choice:
-        names = ("prompts", "library", "generator", "resolution")
+        names = ("prompts", "library", "generator", "resolution", "placement")
         return tuple(
             trial.suggest_categorical(f"{prefix}{name}", list(axis))
             for name, axis in zip(names, self._axes(), strict=True)
         )
 
     def capacity(self) -> tuple[Any, ...]:
-        return (max(self.prompts), max(self.library), self.generators, self.resolutions)
+        return (max(self.prompts), max(self.library), self.generators)
 
     def cost_distribution(self, geometry: TowerGeometry) -> Counter[int]:
         return Counter(PGN.params(c, geometry) for c in self.choices())
@@ -344,4 +396,5 @@ class PGNSpace(ModuleSpace):
             "library": list(self.library),
             "generators": list(self.generators),
             "resolutions": list(self.resolutions),
+            "placement": self.placements[0],
         }
