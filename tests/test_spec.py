@@ -82,8 +82,27 @@ BAD = [
     ({"stages": {"supernet": {"epochs": -1}}}, r"stages\.supernet\.epochs: -1 is negative"),
     ({"stages": {"supernet": {"epoch": 3}}}, r"stages\.supernet\.epoch: unknown key"),
     (
-        {"stages": {"retrain": {"baselines": {"b": {"pgn": {"depth": 1, "dims": 1}}}}}},
-        r"stages\.retrain\.baselines\.b\.pgn: unknown key",
+        {"stages": {"retrain": {"baselines": {"b": {"prefix": {"depth": 1, "dims": 1}}}}}},
+        r"stages\.retrain\.baselines\.b\.prefix: unknown key",
+    ),
+    (
+        {
+            "stages": {
+                "retrain": {
+                    "baselines": {
+                        "b": {
+                            "pgn": {
+                                "prompts": 2,
+                                "library": 4,
+                                "generator": "resnet10",
+                                "resolution": 28,
+                            }
+                        }
+                    }
+                }
+            }
+        },
+        r"stages\.retrain\.baselines\.b: uses \['pgn'\], which the space does not hold",
     ),
     (
         {"stages": {"retrain": {"baselines": {"b": "full-fine-tuning"}}}},
