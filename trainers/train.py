@@ -15,6 +15,7 @@ import copy
 import math
 import random
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -180,7 +181,6 @@ def evaluate_candidates(
     models = [model, *replicas]
     if len(models) == 1 or len(subnets) < 2:
         return [_accuracy(model, s, batches, len(data)) for s in subnets]
-    from concurrent.futures import ThreadPoolExecutor
 
     def score_share(i: int) -> list[tuple[int, float]]:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
