@@ -21,7 +21,7 @@ from typing import Any
 from nas.data.hashing import file_sha256
 from nas.errors import NasError
 from nas.pipeline import stages
-from nas.pipeline.ray_layer import run_stage, start_ray
+from nas.pipeline.ray_layer import GroupedASHA, run_stage, start_ray
 from nas.spec import ExperimentSpec, load_spec
 
 PACKAGES = ("torch", "timm", "ray", "optuna", "mlflow", "numpy", "safetensors", "nas-prompt")
@@ -200,7 +200,7 @@ def run_stages(spec: ExperimentSpec) -> None:
     storage = spec.output / "ray"
     if spec.hparams.enabled:
         with timings("hparams"):
-            run_hparams_stage(spec, base, pairs, storage)
+            run_hparams_stage(spec, base, storage)
     searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
     for stage, dir_of in searched if spec.search.enabled else ():
         todo = [
@@ -303,75 +303,100 @@ def check_cluster(spec: ExperimentSpec) -> None:
         )
 
 
-def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], pairs, storage: Path) -> None:
-    """Stage 0: per dataset, seed and method, the lr x wd grid as one Tune run with ASHA
-    (trials are compared only within their own dataset and method); the winner is recorded
-    in hparams/<ds>-seed<k>/<method>/done.json and used by the later stages."""
-    from ray.tune.schedulers import ASHAScheduler
+def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path) -> None:
+    """Stage 0: for every dataset and method, the lr x wd grid, all in one Tune run so that the
+    cluster stays busy; ASHA stops points early, comparing each only with its own dataset and
+    method (``GroupedASHA``). A sweep's winner is written to hparams/<ds>/<method>/done.json
+    and tracked in MLflow as soon as its last point ends, so an interrupted stage keeps every
+    finished sweep; the later stages read the winners. The sweep trains with the first seed
+    and its winner serves every seed."""
+    from ray.tune import Callback
 
     h = spec.hparams
     methods = ["supernet"] if spec.search.enabled else []
     methods += [f"baseline-{name}" for name in spec.retrain.baselines]
-    for ds, seed in pairs:
-        for method in methods:
-            out = stages.hparams_dir(spec, ds.key, seed, method)
-            if (out / "done.json").is_file():
-                continue
-            grid = [
+    seed = spec.seeds[0]
+    sweeps = {
+        (ds.key, method): ds
+        for ds in spec.datasets
+        for method in methods
+        if not (stages.hparams_dir(spec, ds.key, method) / "done.json").is_file()
+    }
+    grid = [
+        {
+            **base,
+            "dataset": key,
+            "seed": seed,
+            "method": method,
+            "lr": lr,
+            "weight_decay": wd,
+            "group": f"{key}/{method}",
+        }
+        for key, method in sweeps
+        for lr in h.lrs
+        for wd in h.weight_decays
+    ]
+    size = len(h.lrs) * len(h.weight_decays)
+    print(
+        f"== hparams: {len(sweeps)} of {len(spec.datasets) * len(methods)} sweeps to run, "
+        f"{size} points each",
+        flush=True,
+    )
+    ended: dict[str, list[dict[str, Any]]] = {}
+
+    def finish(key: str, method: str, points: list[dict[str, Any]]) -> None:
+        ds = sweeps[(key, method)]
+        best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
+        out = stages.hparams_dir(spec, key, method)
+        stages.write_json(out / "done.json", {**best, "seed": seed, "grid": points})
+        tracker = stages.tracker_for(spec)
+        run_id = tracker.run(
+            f"hparams {key} {method}",
+            {**stages.base_tags(spec, "hparams", ds, seed), "label": method},
+            params={
+                "lrs": list(h.lrs),
+                "weight_decays": list(h.weight_decays),
+                "epochs": h.epochs,
+                "chosen_lr": best["lr"],
+                "chosen_weight_decay": best["weight_decay"],
+            },
+        )
+        tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
+        tracker.log_artifact(run_id, out / "done.json")
+        tracker.finish(run_id)
+
+    class SweepEnd(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            task, result = trial.config["task"], trial.last_result or {}
+            points = ended.setdefault(task["group"], [])
+            points.append(
                 {
-                    **base,
-                    "dataset": ds.key,
-                    "seed": seed,
-                    "method": method,
-                    "lr": lr,
-                    "weight_decay": wd,
+                    "lr": task["lr"],
+                    "weight_decay": task["weight_decay"],
+                    "val_acc": result.get("val_acc", 0.0),
+                    "epochs": result.get("training_iteration", 0),
                 }
-                for lr in h.lrs
-                for wd in h.weight_decays
-            ]
-            print(f"== hparams {ds.key} seed {seed} {method}: {len(grid)} points", flush=True)
-            scheduler = ASHAScheduler(
-                metric="val_acc",
-                mode="max",
-                max_t=h.epochs,
-                grace_period=min(h.grace_period, h.epochs),
-                reduction_factor=h.reduction_factor,
             )
-            results = run_stage(
-                "hparams",
-                grid,
-                storage=storage,
-                cpus=spec.cpus,
-                gpus=spec.gpus,
-                scheduler=scheduler,
-                name=f"hparams-{stages.run_key(ds.key, seed)}-{method}",
-            )
-            points = [
-                {
-                    "lr": r.config["task"]["lr"],
-                    "weight_decay": r.config["task"]["weight_decay"],
-                    "val_acc": r.metrics.get("val_acc", 0.0),
-                    "epochs": r.metrics.get("training_iteration", 0),
-                }
-                for r in results
-            ]
-            best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
-            stages.write_json(out / "done.json", {**best, "grid": points})
-            tracker = stages.tracker_for(spec)
-            run_id = tracker.run(
-                f"hparams {ds.key} seed {seed} {method}",
-                {**stages.base_tags(spec, "hparams", ds, seed), "label": method},
-                params={
-                    "lrs": list(h.lrs),
-                    "weight_decays": list(h.weight_decays),
-                    "epochs": h.epochs,
-                    "chosen_lr": best["lr"],
-                    "chosen_weight_decay": best["weight_decay"],
-                },
-            )
-            tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
-            tracker.log_artifact(run_id, out / "done.json")
-            tracker.finish(run_id)
+            if len(points) == size:
+                points.sort(key=lambda p: (p["lr"], p["weight_decay"]))
+                finish(task["dataset"], task["method"], points)
+
+    run_stage(
+        "hparams",
+        grid,
+        storage=storage,
+        cpus=spec.cpus,
+        gpus=spec.gpus,
+        scheduler=GroupedASHA(
+            "group",
+            metric="val_acc",
+            mode="max",
+            max_t=h.epochs,
+            grace_period=min(h.grace_period, h.epochs),
+            reduction_factor=h.reduction_factor,
+        ),
+        callbacks=[SweepEnd()],
+    )
 
 
 def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dict[str, Any]]:

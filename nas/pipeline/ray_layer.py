@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from nas.errors import NasError
 
@@ -90,6 +91,44 @@ def _progress_line(m: dict[str, Any]) -> str:
     )
 
 
+class GroupedASHA(FIFOScheduler):
+    """ASHA within groups of trials: one independent ASHA per value of ``config["task"][key]``,
+    so that one Tune run can hold many sweeps (every dataset and method of the hparams stage)
+    and keep the cluster busy, while a point is only ever stopped for being worse than points
+    of its own sweep. The other arguments are ASHAScheduler's."""
+
+    def __init__(self, key: str, **asha: Any) -> None:
+        super().__init__()
+        self.key, self.asha = key, asha
+        self.groups: dict[str, ASHAScheduler] = {}
+        self.group_of: dict[str, str] = {}
+
+    def _of(self, trial: Any) -> ASHAScheduler:
+        return self.groups[self.group_of[trial.trial_id]]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        group = str(trial.config["task"][self.key])
+        self.group_of[trial.trial_id] = group
+        if group not in self.groups:
+            self.groups[group] = ASHAScheduler(**self.asha)
+        self.groups[group].on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"Using ASHA within {len(self.groups)} groups of trials (by {self.key})"
+
+
 def run_stage(
     stage: str,
     tasks: Sequence[dict[str, Any]],
@@ -100,6 +139,7 @@ def run_stage(
     max_failures: int = 2,
     scheduler: Any = None,
     name: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> list[Any]:
     """Run the stage's work on every task, one Tune trial each; NasError if any failed."""
     if not tasks:
@@ -114,6 +154,7 @@ def run_stage(
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
+            callbacks=list(callbacks),
         ),
     )
     results = tuner.fit()

@@ -3,6 +3,7 @@
 
 Output layout (per dataset key and seed, ``<ds>-seed<k>``)::
 
+    hparams/<ds>/<method>/done.json             the sweep's winner (one sweep for all seeds)
     supernet/<ds>-seed<k>/state.pt              training state every checkpoint_every epochs
     supernet/<ds>-seed<k>/supernet.safetensors  final module and head weights; done.json
     search/<ds>-seed<k>/candidates.jsonl        every evaluated candidate, appended as scored
@@ -144,15 +145,17 @@ def base_tags(spec: ExperimentSpec, stage: str, ds: DatasetSpec, seed: int) -> d
 # -- hparams ----------------------------------------------------------------------------------
 
 
-def hparams_dir(spec: ExperimentSpec, dataset: str, seed: int, method: str) -> Path:
-    return spec.output / "hparams" / run_key(dataset, seed) / method
+def hparams_dir(spec: ExperimentSpec, dataset: str, method: str) -> Path:
+    """One sweep per dataset and method, shared by every seed: the seeds measure the spread of
+    training with the chosen hyperparameters (as VPT's protocol does), not of the choice."""
+    return spec.output / "hparams" / dataset / method
 
 
-def tuned(spec: ExperimentSpec, dataset: str, seed: int, method: str) -> tuple[float, float]:
+def tuned(spec: ExperimentSpec, dataset: str, method: str) -> tuple[float, float]:
     """(lr, weight decay) for a method: the hparams stage's winner when it ran, else the
     stage's own settings ("supernet" covers the supernet and the searched subnets' retraining;
     "baseline-NAME" a baseline's retraining)."""
-    done = hparams_dir(spec, dataset, seed, method) / "done.json"
+    done = hparams_dir(spec, dataset, method) / "done.json"
     if spec.hparams.enabled and done.is_file():
         winner = read_json(done)
         return float(winner["lr"]), float(winner["weight_decay"])
@@ -236,7 +239,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         spec.space, data.num_classes, spec.backbone.create(data.num_classes)
     ).to(device)
     st = spec.supernet
-    lr, wd = tuned(spec, ds.key, seed, "supernet")
+    lr, wd = tuned(spec, ds.key, "supernet")
     cfg = st.train_config(lr=lr, weight_decay=wd, seed=seed)
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
@@ -499,7 +502,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     )
     r = spec.retrain
     method = label if task["role"] == "baseline" else "supernet"
-    lr, wd = tuned(spec, ds.key, seed, method)
+    lr, wd = tuned(spec, ds.key, method)
     cfg = r.train_config(lr=lr, weight_decay=wd, seed=seed)
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None

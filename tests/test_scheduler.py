@@ -1,0 +1,58 @@
+"""GroupedASHA: many sweeps in one Tune run, each point compared only with its own sweep.
+Driven directly with stand-in trials (the scheduler reads only a trial's id and config)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from nas.pipeline.ray_layer import GroupedASHA
+
+ASHA = {"metric": "val_acc", "mode": "max", "max_t": 4, "grace_period": 1, "reduction_factor": 2}
+
+
+def trial(tid: str, group: str) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=tid, config={"task": {"group": group}})
+
+
+def decisions(scheduler, scores: dict[str, float], groups: dict[str, str]) -> dict[str, str]:
+    trials = {tid: trial(tid, groups[tid]) for tid in scores}
+    for t in trials.values():
+        scheduler.on_trial_add(None, t)
+    return {
+        tid: scheduler.on_trial_result(None, trials[tid], {"training_iteration": 1, "val_acc": acc})
+        for tid, acc in scores.items()
+    }
+
+
+def test_points_are_stopped_only_by_their_own_sweep():
+    # A strong method's two points report first, then a weak method's two points.
+    scores = {"a1": 0.9, "a2": 0.8, "b1": 0.3, "b2": 0.2}
+    groups = {"a1": "digits/lora", "a2": "digits/lora"} | {b: "digits/linear" for b in ("b1", "b2")}
+    # One ASHA over everything stops the weak method's every point at the first rung ...
+    assert decisions(ASHAScheduler(**ASHA), scores, groups) == {
+        "a1": TrialScheduler.CONTINUE,
+        "a2": TrialScheduler.STOP,
+        "b1": TrialScheduler.STOP,
+        "b2": TrialScheduler.STOP,
+    }
+    # ... grouped, each sweep keeps its own best point and stops only its own worse one.
+    grouped = GroupedASHA("group", **ASHA)
+    assert decisions(grouped, scores, groups) == {
+        "a1": TrialScheduler.CONTINUE,
+        "a2": TrialScheduler.STOP,
+        "b1": TrialScheduler.CONTINUE,
+        "b2": TrialScheduler.STOP,
+    }
+    assert sorted(grouped.groups) == ["digits/linear", "digits/lora"]
+
+
+def test_a_point_reaching_max_t_stops_and_completion_is_routed_to_its_group():
+    grouped = GroupedASHA("group", **ASHA)
+    t = trial("x", "clevr/supernet")
+    grouped.on_trial_add(None, t)
+    result = {"training_iteration": 4, "val_acc": 0.5}
+    assert grouped.on_trial_result(None, t, result) == TrialScheduler.STOP
+    grouped.on_trial_complete(None, t, result)
+    assert grouped.groups["clevr/supernet"]._trial_info == {}
