@@ -36,6 +36,9 @@ class TowerGeometry:
     num_patches: int
     patch_size: int
     in_chans: int
+    #: a CLIP's text tower (0 without one): its width and context length in tokens
+    text_width: int = 0
+    text_context: int = 0
 
     @property
     def seq_len(self) -> int:

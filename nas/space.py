@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.backbone import BackboneSpec, TowerGeometry, load_backbone, parse_backbone_mapping
+from nas.clip.model import ClipSpec, is_clip, load_clip
 from nas.cost import added_flops, subnet_params
 from nas.errors import ConfigError
 from nas.modules import REGISTRY, ModuleSpace
@@ -99,7 +100,7 @@ class SearchSpace:
     """A validated search space."""
 
     name: str
-    backbone: BackboneSpec
+    backbone: BackboneSpec | ClipSpec
     modules: dict[str, ModuleSpace]
     budget: Budget
     description: str = ""
@@ -228,14 +229,28 @@ def _parse_bounds(reader: Reader, value: Any, key: str) -> Bounds:
     return Bounds(low, high)
 
 
-def _parse_backbone(value: Any, reader: Reader, doc: Document) -> BackboneSpec:
-    """A shipped backbone's name (``vit_fmnist``), a path to a backbone.yaml, or a mapping
-    ``{model, overrides, weights, mean, std}``."""
+def _parse_backbone(value: Any, reader: Reader, doc: Document) -> BackboneSpec | ClipSpec:
+    """A shipped backbone's name (``vit_fmnist``) or CLIP's (``clip_fmnist``), a path to a
+    backbone.yaml or clip.yaml, a mapping ``{clip: NAME_OR_PATH}``, or a mapping ``{model,
+    overrides, weights, mean, std}``."""
     base = Path(doc.file).parent if doc.file else Path.cwd()
+
+    def local(text: str) -> str | Path:
+        path = Path(text)
+        return text if not path.suffix or path.is_absolute() else base / path
+
+    if isinstance(value, dict) and "clip" in value:
+        reader.mapping(value, "backbone", required=["clip"])
+        value = reader.string(value["clip"], "backbone.clip")
+        try:
+            return load_clip(local(value))
+        except ConfigError as exc:
+            reader.fail("backbone.clip", f"{value!r}: {exc}")
     if isinstance(value, str):
         try:
-            path = Path(value)
-            return load_backbone(value if not path.suffix or path.is_absolute() else base / path)
+            if is_clip(local(value)):
+                return load_clip(local(value))
+            return load_backbone(local(value))
         except ConfigError as exc:
             reader.fail("backbone", f"{value!r}: {exc}")
     bb = reader.mapping(

@@ -7,9 +7,10 @@ from nas.modules.adapter import Adapter
 from nas.modules.base import LayeredModule, LayeredSpace, ModuleSpace, PromptModule
 from nas.modules.lora import LoRA
 from nas.modules.pgn import PGN, PGNSpace
+from nas.modules.upt import UPT, UPTSpace
 from nas.modules.vpt import VPT
 
-REGISTRY: dict[str, type[PromptModule]] = {cls.kind: cls for cls in (VPT, LoRA, Adapter, PGN)}
+REGISTRY: dict[str, type[PromptModule]] = {cls.kind: cls for cls in (VPT, LoRA, Adapter, PGN, UPT)}
 
 
 def module_class(kind: str) -> type[PromptModule]:
@@ -23,6 +24,7 @@ def module_class(kind: str) -> type[PromptModule]:
 __all__ = [
     "PGN",
     "REGISTRY",
+    "UPT",
     "VPT",
     "Adapter",
     "LayeredModule",
@@ -31,5 +33,6 @@ __all__ = [
     "ModuleSpace",
     "PGNSpace",
     "PromptModule",
+    "UPTSpace",
     "module_class",
 ]

@@ -1,0 +1,313 @@
+"""UPT (Zang et al.) and its text-only parent CoOp (Zhou et al.): learned context for CLIP's
+text tower, and in UPT also visual prompts for its image tower, from one tiny network.
+
+A choice is ``(mode, n_ctx)``:
+
+- ``text`` (CoOp): ``n_ctx`` learned vectors of the text width take the place of the prompt
+  template's words: ``[SOT] ctx_1 .. ctx_n <class name> . [EOT]``.
+- ``unified`` (UPT): a learned prompt of ``2 n_ctx`` text-width vectors goes through one
+  Transformer encoder layer (1 head, FFN width = text width, two LayerNorms, dropout 0.1);
+  the first ``n_ctx`` outputs are the text context, the last ``n_ctx``, through a linear map to
+  the image width, are visual prompts that join the image tower's sequence before block 0
+  (after the positional embedding, without one of their own) and flow through every block.
+
+Visual prompts alone are VPT (``nas.modules.vpt``) on the image tower; a space offers "text /
+visual / unified" by declaring this module with its modes beside ``vpt``.
+
+Weight entanglement: the supernet holds ``n_ctx`` up to the space's maximum; a choice uses
+``ctx[:n]`` (text) or ``u_text[:n]``, ``u_visual[:n]`` (unified); the encoder layer and the
+linear map serve every ``n``. The two modes' weights are separate, chosen categorically. The
+first vectors of ``ctx`` and ``u_text`` start from the embedding of ``options.init`` ("a photo
+of a"), the rest N(0, 0.02), as both papers do; ``PromptedCLIP`` sets that from its tokenizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from nas.backbone import TowerGeometry
+from nas.modules.base import ModuleSpace, PromptModule
+from nas.towers import TokenLayout
+from nas.validate import Reader
+from nas.yamlio import join_key
+
+MODES = ("text", "unified")
+Choice = tuple  # (mode, n_ctx); () when absent (the zero-shot prompt template)
+
+
+def encoder_layer_params(width: int) -> int:
+    """Parameters of UPT's encoder layer at ``width``: attention (in and out projections with
+    biases), the FFN width -> width -> width, and two LayerNorms."""
+    return 6 * width * width + 10 * width
+
+
+class UPT(PromptModule):
+    kind = "upt"
+    sites = frozenset({"tokens"})
+    options: ClassVar[dict[str, float]] = {"dropout": 0.1}
+
+    def __init__(
+        self, geometry: TowerGeometry, capacity: Sequence[Any], options: Mapping[str, float]
+    ) -> None:
+        """``capacity``: a choice, or ``(modes, n_ctx)`` with a tuple of the modes the weights
+        must serve (a supernet's)."""
+        super().__init__()
+        if geometry.text_width <= 0:
+            raise ValueError("upt needs a CLIP backbone (a tower geometry with a text width)")
+        modes, n = capacity[0], int(capacity[1])
+        modes = (modes,) if isinstance(modes, str) else tuple(modes)
+        self.geometry = geometry
+        self.capacity = (modes, n)
+        self.config = {**self.options, **dict(options)}
+        d, v = geometry.text_width, geometry.width
+        if "text" in modes:
+            self.ctx = nn.Parameter(torch.randn(n, d) * 0.02)
+        if "unified" in modes:
+            self.u_text = nn.Parameter(torch.randn(n, d) * 0.02)
+            self.u_visual = nn.Parameter(torch.randn(n, d) * 0.02)
+            self.encoder = nn.TransformerEncoderLayer(
+                d,
+                nhead=1,
+                dim_feedforward=d,
+                dropout=float(self.config["dropout"]),
+                batch_first=True,
+            )
+            self.to_visual = nn.Linear(d, v)
+        self.active: Choice = ()
+        self._visual: torch.Tensor | None = None
+
+    # -- choices as data -------------------------------------------------------------------
+    @classmethod
+    def empty_choice(cls) -> Choice:
+        return ()
+
+    @classmethod
+    def canonical(cls, choice: Sequence[Any]) -> Choice:
+        if not choice or choice[0] == "none" or int(choice[1]) == 0:
+            return ()
+        return (str(choice[0]), int(choice[1]))
+
+    @classmethod
+    def parse_choice(cls, value: Any, reader: Reader, key: str) -> Choice:
+        """``{mode: text|unified, n_ctx: n}``, or null (the zero-shot template)."""
+        if value is None:
+            return ()
+        value = reader.mapping(value, key, required=["mode", "n_ctx"])
+        mode = _mode(reader, value["mode"], join_key(key, "mode"), allow_none=True)
+        n_ctx = reader.integer(value["n_ctx"], join_key(key, "n_ctx"), minimum=1)
+        return cls.canonical((mode, n_ctx))
+
+    @classmethod
+    def choice_to_data(cls, choice: Choice) -> dict[str, Any] | None:
+        return {"mode": choice[0], "n_ctx": choice[1]} if choice else None
+
+    @classmethod
+    def choice_str(cls, choice: Choice) -> str:
+        return f"{choice[0]}{choice[1]}" if choice else "-"
+
+    @classmethod
+    def parse_space(cls, value: Any, reader: Reader, key: str, geometry: TowerGeometry) -> UPTSpace:
+        if geometry.text_width <= 0:
+            reader.fail(key, "upt prompts a CLIP text tower; this space's backbone has none")
+        value = reader.mapping(value, key, required=["modes", "n_ctx"], optional=["options"])
+        names = value["modes"]
+        if not isinstance(names, list) or not names:
+            reader.fail(join_key(key, "modes"), f"expected a list of: none, {', '.join(MODES)}")
+        modes = tuple(
+            dict.fromkeys(
+                _mode(reader, v, join_key(key, f"modes[{i}]"), allow_none=True)
+                for i, v in enumerate(names)
+            )
+        )
+        if modes == ("none",):
+            reader.fail(join_key(key, "modes"), "only 'none': give text and/or unified")
+        n_ctx = reader.int_choices(value["n_ctx"], join_key(key, "n_ctx"), minimum=1)
+        limit = geometry.text_context - 8  # SOT, EOT and room for the class name
+        if max(n_ctx) > limit:
+            reader.fail(
+                join_key(key, "n_ctx"),
+                f"{max(n_ctx)} context vectors leave no room for class names in the text "
+                f"tower's {geometry.text_context} tokens; use at most {limit}",
+            )
+        options = dict(cls.options)
+        if "options" in value:
+            given = reader.mapping(
+                value["options"], join_key(key, "options"), optional=["dropout", "init"]
+            )
+            if "dropout" in given:
+                options["dropout"] = reader.number(
+                    given["dropout"], join_key(key, "options.dropout"), minimum=0.0
+                )
+                if options["dropout"] >= 1.0:
+                    reader.fail(join_key(key, "options.dropout"), "must be below 1")
+            if "init" in given:
+                options["init"] = reader.string(given["init"], join_key(key, "options.init"))
+        return UPTSpace(modes, n_ctx, options)
+
+    # -- costs -------------------------------------------------------------------------------
+    @classmethod
+    def params(cls, choice: Choice, geometry: TowerGeometry) -> int:
+        if not choice:
+            return 0
+        modes, n = choice
+        modes = (modes,) if isinstance(modes, str) else modes
+        d, total = geometry.text_width, 0
+        if "text" in modes:
+            total += n * d
+        if "unified" in modes:
+            total += 2 * n * d + encoder_layer_params(d) + d * geometry.width + geometry.width
+        return total
+
+    @classmethod
+    def extra_tokens(cls, choice: Choice, geometry: TowerGeometry) -> list[int]:
+        added = choice[1] if choice and choice[0] == "unified" else 0
+        return [added] * geometry.depth
+
+    # flops: the encoder layer and the linear map run once per batch, not per image; the
+    # blocks' cost of the visual prompts is counted by nas.cost (extra_tokens).
+
+    # -- runtime -----------------------------------------------------------------------------
+    def fits(self, choice: Choice) -> bool:
+        choice = self.canonical(choice)
+        return not choice or (choice[0] in self.capacity[0] and choice[1] <= self.capacity[1])
+
+    def activate(self, choice: Choice) -> None:
+        choice = self.canonical(choice)
+        if not self.fits(choice):
+            raise ValueError(f"upt: choice {choice} exceeds the allocated capacity {self.capacity}")
+        self.active = choice
+        self._visual = None
+
+    def init_context(self, phrase: torch.Tensor) -> None:
+        """Start the first text vectors (``ctx`` and ``u_text``) from a phrase's token
+        embeddings (k, text width)."""
+        k = min(len(phrase), self.capacity[1])
+        with torch.no_grad():
+            for name in ("ctx", "u_text"):
+                if hasattr(self, name):
+                    getattr(self, name)[:k].copy_(phrase[:k])
+
+    def text_context(self) -> torch.Tensor | None:
+        """The active choice's text context (n_ctx, text width), or None (the template); in
+        unified mode this runs the encoder layer and keeps the visual prompts for the image
+        tower's next forward."""
+        if not self.active:
+            return None
+        mode, n = self.active
+        if mode == "text":
+            return self.ctx[:n]
+        out = self.encoder(torch.cat((self.u_text[:n], self.u_visual[:n]))[None])[0]
+        self._visual = self.to_visual(out[n:])
+        return out[:n]
+
+    def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if layer != 0 or not self.active or self.active[0] != "unified":
+            return x
+        if self._visual is None:
+            self.text_context()
+        prompts = self._visual.to(x.dtype)
+        self._visual = None  # one text pass, one image pass: never reuse stale prompts
+        return layout.replace(x, self.kind, prompts[None].expand(x.shape[0], -1, -1))
+
+    def export(self, choice: Choice) -> UPT:
+        choice = self.canonical(choice)
+        if not choice or not self.fits(choice):
+            raise ValueError(f"upt: cannot export {choice} from {self.capacity}")
+        mode, n = choice
+        clone = UPT(self.geometry, choice, self.config)
+        reference = next(self.parameters())
+        clone.to(device=reference.device, dtype=reference.dtype)
+        with torch.no_grad():
+            if mode == "text":
+                clone.ctx.copy_(self.ctx[:n])
+            else:
+                clone.u_text.copy_(self.u_text[:n])
+                clone.u_visual.copy_(self.u_visual[:n])
+                clone.encoder.load_state_dict(self.encoder.state_dict())
+                clone.to_visual.load_state_dict(self.to_visual.state_dict())
+        clone.activate(choice)
+        clone.train(self.training)
+        return clone
+
+
+def _mode(reader: Reader, value: Any, key: str, allow_none: bool = False) -> str:
+    known = (("none",) if allow_none else ()) + MODES
+    if value not in known:
+        reader.fail(key, f"{value!r} is not a mode; expected one of: {', '.join(known)}")
+    return value
+
+
+@dataclass(frozen=True)
+class UPTSpace(ModuleSpace):
+    """The choices: a mode (``none`` = the zero-shot template, ``text``, ``unified``), then a
+    number of context vectors (none has no n_ctx)."""
+
+    modes: tuple[str, ...]
+    n_ctx: tuple[int, ...]
+    options: dict[str, Any]
+
+    kind = "upt"
+    module = UPT
+
+    def choices(self) -> Iterator[Choice]:
+        if "none" in self.modes:
+            yield ()
+        yield from itertools.product([m for m in self.modes if m != "none"], self.n_ctx)
+
+    def count(self) -> int:
+        return sum(1 for _ in self.choices())
+
+    def contains(self, choice: Choice) -> bool:
+        choice = UPT.canonical(choice)
+        if not choice:
+            return "none" in self.modes
+        return choice[0] in self.modes and choice[1] in self.n_ctx
+
+    def sample(self, rng: random.Random) -> Choice:
+        """A uniform mode, then a uniform n_ctx."""
+        mode = rng.choice(self.modes)
+        return () if mode == "none" else (mode, rng.choice(self.n_ctx))
+
+    def sample_uniform(self, rng: random.Random) -> Choice:
+        return rng.choice(list(self.choices()))
+
+    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
+        """The mode is resampled with probability ``s_prob``, n_ctx with ``m_prob``."""
+        choice = UPT.canonical(choice)
+        mode = choice[0] if choice else "none"
+        n = choice[1] if choice else rng.choice(self.n_ctx)
+        if rng.random() < s_prob:
+            mode = rng.choice(self.modes)
+        if rng.random() < m_prob:
+            n = rng.choice(self.n_ctx)
+        return () if mode == "none" else (mode, n)
+
+    def suggest(self, trial: Any, prefix: str) -> Choice:
+        """The mode first; n_ctx exists only for a mode that has context (conditional)."""
+        mode = trial.suggest_categorical(f"{prefix}mode", list(self.modes))
+        if mode == "none":
+            return ()
+        return (mode, trial.suggest_categorical(f"{prefix}n_ctx", list(self.n_ctx)))
+
+    def capacity(self) -> tuple[Any, ...]:
+        return (tuple(m for m in self.modes if m != "none"), max(self.n_ctx))
+
+    def cost_distribution(self, geometry: TowerGeometry) -> Counter[int]:
+        return Counter(UPT.params(c, geometry) for c in self.choices())
+
+    def smallest(self, geometry: TowerGeometry) -> Choice:
+        return min(self.choices(), key=lambda c: UPT.params(c, geometry))
+
+    def largest(self, geometry: TowerGeometry) -> Choice:
+        return max(self.choices(), key=lambda c: UPT.params(c, geometry))
+
+    def to_data(self) -> dict[str, Any]:
+        return {"modes": list(self.modes), "n_ctx": list(self.n_ctx), "options": dict(self.options)}
