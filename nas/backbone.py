@@ -216,7 +216,15 @@ def load_backbone(name_or_path: str | Path) -> BackboneSpec:
         elif path.is_dir():
             path = path / "backbone.yaml"
         else:
-            known = ", ".join(sorted(p.parent.name for p in BACKBONES_DIR.glob("*/backbone.yaml")))
+            known = ", ".join(
+                sorted(
+                    {
+                        p.parent.name
+                        for pattern in ("*/backbone.yaml", "*/clip.yaml")
+                        for p in BACKBONES_DIR.glob(pattern)
+                    }
+                )
+            )
             raise ConfigError(
                 f"no shipped backbone of that name and no such folder (shipped: {known}); "
                 "or give a backbone.yaml path or a mapping with 'model'",
@@ -262,9 +270,23 @@ def parse_backbone_mapping(data: dict, r: Any, key: str, base: Path) -> Backbone
 
 
 def geometry_of(model: nn.Module) -> TowerGeometry:
-    """Geometry of a built timm VisionTransformer."""
-    from nas.towers import TimmViTTower  # local: towers imports this module
+    """Geometry of a built timm VisionTransformer (or open_clip's)."""
+    from nas.towers import OpenClipViTTower, TimmViTTower  # local: towers imports this module
 
+    if OpenClipViTTower.is_tower(model):
+        OpenClipViTTower.check(model)
+        block = model.transformer.resblocks[0]
+        grid = tuple(model.grid_size)
+        return TowerGeometry(
+            width=int(model.transformer.width),
+            depth=len(model.transformer.resblocks),
+            num_heads=int(block.attn.num_heads),
+            mlp_hidden=int(block.mlp.c_fc.out_features),
+            num_prefix_tokens=1,
+            num_patches=int(grid[0] * grid[1]),
+            patch_size=int(model.conv1.kernel_size[0]),
+            in_chans=int(model.conv1.in_channels),
+        )
     TimmViTTower.check(model)
     block = model.blocks[0]
     patch = model.patch_embed.patch_size

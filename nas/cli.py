@@ -76,7 +76,8 @@ def print_space(space: SearchSpace) -> None:
     print(f"search space  {s['name']}" + (f"  ({s['file']})" if s["file"] else ""))
     if space.description:
         print(f"              {space.description}")
-    label = f"{b['name']} ({b['model']})" if b.get("name") else b["model"]
+    model = b.get("model") or f"CLIP {b.get('clip')}"
+    label = f"{b['name']} ({model})" if b.get("name") else model
     if not b.get("name") and b.get("overrides"):
         label += f" {b['overrides']}"
     print(

@@ -30,7 +30,7 @@ from nas.errors import NasError
 from nas.modules import LoRA, PromptModule, module_class
 from nas.space import SearchSpace
 from nas.subnet import Subnet
-from nas.towers import TimmViTTower, TokenLayout
+from nas.towers import TokenLayout, tower_for
 from nas.validate import Reader
 from nas.yamlio import load_yaml, to_plain
 
@@ -77,7 +77,7 @@ class PromptedViT(nn.Module):
         # Modules live where the backbone does (a backbone already moved to a GPU, say).
         reference = next(backbone.parameters())
         self.prompt_modules.to(device=reference.device, dtype=reference.dtype)
-        self.tower = TimmViTTower(backbone, injector=self)
+        self.tower = tower_for(backbone, injector=self)
         self.geometry: TowerGeometry = geometry_of(backbone)
         self.backbone.requires_grad_(full_finetune)
         for head in self.tower.head_modules():

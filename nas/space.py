@@ -229,11 +229,10 @@ def _parse_bounds(reader: Reader, value: Any, key: str) -> Bounds:
     return Bounds(low, high)
 
 
-def _parse_backbone(value: Any, reader: Reader, doc: Document) -> BackboneSpec | ClipSpec:
+def parse_backbone_value(value: Any, reader: Reader, base: Path) -> BackboneSpec | ClipSpec:
     """A shipped backbone's name (``vit_fmnist``) or CLIP's (``clip_fmnist``), a path to a
     backbone.yaml or clip.yaml, a mapping ``{clip: NAME_OR_PATH}``, or a mapping ``{model,
-    overrides, weights, mean, std}``."""
-    base = Path(doc.file).parent if doc.file else Path.cwd()
+    overrides, weights, mean, std}``; relative paths are relative to ``base``."""
 
     def local(text: str) -> str | Path:
         path = Path(text)
@@ -272,7 +271,8 @@ def parse_space(doc: Document) -> SearchSpace:
     name = reader.string(data["name"], "name") if "name" in data else default_name
     description = reader.string(data["description"], "description") if "description" in data else ""
 
-    backbone = _parse_backbone(data["backbone"], reader, doc)
+    base = Path(doc.file).parent if doc.file else Path.cwd()
+    backbone = parse_backbone_value(data["backbone"], reader, base)
     try:
         geometry = backbone.geometry()
     except ConfigError as exc:

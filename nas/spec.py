@@ -31,10 +31,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nas.backbone import BackboneSpec, load_backbone, parse_backbone_mapping
+from nas.backbone import BackboneSpec
+from nas.clip.model import ClipSpec
 from nas.errors import ConfigError
 from nas.search import ALGORITHMS
-from nas.space import Bounds, Budget, SearchSpace, _parse_bounds, load_space
+from nas.space import (
+    Bounds,
+    Budget,
+    SearchSpace,
+    _parse_bounds,
+    load_space,
+    parse_backbone_value,
+)
 from nas.subnet import Subnet
 from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
@@ -142,7 +150,7 @@ class ExperimentSpec:
     name: str
     path: str | None
     datasets: tuple[DatasetSpec, ...]
-    backbone: BackboneSpec
+    backbone: BackboneSpec | ClipSpec
     space: SearchSpace
     seeds: tuple[int, ...]
     output: Path
@@ -268,23 +276,7 @@ def parse_spec(
     except ConfigError as exc:
         r.fail("space", f"{space_ref!r}: {exc}")
     if "backbone" in data:
-        value = data["backbone"]
-        if isinstance(value, str):
-            try:
-                path = Path(value)
-                backbone = load_backbone(
-                    value if not path.suffix or path.is_absolute() else base / path
-                )
-            except ConfigError as exc:
-                r.fail("backbone", f"{value!r}: {exc}")
-        else:
-            bb = r.mapping(
-                value,
-                "backbone",
-                required=["model"],
-                optional=["overrides", "weights", "mean", "std", "name"],
-            )
-            backbone = parse_backbone_mapping(bb, r, "backbone", base)
+        backbone = parse_backbone_value(data["backbone"], r, base)
         try:
             geometry = backbone.geometry()
         except ConfigError as exc:
@@ -408,6 +400,12 @@ def parse_spec(
                     f"stages.retrain.baselines.{bname}",
                     f"{value!r} is not a subnet; expected a subnet mapping, "
                     f"{LINEAR_PROBE!r} or {FULL_FINETUNE!r}",
+                )
+            if isinstance(space.backbone, ClipSpec) and value in (LINEAR_PROBE, FULL_FINETUNE):
+                r.fail(
+                    f"stages.retrain.baselines.{bname}",
+                    f"{value!r} is for classifier backbones; on a CLIP, an empty subnet ({{}}) "
+                    "is zero-shot classification, and full fine-tuning is not offered",
                 )
             baselines[bname] = Subnet()
             if value == FULL_FINETUNE:

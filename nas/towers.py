@@ -165,3 +165,107 @@ class TimmViTTower:
 
     def qkv_linear(self, layer: int) -> nn.Linear:
         return self.model.blocks[layer].attn.qkv
+
+
+class _FusedQKV:
+    """What LoRA merging needs of a fused qkv projection held as a bare parameter."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        self.weight = weight
+
+
+class OpenClipViTTower:
+    """Adapter for open_clip's own ``VisionTransformer`` (the OpenAI and LAION CLIP image
+    towers): blocks of ``nn.MultiheadAttention`` with a fused ``in_proj_weight``, class-token
+    pooling, ``ln_post`` and the projection. The attention is computed here from the block's own
+    weights, so that the ``qkv`` site can add its delta to the fused projection; the ``mlp`` site
+    is a forward hook on each block's MLP."""
+
+    def __init__(self, model: nn.Module, injector: Injector) -> None:
+        self.check(model)
+        self.model = model
+        self.injector = injector
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.attach()
+
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer")
+        missing = [a for a in needed if not hasattr(model, a)]
+        if missing or getattr(model, "attn_pool", None) is not None:
+            raise NasError(
+                f"{type(model).__name__} is not an open_clip VisionTransformer with class-token "
+                f"pooling (missing: {', '.join(missing) or 'none'}; attentional pooling is not "
+                "supported)"
+            )
+        for i, block in enumerate(model.transformer.resblocks):
+            attn = getattr(block, "attn", None)
+            if not isinstance(attn, nn.MultiheadAttention) or not attn.batch_first:
+                raise NasError(
+                    f"{type(model).__name__}.transformer.resblocks[{i}] has no batch-first "
+                    "nn.MultiheadAttention; this block type is not supported"
+                )
+
+    @staticmethod
+    def is_tower(model: nn.Module) -> bool:
+        return hasattr(model, "conv1") and hasattr(model, "class_embedding")
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for i, block in enumerate(self.model.transformer.resblocks):
+            self._handles.append(block.mlp.register_forward_hook(self._mlp_hook(i)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _mlp_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return self.injector.mlp_out(layer, output)
+
+        return hook
+
+    def _block(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        h = block.ln_1(x)
+        qkv = nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        delta = self.injector.qkv_delta(layer, h)
+        if delta is not None:
+            qkv = qkv + delta
+        b, n, d = h.shape
+        heads = attn.num_heads
+        q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
+        o = nn.functional.scaled_dot_product_attention(q, k, v)
+        o = attn.out_proj(o.transpose(1, 2).reshape(b, n, d))
+        x = x + block.ls_1(o)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The projected image features, as ``VisionTransformer.forward`` returns them."""
+        m = self.model
+        x = m._embeds(images)
+        grid = tuple(m.grid_size)
+        layout = TokenLayout(
+            1, images=images, grid=grid, patch_pos=m.positional_embedding[-grid[0] * grid[1] :]
+        )
+        for i, block in enumerate(m.transformer.resblocks):
+            x = self.injector.tokens(i, x, layout)
+            x = self._block(i, block, x)
+        x = layout.strip(x)  # prompt tokens never reach ln_post or the pooling
+        pooled, _ = m._pool(x)
+        return pooled @ m.proj if m.proj is not None else pooled
+
+    def head_modules(self) -> list[nn.Module]:
+        return []  # CLIP classifies with its text tower
+
+    def qkv_linear(self, layer: int) -> _FusedQKV:
+        return _FusedQKV(self.model.transformer.resblocks[layer].attn.in_proj_weight)
+
+
+def tower_for(model: nn.Module, injector: Injector) -> TimmViTTower | OpenClipViTTower:
+    """The adapter for ``model``: open_clip's VisionTransformer, or timm's."""
+    if OpenClipViTTower.is_tower(model):
+        return OpenClipViTTower(model, injector)
+    return TimmViTTower(model, injector)

@@ -72,3 +72,13 @@ def randomise_modules(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in model.prompt_modules.parameters():
             p.normal_(0.0, 0.2)
+
+
+@pytest.fixture(scope="session")
+def mini_vtab_data(tmp_path_factory):
+    """Two mini-VTAB tasks (digits, dsprites_loc) with 200 test images each, prepared once."""
+    from nas.data.mini_vtab import prepare
+
+    out = tmp_path_factory.mktemp("mv")
+    prepare(out, ("digits", "dsprites_loc"), test_size=200, log=lambda *_: None)
+    return out

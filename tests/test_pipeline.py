@@ -128,15 +128,6 @@ def workdir(tmp_path_factory, mini_vtab_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mini_vtab_data(tmp_path_factory) -> Path:
-    from nas.data.mini_vtab import prepare
-
-    out = tmp_path_factory.mktemp("mv")
-    prepare(out, ("digits", "dsprites_loc"), test_size=200, log=lambda *_: None)
-    return out
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(workdir, mini_vtab_data) -> Path:
     out = workdir / "uninterrupted"
     run_to_end(workdir / "spec.yaml", out, mini_vtab_data)

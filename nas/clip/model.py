@@ -15,7 +15,9 @@ The project's offline CLIP (``backbones/clip_fmnist``) is of the second kind: se
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -83,10 +85,7 @@ class ClipSpec:
     def geometry(self) -> TowerGeometry:
         """The image tower's geometry, with the text tower's width and context length."""
         if self.image_tower is None:
-            raise NasError(
-                f"prompt modules on open_clip's own image towers ({self.open_clip_model}) are "
-                "not supported yet; use a CLIP with a timm image tower (image_tower: ...)"
-            )
+            return _open_clip_geometry(self.open_clip_model)
         return replace(
             self.image_tower.geometry(),
             text_width=self.text.width,
@@ -97,8 +96,11 @@ class ClipSpec:
         """open_clip's BPE tokenizer (its vocabulary ships inside the package)."""
         from open_clip.tokenizer import SimpleTokenizer
 
-        length = self.text.context_length if self.image_tower is not None else 77
-        return SimpleTokenizer(context_length=length)
+        if self.image_tower is None:
+            import open_clip
+
+            return open_clip.get_tokenizer(self.open_clip_model)
+        return SimpleTokenizer(context_length=self.text.context_length)
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.image_tower is not None:
@@ -137,6 +139,29 @@ class ClipSpec:
         if load and self.weights is not None:
             load_clip_weights(model, self.weights)
         return model
+
+
+@functools.lru_cache(maxsize=16)
+def _open_clip_geometry(name: str) -> TowerGeometry:
+    """An open_clip architecture's geometry, read off the model built on the meta device
+    (no memory, no download)."""
+    import open_clip
+
+    from nas.backbone import geometry_of
+
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded": none were asked for
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(name, pretrained=None, device="meta")
+    except RuntimeError as exc:
+        raise NasError(f"open_clip cannot build {name!r}: {str(exc)[:200]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    return replace(
+        geometry_of(model.visual),
+        text_width=int(model.transformer.width),
+        text_context=int(model.context_length),
+    )
 
 
 def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:

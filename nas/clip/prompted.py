@@ -13,21 +13,27 @@ with the text context, in one pass of UPT's encoder layer), then the image tower
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nas.clip.model import ClipSpec, encode_tokens
+from nas.clip.model import ClipSpec, encode_tokens, load_clip
 from nas.cost import subnet_params
 from nas.errors import NasError
-from nas.model import PromptedViT
+from nas.model import SUBNET_FILE, WEIGHTS_FILE, PromptedViT
 from nas.modules import PromptModule, module_class
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
+FORMAT = "nas-prompt-clip-subnet/1"
 PLACEHOLDER = "X"  # one token per context vector, replaced by the learned vectors (as CoOp)
 
 
@@ -77,13 +83,13 @@ class PromptedCLIP(PromptedViT):
         class_names: Sequence[str],
         modules: Mapping[str, PromptModule],
     ) -> None:
-        super().__init__(clip.visual.trunk, modules, backbone_spec=None)
+        super().__init__(image_trunk(clip), modules, backbone_spec=None)
         self.clip = clip.requires_grad_(False)
         self.clip_spec = spec
         self.geometry = spec.geometry()
         self.class_names = list(class_names)
         self.prompts = ClassPrompts(
-            spec.tokenizer(), self.class_names, spec.template, spec.text.context_length
+            spec.tokenizer(), self.class_names, spec.template, self.geometry.text_context
         )
         self._template: torch.Tensor | None = None
 
@@ -159,7 +165,10 @@ class PromptedCLIP(PromptedViT):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, embed) unit vectors: the prompted trunk's pooled output, projected."""
-        return F.normalize(self.clip.visual.head(self.tower.forward(images)), dim=-1)
+        features = self.tower.forward(images)
+        if hasattr(self.clip.visual, "trunk"):  # a timm tower: open_clip's projection after it
+            features = self.clip.visual.head(features)
+        return F.normalize(features, dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         text = self.text_features()
@@ -194,3 +203,83 @@ class PromptedCLIP(PromptedViT):
         if merge_lora:
             model.merge_lora()
         return model
+
+    # -- save / load -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """``subnet.yaml`` (subnet, options, the CLIP it runs on, class names) and
+        ``weights.safetensors`` (the prompt modules' weights only)."""
+        model = self if self._is_standalone() else self.export()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "subnet": model.subnet.to_data(),
+            "options": {k: dict(m.config) for k, m in model.prompt_modules.items()},
+            "clip": self.clip_spec.to_dict()["clip"],
+            "class_names": self.class_names,
+            "clip_sha256": clip_hash(model.clip),
+            "trainable_params": model.num_params(),
+            "added_flops": model.added_flops(),
+        }
+        tensors = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (directory / SUBNET_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+        return directory
+
+    @classmethod
+    def load_clip_subnet(cls, directory: str | Path, *, check_clip: bool = True) -> PromptedCLIP:
+        """Load a saved CLIP subnet onto the CLIP it names (refused if that CLIP's weights
+        differ from the ones it was trained on, unless ``check_clip`` is False)."""
+        from nas.subnet import Subnet
+        from nas.validate import Reader
+        from nas.yamlio import load_yaml
+
+        directory = Path(directory)
+        meta_path, weights_path = directory / SUBNET_FILE, directory / WEIGHTS_FILE
+        for path in (meta_path, weights_path):
+            if not path.is_file():
+                raise NasError(f"{path}: missing; a saved subnet folder holds both files")
+        doc = load_yaml(meta_path)
+        r = Reader(doc)
+        meta = r.mapping(
+            doc.data, "", required=["format", "subnet", "clip", "class_names"], open_keys=True
+        )
+        if meta["format"] != FORMAT:
+            r.fail("format", f"{meta['format']!r} is not {FORMAT!r}")
+        spec = load_clip(r.string(meta["clip"], "clip"))
+        clip = spec.create()
+        if check_clip and meta.get("clip_sha256") and clip_hash(clip) != meta["clip_sha256"]:
+            raise NasError(
+                f"{meta_path}: the CLIP's frozen weights differ from the ones these prompt "
+                "weights were trained on (sha256 mismatch)"
+            )
+        subnet = Subnet.from_data(meta["subnet"], doc, "subnet")
+        model = cls.for_clip_subnet(
+            spec, list(meta["class_names"]), subnet, meta.get("options") or {}, clip
+        )
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise NasError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        expected = model.trainable_state_dict()
+        if set(tensors) != set(expected) or any(
+            tensors[k].shape != expected[k].shape for k in tensors
+        ):
+            raise NasError(f"{weights_path}: does not match subnet {subnet}")
+        model.load_trainable(tensors)
+        return model
+
+
+def image_trunk(clip: nn.Module) -> nn.Module:
+    """The transformer the image-side modules act on: a timm tower's trunk, or open_clip's own
+    VisionTransformer."""
+    return clip.visual.trunk if hasattr(clip.visual, "trunk") else clip.visual
+
+
+def clip_hash(clip: nn.Module) -> str:
+    """SHA-256 over a CLIP's frozen weights (both towers), for provenance checks."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(clip.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -37,6 +37,25 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_FINGERPRINTS = REPO_ROOT / "backbones" / "vit_fmnist" / "pretrain_fingerprints.npy"
 
 
+# Class names are words, so that a CLIP backbone can classify by name (prompt templates).
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+LOC_NAMES = (
+    "far left", "left", "left of center", "center", "right of center", "right", "far right",
+)  # fmt: skip
+# image y points down, so angles grow clockwise from "right"
+ORI_NAMES = (
+    "right", "lower right", "down", "lower left", "left", "upper left", "up", "upper right",
+)  # fmt: skip
+COUNT_NAMES = (
+    "one shape",
+    "two shapes",
+    "three shapes",
+    "four shapes",
+    "five shapes",
+    "six shapes",
+)
+
+
 @dataclass
 class TaskData:
     """Images (N, 28, 28) uint8 per split, with labels and class names."""
@@ -118,7 +137,7 @@ def mnist5k(rng: np.random.Generator, test_size: int) -> TaskData:
 
     x, y = mnist_data()
     images = x.reshape(-1, 28, 28).astype(np.uint8)
-    names = [str(i) for i in range(10)]
+    names = list(DIGIT_NAMES)
     return TaskData(
         "natural",
         names,
@@ -133,7 +152,7 @@ def digits(rng: np.random.Generator, test_size: int) -> TaskData:
 
     d = load_digits()
     images = _resize((d.images * (255.0 / 16.0)).round().astype(np.uint8))
-    names = [str(i) for i in range(10)]
+    names = list(DIGIT_NAMES)
     return TaskData(
         "natural",
         names,
@@ -259,7 +278,7 @@ def _generate(
     return _random_splits(imgs, labs, rng, test_size)
 
 
-LOC_BINS = 7
+LOC_BINS = len(LOC_NAMES)
 
 
 def _dsprite_location(rng: np.random.Generator, label: int) -> np.ndarray:
@@ -273,7 +292,7 @@ def _dsprite_location(rng: np.random.Generator, label: int) -> np.ndarray:
     return _finish(img)
 
 
-ORI_BINS = 8
+ORI_BINS = len(ORI_NAMES)
 
 
 def _dsprite_orientation(rng: np.random.Generator, label: int) -> np.ndarray:
@@ -297,7 +316,7 @@ def _dsprite_orientation(rng: np.random.Generator, label: int) -> np.ndarray:
     return _finish(img)
 
 
-COUNT_MAX = 6
+COUNT_MAX = len(COUNT_NAMES)
 
 
 def _clevr_count(rng: np.random.Generator, label: int) -> np.ndarray:
@@ -346,17 +365,13 @@ TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
     "digits": digits,
     "textures": textures,
     "elpv": elpv,
-    "dsprites_loc": _generated(
-        _dsprite_location, [f"x-bin {i}" for i in range(LOC_BINS)], "dSprites-style location"
-    ),
+    "dsprites_loc": _generated(_dsprite_location, list(LOC_NAMES), "dSprites-style location"),
     "dsprites_ori": _generated(
         _dsprite_orientation,
-        [f"orientation bin {i}" for i in range(ORI_BINS)],
+        list(ORI_NAMES),
         "dSprites-style orientation",
     ),
-    "clevr_count": _generated(
-        _clevr_count, [str(i + 1) for i in range(COUNT_MAX)], "CLEVR-style counting"
-    ),
+    "clevr_count": _generated(_clevr_count, list(COUNT_NAMES), "CLEVR-style counting"),
 }
 DEFAULT_TASKS = tuple(t for t in TASKS if t != "elpv")  # ELPV's licence is non-commercial
 

@@ -52,7 +52,8 @@ def encoder_layer_params(width: int) -> int:
 class UPT(PromptModule):
     kind = "upt"
     sites = frozenset({"tokens"})
-    options: ClassVar[dict[str, float]] = {"dropout": 0.1}
+    #: dropout of the encoder layer; the phrase the first context vectors start from
+    options: ClassVar[dict[str, Any]] = {"dropout": 0.1, "init": "a photo of a"}
 
     def __init__(
         self, geometry: TowerGeometry, capacity: Sequence[Any], options: Mapping[str, float]

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from nas.clip.model import ClipSpec
 from nas.data.hashing import file_sha256
 from nas.errors import NasError
 from nas.pipeline import stages
@@ -51,14 +52,20 @@ def provenance(spec: ExperimentSpec) -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    weights = spec.backbone.weights
+    weights, text_weights = spec.backbone.weights, None
+    if isinstance(spec.backbone, ClipSpec):  # a timm image tower's file, the text tower's file
+        text_weights = weights
+        tower = spec.backbone.image_tower
+        weights = tower.weights if tower is not None else spec.backbone.pretrained
+    local = weights if weights and Path(weights).is_file() else None
     return {
         "spec_hash": spec.hash(),
         "spec": spec.to_data(),
         "code_version": code_version(),
         "python": platform.python_version(),
         "packages": versions,
-        "backbone_weights_sha256": file_sha256(weights) if weights and weights != "hub" else None,
+        "backbone_weights_sha256": file_sha256(local) if local else None,
+        "clip_text_weights_sha256": file_sha256(text_weights) if text_weights else None,
         "seeds": list(spec.seeds),
     }
 
@@ -314,7 +321,12 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
 
     h = spec.hparams
     methods = ["supernet"] if spec.search.enabled else []
-    methods += [f"baseline-{name}" for name in spec.retrain.baselines]
+    zero_shot = isinstance(spec.backbone, ClipSpec)  # an empty subnet on CLIP trains nothing
+    methods += [
+        f"baseline-{name}"
+        for name, subnet in spec.retrain.baselines.items()
+        if not (zero_shot and not subnet)
+    ]
     seed = spec.seeds[0]
     sweeps = {
         (ds.key, method): ds

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nas import factory
 from nas.cost import added_flops, subnet_params
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import read_few_shot, read_image_folder, read_vtab
-from nas.model import PromptedViT
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.subnet import Subnet
@@ -172,23 +172,23 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     method, lr, wd = task["method"], float(task["lr"]), float(task["weight_decay"])
     device = device_for(spec)
     data = load_splits(spec, ds, ("train", "val"))
-    classes = data["train"].num_classes
     torch.manual_seed(seed)
     h = spec.hparams
     if method == "supernet":
-        model = PromptedViT.supernet(spec.space, classes, spec.backbone.create(classes))
+        model = factory.supernet(spec.space, spec.backbone, data["train"], ds.key)
         rng = random.Random(seed)
         scored = [spec.space.sample(rng) for _ in range(h.eval_subnets)]
         sample = spec.space.sample
     else:
         name = method.removeprefix("baseline-")
         subnet = spec.retrain.baselines[name]
-        model = PromptedViT.for_subnet(
-            spec.backbone.create(classes),
-            subnet,
-            spec.space.options(),
+        model = factory.subnet_model(
+            spec.space,
             spec.backbone,
+            subnet,
+            data["train"],
             full_finetune=name in spec.retrain.full_finetune,
+            dataset=ds.key,
         )
         scored, sample = [subnet], None
     model = model.to(device)
@@ -235,9 +235,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
     device = device_for(spec)
     data = load_splits(spec, ds, ("train",))["train"]
     torch.manual_seed(seed)
-    model = PromptedViT.supernet(
-        spec.space, data.num_classes, spec.backbone.create(data.num_classes)
-    ).to(device)
+    model = factory.supernet(spec.space, spec.backbone, data, ds.key).to(device)
     st = spec.supernet
     lr, wd = tuned(spec, ds.key, "supernet")
     cfg = st.train_config(lr=lr, weight_decay=wd, seed=seed)
@@ -331,13 +329,10 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     device = device_for(spec)
     val = load_splits(spec, ds, ("val",))["val"]
-    classes = read_json(supernet_dir(spec, ds.key, seed) / "done.json")["num_classes"]
     weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
     models = []
     for _ in range(spec.search.parallel_candidates):  # the first, and its replicas
-        models.append(
-            PromptedViT.supernet(spec.space, classes, spec.backbone.create(classes)).to(device)
-        )
+        models.append(factory.supernet(spec.space, spec.backbone, val, ds.key).to(device))
         load_trainable(models[-1], weights)
     model = models[0]
     mean, std = spec.backbone.normalisation()
@@ -493,13 +488,14 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     data = load_splits(spec, ds, ("trainval", "test"))
     num_classes = data["trainval"].num_classes
     torch.manual_seed(seed)
-    model = PromptedViT.for_subnet(
-        spec.backbone.create(num_classes).to(device),
-        subnet,
-        spec.space.options(),
+    model = factory.subnet_model(
+        spec.space,
         spec.backbone,
+        subnet,
+        data["trainval"],
         full_finetune=bool(task.get("full_finetune")),
-    )
+        dataset=ds.key,
+    ).to(device)
     r = spec.retrain
     method = label if task["role"] == "baseline" else "supernet"
     lr, wd = tuned(spec, ds.key, method)
@@ -541,7 +537,8 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
             }
         )
 
-    train(model, data["trainval"], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
+    if model.trainable_parameters():  # an empty subnet on CLIP is zero-shot: nothing trains
+        train(model, data["trainval"], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
     model.save(out / "model")
     result = {
@@ -555,7 +552,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "val_acc": task.get("val_acc"),
         "test_acc": test_acc,
         "params": model.num_params()["modules"],
-        "head_params": g.width * num_classes + num_classes,
+        "head_params": factory.head_params(spec.backbone, num_classes),
         "added_flops": added_flops(subnet, g),
         "mlflow_run_id": run_id,
         "node": task.get("node"),

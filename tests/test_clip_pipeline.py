@@ -1,0 +1,121 @@
+"""The CLIP quickstart's path end to end: `nas run` on the offline CLIP through real Ray and a
+real MLflow store, with the zero-shot, CoOp and UPT baselines, and a winner reloaded from
+MLflow alone."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from nas.clip.prompted import PromptedCLIP
+from nas.data.decode import decode_split
+from nas.data.formats import read_vtab
+from nas.errors import NasError
+from nas.spec import load_spec
+from tests.test_pipeline import run_to_end
+from trainers.train import evaluate
+
+SPEC = {
+    "name": "clip-ci",
+    "datasets": [
+        {"name": "digits", "format": "mini-vtab"},
+        {"name": "dsprites_loc", "format": "mini-vtab"},
+    ],
+    "space": "clip_cpu",
+    "seeds": [0],
+    "resources": {"cpus": 1, "gpus": 0},
+    "stages": {
+        "supernet": {"epochs": 2, "batch_size": 64, "lr": 5.0e-3, "warmup_epochs": 0},
+        "search": {"algorithm": "random", "options": {"num_candidates": 6, "batch_size": 6}},
+        "retrain": {
+            "top_k": 1,
+            "epochs": 1,
+            "lr": 5.0e-3,
+            "warmup_epochs": 0,
+            "baselines": {
+                "zero_shot": {},
+                "coop": {"upt": {"mode": "text", "n_ctx": 4}},
+                "upt": {"upt": {"mode": "unified", "n_ctx": 4}},
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory, mini_vtab_data):
+    root = tmp_path_factory.mktemp("clip-pipeline")
+    spec = {**SPEC, "datasets": [{**d, "root": str(mini_vtab_data)} for d in SPEC["datasets"]]}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run_to_end(root / "spec.yaml", root / "out", mini_vtab_data)
+    return root / "out"
+
+
+def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
+    client = MlflowClient(f"sqlite:///{clip_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clip-ci")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    kinds = Counter(
+        (r.data.tags.get("nas.stage"), "mlflow.parentRunId" in r.data.tags) for r in runs
+    )
+    assert kinds == {
+        ("supernet", False): 2,
+        ("search", False): 2,
+        ("search", True): 2 * 6,
+        ("retrain", False): 2 * 4,  # the winner and three baselines per dataset
+    }
+    assert all(r.info.status == "FINISHED" for r in runs)
+    results = json.loads((clip_run / "results.json").read_text())
+    rows = {(r["dataset"], r["label"]): r for r in results["rows"]}
+    assert rows[("digits", "baseline-zero_shot")]["params"] == 0
+    assert rows[("digits", "baseline-coop")]["params"] == 4 * 128
+    assert all(r["head_params"] == 0 for r in results["rows"])
+
+    # A winner reloads from MLflow alone (onto the CLIP it names) and reproduces its test score.
+    winner = next(
+        r
+        for r in runs
+        if r.data.tags.get("nas.stage") == "retrain"
+        and r.data.tags.get("nas.label") == "baseline-upt"
+        and r.data.tags.get("nas.dataset") == "digits"
+    )
+    local = client.download_artifacts(winner.info.run_id, "model", str(clip_run / "dl"))
+    model = PromptedCLIP.load_clip_subnet(local).eval()
+    assert model.class_names[:3] == ["zero", "one", "two"]
+    test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
+    mean, std = model.clip_spec.normalisation()
+    assert abs(evaluate(model, test, mean=mean, std=std) - winner.data.metrics["test_acc"]) < 1e-9
+
+
+def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_data):
+    import shutil
+
+    from nas import factory
+    from nas.pipeline.stages import load_splits
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_vtab_data / "digits", data / "digits")
+    (data / "digits" / "classnames.txt").unlink()
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {**SPEC, "datasets": [{"name": "digits", "format": "vtab", "root": str(data)}]}
+        )
+    )
+    spec = load_spec(spec_path, output=tmp_path / "out")
+    split = load_splits(spec, spec.datasets[0], ("train",))["train"]
+    with pytest.raises(NasError, match=r"dataset 'digits' has no class names.*classnames\.txt"):
+        factory.supernet(spec.space, spec.backbone, split, "digits")
+
+
+@pytest.mark.parametrize("baseline", ["linear-probe", "full-finetune"])
+def test_classifier_baselines_on_a_clip_are_refused(tmp_path, baseline):
+    spec = {**SPEC, "stages": {**SPEC["stages"], "retrain": {"baselines": {"b": baseline}}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(NasError, match=r"an empty subnet \(\{\}\) is zero-shot classification"):
+        load_spec(path)
