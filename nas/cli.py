@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from nas import factory
 from nas.cost import subnet_params
 from nas.errors import NasError
 from nas.space import DEFAULT_SPACE, SearchSpace, load_space
@@ -62,12 +63,18 @@ def space_summary(space: SearchSpace) -> dict:
             "added_flops": added_flops(largest, g),
         },
         "supernet_params": sum(s.module.params(s.capacity(), g) for s in space.modules.values()),
-        "head_params_per_class": g.width + 1,
+        "head_params_per_class": factory.head_params(space.backbone, 1),
     }
     if space.budget.is_set:
         fit = space.count_in_budget()
         summary["budget"] = {**space.budget.to_data(), "fitting": fit.fitting, "exact": fit.exact}
     return summary
+
+
+def head_note(per_class: int) -> str:
+    if per_class == 0:
+        return "no head (a CLIP classifies through its text tower)"
+    return f"the head adds {per_class:,} per class"
 
 
 def print_space(space: SearchSpace) -> None:
@@ -97,7 +104,7 @@ def print_space(space: SearchSpace) -> None:
     print(f"subnets       {s['subnets']:,}")
     print(
         f"trainable     {s['params_min']:,} to {s['params_max']:,} parameters in the modules; "
-        f"the head adds {s['head_params_per_class']:,} per class"
+        + head_note(s["head_params_per_class"])
     )
     for which in ("smallest", "largest"):
         w = s[which]
@@ -149,7 +156,7 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
         "in_space": space.contains(subnet),
         "in_budget": space.admits(subnet) if space.budget.is_set else None,
         "params": subnet_params(subnet, g),
-        "head_params_per_class": g.width + 1,
+        "head_params_per_class": factory.head_params(space.backbone, 1),
         "added_flops": added_flops(subnet, g),
         "added_flops_lora_merged": added_flops(subnet, g, merge_lora=True),
     }
@@ -166,8 +173,8 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
     if info["in_budget"] is not None:
         print(f"in budget     {'yes' if info['in_budget'] else 'no'}")
     print(
-        f"trainable     {info['params']:,} module parameters; the head adds "
-        f"{info['head_params_per_class']:,} per class"
+        f"trainable     {info['params']:,} module parameters; "
+        + head_note(info["head_params_per_class"])
     )
     print(
         f"added FLOPs   {_fmt_flops(info['added_flops'])} per image "

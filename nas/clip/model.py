@@ -170,7 +170,7 @@ def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
     try:
         return open_clip.create_model(name, pretrained=pretrained, load_weights=True)
     except RuntimeError as exc:
-        if "Unknown model" in str(exc):
+        if "Unknown model" in str(exc) or "Model config for" in str(exc):
             raise NasError(
                 f"open_clip has no model {name!r} (e.g. ViT-B-16, ViT-B-32, ViT-L-14)"
             ) from None

@@ -281,5 +281,7 @@ def clip_hash(clip: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(clip.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
