@@ -206,18 +206,26 @@ class PromptedViT(nn.Module):
         subnet = self.subnet if subnet is None else subnet
         self.tower.detach()  # the copy must not carry this model's hooks
         try:
-            backbone = copy.deepcopy(self.backbone)
+            frozen = copy.deepcopy(self._frozen())
         finally:
             self.tower.attach()
         modules = {
             kind: self.prompt_modules[kind].export(choice) for kind, choice in subnet.items()
         }
-        model = PromptedViT(backbone, modules, self.backbone_spec, self.full_finetune)
+        model = self._rebuild(frozen, modules)
         model.set_subnet(subnet)
         model.train(self.training)
         if merge_lora:
             model.merge_lora()
         return model
+
+    def _frozen(self) -> nn.Module:
+        """The pretrained model that an export copies (here the backbone with its head)."""
+        return self.backbone
+
+    def _rebuild(self, frozen: nn.Module, modules: dict[str, PromptModule]) -> PromptedViT:
+        """A model of this class on a copy of ``_frozen()`` with exported modules."""
+        return PromptedViT(frozen, modules, self.backbone_spec, self.full_finetune)
 
     def merge_lora(self) -> None:
         """Fold the active LoRA updates into this model's own qkv weights and drop LoRA."""

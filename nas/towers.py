@@ -15,6 +15,7 @@ edited and the backbone's state-dict keys stay unchanged. Another tower (open_cl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,9 +74,9 @@ class Injector(Protocol):
     def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor: ...
 
 
-class TimmViTTower:
-    """Adapter for timm's ``VisionTransformer`` (vit_*, deit_*, custom sizes, register tokens,
-    token/avg/attention pooling, with or without a class token)."""
+class HookedTower:
+    """What the tower adapters share: forward hooks that call the injector, attached and
+    detached together (an export copies the model without them)."""
 
     def __init__(self, model: nn.Module, injector: Injector) -> None:
         self.check(model)
@@ -83,6 +84,34 @@ class TimmViTTower:
         self.injector = injector
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.attach()
+
+    @staticmethod
+    def check(model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def hooks(self) -> list[tuple[nn.Module, Callable]]:
+        """(submodule, forward hook) pairs to attach."""
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [m.register_forward_hook(h) for m, h in self.hooks()]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _mlp_hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return self.injector.mlp_out(layer, output)
+
+        return hook
+
+
+class TimmViTTower(HookedTower):
+    """Adapter for timm's ``VisionTransformer`` (vit_*, deit_*, custom sizes, register tokens,
+    token/avg/attention pooling, with or without a class token)."""
 
     @staticmethod
     def check(model: nn.Module) -> None:
@@ -109,28 +138,16 @@ class TimmViTTower:
                     "attn.qkv Linear and mlp; this block type is not supported"
                 )
 
-    def attach(self) -> None:
-        if self._handles:
-            return
+    def hooks(self) -> list[tuple[nn.Module, Callable]]:
+        out = []
         for i, block in enumerate(self.model.blocks):
-            self._handles.append(block.attn.qkv.register_forward_hook(self._qkv_hook(i)))
-            self._handles.append(block.mlp.register_forward_hook(self._mlp_hook(i)))
+            out += [(block.attn.qkv, self._qkv_hook(i)), (block.mlp, self._mlp_hook(i))]
+        return out
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _qkv_hook(self, layer: int):
+    def _qkv_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             delta = self.injector.qkv_delta(layer, args[0])
             return output if delta is None else output + delta
-
-        return hook
-
-    def _mlp_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return self.injector.mlp_out(layer, output)
 
         return hook
 
@@ -174,19 +191,12 @@ class _FusedQKV:
         self.weight = weight
 
 
-class OpenClipViTTower:
+class OpenClipViTTower(HookedTower):
     """Adapter for open_clip's own ``VisionTransformer`` (the OpenAI and LAION CLIP image
     towers): blocks of ``nn.MultiheadAttention`` with a fused ``in_proj_weight``, class-token
     pooling, ``ln_post`` and the projection. The attention is computed here from the block's own
     weights, so that the ``qkv`` site can add its delta to the fused projection; the ``mlp`` site
     is a forward hook on each block's MLP."""
-
-    def __init__(self, model: nn.Module, injector: Injector) -> None:
-        self.check(model)
-        self.model = model
-        self.injector = injector
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.attach()
 
     @staticmethod
     def check(model: nn.Module) -> None:
@@ -210,22 +220,8 @@ class OpenClipViTTower:
     def is_tower(model: nn.Module) -> bool:
         return hasattr(model, "conv1") and hasattr(model, "class_embedding")
 
-    def attach(self) -> None:
-        if self._handles:
-            return
-        for i, block in enumerate(self.model.transformer.resblocks):
-            self._handles.append(block.mlp.register_forward_hook(self._mlp_hook(i)))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _mlp_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return self.injector.mlp_out(layer, output)
-
-        return hook
+    def hooks(self) -> list[tuple[nn.Module, Callable]]:
+        return [(b.mlp, self._mlp_hook(i)) for i, b in enumerate(self.model.transformer.resblocks)]
 
     def _block(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         attn = block.attn

@@ -12,7 +12,6 @@ with the text context, in one pass of UPT's encoder layer), then the image tower
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -186,23 +185,12 @@ class PromptedCLIP(PromptedViT):
         modules = subnet_params(self.subnet, self.geometry)
         return {"modules": modules, "head": 0, "total": modules}
 
-    # -- standalone export -------------------------------------------------------------------
-    def export(self, subnet: Subnet | None = None, *, merge_lora: bool = False) -> PromptedCLIP:
-        subnet = self.subnet if subnet is None else subnet
-        self.tower.detach()  # the copy must not carry this model's hooks
-        try:
-            clip = copy.deepcopy(self.clip)
-        finally:
-            self.tower.attach()
-        modules = {
-            kind: self.prompt_modules[kind].export(choice) for kind, choice in subnet.items()
-        }
-        model = PromptedCLIP(clip, self.clip_spec, self.class_names, modules)
-        model.set_subnet(subnet)
-        model.train(self.training)
-        if merge_lora:
-            model.merge_lora()
-        return model
+    # -- standalone export (PromptedViT.export, on a copy of the whole CLIP) -----------------
+    def _frozen(self) -> nn.Module:
+        return self.clip
+
+    def _rebuild(self, frozen: nn.Module, modules: dict[str, PromptModule]) -> PromptedCLIP:
+        return PromptedCLIP(frozen, self.clip_spec, self.class_names, modules)
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
