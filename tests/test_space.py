@@ -248,6 +248,6 @@ def test_space_on_a_named_backbone(tmp_path: Path):
     path.write_text(text.format(name="vit_nowhere"))
     with pytest.raises(
         ConfigError,
-        match=r"backbone: 'vit_nowhere': .*no shipped backbone of that name and no such folder \(shipped: clip_fmnist, vit_fmnist\)",
+        match=r"backbone: 'vit_nowhere': .*no shipped backbone of that name and no such folder \(shipped: clip_fmnist, clip_vitb16_openai, vit_fmnist\)",
     ):
         load_space(path)
