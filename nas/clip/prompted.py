@@ -66,7 +66,7 @@ class ClassPrompts:
 
 
 class PromptedCLIP(PromptedViT):
-    """A frozen ``open_clip.CLIP`` with a timm image trunk, plus prompt modules.
+    """A frozen ``open_clip.CLIP`` (a timm image trunk or open_clip's own), plus prompt modules.
 
     Args:
         clip: the model (``ClipSpec.create()``); owned from now on (frozen, hooks attached).
