@@ -95,6 +95,7 @@ def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_d
     import shutil
 
     from nas import factory
+    from nas.pipeline.driver import check_class_names
     from nas.pipeline.stages import load_splits
 
     data = tmp_path / "data"
@@ -107,6 +108,10 @@ def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_d
         )
     )
     spec = load_spec(spec_path, output=tmp_path / "out")
+    # `nas run` refuses it before any trial starts ...
+    with pytest.raises(NasError, match=r"dataset 'digits' has no class names \(.*classnames\.txt"):
+        check_class_names(spec)
+    # ... and a model is never built without them either.
     split = load_splits(spec, spec.datasets[0], ("train",))["train"]
     with pytest.raises(NasError, match=r"dataset 'digits' has no class names.*classnames\.txt"):
         factory.supernet(spec.space, spec.backbone, split, "digits")

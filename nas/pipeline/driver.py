@@ -138,6 +138,24 @@ def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
     return hashes
 
 
+def check_class_names(spec: ExperimentSpec) -> None:
+    """A CLIP classifies by name: refuse, before any trial starts, a dataset without them."""
+    if not isinstance(spec.backbone, ClipSpec):
+        return
+    from nas.data.formats import CLASSNAMES_FILE, read_class_names
+
+    for ds in spec.datasets:
+        if ds.format == "imagefolder":  # its class folders' names are the class names
+            continue
+        folder = stages.dataset_root(spec, ds) / ds.name
+        if read_class_names(folder) is None:
+            raise NasError(
+                f"dataset {ds.key!r} has no class names ({folder / CLASSNAMES_FILE} is "
+                "missing), and the CLIP backbone classifies by name: add that file, one name "
+                "per line in label order"
+            )
+
+
 def run_experiment(
     spec_path: str | Path, *, output: str | Path | None = None, new: bool = False
 ) -> dict[str, Any]:
@@ -155,6 +173,7 @@ def run_experiment(
     # together would otherwise race to migrate a new sqlite database (and deadlock).
     stages.tracker_for(spec)
     data_hashes = prepare_data(spec)
+    check_class_names(spec)
     prov = json.loads((spec.output / "provenance.json").read_text())
     prov["data_sha256"] = data_hashes
     stages.write_json(spec.output / "provenance.json", prov)
