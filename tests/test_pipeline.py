@@ -296,9 +296,15 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     path = tmp_path / "hp.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    run_to_end(path, out, mini_vtab_data)
-    # Both sweeps ran in one Tune run (GroupedASHA keeps their points apart).
-    assert len(list((out / "ray").glob("hparams*"))) == 1
+    # Killed as soon as the first sweep has its winner: the rerun keeps it and runs the other.
+    sweeps = out / "hparams" / "digits"
+    kill_when(path, out, mini_vtab_data, lambda: any(sweeps.glob("*/done.json")))
+    kept = {p.parent.name: p.read_text() for p in sweeps.glob("*/done.json")}
+    log = run_to_end(path, out, mini_vtab_data)
+    assert f"== hparams: {2 - len(kept)} of 2 sweeps to run" in log and len(kept) == 1
+    assert all((sweeps / name / "done.json").read_text() == text for name, text in kept.items())
+    # The sweeps of one invocation share one Tune run (GroupedASHA keeps their points apart).
+    assert len(list((out / "ray").glob("hparams*"))) == 2  # the killed one, the rerun
     winners = {}
     for method in ("supernet", "baseline-lora4"):
         done = json.loads((out / "hparams" / "digits" / method / "done.json").read_text())
