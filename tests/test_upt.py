@@ -117,6 +117,17 @@ def test_context_starts_from_the_init_phrase(space):
     assert torch.equal(upt.ctx[:4], phrase) and torch.equal(upt.u_text[:4], phrase)
 
 
+def test_random_init_keeps_the_context_random(clip_path):
+    text = MODULES.replace("options: {init: a photo of a}", "options: {init: random}")
+    space = parse_space(parse_yaml(space_yaml(clip_path, text)))
+    torch.manual_seed(0)
+    model = PromptedCLIP.supernet(space, NAMES, space.backbone.create(load=False))
+    ids = model.prompts.tokenizer(["a photo of a"])[0][1:5]
+    phrase = model.clip.token_embedding(ids)
+    upt = model.prompt_modules["upt"]
+    assert not torch.allclose(upt.ctx[:4], phrase) and float(upt.ctx.std()) < 0.05
+
+
 def test_only_prompt_weights_change_after_a_step(space):
     model = build(space)
     model.set_subnet(Subnet({"upt": ("unified", 4), "vpt": (2, 2, 2), "lora": (2,) * 6}))

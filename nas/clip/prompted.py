@@ -29,6 +29,7 @@ from nas.cost import subnet_params
 from nas.errors import NasError
 from nas.model import SUBNET_FILE, WEIGHTS_FILE, PromptedViT
 from nas.modules import PromptModule, module_class
+from nas.modules.upt import RANDOM_INIT
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -132,10 +133,11 @@ class PromptedCLIP(PromptedViT):
         return model
 
     def init_context(self) -> None:
-        """Start learned text context from the embedding of the module's ``init`` phrase."""
+        """Start learned text context from the embedding of the module's ``init`` phrase
+        (``random``: keep N(0, 0.02))."""
         upt = self._upt()
         phrase = upt.config.get("init") if upt is not None else None
-        if not phrase:
+        if not phrase or phrase == RANDOM_INIT:
             return
         ids = self.prompts.tokenizer([str(phrase)])[0]
         words = ids[1 : int((ids != 0).sum()) - 1]  # without the start and end tokens

@@ -18,7 +18,8 @@ Weight entanglement: the supernet holds ``n_ctx`` up to the space's maximum; a c
 ``ctx[:n]`` (text) or ``u_text[:n]``, ``u_visual[:n]`` (unified); the encoder layer and the
 linear map serve every ``n``. The two modes' weights are separate, chosen categorically. The
 first vectors of ``ctx`` and ``u_text`` start from the embedding of ``options.init`` ("a photo
-of a"), the rest N(0, 0.02), as both papers do; ``PromptedCLIP`` sets that from its tokenizer.
+of a"), the rest N(0, 0.02), as both papers do (``init: random``: all N(0, 0.02));
+``PromptedCLIP`` sets that from its tokenizer.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from nas.validate import Reader
 from nas.yamlio import join_key
 
 MODES = ("text", "unified")
+RANDOM_INIT = "random"  # options.init: no phrase, every context vector N(0, 0.02)
 Choice = tuple  # (mode, n_ctx); () when absent (the zero-shot prompt template)
 
 
