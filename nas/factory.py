@@ -4,6 +4,7 @@ through its text tower). The pipeline and the benchmarks build models only throu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nas.backbone import BackboneSpec
@@ -74,3 +75,21 @@ def head_params(backbone: BackboneSpec | ClipSpec, num_classes: int) -> int:
         return 0
     g = backbone.geometry()
     return g.width * num_classes + num_classes
+
+
+def load(directory: str | Path) -> PromptedViT:
+    """A saved subnet folder (``model.save``; a retrained winner's ``model`` artifact in
+    MLflow), whichever backbone it was trained on: it names its backbone and is loaded onto it
+    (a CLIP and its class names, or a timm ViT built from the recorded architecture)."""
+    from nas.clip.prompted import FORMAT as CLIP_FORMAT
+    from nas.clip.prompted import PromptedCLIP
+    from nas.model import SUBNET_FILE
+    from nas.yamlio import load_yaml
+
+    meta = Path(directory) / SUBNET_FILE
+    if not meta.is_file():
+        raise NasError(f"{meta}: missing; a saved subnet folder holds {SUBNET_FILE}")
+    data = load_yaml(meta).data
+    if isinstance(data, dict) and data.get("format") == CLIP_FORMAT:
+        return PromptedCLIP.load_clip_subnet(directory)
+    return PromptedViT.load(directory)
