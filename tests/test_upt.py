@@ -215,3 +215,30 @@ def test_upt_on_a_plain_vit_is_refused():
     with pytest.raises(ConfigError, match="has none") as info:
         parse_space(parse_yaml(text))
     assert info.value.key == "modules.upt"
+
+
+def test_supernet_training_steps_over_draws_with_nothing_to_train(space):
+    """On a CLIP the empty subnet (zero-shot: no context, no image modules) has no trainable
+    weight and no head: a supernet batch that draws it is a zero update, not an error."""
+    from nas.data.decode import DecodedSplit
+    from trainers.train import TrainConfig, train
+
+    model = build(space)
+    g = torch.Generator().manual_seed(0)
+    data = DecodedSplit(
+        "train",
+        torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=g),
+        torch.arange(32) % len(NAMES),
+        len(NAMES),
+        NAMES,
+        "random",
+    )
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, weight_decay=0.1, warmup_epochs=0)
+    before = {k: v.clone() for k, v in model.prompt_modules.state_dict().items()}
+    train(model, data, cfg, mean=(0.5,), std=(0.5,), sample_subnet=lambda rng: Subnet())
+    after = model.prompt_modules.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # not even weight decay
+    draws = iter([Subnet(), Subnet({"lora": (2,) * 6}), Subnet(), Subnet({"upt": ("text", 2)})])
+    train(model, data, cfg, mean=(0.5,), std=(0.5,), sample_subnet=lambda rng: next(draws))
+    after = model.prompt_modules.state_dict()
+    assert not torch.equal(before["lora.layers.0.A"], after["lora.layers.0.A"])

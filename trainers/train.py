@@ -116,9 +116,10 @@ def train(
                 loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if loss.requires_grad:  # a draw with nothing to train (CLIP's empty subnet: no
+                optimizer.zero_grad(set_to_none=True)  # head) is a zero update: no step
+                loss.backward()
+                optimizer.step()
             total += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
