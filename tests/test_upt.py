@@ -142,6 +142,15 @@ def test_only_prompt_weights_change_after_a_step(space):
     assert not any(k.startswith("prompt_modules.upt.ctx") for k in changed)  # text mode unused
 
 
+def test_state_dict_holds_each_frozen_weight_once(space):
+    model = build(space)
+    state = model.state_dict()
+    assert not any(k.startswith("backbone.") for k in state)
+    assert len({t.data_ptr() for t in state.values()}) == len(state)
+    trunk = {f"clip.visual.trunk.{k}" for k in model.backbone.state_dict()}
+    assert trunk and trunk <= state.keys()
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_standalone_export_matches_the_supernet(space, seed):
     model = build(space)

@@ -85,6 +85,9 @@ class PromptedCLIP(PromptedViT):
     ) -> None:
         super().__init__(image_trunk(clip), modules, backbone_spec=None)
         self.clip = clip.requires_grad_(False)
+        # The trunk is already a submodule of ``clip``: keep it as a plain attribute so that
+        # its weights appear once in ``state_dict()`` (under ``clip.visual.``), not twice.
+        object.__setattr__(self, "backbone", self._modules.pop("backbone"))
         self.clip_spec = spec
         self.geometry = spec.geometry()
         self.class_names = list(class_names)
