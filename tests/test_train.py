@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nas.data.decode import decode_split
@@ -73,6 +74,17 @@ def test_fixed_subnet_training(mini_vtab):  # noqa: F811
     assert metrics["train_loss"] > 0
     assert evaluate(model, data["val"], mean=mean, std=std) > start + 0.3
     assert model.subnet == Subnet({"lora": [4] * 6})
+
+
+def test_a_non_finite_loss_stops_training_with_the_epoch(mini_vtab):  # noqa: F811
+    space, data, mean, std = setup(mini_vtab / "digits")
+    torch.manual_seed(0)
+    model = PromptedViT.for_subnet(space.backbone.create(10), Subnet({"lora": [4] * 6}))
+    seen = []
+    cfg = TrainConfig(epochs=2, lr=1e30, warmup_epochs=0)
+    with pytest.raises(FloatingPointError, match="loss is nan in epoch 1"):
+        train(model, data["train"], cfg, mean=mean, std=std, on_epoch=lambda *a: seen.append(a))
+    assert not seen  # no checkpoint of the broken epoch
 
 
 def test_candidates_scored_several_at_once_score_the_same(mini_vtab):  # noqa: F811

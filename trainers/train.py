@@ -106,7 +106,10 @@ def train(
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout / drop-path of this epoch
         rng = random.Random(cfg.seed * 1_000_003 + epoch)  # subnet draws of this epoch
         loader.set_epoch(epoch)
-        total, correct, seen = 0.0, 0, 0
+        # Sums stay on the device: nothing waits for the GPU until the epoch ends.
+        total = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
         for i, (x, y) in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, epoch * len(loader) + i, len(loader))
@@ -114,18 +117,20 @@ def train(
             with _amp(device):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}")
             if loss.requires_grad:  # a draw with nothing to train (CLIP's empty subnet: no
                 optimizer.zero_grad(set_to_none=True)  # head) is a zero update: no step
                 loss.backward()
                 optimizer.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            total += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+        mean_loss = total.item() / seen
+        if not math.isfinite(mean_loss):  # a NaN or infinite loss anywhere in the epoch; the
+            # last checkpoint (taken after an epoch) holds no weight it touched
+            raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
         metrics = {
-            "train_loss": total / seen,
-            "train_acc": correct / seen,
+            "train_loss": mean_loss,
+            "train_acc": correct.item() / seen,
             "lr": optimizer.param_groups[0]["lr"],
         }
         if on_epoch is not None:
