@@ -56,3 +56,13 @@ def test_a_point_reaching_max_t_stops_and_completion_is_routed_to_its_group():
     assert grouped.on_trial_result(None, t, result) == TrialScheduler.STOP
     grouped.on_trial_complete(None, t, result)
     assert grouped.groups["clevr/supernet"]._trial_info == {}
+
+
+def test_a_sweep_won_at_the_grids_edge_is_flagged():
+    from nas.pipeline.driver import grid_edge_note
+
+    assert grid_edge_note(5e-3, [1e-3, 5e-3, 2e-2]) is None
+    assert grid_edge_note(2e-2, [1e-3]) is None  # nothing to widen from one point
+    note = grid_edge_note(2e-2, [1e-3, 5e-3, 2e-2])
+    assert note is not None and "0.02, is the largest of the grid [0.001, 0.005, 0.02]" in note
+    assert "smallest" in grid_edge_note(1e-3, [2e-2, 1e-3, 5e-3])

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -395,6 +395,9 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
         tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
         tracker.log_artifact(run_id, out / "done.json")
         tracker.finish(run_id)
+        note = grid_edge_note(best["lr"], h.lrs)
+        if note:
+            print(f"hparams {key} {method}: {note}", flush=True)
 
     class SweepEnd(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -427,6 +430,20 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
             reduction_factor=h.reduction_factor,
         ),
         callbacks=[SweepEnd()],
+    )
+
+
+def grid_edge_note(chosen: float, grid: Sequence[float]) -> str | None:
+    """A warning when the sweep's winner is the grid's largest or smallest learning rate: the
+    best one may lie outside the grid. (A winner at the largest rate of a sweep shorter than
+    the final training can also be one that diverges over the longer schedule.)"""
+    if len(grid) < 2 or min(grid) < chosen < max(grid):
+        return None
+    edge = "largest" if chosen == max(grid) else "smallest"
+    return (
+        f"the best learning rate, {chosen:g}, is the {edge} of the grid "
+        f"{[float(f'{v:g}') for v in sorted(grid)]}; the best may lie beyond it (widen "
+        "stages.hparams.lrs)"
     )
 
 
