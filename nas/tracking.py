@@ -78,10 +78,16 @@ class Tracker:
         parent: str | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> str:
-        """The run with these tags (reopened if it exists), else a new one."""
+        """The run with these tags (reopened if it exists), else a new one. A reopened run
+        gets whichever of ``params`` it lacks (a stop between creating it and logging them)."""
         run_id = self.find_run(tags, parent)
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
+            if params:
+                have = self.client.get_run(run_id).data.params
+                missing = {k: v for k, v in params.items() if k not in have}
+                if missing:
+                    self.log_params(run_id, missing)
             return run_id
         all_tags = {f"{TAG}{k}": str(v) for k, v in tags.items()}
         if parent is not None:

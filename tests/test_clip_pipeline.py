@@ -9,7 +9,6 @@ from collections import Counter
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from nas import factory
 from nas.clip.prompted import PromptedCLIP
@@ -17,7 +16,7 @@ from nas.data.decode import decode_split
 from nas.data.formats import read_vtab
 from nas.errors import NasError
 from nas.spec import load_spec
-from tests.test_pipeline import run_to_end
+from tests.test_pipeline import mlflow_runs, parent_run, run_to_end
 from trainers.train import evaluate
 
 SPEC = {
@@ -57,9 +56,7 @@ def clip_run(tmp_path_factory, mini_vtab_data):
 
 
 def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
-    client = MlflowClient(f"sqlite:///{clip_run / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("clip-ci")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    client, runs = mlflow_runs(clip_run, "clip-ci")
     kinds = Counter(
         (r.data.tags.get("nas.stage"), "mlflow.parentRunId" in r.data.tags) for r in runs
     )
@@ -77,13 +74,7 @@ def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
     assert all(r["head_params"] == 0 for r in results["rows"])
 
     # A winner reloads from MLflow alone (onto the CLIP it names) and reproduces its test score.
-    winner = next(
-        r
-        for r in runs
-        if r.data.tags.get("nas.stage") == "retrain"
-        and r.data.tags.get("nas.label") == "baseline-upt"
-        and r.data.tags.get("nas.dataset") == "digits"
-    )
+    winner = parent_run(runs, "retrain", label="baseline-upt", dataset="digits")
     local = client.download_artifacts(winner.info.run_id, "model", str(clip_run / "dl"))
     model = factory.load(local).eval()  # whichever backbone: the folder names its CLIP
     assert isinstance(model, PromptedCLIP)

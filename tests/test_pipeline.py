@@ -135,10 +135,22 @@ def uninterrupted(workdir, mini_vtab_data) -> Path:
     return out
 
 
-def mlflow_runs(output: Path):
+def mlflow_runs(output: Path, experiment: str = "ci"):
+    """The MLflow client of a run's store and every run of its experiment."""
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("ci")
+    exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id], max_results=5000)
+
+
+def parent_run(runs, stage: str, **tags: str):
+    """The one parent (not candidate) run of ``stage`` whose ``nas.*`` tags match ``tags``."""
+    return next(
+        r
+        for r in runs
+        if r.data.tags.get("nas.stage") == stage
+        and "mlflow.parentRunId" not in r.data.tags
+        and all(r.data.tags.get(f"nas.{k}") == v for k, v in tags.items())
+    )
 
 
 def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
@@ -313,18 +325,10 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
         assert len(done["grid"]) == 2 and done["lr"] in (1.0e-4, 5.0e-3)
         assert done["val_acc"] == max(p["val_acc"] for p in done["grid"])
         winners[method] = done["lr"]
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("hp")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
+    _, runs = mlflow_runs(out, "hp")
 
     def run_of(stage, label=None):
-        return next(
-            r
-            for r in runs
-            if r.data.tags.get("nas.stage") == stage
-            and "mlflow.parentRunId" not in r.data.tags
-            and (label is None or r.data.tags.get("nas.label") == label)
-        )
+        return parent_run(runs, stage, **({"label": label} if label else {}))
 
     assert float(run_of("supernet").data.params["lr"]) == winners["supernet"]
     assert float(run_of("retrain", "rank1").data.params["lr"]) == winners["supernet"]

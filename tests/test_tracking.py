@@ -32,3 +32,20 @@ def test_a_half_logged_candidate_is_completed_not_duplicated(tmp_path):
     again.log("a", "a", {"vpt.depth": 2}, {"val_acc": 0.5})
     again.close()
     assert len(tracker.children(parent)) == 2
+
+
+def test_a_reopened_run_gets_the_params_a_stop_kept_from_it(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t")
+    tags = {"stage": "hparams", "dataset": "d", "label": "supernet"}
+    # A stop between creating the run and logging its params leaves it without them.
+    stale = tracker.client.create_run(
+        tracker.experiment_id, tags={f"nas.{k}": v for k, v in tags.items()}, run_name="hp"
+    ).info.run_id
+    tracker.client.log_param(stale, "lrs", "[0.001, 0.01]")
+    run_id = tracker.run("hp", tags, params={"lrs": [0.001, 0.01], "chosen_lr": 0.01})
+    assert run_id == stale
+    assert tracker.client.get_run(run_id).data.params == {
+        "lrs": "[0.001, 0.01]",
+        "chosen_lr": "0.01",
+    }
+    assert tracker.run("hp", tags, params={"chosen_lr": 0.01}) == stale  # nothing to add

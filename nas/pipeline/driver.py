@@ -23,7 +23,7 @@ from nas.data.hashing import file_sha256
 from nas.errors import NasError
 from nas.pipeline import stages
 from nas.pipeline.ray_layer import GroupedASHA, run_stage, start_ray
-from nas.spec import ExperimentSpec, load_spec
+from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 
 PACKAGES = ("torch", "timm", "ray", "optuna", "mlflow", "numpy", "safetensors", "nas-prompt")
 
@@ -375,14 +375,13 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
     )
     ended: dict[str, list[dict[str, Any]]] = {}
 
-    def finish(key: str, method: str, points: list[dict[str, Any]]) -> None:
-        ds = sweeps[(key, method)]
-        best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
-        out = stages.hparams_dir(spec, key, method)
-        stages.write_json(out / "done.json", {**best, "seed": seed, "grid": points})
+    def track(ds: DatasetSpec, method: str) -> None:
+        """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
+        out = stages.hparams_dir(spec, ds.key, method)
+        best = stages.read_json(out / "done.json")
         tracker = stages.tracker_for(spec)
         run_id = tracker.run(
-            f"hparams {key} {method}",
+            f"hparams {ds.key} {method}",
             {**stages.base_tags(spec, "hparams", ds, seed), "label": method},
             params={
                 "lrs": list(h.lrs),
@@ -395,9 +394,28 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
         tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
         tracker.log_artifact(run_id, out / "done.json")
         tracker.finish(run_id)
+
+    def finish(key: str, method: str, points: list[dict[str, Any]]) -> None:
+        best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
+        out = stages.hparams_dir(spec, key, method)
+        stages.write_json(out / "done.json", {**best, "seed": seed, "grid": points})
+        track(sweeps[(key, method)], method)
         note = grid_edge_note(best["lr"], h.lrs)
         if note:
             print(f"hparams {key} {method}: {note}", flush=True)
+
+    # A sweep finished before a stop may have lost its MLflow run (stopped between writing
+    # done.json and logging): log it again from its done.json.
+    tracker = stages.tracker_for(spec)
+    for ds in spec.datasets:
+        for method in methods:
+            if (ds.key, method) in sweeps:
+                continue
+            run_id = tracker.find_run(
+                {**stages.base_tags(spec, "hparams", ds, seed), "label": method}
+            )
+            if run_id is None or tracker.client.get_run(run_id).info.status != "FINISHED":
+                track(ds, method)
 
     class SweepEnd(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
