@@ -297,8 +297,10 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         "mlflow_run_id": run_id,
         "node": task.get("node"),
     }
-    write_json(out / "done.json", result)
+    # Finished in MLflow before done.json: a stop in between redoes this end on the rerun
+    # instead of leaving the run unfinished for good.
     tracker.finish(run_id)
+    write_json(out / "done.json", result)
     return result
 
 
@@ -438,8 +440,10 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         "top": ranking[: max(1, spec.retrain.top_k)],
         "mlflow_run_id": parent,
     }
-    write_json(out / "done.json", result)
+    # Finished in MLflow before done.json: a stop in between redoes this end on the rerun
+    # instead of leaving the run unfinished for good.
     tracker.finish(parent)
+    write_json(out / "done.json", result)
     return result
 
 
@@ -562,6 +566,8 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         final["val_acc"] = task["val_acc"]
     tracker.log_metrics(run_id, final)
     tracker.log_artifact(run_id, out / "model", "model")
-    write_json(out / "done.json", result)
+    # Finished in MLflow before done.json: a stop in between redoes this end on the rerun
+    # instead of leaving the run unfinished for good.
     tracker.finish(run_id)
+    write_json(out / "done.json", result)
     return result
