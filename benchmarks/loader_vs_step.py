@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import machine, sync
+from common import machine, timed
 
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import read_vtab
@@ -32,18 +31,6 @@ from nas.data.mini_vtab import prepare
 from nas.model import PromptedViT
 from nas.space import load_space
 from trainers.optim import build_optimizer
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def loader_rate(split: DecodedSplit, batch: int, mean, std, device, repeats: int) -> float:

@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from common import machine, sync
+from common import machine, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.cost import subnet_params
@@ -109,19 +108,6 @@ def candidates_scored(space: SearchSpace, options: dict) -> int:
     return count
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def flops_per_image(
     model: PromptedViT, space: SearchSpace, batch: int, device, draws: int
 ) -> float:
@@ -179,7 +165,7 @@ def main() -> int:
         cfg = TrainConfig(epochs=1, batch_size=batch, lr=5e-4)
         train(supernet, train_split, cfg, mean=mean, std=std, sample_subnet=space.sample)
 
-    t_super = timed(supernet_epoch, device, args.repeats)
+    t_super = timed(supernet_epoch, args.repeats, device)
     super_img_s = len(train_split) / t_super
     flops = flops_per_image(supernet, space, min(batch, 8), device, args.flop_draws)
     peak = peak_tflops(device, args.peak_tflops)
@@ -205,12 +191,12 @@ def main() -> int:
             supernet, subnets, val_split, mean=mean, std=std, replicas=replicas
         )
 
-    t_one = timed(score(), device, args.repeats)
+    t_one = timed(score(), args.repeats, device)
     search = {"candidates_per_s": len(subnets) / t_one}
     if device.type == "cuda":
         replica = PromptedViT.supernet(space, classes).to(device)
         replica.load_trainable(supernet.trainable_state_dict())
-        t_two = timed(score([replica]), device, args.repeats)
+        t_two = timed(score([replica]), args.repeats, device)
         search["two_at_once_speedup"] = t_one / t_two
         del replica
     results["search"] = search
@@ -225,7 +211,7 @@ def main() -> int:
         cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-3)
         train(alone, train_split, cfg, mean=mean, std=std)
 
-    t_re = timed(retrain_epoch, device, args.repeats)
+    t_re = timed(retrain_epoch, args.repeats, device)
     results["retrain"] = {"subnet": str(winner), "img_s": len(train_split) / t_re}
     print(json.dumps({"retrain": results["retrain"]}), flush=True)
 
