@@ -40,7 +40,7 @@ from nas.data.mini_vtab import prepare
 from nas.model import PromptedViT
 from nas.space import load_space
 from trainers.optim import build_optimizer
-from trainers.train import evaluate_candidates, load_trainable
+from trainers.train import evaluate_candidates
 
 for key, value in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -139,7 +139,8 @@ def search_spec(work: Path, data: Path, candidates: int, device: torch.device) -
         "datasets": [{"name": "dsprites_loc", "format": "mini-vtab", "root": str(data)}],
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
-        "resources": {"cpus": 1, "gpus": 1 if device.type == "cuda" else 0},
+        # on a GPU, as experiments/noah_vtab.yaml: 4 CPUs per trial (3 candidate loggers)
+        "resources": {"cpus": 4, "gpus": 1} if device.type == "cuda" else {"cpus": 1, "gpus": 0},
         "stages": {
             "supernet": {"epochs": 1, "warmup_epochs": 0},
             "search": {
@@ -153,9 +154,10 @@ def search_spec(work: Path, data: Path, candidates: int, device: torch.device) -
     return path
 
 
-def search_throughput(work: Path, data: Path, device, candidates: int, repeats: int) -> dict:
+def search_throughput(
+    work: Path, data: Path, device, candidates: int, repeats: int, with_ray: bool = True
+) -> dict:
     from nas.pipeline import stages
-    from nas.pipeline.ray_layer import run_stage, start_ray
     from nas.spec import load_spec
 
     path = search_spec(work, data, candidates, device)
@@ -181,42 +183,19 @@ def search_throughput(work: Path, data: Path, device, candidates: int, repeats: 
 
     fresh = iter(range(1_000_000))
 
-    parallel = {}
-    if device.type == "cuda":  # the gain from scoring several candidates at once on one GPU
-        weights = model.trainable_state_dict()
-        for k in (2, 4):
-            replicas = [
-                PromptedViT.supernet(spec.space, val.num_classes).to(device) for _ in range(k - 1)
-            ]
-            for r in replicas:
-                load_trainable(r, weights)
-
-            def scored(replicas=replicas):
-                evaluate_candidates(
-                    model,
-                    subnets,
-                    val,
-                    mean=mean,
-                    std=std,
-                    batch_size=spec.search.eval_batch_size,
-                    replicas=replicas,
-                )
-
-            t = interleaved({"one": pure, "several": scored}, repeats, device)
-            parallel[f"{k}_at_once_speedup"] = t["one"] / t["several"]
-
-    def reset():
+    def reset(scale: int = 1):
         """A fresh search folder and MLflow experiment: in the old one the search's parent run
         would be found again and its candidates skipped as already logged."""
         shutil.rmtree(search_dir, ignore_errors=True)
         data = yaml.safe_load(path.read_text())
+        data["stages"]["search"]["options"]["num_candidates"] = scale * candidates
         data["mlflow"] = {"experiment": f"speed-{next(fresh)}"}
         task["spec"] = str(path.with_name(f"speed-{next(fresh)}.yaml"))
         Path(task["spec"]).write_text(yaml.safe_dump(data))
         stages.tracker_for(load_spec(task["spec"], output=out))
 
-    def timed(fn) -> float:
-        reset()
+    def timed(fn, scale: int = 1) -> float:
+        reset(scale)
         sync(device)
         start = time.perf_counter()
         fn()
@@ -227,31 +206,46 @@ def search_throughput(work: Path, data: Path, device, candidates: int, repeats: 
         stages.run_search(task)
 
     def through_ray():
+        from nas.pipeline.ray_layer import run_stage
+
         run_stage("search", [task], storage=out / "ray", cpus=1, gpus=spec.gpus)
 
     timed(pure), timed(in_process)  # warm-up
     runs: dict[str, list[float]] = {
         "pure": [],
         "in_process": [],
+        "in_process_4x": [],
         "in_process_ray_up": [],
         "ray": [],
     }
     for _ in range(repeats):  # before Ray starts: its idle daemons take CPU time too
         runs["pure"].append(timed(pure))
         runs["in_process"].append(timed(in_process))
-    started = start_ray(None)
-    try:
-        timed(through_ray)  # warm-up: the first trial of a Ray instance starts its worker pool
-        for _ in range(repeats):
-            runs["in_process_ray_up"].append(timed(in_process))
-            runs["ray"].append(timed(through_ray))
-    finally:
-        if started:
-            import ray
+        runs["in_process_4x"].append(timed(in_process, 4))
+    if with_ray:
+        from nas.pipeline.ray_layer import start_ray
 
-            ray.shutdown()
-    t = {k: statistics.median(v) for k, v in runs.items()}
+        started = start_ray(None)
+        try:
+            timed(through_ray)  # warm-up: a Ray instance's first trial starts its worker pool
+            for _ in range(repeats):
+                runs["in_process_ray_up"].append(timed(in_process))
+                runs["ray"].append(timed(through_ray))
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    t = {k: statistics.median(v) for k, v in runs.items() if v}
     n = len(subnets)
+    marginal = (t["in_process_4x"] - t["in_process"]) / (3 * n)
+    ray_rows: dict = {"ray": "not measured (--no-ray)"}
+    if with_ray:
+        ray_rows = {
+            "search_stage_s": {"in_process": t["in_process_ray_up"], "ray_trial": t["ray"]},
+            "ray_over_in_process": t["ray"] / t["in_process_ray_up"],
+            "ray_overhead_s_per_trial": t["ray"] - t["in_process_ray_up"],
+        }
     return {
         "candidates": n,
         "s_per_candidate": {"pure_forward": t["pure"] / n, "search_stage": t["in_process"] / n},
@@ -260,30 +254,51 @@ def search_throughput(work: Path, data: Path, device, candidates: int, repeats: 
             "search_stage": 60 * n / t["in_process"],
         },
         "search_rate_over_pure_rate": t["pure"] / t["in_process"],
-        "search_stage_s": {"in_process": t["in_process_ray_up"], "ray_trial": t["ray"]},
-        "ray_over_in_process": t["ray"] / t["in_process_ray_up"],
-        "ray_overhead_s_per_trial": t["ray"] - t["in_process_ray_up"],
-        "mlflow_cpu_ms_per_candidate": tracking_cost(work / "tracking") * 1000,
-        "parallel_candidates": parallel or "not measured (CPU: torch already uses every core)",
+        # The stage's cost split into a fixed part (building the model, reading weights and
+        # data, starting the MLflow logging process, plots, artifacts) and a per-candidate
+        # part, from the same stage run with 4x the candidates: the per-candidate part against
+        # the pure forward time is what a 1,000-candidate search sees.
+        "stage_fixed_s": t["in_process"] - n * marginal,
+        "stage_s_per_candidate_marginal": marginal,
+        "per_candidate_overhead_over_pure": marginal / (t["pure"] / n) - 1,
+        **ray_rows,
+        "mlflow_cpu_ms_per_candidate": tracking_cost(work / "tracking"),
     }
 
 
-def tracking_cost(folder: Path, n: int = 100) -> float:
-    """CPU seconds per candidate of logging it to MLflow (a child run with its subnet, costs
-    and score) through the pipeline's background logger, into a sqlite store."""
+def tracking_cost(folder: Path, n: int = 100) -> dict[str, float]:
+    """CPU milliseconds per candidate of logging it to MLflow (a child run with its subnet,
+    costs and score) into a sqlite store: in the searching process (sending it) and in the
+    pipeline's logging process (writing it)."""
+    import resource
+
     from nas.tracking import CandidateLogger, Tracker
 
     folder.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "tracking")
     parent = tracker.run("search", {"stage": "search"})
-    logger = CandidateLogger(tracker, parent, {"stage": "search"})
     params = {"vpt.depth": 3, "vpt.dims": "8,4,2", "lora.depth": 6, "lora.dims": "4,4,4,4,4,4"}
     metrics = {"val_acc": 0.5, "params": 12345, "added_flops": 678901, "round": 1}
-    start = time.process_time()
-    for i in range(n):
-        logger.log(str(i), f"candidate {i}", params, metrics, {"round": 1})
-    logger.close()
-    return (time.process_time() - start) / n
+
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    def cost(candidates: int) -> tuple[float, float]:
+        own, logger_cpu = time.process_time(), children_cpu()
+        logger = CandidateLogger(tracker, parent, {"stage": "search"})
+        for i in range(candidates):
+            logger.log(f"{candidates}-{i}", f"candidate {i}", params, metrics, {"round": 1})
+        logger.close()
+        return time.process_time() - own, children_cpu() - logger_cpu
+
+    start_own, start_logger = cost(0)  # the logging process's start-up alone
+    own, logger = cost(n)
+    return {
+        "searching_process_ms": 1000 * (own - start_own) / n,
+        "logging_process_ms": 1000 * (logger - start_logger) / n,
+        "logging_process_startup_s": start_logger,
+    }
 
 
 def main() -> int:
@@ -292,6 +307,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="training steps per timed run")
     parser.add_argument("--candidates", type=int, default=48)
+    parser.add_argument(
+        "--no-ray", action="store_true", help="skip the Ray Tune trial (a machine without Ray)"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -311,7 +329,7 @@ def main() -> int:
         )
         print(json.dumps(results["training"]), flush=True)
         results["search"] = search_throughput(
-            work, work / "data", device, args.candidates, args.repeats
+            work, work / "data", device, args.candidates, args.repeats, not args.no_ray
         )
         print(json.dumps(results["search"]), flush=True)
     if args.json:

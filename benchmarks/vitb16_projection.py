@@ -3,13 +3,14 @@ utilisation in bf16, and from them the projected wall time of NOAH's full VTAB-1
 
 What runs is the pipeline's own code: ``trainers.train.train`` (the supernet with a fresh random
 subnet per batch, then a standalone winner) and ``evaluate_candidates`` (the search's scoring,
-one model and several at once), on the shipped NOAH space (``search_spaces/noah_vtab.yaml``,
-ViT-B/16 with random weights: throughput does not depend on them, and nothing is downloaded)
-and stand-in images of the right shape (random 224x224 RGB; the pixels do not change the
-speed). The protocol comes from ``experiments/noah_vtab.yaml``: its supernet epochs and
-batch, its evolution settings (the number of candidates is counted by running the algorithm
-with random scores: duplicates and over-budget candidates are never scored), its retraining
-epochs; VTAB-1k has 800 training and 200 validation images per dataset, 19 datasets.
+alone and with every candidate logged to MLflow as the search stage does), on the shipped
+NOAH space (``search_spaces/noah_vtab.yaml``, ViT-B/16 with random weights: throughput does
+not depend on them, and nothing is downloaded) and stand-in images of the right shape (random
+224x224 RGB; the pixels do not change the speed). The protocol comes from
+``experiments/noah_vtab.yaml``: its supernet epochs and batch, its evolution settings (the
+number of candidates is counted by running the algorithm with random scores: duplicates and
+over-budget candidates are never scored), its retraining epochs; VTAB-1k has 800 training and
+200 validation images per dataset, 19 datasets.
 
 FLOPs are counted by ``torch.utils.flop_counter`` on real training steps (matmuls, forward and
 backward as executed: the frozen backbone's weight gradients are never computed, so a step
@@ -25,8 +26,10 @@ A CPU smoke run of the same code (numbers meaningless):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from nas.data.decode import DecodedSplit
 from nas.model import PromptedViT
 from nas.search import make_search
 from nas.space import SearchSpace, load_space
-from trainers.train import TrainConfig, _amp, evaluate_candidates, train
+from trainers.train import TrainConfig, autocast, evaluate_candidates, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "noah_vtab.yaml"
@@ -121,12 +124,64 @@ def flops_per_image(
         model.set_subnet(space.sample(rng))
         counter = FlopCounterMode(display=False)
         with counter:
-            with _amp(device):
+            with autocast(device):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)
             loss.backward()
         model.zero_grad(set_to_none=True)
         total += counter.get_total_flops()
     return total / draws / batch
+
+
+def tracking_overhead(supernet, space, val_split, mean, std, n, repeats, device) -> dict:
+    """The search stage's loop without the algorithm: candidates scored a generation (25) at a
+    time, each logged as an MLflow child run (sqlite, the pipeline's CandidateLogger), against
+    the same scoring untracked. Run at n and 4n candidates: the difference is the per-candidate
+    cost, free of the logging process's start-up."""
+    from nas.tracking import CandidateLogger, Tracker, logging_processes
+
+    cpus = yaml.safe_load(SPEC.read_text())["resources"]["cpus"]
+
+    rng = random.Random(3)
+    subnets = []
+    while len(subnets) < 4 * n:
+        s = space.sample(rng)
+        if space.admits(s) and s not in subnets:
+            subnets.append(s)
+    keys = itertools.count()
+
+    def scored(count: int, tracker=None, parent=None):
+        def run():
+            logger = None
+            if tracker is not None:
+                logger = CandidateLogger(tracker, parent, {}, logging_processes(cpus))
+            for i in range(0, count, 25):
+                chunk = subnets[i : min(i + 25, count)]
+                scores = evaluate_candidates(supernet, chunk, val_split, mean=mean, std=std)
+                for s, acc in zip(chunk, scores, strict=True):
+                    if logger is not None:
+                        logger.log(str(next(keys)), str(s), {"subnet": str(s)}, {"val_acc": acc})
+            if logger is not None:
+                logger.close()
+
+        return run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "projection")
+        parent = tracker.run("search", {"stage": "search"})
+        t = {
+            "pure": timed(scored(4 * n), repeats, device),
+            "tracked": timed(scored(n, tracker, parent), repeats, device),
+            "tracked_4x": timed(scored(4 * n, tracker, parent), repeats, device),
+        }
+    pure = t["pure"] / (4 * n)
+    marginal = (t["tracked_4x"] - t["tracked"]) / (3 * n)
+    return {
+        "candidates": [n, 4 * n],
+        "logging_processes": logging_processes(cpus),
+        "s_per_candidate": {"untracked": pure, "tracked_marginal": marginal},
+        "fixed_s": t["tracked"] - n * marginal,
+        "per_candidate_overhead": marginal / pure - 1,
+    }
 
 
 def main() -> int:
@@ -136,6 +191,12 @@ def main() -> int:
     parser.add_argument("--val-images", type=int, default=VTAB_VAL)
     parser.add_argument("--batch", type=int, default=None, help="default: the spec's")
     parser.add_argument("--candidates", type=int, default=16, help="scored per timed run")
+    parser.add_argument(
+        "--tracked-candidates",
+        type=int,
+        default=48,
+        help="scored with MLflow logging, at this count and 4x it (0: skip)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flop-draws", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -178,7 +239,7 @@ def main() -> int:
     }
     print(json.dumps({"supernet": results["supernet"]}), flush=True)
 
-    # 2. search: candidates scored on the validation split, one model and two at once
+    # 2. search: candidates scored on the validation split
     rng = random.Random(2)
     subnets = []
     while len(subnets) < args.candidates:
@@ -186,19 +247,14 @@ def main() -> int:
         if space.admits(s) and s not in subnets:
             subnets.append(s)
 
-    def score(replicas=()):
-        return lambda: evaluate_candidates(
-            supernet, subnets, val_split, mean=mean, std=std, replicas=replicas
-        )
+    def score():
+        evaluate_candidates(supernet, subnets, val_split, mean=mean, std=std)
 
-    t_one = timed(score(), args.repeats, device)
-    search = {"candidates_per_s": len(subnets) / t_one}
-    if device.type == "cuda":
-        replica = PromptedViT.supernet(space, classes).to(device)
-        replica.load_trainable(supernet.trainable_state_dict())
-        t_two = timed(score([replica]), args.repeats, device)
-        search["two_at_once_speedup"] = t_one / t_two
-        del replica
+    search = {"candidates_per_s": len(subnets) / timed(score, args.repeats, device)}
+    if args.tracked_candidates:
+        search["tracking"] = tracking_overhead(
+            supernet, space, val_split, mean, std, args.tracked_candidates, args.repeats, device
+        )
     results["search"] = search
     print(json.dumps({"search": search}), flush=True)
 

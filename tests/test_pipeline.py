@@ -358,6 +358,6 @@ def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_da
     finally:
         stop(proc, tmpdir)
     assert proc.returncode == 2, out[-3000:]
-    assert "nas: error: supernet: 1 trial(s) failed after 2 retries:" in out
+    assert "nas: error: supernet+search: 1 trial(s) failed after 2 retries:" in out
     assert "digits seed 0: FloatingPointError: loss is nan" in out
     assert not (tmp_path / "out" / "supernet" / "digits-seed0" / "done.json").exists()

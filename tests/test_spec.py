@@ -79,6 +79,10 @@ BAD = [
         {"stages": {"search": {"algorithm": "grid"}}},
         r"stages\.search\.algorithm: 'grid' is not one of: evolution, optuna-tpe, optuna-nsga2, random",
     ),
+    (
+        {"stages": {"search": {"parallel_candidates": 2}}},
+        r"stages\.search\.parallel_candidates: no longer offered: .* resources\.gpus: 0\.25",
+    ),
     ({"stages": {"supernet": {"epochs": -1}}}, r"stages\.supernet\.epochs: -1 is negative"),
     ({"stages": {"supernet": {"epoch": 3}}}, r"stages\.supernet\.epoch: unknown key"),
     (

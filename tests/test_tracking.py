@@ -3,10 +3,14 @@ once, and a candidate run that a kill left half-written completed instead of dup
 
 from __future__ import annotations
 
+import pytest
+
+from nas.errors import NasError
 from nas.tracking import CandidateLogger, Tracker
 
 
-def test_a_half_logged_candidate_is_completed_not_duplicated(tmp_path):
+@pytest.mark.parametrize("processes", [1, 3])
+def test_a_half_logged_candidate_is_completed_not_duplicated(tmp_path, processes):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t")
     tags = {"stage": "search", "dataset": "d"}
     parent = tracker.run("search d", tags)
@@ -17,21 +21,23 @@ def test_a_half_logged_candidate_is_completed_not_duplicated(tmp_path):
         tags={"nas.candidate": "a", "mlflow.parentRunId": parent},
         run_name="a",
     ).info.run_id
-    logger = CandidateLogger(tracker, parent, tags)
-    for key in ("a", "b", "a"):
+    logger = CandidateLogger(tracker, parent, tags, processes)
+    keys = ["a", "b", "a", *map(str, range(10))]
+    for key in keys:
         logger.log(key, key, {"vpt.depth": 2}, {"val_acc": 0.5})
     logger.close()
     children = tracker.children(parent)
-    assert set(children) == {"a", "b"}
+    assert set(children) == set(keys)
+    assert all(status == "FINISHED" for _, status in children.values())
     assert children["a"] == (stale, "FINISHED")
     assert children["b"][1] == "FINISHED"
     run = tracker.client.get_run(stale)
     assert run.data.metrics["val_acc"] == 0.5 and run.data.params["vpt.depth"] == "2"
     # A second logger (the run resumed again) logs nothing new.
-    again = CandidateLogger(tracker, parent, tags)
+    again = CandidateLogger(tracker, parent, tags, processes)
     again.log("a", "a", {"vpt.depth": 2}, {"val_acc": 0.5})
     again.close()
-    assert len(tracker.children(parent)) == 2
+    assert len(tracker.children(parent)) == len(set(keys))
 
 
 def test_a_reopened_run_gets_the_params_a_stop_kept_from_it(tmp_path):
@@ -49,3 +55,23 @@ def test_a_reopened_run_gets_the_params_a_stop_kept_from_it(tmp_path):
         "chosen_lr": "0.01",
     }
     assert tracker.run("hp", tags, params={"chosen_lr": 0.01}) == stale  # nothing to add
+
+
+def test_a_candidate_mlflow_refuses_is_one_clear_error_at_close(tmp_path):
+    """The logging process reports the first candidate MLflow refused, by its key."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t")
+    parent = tracker.run("search d", {"stage": "search"})
+    stale = tracker.client.create_run(
+        tracker.experiment_id,
+        tags={"nas.candidate": "a", "mlflow.parentRunId": parent},
+        run_name="a",
+    ).info.run_id
+    tracker.client.log_param(stale, "vpt.depth", "3")  # MLflow never changes a param's value
+    logger = CandidateLogger(tracker, parent, {"stage": "search"}, processes=2)
+    logger.log("b", "b", {"vpt.depth": 1}, {"val_acc": 0.25})
+    logger.log("a", "a", {"vpt.depth": 2}, {"val_acc": 0.5})
+    logger.log("c", "c", {"vpt.depth": 1}, {"val_acc": 0.75})
+    with pytest.raises(NasError, match=r"MLflow logging failed: candidate 'a': .*vpt\.depth"):
+        logger.close()
+    logger.close()  # closing again raises nothing more
+    assert tracker.children(parent)["b"][1] == "FINISHED"

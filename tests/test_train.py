@@ -85,30 +85,3 @@ def test_a_non_finite_loss_stops_training_with_the_epoch(mini_vtab):  # noqa: F8
     with pytest.raises(FloatingPointError, match="loss is nan in epoch 1"):
         train(model, data["train"], cfg, mean=mean, std=std, on_epoch=lambda *a: seen.append(a))
     assert not seen  # no checkpoint of the broken epoch
-
-
-def test_candidates_scored_several_at_once_score_the_same(mini_vtab):  # noqa: F811
-    """Replicas of the supernet score candidates in parallel threads; each candidate's score
-    is exactly what the model alone gives, in the order asked, and the model's subnet stays."""
-    import random
-
-    from trainers.train import load_trainable
-
-    space, data, mean, std = setup(mini_vtab / "digits")
-    torch.manual_seed(0)
-    model = PromptedViT.supernet(space, 10)
-    for p in model.trainable_parameters():  # modules that change the logits
-        torch.nn.init.normal_(p, std=0.05)
-    replicas = [PromptedViT.supernet(space, 10, space.backbone.create(10)) for _ in range(2)]
-    for r in replicas:
-        load_trainable(r, model.trainable_state_dict())
-    rng = random.Random(0)
-    subnets = [space.sample(rng) for _ in range(7)]
-    model.set_subnet(subnets[0])
-    serial = evaluate_candidates(model, subnets, data["val"], mean=mean, std=std)
-    parallel = evaluate_candidates(
-        model, subnets, data["val"], mean=mean, std=std, replicas=replicas
-    )
-    assert parallel == serial
-    assert len(set(serial)) > 1  # the candidates really differ
-    assert model.subnet == subnets[0]

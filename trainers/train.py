@@ -10,12 +10,10 @@ goes to a callback, and state to a dict the caller saves wherever it likes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,7 +54,8 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _amp(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU, nothing on a CPU: the precision every loop here trains in."""
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -114,7 +113,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, epoch * len(loader) + i, len(loader))
             model.set_subnet(sample_subnet(rng) if sample_subnet else fixed)
-            with _amp(device):
+            with autocast(device):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
             if loss.requires_grad:  # a draw with nothing to train (CLIP's empty subnet: no
@@ -172,36 +171,12 @@ def evaluate_candidates(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 256,
-    replicas: Sequence[PromptedViT] = (),
 ) -> list[float]:
     """Accuracy of each subnet on ``data`` with the model's (inherited) weights. The split is
-    normalised once and reused for every candidate.
-
-    Args:
-        replicas: further copies of ``model`` (same weights, same device): candidates are then
-            scored several at once, one thread per model, each on its own CUDA stream, so
-            that one GPU stays busy when a single candidate's forward passes do not fill it.
-    """
+    normalised once and reused for every candidate."""
     device = next(model.parameters()).device
     batches = list(TensorLoader(data, batch_size, mean, std, device=device))
-    models = [model, *replicas]
-    if len(models) == 1 or len(subnets) < 2:
-        return [_accuracy(model, s, batches, len(data)) for s in subnets]
-
-    def score_share(i: int) -> list[tuple[int, float]]:
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        with torch.no_grad(), torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-            if stream is not None:
-                stream.wait_stream(torch.cuda.default_stream(device))  # the batches are ready
-            return [
-                (j, _accuracy(models[i], subnets[j], batches, len(data)))
-                for j in range(i, len(subnets), len(models))
-            ]
-
-    with ThreadPoolExecutor(len(models)) as pool:
-        shares = list(pool.map(score_share, range(len(models))))
-    scores = dict(pair for share in shares for pair in share)
-    return [scores[j] for j in range(len(subnets))]
+    return [_accuracy(model, s, batches, len(data)) for s in subnets]
 
 
 def _accuracy(model: PromptedViT, subnet: Subnet, batches, total: int) -> float:
@@ -211,7 +186,7 @@ def _accuracy(model: PromptedViT, subnet: Subnet, batches, total: int) -> float:
     model.set_subnet(subnet)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in batches:
-        with _amp(device):
+        with autocast(device):
             correct += (model(x).argmax(1) == y).sum()
     model.set_subnet(previous)
     return correct.item() / total  # one synchronisation per candidate

@@ -227,16 +227,17 @@ def run_stages(spec: ExperimentSpec) -> None:
     if spec.hparams.enabled:
         with timings("hparams"):
             run_hparams_stage(spec, base, storage)
-    searched = (("supernet", stages.supernet_dir), ("search", stages.search_dir))
-    for stage, dir_of in searched if spec.search.enabled else ():
+    if spec.search.enabled:
+        # One trial per dataset and seed trains the supernet, then searches it: a trial's
+        # start (a worker importing torch, building the model) is paid once, not twice.
         todo = [
             {**base, "dataset": ds.key, "seed": seed}
             for ds, seed in pairs
-            if not (dir_of(spec, ds.key, seed) / "done.json").is_file()
+            if not (stages.search_dir(spec, ds.key, seed) / "done.json").is_file()
         ]
-        print(f"== {stage}: {len(todo)} of {len(pairs)} trials to run", flush=True)
-        with timings(stage):
-            run_stage(stage, todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+        print(f"== supernet and search: {len(todo)} of {len(pairs)} trials to run", flush=True)
+        with timings("supernet+search"):
+            run_stage("supernet+search", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
     tasks = retrain_tasks(spec, base, pairs)
     todo = [
         t
@@ -374,12 +375,12 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
         flush=True,
     )
     ended: dict[str, list[dict[str, Any]]] = {}
+    tracker = stages.tracker_for(spec)
 
     def track(ds: DatasetSpec, method: str) -> None:
         """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
         out = stages.hparams_dir(spec, ds.key, method)
         best = stages.read_json(out / "done.json")
-        tracker = stages.tracker_for(spec)
         run_id = tracker.run(
             f"hparams {ds.key} {method}",
             {**stages.base_tags(spec, "hparams", ds, seed), "label": method},
@@ -406,7 +407,6 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
 
     # A sweep finished before a stop may have lost its MLflow run (stopped between writing
     # done.json and logging): log it again from its done.json.
-    tracker = stages.tracker_for(spec)
     for ds in spec.datasets:
         for method in methods:
             if (ds.key, method) in sweeps:

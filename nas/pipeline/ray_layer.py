@@ -55,6 +55,7 @@ def _trainable(config: dict[str, Any]) -> None:
         "hparams": stages.run_hparams,
         "supernet": stages.run_supernet,
         "search": stages.run_search,
+        "supernet+search": stages.run_supernet_and_search,
         "retrain": stages.run_retrain,
     }[config["stage"]]
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).

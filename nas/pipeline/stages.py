@@ -32,7 +32,7 @@ from nas.data.formats import read_few_shot, read_image_folder, read_vtab
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.subnet import Subnet
-from nas.tracking import CandidateLogger, Tracker, subnet_params_flat
+from nas.tracking import CandidateLogger, Tracker, logging_processes, subnet_params_flat
 from trainers.train import TrainConfig, evaluate, evaluate_candidates, load_trainable, train
 
 Report = Callable[[dict[str, Any]], None]
@@ -297,11 +297,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         "mlflow_run_id": run_id,
         "node": task.get("node"),
     }
-    # Finished in MLflow before done.json: a stop in between redoes this end on the rerun
-    # instead of leaving the run unfinished for good.
-    tracker.finish(run_id)
-    write_json(out / "done.json", result)
-    return result
+    return finish(tracker, run_id, out, result)
 
 
 # -- search -----------------------------------------------------------------------------------
@@ -323,6 +319,23 @@ def _read_log(path: Path) -> list[Evaluated]:
     return out
 
 
+def finish(tracker: Tracker, run_id: str, out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """End a trial's work: its MLflow run finished first, then ``done.json``, so that a stop in
+    between redoes this end on the rerun instead of leaving the run unfinished for good."""
+    tracker.finish(run_id)
+    write_json(out / "done.json", result)
+    return result
+
+
+def run_supernet_and_search(
+    task: dict[str, Any], report: Report = lambda m: None
+) -> dict[str, Any]:
+    """The supernet, then its search: the pipeline runs both in one trial per dataset and
+    seed. Each part resumes on its own (a finished supernet is not retrained)."""
+    run_supernet(task, report)
+    return run_search(task, report)
+
+
 def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
     spec, ds, seed = task_context(task)
     out = search_dir(spec, ds.key, seed)
@@ -331,19 +344,7 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     device = device_for(spec)
     val = load_splits(spec, ds, ("val",))["val"]
-    weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
-    models = []
-    for _ in range(spec.search.parallel_candidates):  # the first, and its replicas
-        models.append(factory.supernet(spec.space, spec.backbone, val, ds.key).to(device))
-        load_trainable(models[-1], weights)
-    model = models[0]
-    mean, std = spec.backbone.normalisation()
-
     s = spec.search
-    algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
-    log_path = out / "candidates.jsonl"
-    known = {e.subnet: e for e in _read_log(log_path)}
-    algo.restore(list(known.values()))
     tracker = tracker_for(spec)
     tags = base_tags(spec, "search", ds, seed)
     parent = tracker.run(
@@ -351,7 +352,16 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         tags,
         params={"algorithm": s.algorithm, "cost": s.cost, **s.options, **data_params(val)},
     )
-    logger = CandidateLogger(tracker, parent, tags)
+    # The loggers start (import MLflow) while the model is built.
+    logger = CandidateLogger(tracker, parent, tags, logging_processes(spec.cpus))
+    weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
+    model = factory.supernet(spec.space, spec.backbone, val, ds.key).to(device)
+    load_trainable(model, weights)
+    mean, std = spec.backbone.normalisation()
+    algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
+    log_path = out / "candidates.jsonl"
+    known = {e.subnet: e for e in _read_log(log_path)}
+    algo.restore(list(known.values()))
 
     def log_candidate(e: Evaluated) -> None:
         logger.log(
@@ -376,7 +386,6 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
                 mean=mean,
                 std=std,
                 batch_size=s.eval_batch_size,
-                replicas=models[1:],
             )
 
         def on_scored(e: Evaluated) -> None:
@@ -440,11 +449,7 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         "top": ranking[: max(1, spec.retrain.top_k)],
         "mlflow_run_id": parent,
     }
-    # Finished in MLflow before done.json: a stop in between redoes this end on the rerun
-    # instead of leaving the run unfinished for good.
-    tracker.finish(parent)
-    write_json(out / "done.json", result)
-    return result
+    return finish(tracker, parent, out, result)
 
 
 def _candidate_metrics(spec: ExperimentSpec, e: Evaluated) -> dict[str, float]:
@@ -566,8 +571,4 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         final["val_acc"] = task["val_acc"]
     tracker.log_metrics(run_id, final)
     tracker.log_artifact(run_id, out / "model", "model")
-    # Finished in MLflow before done.json: a stop in between redoes this end on the rerun
-    # instead of leaving the run unfinished for good.
-    tracker.finish(run_id)
-    write_json(out / "done.json", result)
-    return result
+    return finish(tracker, run_id, out, result)
