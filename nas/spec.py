@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -352,7 +353,15 @@ def parse_spec(
 
     seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0)
     out_value = output if output is not None else data.get("output", f"runs/{name}")
-    out_path = Path(r.string(str(out_value), "output")).expanduser().resolve()
+    out_text = r.string(str(out_value), "output")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out_text):
+        r.fail(
+            "output",
+            f"{out_text!r} is a URI; expected a folder path (the run keeps its resume state, "
+            "checkpoints and Ray storage as files there): on a cluster, a shared filesystem "
+            "(e.g. an NFS mount) at the same absolute path on every node",
+        )
+    out_path = Path(out_text).expanduser().resolve()
 
     ml = r.mapping(data.get("mlflow") or {}, "mlflow", optional=["tracking_uri", "experiment"])
     uri = ml.get("tracking_uri")

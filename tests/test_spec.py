@@ -83,6 +83,10 @@ BAD = [
         {"stages": {"search": {"parallel_candidates": 2}}},
         r"stages\.search\.parallel_candidates: no longer offered: .* resources\.gpus: 0\.25",
     ),
+    (
+        {"output": "s3://bucket/runs"},
+        r"output: 's3://bucket/runs' is a URI; expected a folder path .* NFS",
+    ),
     ({"stages": {"supernet": {"epochs": -1}}}, r"stages\.supernet\.epochs: -1 is negative"),
     ({"stages": {"supernet": {"epoch": 3}}}, r"stages\.supernet\.epoch: unknown key"),
     (
