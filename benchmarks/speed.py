@@ -208,7 +208,10 @@ def search_throughput(
     def through_ray():
         from nas.pipeline.ray_layer import run_stage
 
-        run_stage("search", [task], storage=out / "ray", cpus=1, gpus=spec.gpus)
+        # As many CPUs as the in-process run has threads: Ray sets a trial's OMP_NUM_THREADS
+        # to its CPUs, and a trial with fewer threads would be slower for that reason alone.
+        threads = torch.get_num_threads()
+        run_stage("search", [task], storage=out / "ray", cpus=threads, gpus=spec.gpus)
 
     timed(pure), timed(in_process)  # warm-up
     runs: dict[str, list[float]] = {
