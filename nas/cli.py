@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--new",
         action="store_true",
-        help="if the output folder holds another spec's run, start beside it",
+        help="if the output folder holds another spec's run, run in OUTPUT-<spec hash> beside "
+        "it (the same command again continues there)",
     )
     run.set_defaults(func=cmd_run)
     report = commands.add_parser("report", help="print the results table of a run")

@@ -35,7 +35,7 @@ from typing import Any
 from nas.backbone import BackboneSpec
 from nas.clip.model import ClipSpec
 from nas.errors import ConfigError
-from nas.search import ALGORITHMS
+from nas.search import ALGORITHMS, option_problem
 from nas.space import (
     Bounds,
     Budget,
@@ -175,6 +175,9 @@ class ExperimentSpec:
                 "backbone": self.backbone.to_dict(),
                 "space": self.space.to_data(),
                 "seeds": list(self.seeds),
+                # the sweep's winners set the later stages' learning rates; left out when off,
+                # so that a spec without a sweep keeps the hash it always had
+                **({"hparams": asdict(self.hparams)} if self.hparams.enabled else {}),
                 "supernet": asdict(self.supernet),
                 "search": asdict(self.search),
                 "retrain": {
@@ -392,6 +395,12 @@ def parse_spec(
         )
     if search.cost not in ("params", "flops"):
         r.fail("stages.search.cost", f"{search.cost!r} is not one of: params, flops")
+    if not isinstance(search.options, dict):
+        r.fail("stages.search.options", f"expected a mapping, got {search.options!r}")
+    for key, value in search.options.items():
+        problem = option_problem(search.algorithm, str(key), value)
+        if problem:
+            r.fail(f"stages.search.options.{key}", problem)
     retrain, raw = _stage(
         r,
         stages.get("retrain"),

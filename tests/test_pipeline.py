@@ -361,3 +361,35 @@ def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_da
     assert "nas: error: supernet+search: 1 trial(s) failed after 2 retries:" in out
     assert "digits seed 0: FloatingPointError: loss is nan" in out
     assert not (tmp_path / "out" / "supernet" / "digits-seed0" / "done.json").exists()
+
+
+def test_nas_report_command(uninterrupted, tmp_path):
+    """`nas report` on the output folder and on the MLflow store print the same table, and
+    --markdown writes it; a folder without results gets one clear line."""
+    nas = [sys.executable, "-m", "nas", "report"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    results = json.loads((uninterrupted / "results.json").read_text())
+    folder = subprocess.run(
+        [*nas, str(uninterrupted), "--markdown", str(tmp_path / "r.md")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    store = subprocess.run(
+        [*nas, f"sqlite:///{uninterrupted / 'mlflow.db'}", "--experiment", "ci"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    assert folder == store
+    assert (tmp_path / "r.md").read_text().strip() == folder.strip()
+    for dataset, acc in results["per_dataset"].items():
+        assert f"- {dataset}: {acc:.4f}" in folder.splitlines()
+    empty = subprocess.run([*nas, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert empty.returncode == 2
+    assert empty.stderr.strip().splitlines() == [
+        f"nas: error: {tmp_path / 'results.json'}: no results yet (has `nas run` finished in "
+        f"{tmp_path}?)"
+    ]

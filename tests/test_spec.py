@@ -84,6 +84,19 @@ BAD = [
         r"stages\.search\.parallel_candidates: no longer offered: .* resources\.gpus: 0\.25",
     ),
     (
+        {"stages": {"search": {"options": {"generation": 3}}}},
+        r"stages\.search\.options\.generation: not an option of evolution; its options: "
+        r"crossovers, generations,",
+    ),
+    (
+        {"stages": {"search": {"options": {"m_prob": "x"}}}},
+        r"stages\.search\.options\.m_prob: expected a probability between 0 and 1, got 'x'",
+    ),
+    (
+        {"stages": {"search": {"algorithm": "random", "options": {"num_candidates": 0}}}},
+        r"stages\.search\.options\.num_candidates: expected an integer >= 1, got 0",
+    ),
+    (
         {"output": "s3://bucket/runs"},
         r"output: 's3://bucket/runs' is a URI; expected a folder path .* NFS",
     ),
@@ -171,3 +184,32 @@ def test_linear_probe_and_full_finetune_baselines(tmp_path: Path):
     baselines["full"] = "linear-probe"
     path.write_text(yaml.safe_dump({**BASE, "stages": {"retrain": {"baselines": baselines}}}))
     assert load_spec(path).hash() != spec.hash()
+
+
+def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Path):
+    """The sweep's settings decide the later stages' learning rates, so changing them in a
+    finished run's folder is refused, naming them; --new runs beside it, in a folder named by
+    the spec's hash that the same command finds again."""
+    from nas.pipeline.driver import check_output
+
+    out = tmp_path / "out"
+    path = tmp_path / "spec.yaml"
+    sweep = {"enabled": True, "lrs": [1.0e-3, 1.0e-2], "weight_decays": [1.0e-4]}
+    path.write_text(yaml.safe_dump({**BASE, "stages": {"hparams": sweep}}))
+    first = check_output(load_spec(path, output=out), new=False)
+    assert first.output == out and (out / "provenance.json").is_file()
+    assert check_output(load_spec(path, output=out), new=False).output == out  # same spec
+
+    sweep["lrs"] = [1.0e-3, 5.0e-2]
+    path.write_text(yaml.safe_dump({**BASE, "stages": {"hparams": sweep}}))
+    changed = load_spec(path, output=out)
+    assert changed.hash() != first.hash()
+    with pytest.raises(NasError, match=r"different spec \(changed: hparams\.lrs\)"):
+        check_output(changed, new=False)
+    beside = check_output(changed, new=True).output
+    assert beside == tmp_path / f"out-{changed.hash()[:8]}"
+    assert check_output(load_spec(path, output=out), new=True).output == beside  # found again
+
+    # A spec without a sweep hashes as it did before sweeps were part of the hash.
+    path.write_text(yaml.safe_dump({**BASE, "stages": {"hparams": {**sweep, "enabled": False}}}))
+    assert "hparams" not in load_spec(path, output=out).to_data()

@@ -89,12 +89,15 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
         old = json.loads(prov_path.read_text())
         if old.get("spec_hash") != spec.hash():
             if new:
-                spec = replace(
-                    spec,
-                    output=spec.output.with_name(
-                        f"{spec.output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                    ),
+                # Named by the spec's hash, so that the same command run again (--new
+                # included) finds and continues this run instead of starting a third.
+                beside = spec.output.with_name(f"{spec.output.name}-{spec.hash()[:8]}")
+                print(
+                    f"{spec.output} holds a run of a different spec; this run goes to {beside} "
+                    "(the same command continues it)",
+                    flush=True,
                 )
+                return check_output(replace(spec, output=beside), new=False)
             else:
                 changed = _diff(old.get("spec", {}), spec.to_data())
                 raise NasError(
@@ -160,7 +163,8 @@ def run_experiment(
     spec_path: str | Path, *, output: str | Path | None = None, new: bool = False
 ) -> dict[str, Any]:
     spec = load_spec(spec_path, output=output)
-    if spec.gpus > 0 and not spec.ray_address:
+    private = not (spec.ray_address or os.environ.get("RAY_ADDRESS"))
+    if spec.gpus > 0 and private:  # a private Ray has this machine's GPUs: say so before it starts
         import torch
 
         if not torch.cuda.is_available():
@@ -169,17 +173,18 @@ def run_experiment(
                 "no GPU; set resources.gpus: 0, or submit to a cluster with GPUs"
             )
     spec = check_output(spec, new)
-    # Create the MLflow store's tables and the experiment here, once: trials that start
-    # together would otherwise race to migrate a new sqlite database (and deadlock).
-    stages.tracker_for(spec)
-    data_hashes = prepare_data(spec)
-    check_class_names(spec)
-    prov = json.loads((spec.output / "provenance.json").read_text())
-    prov["data_sha256"] = data_hashes
-    stages.write_json(spec.output / "provenance.json", prov)
-
     started = start_ray(spec.ray_address)
     try:
+        # Before anything is written for the trials: what the cluster lacks is said first.
+        check_cluster(spec)
+        # Create the MLflow store's tables and the experiment here, once: trials that start
+        # together would otherwise race to migrate a new sqlite database (and deadlock).
+        stages.tracker_for(spec)
+        data_hashes = prepare_data(spec)
+        check_class_names(spec)
+        prov = json.loads((spec.output / "provenance.json").read_text())
+        prov["data_sha256"] = data_hashes
+        stages.write_json(spec.output / "provenance.json", prov)
         with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
             run_stages(spec)
     except KeyboardInterrupt:
@@ -220,7 +225,6 @@ def run_stages(spec: ExperimentSpec) -> None:
     """hparams (when enabled) -> supernet -> search -> retrain, each stage's unfinished
     trials through Ray Tune."""
     base = {**spec_reference(spec), "output": str(spec.output)}
-    check_cluster(spec)
     timings = StageTimer(spec.output / "timings.json")
     pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
     storage = spec.output / "ray"
@@ -294,6 +298,16 @@ def check_cluster(spec: ExperimentSpec) -> None:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    most = max((n.get("Resources", {}).get("GPU", 0) for n in nodes), default=0)
+    if spec.gpus > most:
+        # Not refused: an autoscaling cluster adds GPU nodes when trials ask for them.
+        print(
+            f"warning: {spec.path}: resources.gpus is {spec.gpus:g} but no node of the Ray "
+            f"cluster has that many GPUs now (the most on one node: {most:g}); trials wait "
+            "until an autoscaler adds such a node. Stop with Ctrl-C and set resources.gpus "
+            f"to at most {most:g} if the cluster has none to add.",
+            flush=True,
+        )
     if len(nodes) < 2:
         return
     uri = spec.tracking_uri

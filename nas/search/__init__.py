@@ -17,6 +17,43 @@ ALGORITHMS: dict[str, type[SearchAlgorithm]] = {
 }
 
 
+#: options the pipeline sets itself, not the spec
+_SET_BY_PIPELINE = {"self", "space", "seed", "cost"}
+#: counts that may be 0 (an evolution of crossovers only, or of mutations only)
+_MAY_BE_ZERO = {"mutations", "crossovers"}
+
+
+def algorithm_options(name: str) -> dict[str, Any]:
+    """The options ``stages.search.options`` may set for algorithm ``name``, with defaults."""
+    import inspect
+
+    options: dict[str, Any] = {}
+    for cls in ALGORITHMS[name].__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.name not in _SET_BY_PIPELINE and p.kind is p.KEYWORD_ONLY:
+                options.setdefault(p.name, p.default)
+    return options
+
+
+def option_problem(name: str, key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` as option ``key`` of algorithm ``name`` (None: nothing)."""
+    known = algorithm_options(name)
+    if key not in known:
+        return f"not an option of {name}; its options: {', '.join(sorted(known))}"
+    default = known[key]
+    if isinstance(default, int) and not isinstance(default, bool):
+        least = 0 if key in _MAY_BE_ZERO else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            return f"expected an integer >= {least}, got {value!r}"
+    elif isinstance(default, float) and not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+    ):
+        return f"expected a probability between 0 and 1, got {value!r}"
+    return None
+
+
 def make_search(name: str, space: SearchSpace, **options: Any) -> SearchAlgorithm:
     """An algorithm by name with its options (see each class for what it takes)."""
     try:
@@ -36,5 +73,7 @@ __all__ = [
     "RandomSearch",
     "SearchAlgorithm",
     "TPESearch",
+    "algorithm_options",
     "make_search",
+    "option_problem",
 ]
