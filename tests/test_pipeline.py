@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -316,6 +317,9 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     kept = {p.parent.name: p.read_text() for p in sweeps.glob("*/done.json")}
     log = run_to_end(path, out, mini_vtab_data)
     assert f"== hparams: {2 - len(kept)} of 2 sweeps to run" in log and len(kept) == 1
+    # The live progress: every stage's lines say how far it is and how long is left.
+    for stage in ("hparams", "supernet", "search", "retrain"):
+        assert re.search(rf"\[{stage} digits seed 0[^\]]*\] .*, ~\d+ s left", log), stage
     assert all((sweeps / name / "done.json").read_text() == text for name, text in kept.items())
     # The sweeps of one invocation share one Tune run (GroupedASHA keeps their points apart).
     assert len(list((out / "ray").glob("hparams*"))) == 2  # the killed one, the rerun

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -199,6 +200,11 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     first = check_output(load_spec(path, output=out), new=False)
     assert first.output == out and (out / "provenance.json").is_file()
     assert check_output(load_spec(path, output=out), new=False).output == out  # same spec
+    prov = json.loads((out / "provenance.json").read_text())  # one record per session
+    assert [set(x) for x in prov["sessions"]] == [
+        {"code_version", "python", "packages", "started"}
+    ] * 2
+    assert prov["packages"]["open-clip-torch"]
 
     sweep["lrs"] = [1.0e-3, 5.0e-2]
     path.write_text(yaml.safe_dump({**BASE, "stages": {"hparams": sweep}}))

@@ -25,7 +25,17 @@ from nas.pipeline import stages
 from nas.pipeline.ray_layer import GroupedASHA, run_stage, start_ray
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 
-PACKAGES = ("torch", "timm", "ray", "optuna", "mlflow", "numpy", "safetensors", "nas-prompt")
+PACKAGES = (
+    "torch",
+    "timm",
+    "ray",
+    "optuna",
+    "mlflow",
+    "numpy",
+    "safetensors",
+    "open-clip-torch",
+    "nas-prompt",
+)
 
 
 def code_version() -> str:
@@ -106,7 +116,22 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
                     "or --new to start a new run beside it"
                 )
     spec.output.mkdir(parents=True, exist_ok=True)
-    stages.write_json(spec.output / "provenance.json", provenance(spec))
+    record = provenance(spec)
+    session = {k: record[k] for k in ("code_version", "python", "packages")}
+    session["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if prov_path.is_file():  # a resumed run: the first record stays, each session is added
+        old = json.loads(prov_path.read_text())
+        sessions = old.get("sessions") or [{k: old.get(k) for k in session if k != "started"}]
+        if sessions[-1].get("code_version") != session["code_version"]:
+            print(
+                f"warning: {spec.output} was run by code {sessions[-1].get('code_version')} and "
+                f"continues with {session['code_version']}; both are recorded in provenance.json",
+                flush=True,
+            )
+        record = {**old, "sessions": [*sessions, session]}
+    else:
+        record["sessions"] = [session]
+    stages.write_json(prov_path, record)
     if spec.path:
         (spec.output / "spec.yaml").write_text(Path(spec.path).read_text())
     return spec

@@ -78,7 +78,7 @@ def _progress_line(m: dict[str, Any]) -> str:
     if m.get("stage") == "hparams":
         return (
             f"{head} lr {m['lr']:g} wd {m['weight_decay']:g} epoch {m['epoch']}/"
-            f"{m['epochs']}: val acc {m['val_acc']:.4f}"
+            f"{m['epochs']}: val acc {m['val_acc']:.4f}, ~{m['eta_s']:.0f} s left"
         )
     if m.get("stage") == "search":
         return (

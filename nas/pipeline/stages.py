@@ -164,6 +164,11 @@ def tuned(spec: ExperimentSpec, dataset: str, method: str) -> tuple[float, float
     return spec.retrain.lr, spec.retrain.weight_decay
 
 
+def eta_s(started: float, done: int, left: int) -> float:
+    """Seconds left, at the pace of the ``done`` epochs run since ``started``."""
+    return (time.time() - started) / max(done, 1) * left
+
+
 def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
     """One point of the sweep: train on the training split, score on validation every epoch
     (the scheduler stops unpromising points early). The supernet is scored by the mean
@@ -197,6 +202,7 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     )
     mean, std = spec.backbone.normalisation()
     last = {"val_acc": 0.0}
+    started = time.time()
 
     def on_epoch(epoch: int, metrics: dict[str, float], _get_state) -> None:
         accs = evaluate_candidates(model, scored, data["val"], mean=mean, std=std)
@@ -213,6 +219,7 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
                 "epoch": epoch,
                 "epochs": h.epochs,
                 "val_acc": last["val_acc"],
+                "eta_s": eta_s(started, epoch, h.epochs - epoch),
             }
         )
 
@@ -262,8 +269,6 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
             tmp = out / f".state.{os.getpid()}.tmp"
             torch.save(get_state(), tmp)
             os.replace(tmp, state_path)
-        elapsed = time.time() - started
-        done_epochs = epoch - (state["epoch"] if state else 0)
         report(
             {
                 "stage": "supernet",
@@ -272,7 +277,9 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
                 "epoch": epoch,
                 "epochs": cfg.epochs,
                 **metrics,
-                "eta_s": elapsed / max(done_epochs, 1) * (cfg.epochs - epoch),
+                "eta_s": eta_s(
+                    started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch
+                ),
             }
         )
 
@@ -527,6 +534,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         },
     )
     mean, std = spec.backbone.normalisation()
+    started = time.time()
 
     def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
         tracker.log_metrics(run_id, metrics, step=epoch)
@@ -543,6 +551,9 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
                 "epoch": epoch,
                 "epochs": cfg.epochs,
                 **metrics,
+                "eta_s": eta_s(
+                    started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch
+                ),
             }
         )
 
