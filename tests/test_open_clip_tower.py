@@ -118,3 +118,32 @@ def test_every_site_changes_the_output(spec, space):
         ):
             model.set_subnet(Subnet(subnet))
             assert not torch.allclose(model(x), plain, atol=1e-4), subnet
+
+
+def test_a_local_open_clip_checkpoint_is_loaded(spec, tmp_path):
+    """`pretrained: FILE` (relative to the CLIP yaml) loads those weights, as a user with a
+    downloaded OpenAI/LAION checkpoint would; a file that is not a checkpoint is one clear
+    error naming it."""
+    from safetensors.torch import save_file
+
+    from nas.clip.model import load_clip
+    from nas.errors import NasError
+
+    torch.manual_seed(3)
+    source = spec.create()
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(weights, tmp_path / "tiny.safetensors")
+    (tmp_path / "clip.yaml").write_text(
+        "open_clip_model: nas-tiny-vit\npretrained: tiny.safetensors\n"
+    )
+    loaded = load_clip(tmp_path / "clip.yaml").create()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    (tmp_path / "clip.yaml").write_text(
+        "open_clip_model: nas-tiny-vit\npretrained: broken.safetensors\n"
+    )
+    message = r"broken\.safetensors: could not load it as open_clip 'nas-tiny-vit' weights"
+    with pytest.raises(NasError, match=message):
+        load_clip(tmp_path / "clip.yaml").create()

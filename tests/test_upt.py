@@ -35,6 +35,7 @@ MODULES = (
     "  upt: {modes: [none, text, unified], n_ctx: [2, 4], options: {init: a photo of a}}\n"
     "  vpt: {dims: [0, 2], depths: [1, 3]}\n"
     "  lora: {dims: [0, 2], depths: [6]}\n"
+    "  adapter: {dims: [0, 2], depths: [3, 6]}\n"
 )
 
 
