@@ -170,27 +170,22 @@ def _create_open_clip(name: str, pretrained: str | None) -> nn.Module:
     local = pretrained is not None and Path(pretrained).is_file()
     try:
         return open_clip.create_model(name, pretrained=pretrained, load_weights=True)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc) or "Model config for" in str(exc):
+    except Exception as exc:  # a local file's reader (safetensors, pickle) has its own errors
+        if isinstance(exc, RuntimeError) and (
+            "Unknown model" in str(exc) or "Model config for" in str(exc)
+        ):
             raise NasError(
                 f"open_clip has no model {name!r} (e.g. ViT-B-16, ViT-B-32, ViT-L-14)"
             ) from None
-        if not local:
+        if local:
+            raise NasError(
+                f"{pretrained}: could not load it as open_clip {name!r} weights "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); expected "
+                "a checkpoint of that architecture (.safetensors, .pt or .bin)"
+            ) from None
+        if isinstance(exc, RuntimeError | OSError | ValueError):
             raise _download_error(name, pretrained, exc) from None
-        error: Exception = exc
-    except (OSError, ValueError) as exc:
-        if not local:
-            raise _download_error(name, pretrained, exc) from None
-        error = exc
-    except Exception as exc:  # a local file's reader (safetensors, pickle) has its own errors
-        if not local:
-            raise
-        error = exc
-    raise NasError(
-        f"{pretrained}: could not load it as open_clip {name!r} weights "
-        f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); expected a "
-        "checkpoint of that architecture (.safetensors, .pt or .bin)"
-    )
+        raise
 
 
 def _download_error(name: str, pretrained: str | None, exc: Exception) -> NasError:
