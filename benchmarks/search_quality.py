@@ -12,7 +12,19 @@ Per mini-VTAB task, with one supernet trained as the pipeline trains it:
 
 Everything runs in this process (no Ray, no MLflow): it measures the method, not the platform.
 
-Run: python benchmarks/search_quality.py [--tasks digits dsprites_loc] [--json OUT.json]
+Run: python benchmarks/search_quality.py controls [--tasks digits dsprites_loc] [--json OUT.json]
+
+Ranking fidelity against a ground truth that can resolve it (issue 20): ``fidelity`` trains
+one supernet per variant (``VARIANTS``: NOAH's sampling, in-budget, size-balanced, the sandwich
+rule, in-place distillation, schedule lengths) on train800 exactly as the pipeline's supernet
+stage does, scores the ground-truth subnets of ``benchmarks/ground_truth.py`` with inherited
+weights on val200 (what the search sees) and on the test split (the supernet's own fidelity,
+free of val200's noise), and reports Kendall's tau against their seed-averaged trained-alone
+test accuracy, beside the noise ceiling (tau between the ground truth's own seeds) and the
+tau of ranking by size alone. Results are cached per (task, variant, epochs, seed) in
+``benchmarks/results/fidelity/<task>.json``; ``fidelity --report`` prints the table.
+
+Run: python benchmarks/search_quality.py fidelity --tasks clevr_count --variants noah balanced
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -161,7 +174,171 @@ def one_task(task: str, data_root: Path, args, space: SearchSpace) -> dict:
     }
 
 
+#: Supernet variants: the supernet stage's sampling settings (``SupernetStage``) and epochs.
+VARIANTS: dict[str, dict] = {
+    "noah": {},
+    "in_budget": {"in_budget": True},
+    "balanced": {"sampling": "balanced", "in_budget": True},
+    "balanced_all": {"sampling": "balanced"},
+    "sandwich": {"sandwich": True, "in_budget": True},
+    "sandwich_distill": {"sandwich": True, "in_budget": True, "distill": 0.5},
+    "distill": {"in_budget": True, "distill": 0.5},
+    "two_per_step": {"in_budget": True, "subnets_per_step": 2},
+}
+
+
+def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> dict:
+    """One supernet of ``variant`` trained on the task; its inherited accuracies of the
+    ground-truth subnets on val200 and test, cached."""
+    import ground_truth as gt
+
+    from nas.sampling import make_sampler
+    from trainers.train import SupernetSteps
+
+    path = Path(__file__).resolve().parent / "results" / "fidelity" / f"{task}.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {"task": task, "runs": {}}
+    key = f"{variant}|{epochs}|{seed}|{args.lr:g}"
+    if key in cache["runs"]:
+        return cache["runs"][key]
+    space = gt.space_with_budget()
+    subnets = gt.ground_truth_subnets(space, args.subnets)
+    data = gt.task_data(task, Path(args.data), space)
+    settings = {"sampling": "uniform", "in_budget": False, "subnets_per_step": 1}
+    settings |= {"sandwich": False, "distill": 0.0} | VARIANTS[variant]
+    steps = SupernetSteps(
+        make_sampler(space, settings["sampling"], settings["in_budget"]),
+        per_step=settings["subnets_per_step"],
+        sandwich=settings["sandwich"],
+        largest=space.largest(),
+        smallest=space.smallest(),
+        distill=settings["distill"],
+    )
+    mean, std = space.backbone.normalisation()
+    classes = data["train"].num_classes
+    # the mini-VTAB benchmark's supernet stage: batch 64, 2 warm-up epochs, wd 1e-4
+    cfg = TrainConfig(
+        epochs=epochs, lr=args.lr, weight_decay=1e-4, warmup_epochs=min(2, epochs), seed=seed
+    )
+    started = time.time()
+    torch.manual_seed(seed)
+    supernet = PromptedViT.supernet(space, classes, space.backbone.create(classes))
+    train(supernet, data["train"], cfg, mean=mean, std=std, sample_subnet=steps)
+    seconds = time.time() - started
+    run = {
+        "variant": variant,
+        "settings": settings,
+        "epochs": epochs,
+        "seed": seed,
+        "lr": args.lr,
+        "subnets": [s.to_data() for s in subnets],
+        "inherited_val": evaluate_candidates(supernet, subnets, data["val"], mean=mean, std=std),
+        "inherited_test": evaluate_candidates(supernet, subnets, data["test"], mean=mean, std=std),
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    cache = json.loads(path.read_text()) if path.is_file() else cache  # others may have written
+    cache["runs"][key] = run
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(path)
+    return run
+
+
+def fidelity_rows(tasks: list[str], args) -> list[dict]:
+    """Per task and cached supernet run: tau against the seed-averaged ground truth."""
+    import ground_truth as gt
+
+    space = gt.space_with_budget()
+    subnets = gt.ground_truth_subnets(space, args.subnets)
+    rows = []
+    for task in tasks:
+        cache = gt.Cache(task)
+        recipe = gt.recipe_key()
+        truth = {s: [cache.get(s, recipe, seed) for seed in (0, 1, 2)] for s in subnets}
+        truth = {s: [a for a in v if a is not None] for s, v in truth.items()}
+        seeds = min(len(v) for v in truth.values())
+        if seeds == 0:
+            continue
+        truth = {s: v[:seeds] for s, v in truth.items()}
+        means = gt.seed_mean(truth)
+        sizes = [subnet_params(s, space.geometry) for s in subnets]
+        path = Path(__file__).resolve().parent / "results" / "fidelity" / f"{task}.json"
+        runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+        base = {
+            "task": task,
+            "truth_seeds": seeds,
+            "tau_noise_ceiling": gt.noise_ceiling(truth) if seeds > 1 else None,
+            "truth_range": [min(means), max(means)],
+        }
+        rows.append({**base, "variant": "by size", "tau_val": kendalltau(sizes, means)[0]})
+        for run in runs.values():
+            rows.append(
+                {
+                    **base,
+                    "variant": run["variant"],
+                    "epochs": run["epochs"],
+                    "seed": run["seed"],
+                    "train_seconds": run["train_seconds"],
+                    "tau_val": kendalltau(run["inherited_val"], means)[0],
+                    "tau_test": kendalltau(run["inherited_test"], means)[0],
+                }
+            )
+    return rows
+
+
+def fidelity_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="search_quality.py fidelity")
+    parser.add_argument("--tasks", nargs="+", default=["clevr_count", "mnist5k"])
+    parser.add_argument("--variants", nargs="+", default=["noah"], choices=sorted(VARIANTS))
+    parser.add_argument("--epochs", type=int, nargs="+", default=[20])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", type=float, default=5e-3, help="the supernet's swept rate")
+    parser.add_argument("--subnets", type=int, default=30)
+    parser.add_argument("--data", default="/tmp/nas-mini-vtab")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--report", action="store_true", help="only print the cached table")
+    parser.add_argument("--json", help="write the table's rows here")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.report:
+        Path(args.data).mkdir(parents=True, exist_ok=True)
+        for task in args.tasks:
+            for epochs in args.epochs:
+                for variant in args.variants:
+                    for seed in args.seeds:
+                        run = fidelity_variant(task, variant, epochs, seed, args)
+                        print(
+                            f"{task} {variant} {epochs} ep seed {seed}: "
+                            f"{run['train_seconds']:.0f} s",
+                            flush=True,
+                        )
+    rows = fidelity_rows(args.tasks, args)
+    for r in rows:
+        ceiling = r["tau_noise_ceiling"]
+        tail = (
+            f"(ceiling {ceiling:.2f}, {r['truth_seeds']} seeds)"
+            if ceiling is not None
+            else "(1 seed of ground truth)"
+        )
+        test = f"test {r['tau_test']:+.2f} " if "tau_test" in r else " " * 11
+        print(
+            f"{r['task']:<13} {r['variant']:<17} {r.get('epochs', ''):>4} "
+            f"s{r.get('seed', '')} tau val {r['tau_val']:+.2f} {test}{tail}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "fidelity":
+        return fidelity_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "controls":
+        sys.argv.pop(1)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", nargs="+", default=["digits", "dsprites_loc"])
     parser.add_argument("--budget", type=int, default=20000, help="max trainable module params")

@@ -26,6 +26,7 @@ stages:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -85,6 +86,17 @@ class HparamsStage:
     grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 3  # ASHA: keep the best 1/reduction_factor at each rung
     eval_subnets: int = 4  # the supernet is scored by the mean over this many fixed subnets
+    # Per-module learning-rate multipliers swept for the supernet (and the searched subnets'
+    # retraining), e.g. {pgn: [1, 4]}: every combination joins the lr x wd grid.
+    module_lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def module_lr_grid(self) -> list[dict[str, float]]:
+        """Every combination of the swept multipliers ([{}] when none is swept)."""
+        kinds = sorted(self.module_lrs)
+        return [
+            dict(zip(kinds, combo, strict=True))
+            for combo in itertools.product(*(self.module_lrs[k] for k in kinds))
+        ]
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,21 @@ class TrainingStage:
     label_smoothing: float = 0.0
     crop_pad: int = 0
     hflip: bool = False
+    # Multipliers of lr and weight decay per module kind ("head": the classifier; "backbone":
+    # full fine-tuning), e.g. {pgn: 4.0}: PGN's generator wants a larger rate than VPT.
+    module_lr: dict[str, float] = field(default_factory=dict)
+    module_weight_decay: dict[str, float] = field(default_factory=dict)
 
-    def train_config(self, *, lr: float, weight_decay: float, seed: int) -> TrainConfig:
-        """The training loop's settings, with the (possibly tuned) lr and weight decay."""
+    def train_config(
+        self,
+        *,
+        lr: float,
+        weight_decay: float,
+        seed: int,
+        module_lr: dict[str, float] | None = None,
+    ) -> TrainConfig:
+        """The training loop's settings, with the (possibly tuned) lr and weight decay; tuned
+        module multipliers replace the stage's own for the kinds they name."""
         return TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -116,12 +140,38 @@ class TrainingStage:
             crop_pad=self.crop_pad,
             hflip=self.hflip,
             seed=seed,
+            module_lr={**self.module_lr, **(module_lr or {})},
+            module_weight_decay=dict(self.module_weight_decay),
         )
 
 
 @dataclass(frozen=True)
 class SupernetStage(TrainingStage):
     checkpoint_every: int = 10
+    # How subnets are drawn (nas.sampling; README, "Choosing how the supernet trains"):
+    sampling: str = "uniform"  # NOAH's per-layer draws, or "balanced" over subnet sizes
+    in_budget: bool = False  # redraw subnets outside the budget
+    subnets_per_step: int = 1  # random subnets per mini-batch, gradients averaged
+    sandwich: bool = False  # the largest and smallest subnets also train every step
+    distill: float = 0.0  # weight of the KL to the largest subnet's detached predictions
+
+
+#: Settings added after specs were first hashed: left out of the hash at their defaults, so that
+#: an existing run folder keeps its hash (and resumes) after an upgrade.
+LATER_FIELDS = {
+    "module_lr": {},
+    "module_weight_decay": {},
+    "module_lrs": {},
+    "sampling": "uniform",
+    "in_budget": False,
+    "subnets_per_step": 1,
+    "sandwich": False,
+    "distill": 0.0,
+}
+
+
+def _hashed(stage: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(stage).items() if LATER_FIELDS.get(k, ...) != v}
 
 
 @dataclass(frozen=True)
@@ -177,13 +227,13 @@ class ExperimentSpec:
                 "seeds": list(self.seeds),
                 # the sweep's winners set the later stages' learning rates; left out when off,
                 # so that a spec without a sweep keeps the hash it always had
-                **({"hparams": asdict(self.hparams)} if self.hparams.enabled else {}),
-                "supernet": asdict(self.supernet),
+                **({"hparams": _hashed(self.hparams)} if self.hparams.enabled else {}),
+                "supernet": _hashed(self.supernet),
                 "search": asdict(self.search),
                 "retrain": {
                     **{
                         k: v
-                        for k, v in asdict(replace(self.retrain, baselines={})).items()
+                        for k, v in _hashed(replace(self.retrain, baselines={})).items()
                         if k != "full_finetune"
                     },
                     "baselines": {
@@ -379,8 +429,20 @@ def parse_spec(
     stages = r.mapping(
         data.get("stages") or {}, "stages", optional=["hparams", "supernet", "search", "retrain"]
     )
-    hparams, _ = _stage(r, stages.get("hparams"), "stages.hparams", HparamsStage)
-    supernet, _ = _stage(r, stages.get("supernet"), "stages.supernet", SupernetStage)
+    groups = [*space.modules, "head", "backbone"]
+    hparams, raw_h = _stage(
+        r, stages.get("hparams"), "stages.hparams", HparamsStage, extra={"module_lrs": None}
+    )
+    hparams = replace(hparams, module_lrs=_module_lr_grid(r, raw_h.get("module_lrs"), groups))
+    supernet, raw_s = _stage(
+        r,
+        stages.get("supernet"),
+        "stages.supernet",
+        SupernetStage,
+        extra={"module_lr": None, "module_weight_decay": None},
+    )
+    supernet = replace(supernet, **_multipliers(r, raw_s, "stages.supernet", groups))
+    _check_sampling(r, supernet, space)
     if isinstance(stages.get("search"), dict) and "parallel_candidates" in stages["search"]:
         r.fail(
             "stages.search.parallel_candidates",
@@ -406,9 +468,10 @@ def parse_spec(
         stages.get("retrain"),
         "stages.retrain",
         RetrainStage,
-        extra={"baselines": None},
+        extra={"baselines": None, "module_lr": None, "module_weight_decay": None},
         internal=("full_finetune",),
     )
+    retrain = replace(retrain, **_multipliers(r, raw, "stages.retrain", groups))
     baselines, full = {}, []
     for bname, value in (
         r.mapping(raw.get("baselines") or {}, "stages.retrain.baselines", open_keys=True)
@@ -458,6 +521,48 @@ def parse_spec(
         search=search,
         retrain=retrain,
     )
+
+
+def _multipliers(
+    r: Reader, raw: dict[str, Any], key: str, groups: list[str]
+) -> dict[str, dict[str, float]]:
+    """``module_lr`` and ``module_weight_decay`` of a training stage: a mapping from a module
+    kind of the space (or ``head``, ``backbone``) to a multiplier >= 0."""
+    out = {}
+    for name in ("module_lr", "module_weight_decay"):
+        k = f"{key}.{name}"
+        value = r.mapping(raw.get(name) or {}, k, optional=groups)
+        out[name] = {kind: r.number(v, f"{k}.{kind}", minimum=0) for kind, v in value.items()}
+    return out
+
+
+def _module_lr_grid(r: Reader, value: Any, groups: list[str]) -> dict[str, tuple[float, ...]]:
+    k = "stages.hparams.module_lrs"
+    grid = {}
+    for kind, values in r.mapping(value or {}, k, optional=groups).items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            r.fail(f"{k}.{kind}", "expected a non-empty list of multipliers")
+        numbers = [r.number(v, f"{k}.{kind}[{i}]", minimum=0) for i, v in enumerate(values)]
+        if len(set(numbers)) < len(numbers):
+            r.fail(f"{k}.{kind}", f"lists a multiplier twice: {numbers}")
+        grid[kind] = tuple(numbers)
+    return grid
+
+
+def _check_sampling(r: Reader, st: SupernetStage, space: SearchSpace) -> None:
+    from nas.sampling import STRATEGIES
+
+    r.string(st.sampling, "stages.supernet.sampling", choices=STRATEGIES)
+    if st.distill > 1:
+        r.fail("stages.supernet.distill", f"{st.distill} is above 1; expected a weight in [0, 1]")
+    if st.subnets_per_step < 1 and not st.sandwich:
+        r.fail(
+            "stages.supernet.subnets_per_step",
+            "0 trains no subnet; expected >= 1 (0 only with sandwich: true)",
+        )
+    if st.in_budget and not space.budget.is_set:
+        r.fail("stages.supernet.in_budget", "the space has no budget to sample within")
 
 
 def load_spec(

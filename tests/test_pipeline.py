@@ -289,6 +289,7 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
         "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
+        "budget": {"params": {"max": 20000}},
         "stages": {
             "hparams": {
                 "enabled": True,
@@ -298,8 +299,16 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
                 "grace_period": 1,
                 "reduction_factor": 2,
                 "eval_subnets": 2,
+                "module_lrs": {"lora": [1, 4]},  # the supernet's sweep: 2 x 2 points
             },
-            "supernet": {"epochs": 1, "warmup_epochs": 0},
+            "supernet": {
+                "epochs": 1,
+                "warmup_epochs": 0,
+                "sampling": "balanced",
+                "in_budget": True,
+                "sandwich": True,
+                "distill": 0.5,
+            },
             "search": {"algorithm": "random", "options": {"num_candidates": 4, "batch_size": 4}},
             "retrain": {
                 "epochs": 1,
@@ -324,11 +333,19 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     # The sweeps of one invocation share one Tune run (GroupedASHA keeps their points apart).
     assert len(list((out / "ray").glob("hparams*"))) == 2  # the killed one, the rerun
     winners = {}
-    for method in ("supernet", "baseline-lora4"):
+    for method, points in (("supernet", 4), ("baseline-lora4", 2)):
         done = json.loads((out / "hparams" / "digits" / method / "done.json").read_text())
-        assert len(done["grid"]) == 2 and done["lr"] in (1.0e-4, 5.0e-3)
+        assert len(done["grid"]) == points and done["lr"] in (1.0e-4, 5.0e-3)
         assert done["val_acc"] == max(p["val_acc"] for p in done["grid"])
         winners[method] = done["lr"]
+        if method == "supernet":  # every lr with every LoRA multiplier
+            assert sorted((p["lr"], p["module_lr"]["lora"]) for p in done["grid"]) == [
+                (1.0e-4, 1.0),
+                (1.0e-4, 4.0),
+                (5.0e-3, 1.0),
+                (5.0e-3, 4.0),
+            ]
+            lora_scale = done["module_lr"]["lora"]
     _, runs = mlflow_runs(out, "hp")
 
     def run_of(stage, label=None):
@@ -338,6 +355,11 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     assert float(run_of("retrain", "rank1").data.params["lr"]) == winners["supernet"]
     assert float(run_of("retrain", "baseline-lora4").data.params["lr"]) == winners["baseline-lora4"]
     assert run_of("hparams", "supernet").data.params["chosen_lr"] == str(winners["supernet"])
+    # the swept LoRA multiplier reaches the supernet and the searched subnet's retraining
+    assert float(run_of("supernet").data.params["module_lr.lora"]) == lora_scale
+    assert float(run_of("retrain", "rank1").data.params["module_lr.lora"]) == lora_scale
+    assert "module_lr.lora" not in run_of("retrain", "baseline-lora4").data.params
+    assert float(run_of("hparams", "supernet").data.params["chosen_module_lr.lora"]) == lora_scale
 
 
 def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_data):

@@ -139,6 +139,38 @@ BAD = [
         r"budget: no subnet of the space meets this budget",
     ),
     ({"resources": {"gpus": "one"}}, r"resources\.gpus: expected a number"),
+    (
+        {"stages": {"supernet": {"sampling": "stratified"}}},
+        r"stages\.supernet\.sampling: 'stratified' is not one of: uniform, balanced",
+    ),
+    (
+        {"stages": {"supernet": {"distill": 1.5}}},
+        r"stages\.supernet\.distill: 1\.5 is above 1; expected a weight in \[0, 1\]",
+    ),
+    (
+        {"stages": {"supernet": {"subnets_per_step": 0}}},
+        r"stages\.supernet\.subnets_per_step: 0 trains no subnet",
+    ),
+    (
+        {"stages": {"supernet": {"in_budget": True}}, "space": "lora_only", "backbone": None},
+        r"stages\.supernet\.in_budget: the space has no budget to sample within",
+    ),
+    (
+        {"stages": {"supernet": {"module_lr": {"pgn": 4}}}},
+        r"stages\.supernet\.module_lr\.pgn: unknown key; expected one of: vpt, lora, adapter, head, backbone",
+    ),
+    (
+        {"stages": {"retrain": {"module_weight_decay": {"lora": -1}}}},
+        r"stages\.retrain\.module_weight_decay\.lora: -1 is negative",
+    ),
+    (
+        {"stages": {"hparams": {"module_lrs": {"lora": []}}}},
+        r"stages\.hparams\.module_lrs\.lora: expected a non-empty list of multipliers",
+    ),
+    (
+        {"stages": {"hparams": {"module_lrs": {"lora": [1, 1]}}}},
+        r"stages\.hparams\.module_lrs\.lora: lists a multiplier twice",
+    ),
 ]
 
 
@@ -219,3 +251,50 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     # A spec without a sweep hashes as it did before sweeps were part of the hash.
     path.write_text(yaml.safe_dump({**BASE, "stages": {"hparams": {**sweep, "enabled": False}}}))
     assert "hparams" not in load_spec(path, output=out).to_data()
+
+
+def test_supernet_training_options_parse_and_are_part_of_the_spec(tmp_path: Path):
+    path = tmp_path / "spec.yaml"
+    plain = {**BASE, "stages": {"hparams": {"enabled": True}}}
+    path.write_text(yaml.safe_dump(plain))
+    before = load_spec(path)
+    # settings added later are left out of the hash at their defaults: old run folders resume
+    for key in ("sampling", "in_budget", "sandwich", "distill", "module_lr"):
+        assert key not in before.to_data()["supernet"]
+    assert "module_lrs" not in before.to_data()["hparams"]
+    stages = {
+        "hparams": {"enabled": True, "module_lrs": {"lora": [1, 4], "adapter": 2}},
+        "supernet": {
+            "sampling": "balanced",
+            "in_budget": True,
+            "sandwich": True,
+            "subnets_per_step": 2,
+            "distill": 0.5,
+            "module_lr": {"vpt": 2.0},
+            "module_weight_decay": {"head": 0.0},
+        },
+        "retrain": {"module_lr": {"lora": 0.5}},
+    }
+    path.write_text(
+        yaml.safe_dump({**BASE, "budget": {"params": {"max": 20000}}, "stages": stages})
+    )
+    spec = load_spec(path)
+    st = spec.supernet
+    assert (st.sampling, st.in_budget, st.sandwich, st.subnets_per_step, st.distill) == (
+        "balanced",
+        True,
+        True,
+        2,
+        0.5,
+    )
+    assert st.module_lr == {"vpt": 2.0} and st.module_weight_decay == {"head": 0.0}
+    assert spec.hparams.module_lrs == {"lora": (1.0, 4.0), "adapter": (2.0,)}
+    assert spec.hparams.module_lr_grid() == [
+        {"adapter": 2.0, "lora": 1.0},
+        {"adapter": 2.0, "lora": 4.0},
+    ]
+    cfg = st.train_config(lr=1e-3, weight_decay=1e-4, seed=0, module_lr={"lora": 4.0})
+    assert cfg.module_lr == {"vpt": 2.0, "lora": 4.0}  # the sweep's winner joins the stage's
+    assert spec.retrain.train_config(lr=1, weight_decay=0, seed=0).module_lr == {"lora": 0.5}
+    assert spec.hash() != before.hash()
+    assert spec.to_data()["supernet"]["sampling"] == "balanced"

@@ -1,8 +1,10 @@
 """Training and evaluation of prompted ViTs. Nothing here knows about Ray or MLflow: progress
 goes to a callback, and state to a dict the caller saves wherever it likes.
 
-- ``train``: the supernet (a new random subnet every mini-batch, as NOAH does) or one fixed
-  subnet (retraining), AdamW with linear warm-up and cosine decay, mixed precision on CUDA.
+- ``train``: the supernet (a new random subnet every mini-batch, as NOAH does; or, with
+  ``SupernetSteps``, several per mini-batch with the sandwich rule and in-place distillation)
+  or one fixed subnet (retraining), AdamW with linear warm-up and cosine decay, per-module
+  learning-rate and weight-decay multipliers, mixed precision on CUDA.
   Each epoch's data order, subnet draws and dropout come from (seed, epoch), so training
   resumed from an epoch checkpoint continues exactly as an uninterrupted run would.
 - ``evaluate`` / ``evaluate_candidates``: accuracy of one or many subnets on a split.
@@ -14,15 +16,17 @@ import copy
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nas.data.decode import DecodedSplit
 from nas.data.loader import TensorLoader
 from nas.model import PromptedViT
+from nas.modules import REGISTRY
 from nas.subnet import Subnet
 
 
@@ -39,9 +43,97 @@ class TrainConfig:
     crop_pad: int = 0
     hflip: bool = False
     seed: int = 0
+    # Multipliers of ``lr`` and ``weight_decay`` per prompt-module kind (``"head"`` for the
+    # classifier, ``"backbone"`` for full fine-tuning); a group not named keeps 1.
+    module_lr: dict[str, float] = field(default_factory=dict)
+    module_weight_decay: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Flat settings (MLflow params); the multipliers as ``module_lr.<kind>`` keys, and
+        absent when none is set, so that the settings of a run without them read as before."""
+        out = {k: v for k, v in asdict(self).items() if not isinstance(v, dict)}
+        for name in ("module_lr", "module_weight_decay"):
+            out.update({f"{name}.{k}": v for k, v in sorted(getattr(self, name).items())})
+        return out
+
+
+@dataclass(frozen=True)
+class SupernetSteps:
+    """What one supernet training step trains (all subnets on the same mini-batch, their
+    gradients averaged into one optimizer step).
+
+    Args:
+        sample: draws one random subnet (``nas.sampling.make_sampler``).
+        per_step: random subnets per step (NOAH: 1).
+        sandwich: the largest and the smallest subnet also train every step (BigNAS's
+            sandwich rule), before the random ones.
+        largest / smallest: those subnets (``largest`` is also the distillation teacher).
+        distill: weight of in-place distillation: each other subnet's loss is
+            ``(1 - distill) * CE + distill * KL(teacher || subnet)``, the teacher being the
+            largest subnet's detached predictions on the same mini-batch (computed without
+            gradients when the sandwich rule is off).
+    """
+
+    sample: Callable[[random.Random], Subnet]
+    per_step: int = 1
+    sandwich: bool = False
+    largest: Subnet | None = None
+    smallest: Subnet | None = None
+    distill: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.per_step < (0 if self.sandwich else 1):
+            raise ValueError(f"per_step must be at least 1 without the sandwich rule: {self}")
+        if (self.sandwich or self.distill) and self.largest is None:
+            raise ValueError("the sandwich rule and distillation need the largest subnet")
+        if self.sandwich and self.smallest is None:
+            raise ValueError("the sandwich rule needs the smallest subnet")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill is a weight in [0, 1], not {self.distill}")
+
+    def draws(self, rng: random.Random) -> list[Subnet]:
+        fixed = [self.largest, self.smallest] if self.sandwich else []
+        return fixed + [self.sample(rng) for _ in range(self.per_step)]
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the class distributions, averaged over the batch; the
+    teacher's logits are detached (no gradient flows into the teacher)."""
+    return F.kl_div(
+        F.log_softmax(student.float(), dim=1),
+        F.log_softmax(teacher.detach().float(), dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def parameter_groups(model: PromptedViT, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one group (as always) when no multiplier is set,
+    else one per prompt-module kind, the head, and the backbone, each with its scales."""
+    params = model.trainable_parameters()
+    if not cfg.module_lr and not cfg.module_weight_decay:
+        return [{"params": params, "lr_scale": 1.0}]
+    owner: dict[int, str] = {}
+    for kind, module in model.prompt_modules.items():
+        owner.update((id(p), kind) for p in module.parameters())
+    heads = {id(p) for head in model.tower.head_modules() for p in head.parameters()}
+    by_group: dict[str, list[nn.Parameter]] = {}
+    for p in params:
+        name = owner.get(id(p)) or ("head" if id(p) in heads else "backbone")
+        by_group.setdefault(name, []).append(p)
+    known = [*REGISTRY, "head", "backbone"]  # a kind this model lacks has no group: ignored
+    unknown = sorted((set(cfg.module_lr) | set(cfg.module_weight_decay)) - set(known))
+    if unknown:
+        raise ValueError(f"multipliers for {unknown}: expected module kinds or {known}")
+    return [
+        {
+            "params": ps,
+            "name": name,
+            "lr_scale": cfg.module_lr.get(name, 1.0),
+            "weight_decay": cfg.weight_decay * cfg.module_weight_decay.get(name, 1.0),
+        }
+        for name, ps in by_group.items()
+    ]
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -66,21 +158,24 @@ def train(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    sample_subnet: Callable[[random.Random], Subnet] | None = None,
+    sample_subnet: Callable[[random.Random], Subnet] | SupernetSteps | None = None,
     state: dict[str, Any] | None = None,
     on_epoch: Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model``'s modules and head on ``data``.
 
     Args:
-        sample_subnet: draws the subnet of each mini-batch (supernet training); None trains
-            the model's current subnet.
+        sample_subnet: draws the subnet of each mini-batch (supernet training, NOAH's one
+            subnet per step), or a ``SupernetSteps`` (several per step, sandwich rule,
+            distillation); None trains the model's current subnet.
         state: a dict from an earlier run's ``get_state()`` to resume from.
         on_epoch: called after every epoch with (epoch number from 1, metrics, get_state).
     """
     device = next(model.parameters()).device
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    steps = SupernetSteps(sample_subnet) if callable(sample_subnet) else sample_subnet
     loader = TensorLoader(
         data,
         cfg.batch_size,
@@ -110,18 +205,34 @@ def train(
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         for i, (x, y) in enumerate(loader):
+            lr = lr_at(cfg, epoch * len(loader) + i, len(loader))
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch * len(loader) + i, len(loader))
-            model.set_subnet(sample_subnet(rng) if sample_subnet else fixed)
-            with autocast(device):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            if loss.requires_grad:  # a draw with nothing to train (CLIP's empty subnet: no
-                optimizer.zero_grad(set_to_none=True)  # head) is a zero update: no step
-                loss.backward()
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # absent: an old checkpoint
+            draws = steps.draws(rng) if steps else [fixed]
+            teacher = None
+            if steps and steps.distill and not steps.sandwich:
+                with torch.no_grad(), autocast(device):
+                    model.set_subnet(steps.largest)
+                    teacher = model(x)
+            optimizer.zero_grad(set_to_none=True)
+            stepped = False
+            for subnet in draws:
+                model.set_subnet(subnet)
+                with autocast(device):
+                    logits = model(x)
+                    loss = loss_fn(logits.float(), y)
+                    if teacher is not None and subnet != steps.largest:
+                        kd = distillation_loss(logits, teacher)
+                        loss = (1 - steps.distill) * loss + steps.distill * kd
+                if steps and steps.distill and steps.sandwich and subnet == steps.largest:
+                    teacher = logits.detach()
+                if loss.requires_grad:  # a draw with nothing to train (CLIP's empty subnet:
+                    (loss / len(draws)).backward()  # no head) adds no gradient
+                    stepped = True
+                total += loss.detach() * len(y) / len(draws)
+                correct += (logits.argmax(1) == y).sum()
+            if stepped:  # a step whose draws had nothing to train is a zero update: no step
                 optimizer.step()
-            total += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         mean_loss = total.item() / seen
         if not math.isfinite(mean_loss):  # a NaN or infinite loss anywhere in the epoch; the
@@ -129,8 +240,8 @@ def train(
             raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1}")
         metrics = {
             "train_loss": mean_loss,
-            "train_acc": correct.item() / seen,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_acc": correct.item() / seen / (len(draws) if steps else 1),
+            "lr": lr,
         }
         if on_epoch is not None:
 

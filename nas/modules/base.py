@@ -16,6 +16,7 @@ allocated once per layer at the capacity's dimension and a choice uses leading s
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -125,6 +126,11 @@ class ModuleSpace:
     def sample_uniform(self, rng: random.Random) -> Choice:
         """A choice drawn uniformly from all of this module's choices."""
         raise NotImplementedError
+
+    def sample_tilted(self, rng: random.Random, tilt: float) -> Choice:
+        """NOAH's sampling leaned towards larger (``tilt`` > 0) or smaller (< 0) choices, for
+        size-balanced supernet sampling; kinds without an order of sizes sample as NOAH does."""
+        return self.sample(rng)
 
     def choices(self) -> Iterator[Choice]:
         raise NotImplementedError
@@ -395,6 +401,13 @@ class LayeredSpace(ModuleSpace):
         depth = rng.choice(self.depths)
         return trim(rng.choice(self.dims) for _ in range(depth))
 
+    def sample_tilted(self, rng: random.Random, tilt: float) -> tuple[int, ...]:
+        """Depth and per-layer dims drawn with weights exp(tilt * rank / (n - 1)) over their
+        sorted values: tilt 0 is NOAH's sampling, large positive tilts favour the largest."""
+        depth = _tilted_choice(rng, sorted(self.depths), tilt)
+        dims = sorted(self.dims)
+        return trim(_tilted_choice(rng, dims, tilt) for _ in range(depth))
+
     def sample_uniform(self, rng: random.Random) -> tuple[int, ...]:
         groups = self._depth_groups()
         depth = rng.choices(groups, weights=[len(self.dims) ** d for d in groups])[0]
@@ -455,3 +468,10 @@ class LayeredSpace(ModuleSpace):
             "max_dim": self.max_dim,
             "options": dict(self.options),
         }
+
+
+def _tilted_choice(rng: random.Random, ordered: Sequence[int], tilt: float) -> int:
+    if len(ordered) == 1 or tilt == 0:
+        return rng.choice(ordered)
+    n = len(ordered) - 1
+    return rng.choices(ordered, weights=[math.exp(tilt * i / n) for i in range(n + 1)])[0]

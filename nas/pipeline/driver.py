@@ -393,6 +393,11 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
         for method in methods
         if not (stages.hparams_dir(spec, ds.key, method) / "done.json").is_file()
     }
+
+    def multipliers(method: str) -> list[dict[str, float]]:
+        """Swept module multipliers: the supernet's only (a baseline is one module)."""
+        return h.module_lr_grid() if method == "supernet" else [{}]
+
     grid = [
         {
             **base,
@@ -401,16 +406,18 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
             "method": method,
             "lr": lr,
             "weight_decay": wd,
+            **({"module_lr": scales} if scales else {}),
             "group": f"{key}/{method}",
         }
         for key, method in sweeps
         for lr in h.lrs
         for wd in h.weight_decays
+        for scales in multipliers(method)
     ]
-    size = len(h.lrs) * len(h.weight_decays)
+    size = {m: len(h.lrs) * len(h.weight_decays) * len(multipliers(m)) for m in methods}
     print(
         f"== hparams: {len(sweeps)} of {len(spec.datasets) * len(methods)} sweeps to run, "
-        f"{size} points each",
+        f"{', '.join(sorted({str(n) for n in size.values()}))} points each",
         flush=True,
     )
     ended: dict[str, list[dict[str, Any]]] = {}
@@ -429,6 +436,8 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
                 "epochs": h.epochs,
                 "chosen_lr": best["lr"],
                 "chosen_weight_decay": best["weight_decay"],
+                **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items()},
+                **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
             },
         )
         tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
@@ -464,12 +473,19 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
                 {
                     "lr": task["lr"],
                     "weight_decay": task["weight_decay"],
+                    **({"module_lr": task["module_lr"]} if "module_lr" in task else {}),
                     "val_acc": result.get("val_acc", 0.0),
                     "epochs": result.get("training_iteration", 0),
                 }
             )
-            if len(points) == size:
-                points.sort(key=lambda p: (p["lr"], p["weight_decay"]))
+            if len(points) == size[task["method"]]:
+                points.sort(
+                    key=lambda p: (
+                        p["lr"],
+                        p["weight_decay"],
+                        sorted(p.get("module_lr", {}).items()),
+                    )
+                )
                 finish(task["dataset"], task["method"], points)
 
     run_stage(

@@ -19,6 +19,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,19 @@ from nas import factory
 from nas.cost import added_flops, subnet_params
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import read_few_shot, read_image_folder, read_vtab
+from nas.sampling import make_sampler
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.subnet import Subnet
 from nas.tracking import CandidateLogger, Tracker, logging_processes, subnet_params_flat
-from trainers.train import TrainConfig, evaluate, evaluate_candidates, load_trainable, train
+from trainers.train import (
+    SupernetSteps,
+    TrainConfig,
+    evaluate,
+    evaluate_candidates,
+    load_trainable,
+    train,
+)
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -151,17 +160,44 @@ def hparams_dir(spec: ExperimentSpec, dataset: str, method: str) -> Path:
     return spec.output / "hparams" / dataset / method
 
 
-def tuned(spec: ExperimentSpec, dataset: str, method: str) -> tuple[float, float]:
-    """(lr, weight decay) for a method: the hparams stage's winner when it ran, else the
-    stage's own settings ("supernet" covers the supernet and the searched subnets' retraining;
-    "baseline-NAME" a baseline's retraining)."""
+@dataclass(frozen=True)
+class Tuned:
+    """A method's training rates: the hparams stage's winner, or the stage's own settings."""
+
+    lr: float
+    weight_decay: float
+    module_lr: dict[str, float] = field(default_factory=dict)  # swept multipliers only
+
+
+def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
+    """The rates of a method: the hparams stage's winner when it ran, else the stage's own
+    settings ("supernet" covers the supernet and the searched subnets' retraining;
+    "baseline-NAME" a baseline's retraining). Swept module multipliers replace the stage's
+    own for the kinds they name (``TrainingStage.train_config``)."""
     done = hparams_dir(spec, dataset, method) / "done.json"
     if spec.hparams.enabled and done.is_file():
         winner = read_json(done)
-        return float(winner["lr"]), float(winner["weight_decay"])
+        return Tuned(
+            float(winner["lr"]),
+            float(winner["weight_decay"]),
+            {k: float(v) for k, v in winner.get("module_lr", {}).items()},
+        )
     if method == "supernet":
-        return spec.supernet.lr, spec.supernet.weight_decay
-    return spec.retrain.lr, spec.retrain.weight_decay
+        return Tuned(spec.supernet.lr, spec.supernet.weight_decay)
+    return Tuned(spec.retrain.lr, spec.retrain.weight_decay)
+
+
+def supernet_steps(spec: ExperimentSpec) -> SupernetSteps:
+    """What each supernet training step trains, as the supernet stage's settings say."""
+    st, space = spec.supernet, spec.space
+    return SupernetSteps(
+        make_sampler(space, st.sampling, st.in_budget),
+        per_step=st.subnets_per_step,
+        sandwich=st.sandwich,
+        largest=space.largest(),
+        smallest=space.smallest(),
+        distill=st.distill,
+    )
 
 
 def eta_s(started: float, done: int, left: int) -> float:
@@ -179,11 +215,12 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     data = load_splits(spec, ds, ("train", "val"))
     torch.manual_seed(seed)
     h = spec.hparams
+    stage = spec.supernet if method == "supernet" else spec.retrain
     if method == "supernet":
         model = factory.supernet(spec.space, spec.backbone, data["train"], ds.key)
         rng = random.Random(seed)
         scored = [spec.space.sample(rng) for _ in range(h.eval_subnets)]
-        sample = spec.space.sample
+        sample = supernet_steps(spec)
     else:
         name = method.removeprefix("baseline-")
         subnet = spec.retrain.baselines[name]
@@ -198,7 +235,14 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         scored, sample = [subnet], None
     model = model.to(device)
     cfg = TrainConfig(
-        epochs=h.epochs, batch_size=h.batch_size, lr=lr, weight_decay=wd, warmup_epochs=0, seed=seed
+        epochs=h.epochs,
+        batch_size=h.batch_size,
+        lr=lr,
+        weight_decay=wd,
+        warmup_epochs=0,
+        seed=seed,
+        module_lr={**stage.module_lr, **task.get("module_lr", {})},
+        module_weight_decay=dict(stage.module_weight_decay),
     )
     mean, std = spec.backbone.normalisation()
     last = {"val_acc": 0.0}
@@ -216,6 +260,7 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
                 "label": method,
                 "lr": lr,
                 "weight_decay": wd,
+                "module_lr": task.get("module_lr", {}),
                 "epoch": epoch,
                 "epochs": h.epochs,
                 "val_acc": last["val_acc"],
@@ -244,8 +289,10 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
     torch.manual_seed(seed)
     model = factory.supernet(spec.space, spec.backbone, data, ds.key).to(device)
     st = spec.supernet
-    lr, wd = tuned(spec, ds.key, "supernet")
-    cfg = st.train_config(lr=lr, weight_decay=wd, seed=seed)
+    rates = tuned(spec, ds.key, "supernet")
+    cfg = st.train_config(
+        lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
+    )
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
     tracker = tracker_for(spec)
@@ -289,7 +336,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         cfg,
         mean=mean,
         std=std,
-        sample_subnet=spec.space.sample,
+        sample_subnet=supernet_steps(spec),
         state=state,
         on_epoch=on_epoch,
     )
@@ -514,8 +561,10 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     ).to(device)
     r = spec.retrain
     method = label if task["role"] == "baseline" else "supernet"
-    lr, wd = tuned(spec, ds.key, method)
-    cfg = r.train_config(lr=lr, weight_decay=wd, seed=seed)
+    rates = tuned(spec, ds.key, method)
+    cfg = r.train_config(
+        lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
+    )
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
     tracker = tracker_for(spec)

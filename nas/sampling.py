@@ -1,0 +1,96 @@
+"""How the supernet draws the subnets it trains (issue 20).
+
+NOAH draws, per mini-batch, a uniform depth per module and then a uniform dim per layer. That
+distribution rarely reaches full-depth or near-largest subnets, and most of what it draws lies
+outside a tight budget, so the supernet trains subnets the search never considers. Two levers:
+
+- ``in_budget``: draws outside the space's budget are rejected and drawn again, so the supernet
+  trains the subnets a user searches;
+- ``balanced``: draws are spread evenly over subnet *sizes* (trainable parameters): a size bin
+  is picked uniformly, then subnets are drawn from NOAH's sampler leaned towards larger or
+  smaller choices until one lands in the bin.
+
+A sampler is a plain function ``rng -> Subnet``, as ``trainers.train`` takes it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from nas.cost import subnet_params
+from nas.errors import NasError
+from nas.space import SearchSpace
+from nas.subnet import Subnet
+
+STRATEGIES = ("uniform", "balanced")
+#: Draws tried before a rejecting sampler gives up.
+MAX_ATTEMPTS = 10_000
+#: Size bins of the balanced sampler, and the lean of its draws (weights exp(tilt * rank)).
+BINS, MAX_TILT, BIN_ATTEMPTS = 8, 4.0, 64
+
+Sampler = Callable[[random.Random], Subnet]
+
+
+def make_sampler(space: SearchSpace, strategy: str = "uniform", in_budget: bool = False) -> Sampler:
+    """The supernet's per-draw sampler. ``uniform`` with ``in_budget=False`` is NOAH's
+    ``space.sample`` itself (the same draws from the same random stream)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sampling strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    restrict = in_budget and space.budget.is_set
+    if strategy == "uniform":
+        return _in_budget(space, space.sample) if restrict else space.sample
+    return _balanced(space, restrict)
+
+
+def _in_budget(space: SearchSpace, draw: Sampler) -> Sampler:
+    def sample(rng: random.Random) -> Subnet:
+        for _ in range(MAX_ATTEMPTS):
+            subnet = draw(rng)
+            if space.admits(subnet):
+                return subnet
+        raise NasError(
+            f"supernet sampling: none of {MAX_ATTEMPTS:,} draws of space {space.name!r} met its "
+            f"budget ({space.budget.params}); widen the budget or sample with in_budget: false"
+        )
+
+    return sample
+
+
+def _tilted(space: SearchSpace, rng: random.Random, tilt: float) -> Subnet:
+    return Subnet({k: s.sample_tilted(rng, tilt) for k, s in space.modules.items()})
+
+
+def size_range(space: SearchSpace, in_budget: bool) -> tuple[float, float]:
+    """The trainable-parameter range the balanced sampler spreads its draws over."""
+    g = space.geometry
+    low, high = float(subnet_params(space.smallest(), g)), float(subnet_params(space.largest(), g))
+    if in_budget:
+        bounds = space.budget.params
+        low = max(low, bounds.low) if bounds.low is not None else low
+        high = min(high, bounds.high) if bounds.high is not None else high
+    return low, max(low, high)
+
+
+def _balanced(space: SearchSpace, in_budget: bool) -> Sampler:
+    g = space.geometry
+    low, high = size_range(space, in_budget)
+    width = (high - low) / BINS or 1.0
+    fallback = _in_budget(space, space.sample) if in_budget else space.sample
+
+    def sample(rng: random.Random) -> Subnet:
+        target = rng.randrange(BINS)
+        centre = low + (target + 0.5) * width
+        best, best_gap = None, float("inf")
+        for _ in range(BIN_ATTEMPTS):
+            subnet = _tilted(space, rng, rng.uniform(-MAX_TILT, MAX_TILT))
+            if in_budget and not space.admits(subnet):
+                continue
+            params = subnet_params(subnet, g)
+            if min(int((params - low) / width), BINS - 1) == target:
+                return subnet
+            if abs(params - centre) < best_gap:
+                best, best_gap = subnet, abs(params - centre)
+        return best if best is not None else fallback(rng)
+
+    return sample
