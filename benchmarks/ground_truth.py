@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -92,6 +93,7 @@ class Cache:
         self.task = task
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.entries: dict[str, dict] = data.get("entries", {})
+        self.recipes: dict[str, dict] = data.get("recipes", {})
 
     @staticmethod
     def key(subnet: Subnet, recipe: str, seed: int) -> str:
@@ -101,7 +103,16 @@ class Cache:
         entry = self.entries.get(self.key(subnet, recipe, seed))
         return None if entry is None else float(entry["test_acc"])
 
-    def put(self, subnet: Subnet, recipe: str, seed: int, acc: float, seconds: float) -> None:
+    def put(
+        self,
+        subnet: Subnet,
+        recipe: str,
+        seed: int,
+        acc: float,
+        seconds: float,
+        lr: float = RECIPE.lr,
+    ) -> None:
+        self.recipes[recipe] = dataclasses.replace(RECIPE, lr=lr).to_dict()
         self.entries[self.key(subnet, recipe, seed)] = {
             "subnet": subnet.to_data(),
             "seed": seed,
@@ -110,23 +121,36 @@ class Cache:
             "seconds": round(seconds, 1),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        doc = {"task": self.task, "recipes": {recipe_key(): RECIPE.to_dict()}}
-        tmp.write_text(json.dumps({**doc, "entries": self.entries}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        # Several processes may fill one task's file: merge with what is there, under a lock.
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                there = json.loads(self.path.read_text())
+                self.entries = {**there.get("entries", {}), **self.entries}
+                self.recipes = {**there.get("recipes", {}), **self.recipes}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            doc = {"task": self.task, "recipes": self.recipes, "entries": self.entries}
+            tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
 
 
 def train_alone(
-    space: SearchSpace, subnet: Subnet, data: dict[str, DecodedSplit], seed: int
+    space: SearchSpace,
+    subnet: Subnet,
+    data: dict[str, DecodedSplit],
+    seed: int,
+    lr: float = RECIPE.lr,
 ) -> float:
-    """The retraining recipe on train+val from the pretrained backbone; test accuracy."""
+    """The retraining recipe (at ``lr``) on train+val from the pretrained backbone; test
+    accuracy."""
     classes = data["trainval"].num_classes
     mean, std = space.backbone.normalisation()
     torch.manual_seed(seed)
     model = PromptedViT.for_subnet(
         space.backbone.create(classes), subnet, space.options(), space.backbone
     )
-    train(model, data["trainval"], dataclasses.replace(RECIPE, seed=seed), mean=mean, std=std)
+    cfg = dataclasses.replace(RECIPE, seed=seed, lr=lr)
+    train(model, data["trainval"], cfg, mean=mean, std=std)
     return evaluate(model, data["test"], mean=mean, std=std)
 
 

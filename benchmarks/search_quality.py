@@ -34,6 +34,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -52,6 +53,9 @@ from nas.search import make_search
 from nas.space import SearchSpace, load_space
 from nas.subnet import Subnet
 from trainers.train import TrainConfig, evaluate, evaluate_candidates, train
+
+#: Where the cached runs live (``--results`` moves them, e.g. for a smoke run).
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def with_budget(space: SearchSpace, max_params: int) -> SearchSpace:
@@ -187,22 +191,12 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> dict:
-    """One supernet of ``variant`` trained on the task; its inherited accuracies of the
-    ground-truth subnets on val200 and test, cached."""
-    import ground_truth as gt
-
+def train_supernet(space: SearchSpace, data, variant: str, epochs: int, seed: int, lr: float):
+    """A supernet trained on train800 as the pipeline's supernet stage trains it (batch 64,
+    2 warm-up epochs, wd 1e-4) with ``variant``'s sampling settings."""
     from nas.sampling import make_sampler
     from trainers.train import SupernetSteps
 
-    path = Path(__file__).resolve().parent / "results" / "fidelity" / f"{task}.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {"task": task, "runs": {}}
-    key = f"{variant}|{epochs}|{seed}|{args.lr:g}"
-    if key in cache["runs"]:
-        return cache["runs"][key]
-    space = gt.space_with_budget()
-    subnets = gt.ground_truth_subnets(space, args.subnets)
-    data = gt.task_data(task, Path(args.data), space)
     settings = {"sampling": "uniform", "in_budget": False, "subnets_per_step": 1}
     settings |= {"sandwich": False, "distill": 0.0} | VARIANTS[variant]
     steps = SupernetSteps(
@@ -215,35 +209,62 @@ def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> d
     )
     mean, std = space.backbone.normalisation()
     classes = data["train"].num_classes
-    # the mini-VTAB benchmark's supernet stage: batch 64, 2 warm-up epochs, wd 1e-4
     cfg = TrainConfig(
-        epochs=epochs, lr=args.lr, weight_decay=1e-4, warmup_epochs=min(2, epochs), seed=seed
+        epochs=epochs, lr=lr, weight_decay=1e-4, warmup_epochs=min(2, epochs), seed=seed
     )
     started = time.time()
     torch.manual_seed(seed)
     supernet = PromptedViT.supernet(space, classes, space.backbone.create(classes))
     train(supernet, data["train"], cfg, mean=mean, std=std, sample_subnet=steps)
-    seconds = time.time() - started
-    run = {
-        "variant": variant,
-        "settings": settings,
-        "epochs": epochs,
-        "seed": seed,
-        "lr": args.lr,
-        "subnets": [s.to_data() for s in subnets],
-        "inherited_val": evaluate_candidates(supernet, subnets, data["val"], mean=mean, std=std),
-        "inherited_test": evaluate_candidates(supernet, subnets, data["test"], mean=mean, std=std),
-        "train_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    return supernet, settings, time.time() - started
+
+
+def cached_run(kind: str, task: str, key: str, compute) -> dict:
+    """``compute()``'s result, cached under results/<kind>/<task>.json by ``key``."""
+    path = RESULTS / kind / f"{task}.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {"task": task, "runs": {}}
+    if key in cache["runs"]:
+        return cache["runs"][key]
+    run = compute()
     cache = json.loads(path.read_text()) if path.is_file() else cache  # others may have written
     cache["runs"][key] = run
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cache, indent=1))
     tmp.replace(path)
     return run
+
+
+def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> dict:
+    """One supernet of ``variant`` trained on the task; its inherited accuracies of the
+    ground-truth subnets on val200 and test, cached."""
+    import ground_truth as gt
+
+    def compute() -> dict:
+        space = gt.space_with_budget()
+        subnets = gt.ground_truth_subnets(space, args.subnets)
+        data = gt.task_data(task, Path(args.data), space)
+        supernet, settings, seconds = train_supernet(space, data, variant, epochs, seed, args.lr)
+        mean, std = space.backbone.normalisation()
+        return {
+            "variant": variant,
+            "settings": settings,
+            "epochs": epochs,
+            "seed": seed,
+            "lr": args.lr,
+            "subnets": [s.to_data() for s in subnets],
+            "inherited_val": evaluate_candidates(
+                supernet, subnets, data["val"], mean=mean, std=std
+            ),
+            "inherited_test": evaluate_candidates(
+                supernet, subnets, data["test"], mean=mean, std=std
+            ),
+            "train_seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+
+    return cached_run("fidelity", task, f"{variant}|{epochs}|{seed}|{args.lr:g}", compute)
 
 
 def fidelity_rows(tasks: list[str], args) -> list[dict]:
@@ -254,7 +275,7 @@ def fidelity_rows(tasks: list[str], args) -> list[dict]:
     subnets = gt.ground_truth_subnets(space, args.subnets)
     rows = []
     for task in tasks:
-        cache = gt.Cache(task)
+        cache = gt.Cache(task, RESULTS / "ground_truth")
         recipe = gt.recipe_key()
         truth = {s: [cache.get(s, recipe, seed) for seed in (0, 1, 2)] for s in subnets}
         truth = {s: [a for a in v if a is not None] for s, v in truth.items()}
@@ -264,7 +285,7 @@ def fidelity_rows(tasks: list[str], args) -> list[dict]:
         truth = {s: v[:seeds] for s, v in truth.items()}
         means = gt.seed_mean(truth)
         sizes = [subnet_params(s, space.geometry) for s in subnets]
-        path = Path(__file__).resolve().parent / "results" / "fidelity" / f"{task}.json"
+        path = RESULTS / "fidelity" / f"{task}.json"
         runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
         base = {
             "task": task,
@@ -289,7 +310,9 @@ def fidelity_rows(tasks: list[str], args) -> list[dict]:
 
 
 def fidelity_main(argv: list[str]) -> int:
+    global RESULTS
     parser = argparse.ArgumentParser(prog="search_quality.py fidelity")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="cache folder")
     parser.add_argument("--tasks", nargs="+", default=["clevr_count", "mnist5k"])
     parser.add_argument("--variants", nargs="+", default=["noah"], choices=sorted(VARIANTS))
     parser.add_argument("--epochs", type=int, nargs="+", default=[20])
@@ -301,6 +324,7 @@ def fidelity_main(argv: list[str]) -> int:
     parser.add_argument("--report", action="store_true", help="only print the cached table")
     parser.add_argument("--json", help="write the table's rows here")
     args = parser.parse_args(argv)
+    RESULTS = args.results
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -334,9 +358,188 @@ def fidelity_main(argv: list[str]) -> int:
     return 0
 
 
+#: The mini-VTAB benchmark's search (experiments/benchmark_mini_vtab.yaml): 100 candidates.
+EVOLUTION = {"generations": 5, "population": 20, "top_k": 5, "mutations": 8, "crossovers": 8}
+#: The learning rates each single module's sweep tries (the benchmark's grid), 10 epochs.
+SWEEP_LRS, SWEEP_EPOCHS = (1e-3, 5e-3, 2e-2), 10
+
+
+def largest_single(space: SearchSpace, kind: str) -> Subnet:
+    """One module kind on every layer at the largest dim that keeps it in budget."""
+    ms = space.modules[kind]
+    for dim in sorted((d for d in ms.dims if d), reverse=True):
+        subnet = Subnet.from_data({kind: {"depth": max(ms.depths), "dims": dim}})
+        if space.admits(subnet):
+            return subnet
+    raise ValueError(f"no uniform {kind} subnet fits the budget")
+
+
+def value_run(task: str, seed: int, args) -> dict:
+    """The search's winner against its controls on one task and seed, every one retrained
+    with the ground truth's recipe (shared cache) and tested once."""
+    import ground_truth as gt
+
+    space = gt.space_with_budget()
+    gt_subnets = gt.ground_truth_subnets(space, args.subnets)
+    data = None
+
+    def retrained(subnet: Subnet, lr: float = gt.RECIPE.lr) -> float:
+        nonlocal data
+        cache = gt.Cache(task, RESULTS / "ground_truth")
+        recipe = gt.recipe_key(dataclasses.replace(gt.RECIPE, lr=lr))
+        acc = cache.get(subnet, recipe, seed)
+        if acc is None:
+            data = data or gt.task_data(task, Path(args.data), space)
+            started = time.time()
+            acc = gt.train_alone(space, subnet, data, seed, lr=lr)
+            cache.put(subnet, recipe, seed, acc, time.time() - started, lr=lr)
+        return acc
+
+    def compute() -> dict:
+        nonlocal data
+        data = data or gt.task_data(task, Path(args.data), space)
+        mean, std = space.backbone.normalisation()
+        supernet, settings, seconds = train_supernet(
+            space, data, args.variant, args.epochs, seed, args.lr
+        )
+
+        def score(subnets):
+            return evaluate_candidates(supernet, subnets, data["val"], mean=mean, std=std)
+
+        evo = make_search("evolution", space, seed=seed, **EVOLUTION)
+        evo.run(score)
+        n = len(evo.history)
+        rnd = make_search("random", space, seed=seed, num_candidates=n, batch_size=n)
+        rnd.run(score)
+        rng = random.Random(1_000 + seed)  # what a user gets with no search: any subnet in budget
+        random_subnet = next(s for s in iter(lambda: space.sample(rng), None) if space.admits(s))
+        winners = {
+            "searched": evo.best(1)[0].subnet,
+            "random_search": rnd.best(1)[0].subnet,
+            "random_subnet": random_subnet,
+            "largest_in_budget": largest_uniform(space),
+        }
+        singles = {}
+        for kind in space.modules:  # each with its own learning-rate sweep on train/val
+            subnet = largest_single(space, kind)
+            val = {lr: sweep_point(space, subnet, data, seed, lr) for lr in SWEEP_LRS}
+            best_lr = max(val, key=lambda lr: (val[lr], -lr))
+            singles[kind] = {"subnet": subnet.to_data(), "val": val, "lr": best_lr}
+        tau = kendalltau(score(gt_subnets), gt.seed_mean(truth))[0] if truth else None
+        return {
+            "variant": args.variant,
+            "settings": settings,
+            "supernet_seconds": round(seconds, 1),
+            "candidates": n,
+            "winners": {k: v.to_data() for k, v in winners.items()},
+            "singles": singles,
+            "kendall_tau": tau,
+        }
+
+    cache_truth = gt.Cache(task, RESULTS / "ground_truth")
+    recipe = gt.recipe_key()
+    truth = {s: [cache_truth.get(s, recipe, k) for k in (0, 1, 2)] for s in gt_subnets}
+    truth = {s: [a for a in v if a is not None] for s, v in truth.items()}
+    if not all(truth.values()):
+        truth = {}
+    key = f"{args.variant}|{args.epochs}|{seed}|{args.lr:g}"
+    run = cached_run("search_value", task, key, compute)
+    tests = {k: retrained(Subnet.from_data(v)) for k, v in run["winners"].items()}
+    single_tests = {
+        kind: retrained(Subnet.from_data(v["subnet"]), v["lr"])
+        for kind, v in run["singles"].items()
+    }
+    best_single = max(run["singles"], key=lambda k: max(run["singles"][k]["val"].values()))
+    return {
+        "task": task,
+        "seed": seed,
+        "kendall_tau": run["kendall_tau"],
+        "tau_noise_ceiling": gt.noise_ceiling(truth) if truth else None,
+        "searched_test": tests["searched"],
+        "random_subnet_test": tests["random_subnet"],
+        "random_search_test": tests["random_search"],
+        "largest_in_budget_test": tests["largest_in_budget"],
+        "best_single_module_test": single_tests[best_single],
+        "best_single_module": best_single,
+        "single_module_tests": single_tests,
+        "winners": run["winners"],
+    }
+
+
+def sweep_point(space: SearchSpace, subnet: Subnet, data, seed: int, lr: float) -> float:
+    """Validation accuracy of ``subnet`` trained alone on train800 at ``lr`` (the sweep)."""
+    mean, std = space.backbone.normalisation()
+    classes = data["train"].num_classes
+    torch.manual_seed(seed)
+    model = PromptedViT.for_subnet(
+        space.backbone.create(classes), subnet, space.options(), space.backbone
+    )
+    cfg = TrainConfig(epochs=SWEEP_EPOCHS, lr=lr, weight_decay=1e-4, warmup_epochs=0, seed=seed)
+    train(model, data["train"], cfg, mean=mean, std=std)
+    return evaluate(model, data["val"], mean=mean, std=std)
+
+
+def value_main(argv: list[str]) -> int:
+    global RESULTS
+    parser = argparse.ArgumentParser(prog="search_quality.py value")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="cache folder")
+    parser.add_argument("--tasks", nargs="+", default=["clevr_count", "mnist5k"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variant", default="noah", choices=sorted(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=5e-3, help="the supernet's swept rate")
+    parser.add_argument("--subnets", type=int, default=30)
+    parser.add_argument("--data", default="/tmp/nas-mini-vtab")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the issue's JSON shape here")
+    args = parser.parse_args(argv)
+    RESULTS = args.results
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.data).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            row = value_run(task, seed, args)
+            rows.append(row)
+            print(
+                f"{task} seed {seed}: searched {row['searched_test']:.3f}, random subnet "
+                f"{row['random_subnet_test']:.3f}, random search {row['random_search_test']:.3f}, "
+                f"largest {row['largest_in_budget_test']:.3f}, best single "
+                f"({row['best_single_module']}) {row['best_single_module_test']:.3f}",
+                flush=True,
+            )
+    if args.json:
+        doc = {
+            "tasks": rows,
+            "noah_pgn_minus_pgn_points": None,  # the PGN budget's run: not measured here
+            "settings": {
+                "variant": args.variant,
+                "supernet_epochs": args.epochs,
+                "supernet_lr": args.lr,
+                "evolution": EVOLUTION,
+                "retrain": gt_recipe(),
+                "single_module_sweep": {"lrs": SWEEP_LRS, "epochs": SWEEP_EPOCHS},
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{torch.get_num_threads()} CPU threads",
+            },
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+def gt_recipe() -> dict:
+    import ground_truth as gt
+
+    return gt.RECIPE.to_dict()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "fidelity":
         return fidelity_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "value":
+        return value_main(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "controls":
         sys.argv.pop(1)
     parser = argparse.ArgumentParser(description=__doc__)
