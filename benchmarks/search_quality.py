@@ -52,7 +52,13 @@ from nas.model import PromptedViT
 from nas.search import make_search
 from nas.space import SearchSpace, load_space
 from nas.subnet import Subnet
-from trainers.train import TrainConfig, evaluate, evaluate_candidates, train
+from trainers.train import (
+    TrainConfig,
+    evaluate,
+    evaluate_candidates,
+    score_candidates,
+    train,
+)
 
 #: Where the cached runs live (``--results`` moves them, e.g. for a smoke run).
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -246,6 +252,8 @@ def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> d
         data = gt.task_data(task, Path(args.data), space)
         supernet, settings, seconds = train_supernet(space, data, variant, epochs, seed, args.lr)
         mean, std = space.backbone.normalisation()
+        val = score_candidates(supernet, subnets, data["val"], mean=mean, std=std)
+        test = score_candidates(supernet, subnets, data["test"], mean=mean, std=std)
         return {
             "variant": variant,
             "settings": settings,
@@ -253,12 +261,10 @@ def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> d
             "seed": seed,
             "lr": args.lr,
             "subnets": [s.to_data() for s in subnets],
-            "inherited_val": evaluate_candidates(
-                supernet, subnets, data["val"], mean=mean, std=std
-            ),
-            "inherited_test": evaluate_candidates(
-                supernet, subnets, data["test"], mean=mean, std=std
-            ),
+            "inherited_val": [s["acc"] for s in val],
+            "inherited_test": [s["acc"] for s in test],
+            "inherited_val_loss": [s["loss"] for s in val],
+            "inherited_test_loss": [s["loss"] for s in test],
             "train_seconds": round(seconds, 1),
             "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d"),
@@ -304,6 +310,12 @@ def fidelity_rows(tasks: list[str], args) -> list[dict]:
                     "train_seconds": run["train_seconds"],
                     "tau_val": kendalltau(run["inherited_val"], means)[0],
                     "tau_test": kendalltau(run["inherited_test"], means)[0],
+                    # ranked by lower inherited loss instead of higher accuracy
+                    **(
+                        {"tau_val_loss": -kendalltau(run["inherited_val_loss"], means)[0]}
+                        if "inherited_val_loss" in run
+                        else {}
+                    ),
                 }
             )
     return rows
@@ -349,6 +361,8 @@ def fidelity_main(argv: list[str]) -> int:
             else "(1 seed of ground truth)"
         )
         test = f"test {r['tau_test']:+.2f} " if "tau_test" in r else " " * 11
+        if "tau_val_loss" in r:
+            test += f"val loss {r['tau_val_loss']:+.2f} "
         print(
             f"{r['task']:<13} {r['variant']:<17} {r.get('epochs', ''):>4} "
             f"s{r.get('seed', '')} tau val {r['tau_val']:+.2f} {test}{tail}"

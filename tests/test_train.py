@@ -85,3 +85,28 @@ def test_a_non_finite_loss_stops_training_with_the_epoch(mini_vtab):  # noqa: F8
     with pytest.raises(FloatingPointError, match="loss is nan in epoch 1"):
         train(model, data["train"], cfg, mean=mean, std=std, on_epoch=lambda *a: seen.append(a))
     assert not seen  # no checkpoint of the broken epoch
+
+
+def test_candidates_are_scored_by_accuracy_and_loss(mini_vtab):  # noqa: F811
+    import torch.nn.functional as F
+
+    from nas.data.loader import TensorLoader
+    from trainers.train import score_candidates
+
+    space, data, mean, std = setup(mini_vtab / "digits")
+    torch.manual_seed(0)
+    model = PromptedViT.supernet(space, 10)
+    subnets = [space.largest(), Subnet({"lora": [4, 4]})]
+    scores = score_candidates(model, subnets, data["val"], mean=mean, std=std, batch_size=64)
+    (x, y), *rest = list(TensorLoader(data["val"], 10_000, mean, std))
+    assert not rest
+    model.eval()
+    for subnet, score in zip(subnets, scores, strict=True):
+        model.set_subnet(subnet)
+        with torch.no_grad():
+            logits = model(x)
+        assert score["acc"] == (logits.argmax(1) == y).sum().item() / len(y)
+        assert score["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert evaluate_candidates(model, subnets, data["val"], mean=mean, std=std) == [
+        s["acc"] for s in scores
+    ]

@@ -285,22 +285,41 @@ def evaluate_candidates(
 ) -> list[float]:
     """Accuracy of each subnet on ``data`` with the model's (inherited) weights. The split is
     normalised once and reused for every candidate."""
+    scores = score_candidates(model, subnets, data, mean=mean, std=std, batch_size=batch_size)
+    return [s["acc"] for s in scores]
+
+
+@torch.no_grad()
+def score_candidates(
+    model: PromptedViT,
+    subnets: Sequence[Subnet],
+    data: DecodedSplit,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+) -> list[dict[str, float]]:
+    """Accuracy (``acc``) and mean cross-entropy (``loss``) of each subnet on ``data``."""
     device = next(model.parameters()).device
     batches = list(TensorLoader(data, batch_size, mean, std, device=device))
-    return [_accuracy(model, s, batches, len(data)) for s in subnets]
+    return [_scores(model, s, batches, len(data)) for s in subnets]
 
 
-def _accuracy(model: PromptedViT, subnet: Subnet, batches, total: int) -> float:
+def _scores(model: PromptedViT, subnet: Subnet, batches, total: int) -> dict[str, float]:
     device = next(model.parameters()).device
     model.eval()
     previous = model.subnet
     model.set_subnet(subnet)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), device=device)
     for x, y in batches:
         with autocast(device):
-            correct += (model(x).argmax(1) == y).sum()
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum()
+        loss += F.cross_entropy(logits.float(), y, reduction="sum")
     model.set_subnet(previous)
-    return correct.item() / total  # one synchronisation per candidate
+    # one synchronisation per candidate
+    return {"acc": correct.item() / total, "loss": loss.item() / total}
 
 
 def evaluate(model: PromptedViT, data: DecodedSplit, *, mean, std) -> float:
