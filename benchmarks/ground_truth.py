@@ -74,8 +74,10 @@ def task_data(task: str, data_root: Path, space: SearchSpace) -> dict[str, Decod
     so that the ground truth holds for the pipeline's own data."""
     folder = data_root / task
     if not (folder / "test.txt").is_file():
-        prepare(folder.parent / f".{task}.staging", (task,), log=lambda *_: None)
-        os.replace(folder.parent / f".{task}.staging" / task, folder)
+        staging = folder.parent / f".{task}.{os.getpid()}.staging"
+        prepare(staging, (task,), log=lambda *_: None)
+        if not (folder / "test.txt").is_file():  # another process may have finished first
+            os.replace(staging / task, folder)
     splits = read_vtab(folder)
     g = space.geometry
     size = g.patch_size * round(g.num_patches**0.5)

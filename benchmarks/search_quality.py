@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -200,17 +201,18 @@ VARIANTS: dict[str, dict] = {
 def train_supernet(space: SearchSpace, data, variant: str, epochs: int, seed: int, lr: float):
     """A supernet trained on train800 as the pipeline's supernet stage trains it (batch 64,
     2 warm-up epochs, wd 1e-4) with ``variant``'s sampling settings."""
-    from nas.sampling import make_sampler
+    from nas.sampling import make_sampler, sandwich_ends
     from trainers.train import SupernetSteps
 
     settings = {"sampling": "uniform", "in_budget": False, "subnets_per_step": 1}
     settings |= {"sandwich": False, "distill": 0.0} | VARIANTS[variant]
+    largest, smallest = sandwich_ends(space, settings["in_budget"])
     steps = SupernetSteps(
         make_sampler(space, settings["sampling"], settings["in_budget"]),
         per_step=settings["subnets_per_step"],
         sandwich=settings["sandwich"],
-        largest=space.largest(),
-        smallest=space.smallest(),
+        largest=largest,
+        smallest=smallest,
         distill=settings["distill"],
     )
     mean, std = space.backbone.normalisation()
@@ -232,12 +234,14 @@ def cached_run(kind: str, task: str, key: str, compute) -> dict:
     if key in cache["runs"]:
         return cache["runs"][key]
     run = compute()
-    cache = json.loads(path.read_text()) if path.is_file() else cache  # others may have written
-    cache["runs"][key] = run
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    tmp.replace(path)
+    with open(path.with_suffix(".lock"), "w") as lock:  # other processes may write it too
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = json.loads(path.read_text()) if path.is_file() else cache
+        cache["runs"][key] = run
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
     return run
 
 
@@ -273,6 +277,17 @@ def fidelity_variant(task: str, variant: str, epochs: int, seed: int, args) -> d
     return cached_run("fidelity", task, f"{variant}|{epochs}|{seed}|{args.lr:g}", compute)
 
 
+def ground_truth_of(task: str, subnets: list[Subnet]) -> dict[Subnet, list[float]]:
+    """The cached trained-alone accuracies of ``subnets`` over the seeds that every one of
+    them has (seeds 0, 1, 2 in that order); empty while some subnet has none."""
+    import ground_truth as gt
+
+    cache, recipe = gt.Cache(task, RESULTS / "ground_truth"), gt.recipe_key()
+    truth = {s: [cache.get(s, recipe, seed) for seed in (0, 1, 2)] for s in subnets}
+    seeds = min(next((i for i, a in enumerate(v) if a is None), len(v)) for v in truth.values())
+    return {s: v[:seeds] for s, v in truth.items()} if seeds else {}
+
+
 def fidelity_rows(tasks: list[str], args) -> list[dict]:
     """Per task and cached supernet run: tau against the seed-averaged ground truth."""
     import ground_truth as gt
@@ -281,14 +296,10 @@ def fidelity_rows(tasks: list[str], args) -> list[dict]:
     subnets = gt.ground_truth_subnets(space, args.subnets)
     rows = []
     for task in tasks:
-        cache = gt.Cache(task, RESULTS / "ground_truth")
-        recipe = gt.recipe_key()
-        truth = {s: [cache.get(s, recipe, seed) for seed in (0, 1, 2)] for s in subnets}
-        truth = {s: [a for a in v if a is not None] for s, v in truth.items()}
-        seeds = min(len(v) for v in truth.values())
-        if seeds == 0:
+        truth = ground_truth_of(task, subnets)
+        if not truth:
             continue
-        truth = {s: v[:seeds] for s, v in truth.items()}
+        seeds = len(next(iter(truth.values())))
         means = gt.seed_mean(truth)
         sizes = [subnet_params(s, space.geometry) for s in subnets]
         path = RESULTS / "fidelity" / f"{task}.json"
@@ -301,12 +312,15 @@ def fidelity_rows(tasks: list[str], args) -> list[dict]:
         }
         rows.append({**base, "variant": "by size", "tau_val": kendalltau(sizes, means)[0]})
         for run in runs.values():
+            if run["subnets"] != [s.to_data() for s in subnets]:
+                continue  # measured on another list of subnets (--subnets)
             rows.append(
                 {
                     **base,
                     "variant": run["variant"],
                     "epochs": run["epochs"],
                     "seed": run["seed"],
+                    "lr": run["lr"],
                     "train_seconds": run["train_seconds"],
                     "tau_val": kendalltau(run["inherited_val"], means)[0],
                     "tau_test": kendalltau(run["inherited_test"], means)[0],
@@ -450,12 +464,7 @@ def value_run(task: str, seed: int, args) -> dict:
             "kendall_tau": tau,
         }
 
-    cache_truth = gt.Cache(task, RESULTS / "ground_truth")
-    recipe = gt.recipe_key()
-    truth = {s: [cache_truth.get(s, recipe, k) for k in (0, 1, 2)] for s in gt_subnets}
-    truth = {s: [a for a in v if a is not None] for s, v in truth.items()}
-    if not all(truth.values()):
-        truth = {}
+    truth = ground_truth_of(task, gt_subnets)
     key = f"{args.variant}|{args.epochs}|{seed}|{args.lr:g}"
     run = cached_run("search_value", task, key, compute)
     tests = {k: retrained(Subnet.from_data(v)) for k, v in run["winners"].items()}

@@ -8,13 +8,16 @@ outside a tight budget, so the supernet trains subnets the search never consider
   trains the subnets a user searches;
 - ``balanced``: draws are spread evenly over subnet *sizes* (trainable parameters): a size bin
   is picked uniformly, then subnets are drawn from NOAH's sampler leaned towards larger or
-  smaller choices until one lands in the bin.
+  smaller choices until one lands in the bin (after 64 tries, the nearest one drawn).
 
-A sampler is a plain function ``rng -> Subnet``, as ``trainers.train`` takes it.
+A sampler is a plain function ``rng -> Subnet``, as ``trainers.train`` takes it. With
+``in_budget``, the sandwich rule's ends and the distillation teacher are the largest and the
+smallest subnets *in the budget* (``sandwich_ends``), not the whole supernet.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 
@@ -94,3 +97,37 @@ def _balanced(space: SearchSpace, in_budget: bool) -> Sampler:
         return best if best is not None else fallback(rng)
 
     return sample
+
+
+def acceptance(space: SearchSpace, draws: int = 2_000, seed: int = 0) -> float:
+    """The share of NOAH's draws that meet the space's budget."""
+    rng = random.Random(seed)
+    return sum(space.admits(space.sample(rng)) for _ in range(draws)) / draws
+
+
+def sandwich_ends(space: SearchSpace, in_budget: bool) -> tuple[Subnet, Subnet]:
+    """(largest, smallest) subnet for the sandwich rule and the distillation teacher: the
+    space's own, or with ``in_budget`` the largest and smallest in the budget among the
+    uniform subnets (every module kind at its deepest with one dim, or at its own largest or
+    smallest choice; 2,000 in-budget draws when none of those fits): the ones with the most
+    and the fewest trainable parameters."""
+    largest, smallest = space.largest(), space.smallest()
+    if not in_budget or not space.budget.is_set:
+        return largest, smallest
+    g = space.geometry
+    candidates = [largest, smallest]
+    options = []
+    for kind, ms in space.modules.items():
+        if hasattr(ms, "dims") and hasattr(ms, "depths"):
+            options.append([(kind, (d,) * max(ms.depths)) for d in ms.dims])
+        else:
+            options.append([(kind, ms.largest(g)), (kind, ms.smallest(g))])
+    candidates += [Subnet(dict(combo)) for combo in itertools.product(*options)]
+    if not any(space.admits(s) for s in candidates):  # none of those fits: search draws
+        rng = random.Random(0)
+        draw = _in_budget(space, space.sample)
+        candidates += [draw(rng) for _ in range(2_000)]
+    admitted = sorted(
+        {s for s in candidates if space.admits(s)}, key=lambda s: (subnet_params(s, g), str(s))
+    )
+    return admitted[-1], admitted[0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -155,6 +156,10 @@ class SupernetStage(TrainingStage):
     sandwich: bool = False  # the largest and smallest subnets also train every step
     distill: float = 0.0  # weight of the KL to the largest subnet's detached predictions
 
+
+#: ``in_budget`` redraws until a subnet fits: it needs this share of draws to fit (2,000 tried
+#: at load), so that a draw never runs out of its 10,000 attempts in a long run.
+MIN_ACCEPTANCE = 0.01
 
 #: Settings added after specs were first hashed: left out of the hash at their defaults, so that
 #: an existing run folder keeps its hash (and resumes) after an upgrade.
@@ -450,6 +455,12 @@ def parse_spec(
             "(0.77x on an H200); to fill a GPU, let trials share it with resources.gpus: 0.25",
         )
     search, _ = _stage(r, stages.get("search"), "stages.search", SearchStage)
+    if hparams.module_lrs and not search.enabled:
+        r.fail(
+            "stages.hparams.module_lrs",
+            "sweeps the supernet's module multipliers, but the search (and so the supernet) "
+            "is disabled; give baselines their rates with stages.retrain.module_lr",
+        )
     if search.algorithm not in ALGORITHMS:
         r.fail(
             "stages.search.algorithm",
@@ -531,19 +542,28 @@ def _multipliers(
     out = {}
     for name in ("module_lr", "module_weight_decay"):
         k = f"{key}.{name}"
-        value = r.mapping(raw.get(name) or {}, k, optional=groups)
-        out[name] = {kind: r.number(v, f"{k}.{kind}", minimum=0) for kind, v in value.items()}
+        value = raw.get(name)
+        value = r.mapping({} if value is None else value, k, optional=groups)
+        out[name] = {kind: _finite(r, v, f"{k}.{kind}") for kind, v in value.items()}
     return out
+
+
+def _finite(r: Reader, value: Any, key: str) -> float:
+    number = r.number(value, key, minimum=0)
+    if not math.isfinite(number):
+        r.fail(key, f"{value!r} is not a finite number")
+    return number
 
 
 def _module_lr_grid(r: Reader, value: Any, groups: list[str]) -> dict[str, tuple[float, ...]]:
     k = "stages.hparams.module_lrs"
     grid = {}
-    for kind, values in r.mapping(value or {}, k, optional=groups).items():
+    groups = [g for g in groups if g != "backbone"]  # the supernet's backbone is frozen
+    for kind, values in r.mapping({} if value is None else value, k, optional=groups).items():
         values = values if isinstance(values, list) else [values]
         if not values:
             r.fail(f"{k}.{kind}", "expected a non-empty list of multipliers")
-        numbers = [r.number(v, f"{k}.{kind}[{i}]", minimum=0) for i, v in enumerate(values)]
+        numbers = [_finite(r, v, f"{k}.{kind}[{i}]") for i, v in enumerate(values)]
         if len(set(numbers)) < len(numbers):
             r.fail(f"{k}.{kind}", f"lists a multiplier twice: {numbers}")
         grid[kind] = tuple(numbers)
@@ -551,11 +571,11 @@ def _module_lr_grid(r: Reader, value: Any, groups: list[str]) -> dict[str, tuple
 
 
 def _check_sampling(r: Reader, st: SupernetStage, space: SearchSpace) -> None:
-    from nas.sampling import STRATEGIES
+    from nas.sampling import STRATEGIES, acceptance
 
     r.string(st.sampling, "stages.supernet.sampling", choices=STRATEGIES)
-    if st.distill > 1:
-        r.fail("stages.supernet.distill", f"{st.distill} is above 1; expected a weight in [0, 1]")
+    if not 0 <= st.distill <= 1:  # NaN too
+        r.fail("stages.supernet.distill", f"{st.distill} is not a weight in [0, 1]")
     if st.subnets_per_step < 1 and not st.sandwich:
         r.fail(
             "stages.supernet.subnets_per_step",
@@ -563,6 +583,13 @@ def _check_sampling(r: Reader, st: SupernetStage, space: SearchSpace) -> None:
         )
     if st.in_budget and not space.budget.is_set:
         r.fail("stages.supernet.in_budget", "the space has no budget to sample within")
+    if st.in_budget and (share := acceptance(space)) < MIN_ACCEPTANCE:
+        r.fail(
+            "stages.supernet.in_budget",
+            f"only {share:.2%} of the supernet's draws meet the budget ({space.budget.params}); "
+            f"redrawing needs at least {MIN_ACCEPTANCE:.0%}: widen the budget or narrow the "
+            "space's dims and depths to the budget",
+        )
 
 
 def load_spec(

@@ -145,7 +145,7 @@ BAD = [
     ),
     (
         {"stages": {"supernet": {"distill": 1.5}}},
-        r"stages\.supernet\.distill: 1\.5 is above 1; expected a weight in \[0, 1\]",
+        r"stages\.supernet\.distill: 1\.5 is not a weight in \[0, 1\]",
     ),
     (
         {"stages": {"supernet": {"subnets_per_step": 0}}},
@@ -170,6 +170,33 @@ BAD = [
     (
         {"stages": {"hparams": {"module_lrs": {"lora": [1, 1]}}}},
         r"stages\.hparams\.module_lrs\.lora: lists a multiplier twice",
+    ),
+    (
+        {"stages": {"hparams": {"module_lrs": {"backbone": [1, 2]}}}},
+        r"stages\.hparams\.module_lrs\.backbone: unknown key",
+    ),
+    (
+        {"stages": {"hparams": {"module_lrs": {"lora": [1, 2]}}, "search": {"enabled": False}}},
+        r"stages\.hparams\.module_lrs: sweeps the supernet's module multipliers, but the search",
+    ),
+    (
+        {"stages": {"supernet": {"module_lr": 0}}},
+        r"stages\.supernet\.module_lr: expected a mapping",
+    ),
+    (
+        {"stages": {"supernet": {"module_lr": {"lora": float("inf")}}}},
+        r"stages\.supernet\.module_lr\.lora: inf is not a finite number",
+    ),
+    (
+        {"stages": {"supernet": {"distill": float("nan")}}},
+        r"stages\.supernet\.distill: nan is not a weight in \[0, 1\]",
+    ),
+    (
+        {
+            "budget": {"params": {"max": 1500}},
+            "stages": {"supernet": {"in_budget": True}},
+        },
+        r"stages\.supernet\.in_budget: only 0\.\d+% of the supernet's draws meet the budget",
     ),
 ]
 

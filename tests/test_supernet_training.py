@@ -17,7 +17,7 @@ from nas.data.formats import read_vtab
 from nas.data.loader import TensorLoader
 from nas.errors import NasError
 from nas.model import PromptedViT
-from nas.sampling import BINS, make_sampler, size_range
+from nas.sampling import BINS, make_sampler, sandwich_ends, size_range
 from nas.space import Bounds, load_space
 from nas.subnet import Subnet
 from tests.test_data import mini_vtab  # noqa: F401 - session fixture
@@ -312,3 +312,17 @@ def test_unreachable_in_budget_sampling_is_one_clear_error():
     space = dataclasses.replace(space, budget=budget)
     with pytest.raises(NasError, match="none of 10,000 draws"):
         make_sampler(space, in_budget=True)(random.Random(0))
+
+
+def test_in_budget_sandwich_ends_are_the_largest_and_smallest_in_budget():
+    space = budgeted()
+    g = space.geometry
+    largest, smallest = sandwich_ends(space, in_budget=True)
+    assert space.admits(largest) and space.admits(smallest)
+    assert largest == Subnet({"adapter": [8] * 6})  # 19,632 parameters: the most of any uniform
+    assert subnet_params(largest, g) > max(
+        subnet_params(s, g) for s in (Subnet({"lora": [4] * 6}), Subnet({"vpt": [8] * 6}))
+    )
+    assert smallest == Subnet()
+    assert sandwich_ends(space, in_budget=False) == (space.largest(), space.smallest())
+    assert not space.admits(space.largest())

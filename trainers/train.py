@@ -213,7 +213,9 @@ def train(
             if steps and steps.distill and not steps.sandwich:
                 with torch.no_grad(), autocast(device):
                     model.set_subnet(steps.largest)
+                    model.eval()  # the teacher is not trained here: no dropout, no BN update
                     teacher = model(x)
+                    model.train()
             optimizer.zero_grad(set_to_none=True)
             stepped = False
             for subnet in draws:

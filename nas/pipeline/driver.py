@@ -417,7 +417,7 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
     size = {m: len(h.lrs) * len(h.weight_decays) * len(multipliers(m)) for m in methods}
     print(
         f"== hparams: {len(sweeps)} of {len(spec.datasets) * len(methods)} sweeps to run, "
-        f"{', '.join(sorted({str(n) for n in size.values()}))} points each",
+        f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
         flush=True,
     )
     ended: dict[str, list[dict[str, Any]]] = {}
@@ -436,7 +436,11 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
                 "epochs": h.epochs,
                 "chosen_lr": best["lr"],
                 "chosen_weight_decay": best["weight_decay"],
-                **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items()},
+                **{
+                    f"module_lrs.{k}": list(v)
+                    for k, v in h.module_lrs.items()
+                    if method == "supernet"
+                },
                 **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
             },
         )

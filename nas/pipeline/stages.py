@@ -30,7 +30,7 @@ from nas import factory
 from nas.cost import added_flops, subnet_params
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import read_few_shot, read_image_folder, read_vtab
-from nas.sampling import make_sampler
+from nas.sampling import make_sampler, sandwich_ends
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.subnet import Subnet
@@ -190,12 +190,13 @@ def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
 def supernet_steps(spec: ExperimentSpec) -> SupernetSteps:
     """What each supernet training step trains, as the supernet stage's settings say."""
     st, space = spec.supernet, spec.space
+    largest, smallest = sandwich_ends(space, st.in_budget)
     return SupernetSteps(
         make_sampler(space, st.sampling, st.in_budget),
         per_step=st.subnets_per_step,
         sandwich=st.sandwich,
-        largest=space.largest(),
-        smallest=space.smallest(),
+        largest=largest,
+        smallest=smallest,
         distill=st.distill,
     )
 
@@ -219,7 +220,9 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     if method == "supernet":
         model = factory.supernet(spec.space, spec.backbone, data["train"], ds.key)
         rng = random.Random(seed)
-        scored = [spec.space.sample(rng) for _ in range(h.eval_subnets)]
+        # the subnets that score a point: in the budget when the supernet samples only there
+        draw = make_sampler(spec.space, "uniform", spec.supernet.in_budget)
+        scored = [draw(rng) for _ in range(h.eval_subnets)]
         sample = supernet_steps(spec)
     else:
         name = method.removeprefix("baseline-")
