@@ -76,8 +76,9 @@ def _progress_line(m: dict[str, Any]) -> str:
     head = f"[{m.get('stage')} {m.get('dataset')} seed {m.get('seed')}"
     head += f" {m['label']}]" if "label" in m else "]"
     if m.get("stage") == "hparams":
+        scales = "".join(f" {k} x{v:g}" for k, v in sorted(m.get("module_lr", {}).items()))
         return (
-            f"{head} lr {m['lr']:g} wd {m['weight_decay']:g} epoch {m['epoch']}/"
+            f"{head} lr {m['lr']:g}{scales} wd {m['weight_decay']:g} epoch {m['epoch']}/"
             f"{m['epochs']}: val acc {m['val_acc']:.4f}, ~{m['eta_s']:.0f} s left"
         )
     if m.get("stage") == "search":
