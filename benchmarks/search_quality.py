@@ -195,6 +195,8 @@ VARIANTS: dict[str, dict] = {
     "sandwich_distill": {"sandwich": True, "in_budget": True, "distill": 0.5},
     "distill": {"in_budget": True, "distill": 0.5},
     "two_per_step": {"in_budget": True, "subnets_per_step": 2},
+    "sandwich_all": {"sandwich": True},  # the whole supernet's largest and smallest
+    "sandwich_distill_all": {"sandwich": True, "distill": 0.5},
 }
 
 
