@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -351,6 +352,7 @@ def fidelity_main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="only print the cached table")
     parser.add_argument("--json", help="write the table's rows here")
+    parser.add_argument("--markdown", help="write the table as markdown here")
     args = parser.parse_args(argv)
     RESULTS = args.results
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -383,9 +385,47 @@ def fidelity_main(argv: list[str]) -> int:
             f"{r['task']:<13} {r['variant']:<17} {r.get('epochs', ''):>4} "
             f"s{r.get('seed', '')} tau val {r['tau_val']:+.2f} {test}{tail}"
         )
+    if args.markdown:
+        Path(args.markdown).write_text(fidelity_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    """Markdown: per variant and epochs, tau on val200 (test in brackets) per task, averaged
+    over supernet seeds, and the mean over tasks; the noise ceiling and size-only rows."""
+    tasks = sorted({r["task"] for r in rows})
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        key = (r["variant"], r.get("epochs", 0))
+        groups.setdefault(key, {}).setdefault(r["task"], []).append(r)
+    ceilings = {r["task"]: r["tau_noise_ceiling"] for r in rows}
+    seeds = {r["task"]: r["truth_seeds"] for r in rows}
+    head = "| supernet | epochs | " + " | ".join(f"{t} ({seeds[t]} seeds)" for t in tasks)
+    lines = [head + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
+
+    def fmt(values: list[float]) -> str:
+        return f"{statistics.mean(values):+.2f}" if values else "—"
+
+    known = [ceilings[t] for t in tasks if ceilings[t] is not None]
+    cells = [f"{ceilings[t]:.2f}" if ceilings[t] is not None else "—" for t in tasks]
+    mean = f"{statistics.mean(known):.2f}" if len(known) == len(tasks) else "—"
+    lines.append("| *noise ceiling (seed vs seed)* | | " + " | ".join(cells) + f" | {mean} |")
+    for (variant, epochs), by_task in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells, means = [], []
+        for t in tasks:
+            runs = by_task.get(t, [])
+            val = [r["tau_val"] for r in runs]
+            test = [r["tau_test"] for r in runs if "tau_test" in r]
+            n = f", {len(runs)} supernets" if len(runs) > 1 else ""
+            cells.append(f"{fmt(val)} ({fmt(test)}{n})" if test else fmt(val))
+            if val:
+                means.append(statistics.mean(val))
+        name = "*rank by size*" if variant == "by size" else f"`{variant}`"
+        mean = f"{statistics.mean(means):+.2f}" if len(means) == len(tasks) else "—"
+        lines.append(f"| {name} | {epochs or ''} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines) + "\n"
 
 
 #: The mini-VTAB benchmark's search (experiments/benchmark_mini_vtab.yaml): 100 candidates.
