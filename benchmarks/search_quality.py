@@ -204,20 +204,12 @@ VARIANTS: dict[str, dict] = {
 def train_supernet(space: SearchSpace, data, variant: str, epochs: int, seed: int, lr: float):
     """A supernet trained on train800 as the pipeline's supernet stage trains it (batch 64,
     2 warm-up epochs, wd 1e-4) with ``variant``'s sampling settings."""
-    from nas.sampling import make_sampler, sandwich_ends
-    from trainers.train import SupernetSteps
+    from nas.sampling import supernet_steps
+    from nas.spec import SupernetStage
 
     settings = {"sampling": "uniform", "in_budget": False, "subnets_per_step": 1}
     settings |= {"sandwich": False, "distill": 0.0} | VARIANTS[variant]
-    largest, smallest = sandwich_ends(space, settings["in_budget"])
-    steps = SupernetSteps(
-        make_sampler(space, settings["sampling"], settings["in_budget"]),
-        per_step=settings["subnets_per_step"],
-        sandwich=settings["sandwich"],
-        largest=largest,
-        smallest=smallest,
-        distill=settings["distill"],
-    )
+    steps = supernet_steps(space, SupernetStage(**settings))
     mean, std = space.backbone.normalisation()
     classes = data["train"].num_classes
     cfg = TrainConfig(

@@ -20,11 +20,15 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from nas.cost import subnet_params
 from nas.errors import NasError
 from nas.space import SearchSpace
 from nas.subnet import Subnet
+
+if TYPE_CHECKING:
+    from trainers.train import SupernetSteps
 
 STRATEGIES = ("uniform", "balanced")
 #: Draws tried before a rejecting sampler gives up.
@@ -131,3 +135,19 @@ def sandwich_ends(space: SearchSpace, in_budget: bool) -> tuple[Subnet, Subnet]:
         {s for s in candidates if space.admits(s)}, key=lambda s: (subnet_params(s, g), str(s))
     )
     return admitted[-1], admitted[0]
+
+
+def supernet_steps(space: SearchSpace, stage: Any) -> SupernetSteps:
+    """What each supernet training step trains, as a ``SupernetStage``'s sampling settings
+    (``sampling``, ``in_budget``, ``subnets_per_step``, ``sandwich``, ``distill``) say."""
+    from trainers.train import SupernetSteps  # trainers.train imports the model, not this
+
+    largest, smallest = sandwich_ends(space, stage.in_budget)
+    return SupernetSteps(
+        make_sampler(space, stage.sampling, stage.in_budget),
+        per_step=stage.subnets_per_step,
+        sandwich=stage.sandwich,
+        largest=largest,
+        smallest=smallest,
+        distill=stage.distill,
+    )

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nas import factory
+from nas import factory, sampling
 from nas.cost import added_flops, subnet_params
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import read_few_shot, read_image_folder, read_vtab
-from nas.sampling import make_sampler, sandwich_ends
+from nas.sampling import make_sampler
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.subnet import Subnet
@@ -189,16 +189,7 @@ def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
 
 def supernet_steps(spec: ExperimentSpec) -> SupernetSteps:
     """What each supernet training step trains, as the supernet stage's settings say."""
-    st, space = spec.supernet, spec.space
-    largest, smallest = sandwich_ends(space, st.in_budget)
-    return SupernetSteps(
-        make_sampler(space, st.sampling, st.in_budget),
-        per_step=st.subnets_per_step,
-        sandwich=st.sandwich,
-        largest=largest,
-        smallest=smallest,
-        distill=st.distill,
-    )
+    return sampling.supernet_steps(spec.space, spec.supernet)
 
 
 def eta_s(started: float, done: int, left: int) -> float:
