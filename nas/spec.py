@@ -73,6 +73,21 @@ class DatasetSpec:
             return f"{self.name}-{self.shots}shot-s{self.split_seed}"
         return self.name
 
+    @property
+    def retrain_split(self) -> str:
+        """The split a winner (and every baseline) is retrained on before its one test.
+
+        VTAB-1k retrains on train800val200, as VPT and NOAH do; a few-shot protocol (NOAH,
+        CoOp) retrains on the K shots alone, its val list serving the search only; an
+        ImageFolder retrains on train and val, as VTAB does."""
+        return "train" if self.format == "few-shot" else "trainval"
+
+    def to_data(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.retrain_split != "trainval":  # kept out otherwise: earlier hashes stay valid
+            data["retrain_split"] = self.retrain_split
+        return data
+
 
 @dataclass(frozen=True)
 class HparamsStage:
@@ -226,7 +241,7 @@ class ExperimentSpec:
         return to_plain(
             {
                 "name": self.name,
-                "datasets": [asdict(d) for d in self.datasets],
+                "datasets": [d.to_data() for d in self.datasets],
                 "backbone": self.backbone.to_dict(),
                 "space": self.space.to_data(),
                 "seeds": list(self.seeds),

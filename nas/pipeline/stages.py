@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from nas import factory, sampling
 from nas.cost import added_flops, subnet_params
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import read_few_shot, read_image_folder, read_vtab
+from nas.data.formats import Split, read_few_shot, read_image_folder, read_vtab
 from nas.sampling import make_sampler
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
@@ -76,6 +76,14 @@ def load_splits(
     spec: ExperimentSpec, ds: DatasetSpec, names: tuple[str, ...]
 ) -> dict[str, DecodedSplit]:
     """Decoded splits at the backbone's input size (cached under <output>/cache)."""
+    splits = read_splits(spec, ds)
+    g = spec.backbone.geometry()
+    size = g.patch_size * round(g.num_patches**0.5)  # square inputs
+    return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
+
+
+def read_splits(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Split]:
+    """The dataset's splits as lists of (image, label) entries, nothing decoded."""
     folder = dataset_root(spec, ds) / ds.name
     if ds.format in ("mini-vtab", "vtab"):
         splits = read_vtab(folder, duplicates=ds.duplicates)
@@ -86,22 +94,26 @@ def load_splits(
             name: read_image_folder(Path(ds.root) / ds.name / name)
             for name in ("train", "val", "test")
         }
-        splits["trainval"] = type(splits["train"])(
+        splits["trainval"] = Split(
             "trainval",
             splits["train"].entries + splits["val"].entries,
             splits["train"].source,
             splits["train"].num_classes,
             splits["train"].class_names,
         )
-    g = spec.backbone.geometry()
-    size = g.patch_size * round(g.num_patches**0.5)  # square inputs
-    return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
+    return splits
 
 
 def data_params(*splits: DecodedSplit) -> dict[str, str]:
     """The content hashes of the decoded splits a run trains or scores on, as MLflow params
     (``data.<split>.sha256``): every run records exactly which pixels and labels it saw."""
     return {f"data.{split.name}.sha256": split.content_hash() for split in splits}
+
+
+def split_params(fit: DecodedSplit, scored: DecodedSplit) -> dict[str, Any]:
+    """Which split a run trained on, on how many images, and which split scored it (MLflow
+    params ``train_split``, ``train_images``, ``eval_split``)."""
+    return {"train_split": fit.name, "train_images": len(fit), "eval_split": scored.name}
 
 
 def mini_vtab_entry(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Any] | None:
@@ -296,6 +308,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         params={
             **cfg.to_dict(),
             "space": spec.space.name,
+            "train_split": data.name,
             "train_images": len(data),
             **data_params(data),
         },
@@ -398,7 +411,14 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     parent = tracker.run(
         f"search {ds.key} seed {seed}",
         tags,
-        params={"algorithm": s.algorithm, "cost": s.cost, **s.options, **data_params(val)},
+        params={
+            "algorithm": s.algorithm,
+            "cost": s.cost,
+            **s.options,
+            "eval_split": val.name,
+            "eval_images": len(val),
+            **data_params(val),
+        },
     )
     # The loggers start (import MLflow) while the model is built.
     logger = CandidateLogger(tracker, parent, tags, logging_processes(spec.cpus))
@@ -535,21 +555,24 @@ def retrain_dir(spec: ExperimentSpec, dataset: str, seed: int, label: str) -> Pa
 
 
 def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
-    """Retrain one subnet from the pretrained backbone on train+val; test once at the end."""
+    """Retrain one subnet from the pretrained backbone on the dataset's retraining split
+    (``DatasetSpec.retrain_split``: train+val, or a few-shot protocol's K shots alone); test
+    once at the end."""
     spec, ds, seed = task_context(task)
     label, subnet = task["label"], Subnet.from_data(task["subnet"])
     out = retrain_dir(spec, ds.key, seed, label)
     if (out / "done.json").is_file():
         return read_json(out / "done.json")
     device = device_for(spec)
-    data = load_splits(spec, ds, ("trainval", "test"))
-    num_classes = data["trainval"].num_classes
+    fit = ds.retrain_split
+    data = load_splits(spec, ds, (fit, "test"))
+    num_classes = data[fit].num_classes
     torch.manual_seed(seed)
     model = factory.subnet_model(
         spec.space,
         spec.backbone,
         subnet,
-        data["trainval"],
+        data[fit],
         full_finetune=bool(task.get("full_finetune")),
         dataset=ds.key,
     ).to(device)
@@ -573,7 +596,8 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
             **subnet_params_flat(subnet.to_data()),
             "subnet": "full fine-tuning" if task.get("full_finetune") else str(subnet),
             "role": task["role"],
-            **data_params(data["trainval"], data["test"]),
+            **split_params(data[fit], data["test"]),
+            **data_params(data[fit], data["test"]),
         },
     )
     mean, std = spec.backbone.normalisation()
@@ -601,7 +625,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         )
 
     if model.trainable_parameters():  # an empty subnet on CLIP is zero-shot: nothing trains
-        train(model, data["trainval"], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
+        train(model, data[fit], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
     model.save(out / "model")
     result = {
@@ -614,6 +638,8 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "subnet_str": "full fine-tuning" if task.get("full_finetune") else str(subnet),
         "val_acc": task.get("val_acc"),
         "test_acc": test_acc,
+        "train_split": fit,
+        "train_images": len(data[fit]),
         "params": model.num_params()["modules"],
         "head_params": factory.head_params(spec.backbone, num_classes),
         "added_flops": added_flops(subnet, g),
