@@ -213,6 +213,12 @@ class RetrainStage(TrainingStage):
     full_finetune: tuple[str, ...] = ()
 
 
+#: MLflow tracking URI schemes: a server (and its artifact proxy), or a store this process
+#: opens itself (a path without a scheme is a local file store).
+REMOTE_SCHEMES = ("http", "https", "databricks")
+LOCAL_SCHEMES = ("sqlite", "file", "postgresql", "mysql", "mssql")
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     name: str
@@ -232,9 +238,22 @@ class ExperimentSpec:
     search: SearchStage
     retrain: RetrainStage
 
+    mlflow_artifacts: str | None = None  # where a new experiment's artifacts go
+
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_uri or f"sqlite:///{self.output / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Where a new MLflow experiment stores artifacts: the spec's ``mlflow.artifact_location``;
+        with a tracking server, the server's own default (its artifact proxy, so the UI shows
+        them wherever it runs); with a local store, ``<output>/mlartifacts``."""
+        if self.mlflow_artifacts:
+            return self.mlflow_artifacts
+        if self.tracking_uri.split(":", 1)[0] in REMOTE_SCHEMES:
+            return None
+        return (self.output / "mlartifacts").as_uri()
 
     def to_data(self) -> dict[str, Any]:
         """Everything that determines the results (not where they go), as plain data."""
@@ -436,10 +455,17 @@ def parse_spec(
         )
     out_path = Path(out_text).expanduser().resolve()
 
-    ml = r.mapping(data.get("mlflow") or {}, "mlflow", optional=["tracking_uri", "experiment"])
+    ml = r.mapping(
+        data.get("mlflow") or {},
+        "mlflow",
+        optional=["tracking_uri", "experiment", "artifact_location"],
+    )
     uri = ml.get("tracking_uri")
     if uri is not None:
-        uri = r.string(uri, "mlflow.tracking_uri")
+        uri = _tracking_uri(r, r.string(uri, "mlflow.tracking_uri"))
+    artifacts = ml.get("artifact_location")
+    if artifacts is not None:
+        artifacts = r.string(artifacts, "mlflow.artifact_location")
     res = r.mapping(data.get("resources") or {}, "resources", optional=["cpus", "gpus"])
     ray_cfg = r.mapping(data.get("ray") or {}, "ray", optional=["address"])
     address = ray_cfg.get("address")
@@ -546,7 +572,22 @@ def parse_spec(
         supernet=supernet,
         search=search,
         retrain=retrain,
+        mlflow_artifacts=artifacts,
     )
+
+
+def _tracking_uri(r: Reader, uri: str) -> str:
+    """An MLflow tracking URI whose scheme MLflow knows (checked here, before anything runs)."""
+    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*://", uri) else ""
+    base = scheme.split("+", 1)[0]  # e.g. postgresql+psycopg2
+    if scheme and base not in REMOTE_SCHEMES + LOCAL_SCHEMES:
+        known = ", ".join(f"{s}://" for s in REMOTE_SCHEMES + LOCAL_SCHEMES)
+        r.fail(
+            "mlflow.tracking_uri", f"unsupported scheme {scheme!r} in {uri!r} (expected {known})"
+        )
+    if base in ("http", "https") and not re.match(r"^https?://[^/:\s]+", uri):
+        r.fail("mlflow.tracking_uri", f"{uri!r} names no host (expected http://HOST:PORT)")
+    return uri
 
 
 def _multipliers(

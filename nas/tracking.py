@@ -10,17 +10,21 @@ logging thread would take the interpreter lock from the thread that launches the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 # MLflow otherwise writes telemetry settings under ~/.config/mlflow; a user may still opt in.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# With a tracking server MLflow prints "View run <url>" for every run it ends: hundreds of lines
+# per search in the trials' logs. `nas report` and the MLflow UI say where runs are.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -168,8 +172,15 @@ class CandidateLogger:
     process dies, the loggers still log what they were sent, then end."""
 
     def __init__(
-        self, tracker: Tracker, parent: str, tags: Mapping[str, Any], processes: int = 1
+        self,
+        tracker: Tracker,
+        parent: str,
+        tags: Mapping[str, Any],
+        processes: int = 1,
+        lock: Path | None = None,
     ) -> None:
+        """``lock``: a file the logging processes hold a shared lock on for as long as any of
+        them lives, after this process too (``wait_for_loggers`` waits for them)."""
         children = tracker.children(parent)
         self.done = {k for k, (_, status) in children.items() if status == "FINISHED"}
         self.unfinished = {
@@ -177,7 +188,8 @@ class CandidateLogger:
         }
         root = str(Path(__file__).resolve().parents[1])  # the same code as this process
         code = (
-            f"import sys; sys.path.insert(0, {root!r}); import nas.tracking as t; t._log_worker()"
+            f"import sys; sys.path.insert(0, {root!r}); import nas.tracking as t; "
+            "t._log_worker(int(sys.argv[1]))"
         )
         config = {
             "uri": tracker.uri,
@@ -186,16 +198,27 @@ class CandidateLogger:
             "tags": {k: str(v) for k, v in tags.items()},
         }
         self.processes: list[subprocess.Popen] = []
+        self.errors: list[int] = []  # per process, the read end of its error channel
         self.sent = 0
+        self.lock: int | None = None
+        if lock is not None:
+            self.lock = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.lock, fcntl.LOCK_SH)  # shared with the children that inherit it
         for _ in range(max(1, processes)):
+            # Errors come back through a pipe of their own: what MLflow prints on stdout
+            # (e.g. "View run ..." after every run it ends on a tracking server) is chatter.
+            read, write = os.pipe()
             process = subprocess.Popen(
-                [sys.executable, "-c", code],
+                [sys.executable, "-c", code, str(write)],
                 stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
                 text=True,
                 bufsize=1,  # a line per candidate reaches MLflow as soon as it is scored
+                pass_fds=(write,) if self.lock is None else (write, self.lock),
             )
+            os.close(write)
             self.processes.append(process)
+            self.errors.append(read)
             self._send(process, config)
 
     def _send(self, process: subprocess.Popen, item: Mapping[str, Any]) -> None:
@@ -234,17 +257,41 @@ class CandidateLogger:
     def close(self) -> None:
         """Wait until everything sent is logged; raise the first failure, if any."""
         errors = []
-        for process in self.processes:
+        for process, channel in zip(self.processes, self.errors, strict=True):
             if process.returncode is not None:
                 continue  # closed before
-            out, _ = process.communicate()
-            error = out.strip() if out else ""
+            process.communicate()
+            with os.fdopen(channel, encoding="utf-8", errors="replace") as pipe:
+                error = pipe.read().strip()
             if process.returncode != 0 and not error:
                 error = f"a logging process exited with code {process.returncode}"
             if error:
                 errors.append(error)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
         if errors:
             raise NasError(f"MLflow logging failed: {errors[0]}")
+
+
+def wait_for_loggers(locks: Iterable[Path], seconds: float) -> bool:
+    """Wait up to ``seconds`` until no logging process holds any of ``locks`` (a stopped search
+    leaves its loggers to log what they were sent). True when all have ended."""
+    deadline = time.monotonic() + seconds
+    for path in locks:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+    return True
 
 
 def logging_processes(cpus: float) -> int:
@@ -253,9 +300,9 @@ def logging_processes(cpus: float) -> int:
     return max(1, min(4, int(cpus) - 1))
 
 
-def _log_worker() -> None:
+def _log_worker(error_fd: int) -> None:
     """The logging process: the first line on stdin says where to log, every further line is
-    a candidate; at end of input, prints the first error (if any) and exits."""
+    a candidate; at end of input, writes the first error (if any) to ``error_fd`` and exits."""
     config = json.loads(sys.stdin.readline())
     client = MlflowClient(tracking_uri=config["uri"])
     error = ""
@@ -282,7 +329,8 @@ def _log_worker() -> None:
             client.set_terminated(run_id, "FINISHED")
         except Exception as exc:
             error = f"candidate {c['key']!r}: {type(exc).__name__}: {exc}".replace("\n", " ")
-    print(error, flush=True)
+    with os.fdopen(error_fd, "w", encoding="utf-8") as channel:
+        channel.write(error)
     sys.exit(1 if error else 0)
 
 

@@ -12,9 +12,9 @@ from nas.yamlio import Document, join_key
 def _type_name(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    names[int] = "an integer"
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 class Reader:

@@ -9,32 +9,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO
+from nas.pipeline.stages import run_key
+from nas.subnet import Subnet
+from tests.conftest import ENV, REPO, free_port
 
 SPEC = REPO / "tests" / "specs" / "small.yaml"
-ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_matching(text: str) -> None:
@@ -65,52 +52,6 @@ def ray_cli(*args: str, env: dict, timeout: float = 180) -> subprocess.Completed
     return subprocess.run(
         [ray_bin, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    store = tmp_path / "mlflow-server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{store / 'mlflow.db'}",
-            "--default-artifact-root",
-            (store / "art").as_uri(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def nas_run(spec: Path, output: Path, env: dict, extra: dict | None = None, cwd: Path = REPO):
@@ -194,10 +135,18 @@ def test_two_node_cluster(tmp_path, mlflow_server):
     }
 
 
-def test_ray_job_submit_stop_and_resubmit(tmp_path):
-    """`ray job submit` of a spec to a `ray start --head` cluster; `ray job stop` mid-supernet
-    (SIGTERM) stops it cleanly, and submitting the same command again finishes the run with
-    exactly the MLflow runs of an uninterrupted one."""
+def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
+    """`ray job submit` of a spec to a `ray start --head` cluster, tracked by a real `mlflow
+    server`; `ray job stop` mid-supernet (SIGTERM) stops it cleanly, and submitting the same
+    command again finishes the run with exactly the MLflow runs of an uninterrupted one: no
+    trial failed or was retried, every run FINISHED, none duplicated, and the candidates in
+    MLflow are exactly those the searches scored (their logs on disk)."""
+    import yaml
+
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["mlflow"] = {"tracking_uri": mlflow_server, "experiment": "small"}
+    spec_path = tmp_path / "small-served.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     port, dash = free_port(), free_port()
     env = {**os.environ, **ENV}
@@ -216,7 +165,7 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path):
     )
     out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
     address = f"--address=http://127.0.0.1:{dash}"
-    command = ["--", sys.executable, "-m", "nas", "run", "tests/specs/small.yaml"]
+    command = ["--", sys.executable, "-m", "nas", "run", str(spec_path)]
     command += ["--output", str(out)]
 
     def submit(*flags: str) -> subprocess.CompletedProcess:
@@ -249,7 +198,7 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path):
         logs = ray_cli("job", "logs", address, "first", env=env).stdout
         assert "nas: stopped; run the same command again to continue" in logs, logs[-3000:]
         assert not (out / "results.json").exists()
-        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+        client = MlflowClient(mlflow_server)
         stopped = client.search_runs([client.get_experiment_by_name("small").experiment_id])
         assert stopped and {r.info.status for r in stopped} == {"KILLED"}
 
@@ -257,6 +206,7 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path):
         assert job.returncode == 0 and "succeeded" in job.stdout, (
             job.stdout[-4000:] + job.stderr[-2000:]
         )
+        assert "retrying:" not in job.stdout and "failed" not in job.stdout, job.stdout[-4000:]
     finally:
         kill_matching(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -271,3 +221,14 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path):
     stages = [r.data.tags["nas.stage"] for r in runs]
     assert len(runs) == 2 * (1 + 1 + 12 + 1) and stages.count("supernet") == 2
     assert {r.info.status for r in runs} == {"FINISHED"}
+    scored = {
+        (log.parent.name, Subnet.from_data(json.loads(line)["subnet"]).key())
+        for log in (out / "search").glob("*/candidates.jsonl")
+        for line in log.read_text().splitlines()
+    }
+    logged = {
+        (run_key(t["nas.dataset"], int(t["nas.seed"])), t["nas.candidate"])
+        for t in (r.data.tags for r in runs)
+        if "nas.candidate" in t
+    }
+    assert scored == logged and len(logged) == 2 * 12

@@ -386,6 +386,11 @@ def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_da
     assert proc.returncode == 2, out[-3000:]
     assert "nas: error: supernet+search: 1 trial(s) failed after 2 retries:" in out
     assert "digits seed 0: FloatingPointError: loss is nan" in out
+    for attempt in (1, 2):  # each retry is said, with its error, not hidden
+        assert (
+            f"nas: supernet+search trial digits seed 0 failed (attempt {attempt} of 3), "
+            "retrying: " in out
+        ), out[-3000:]
     assert not (tmp_path / "out" / "supernet" / "digits-seed0" / "done.json").exists()
 
 

@@ -198,6 +198,19 @@ BAD = [
         },
         r"stages\.supernet\.in_budget: only 0\.\d+% of the supernet's draws meet the budget",
     ),
+    (
+        {"mlflow": {"tracking_uri": "mlfow://127.0.0.1:5000"}},
+        r"mlflow\.tracking_uri: unsupported scheme 'mlfow' in 'mlfow://127\.0\.0\.1:5000' "
+        r"\(expected http://, https://, databricks://, sqlite://",
+    ),
+    (
+        {"mlflow": {"tracking_uri": "http://:5000"}},
+        r"mlflow\.tracking_uri: 'http://:5000' names no host \(expected http://HOST:PORT\)",
+    ),
+    (
+        {"mlflow": {"artifact_location": 3}},
+        r"mlflow\.artifact_location: expected a non-empty string, got an integer \(3\)",
+    ),
 ]
 
 
@@ -325,3 +338,21 @@ def test_supernet_training_options_parse_and_are_part_of_the_spec(tmp_path: Path
     assert spec.retrain.train_config(lr=1, weight_decay=0, seed=0).module_lr == {"lora": 0.5}
     assert spec.hash() != before.hash()
     assert spec.to_data()["supernet"]["sampling"] == "balanced"
+
+
+def test_artifacts_go_through_a_tracking_server_and_stay_local_otherwise(tmp_path: Path):
+    """With a tracking server a new experiment takes the server's default artifact location
+    (its proxy); a local store keeps them under the output; the spec may name its own."""
+    path = tmp_path / "spec.yaml"
+
+    def location(mlflow: dict) -> str | None:
+        path.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "o"), "mlflow": mlflow}))
+        return load_spec(path).artifact_location
+
+    assert location({}) == (tmp_path / "o" / "mlartifacts").as_uri()
+    assert location({"tracking_uri": "http://mlflow.example:5000"}) is None
+    assert location({"tracking_uri": "https://mlflow.example"}) is None
+    assert (
+        location({"tracking_uri": "http://h:5000", "artifact_location": "s3://b/x"}) == "s3://b/x"
+    )
+    assert location({"tracking_uri": f"sqlite:///{tmp_path}/m.db"}).endswith("/o/mlartifacts")

@@ -75,3 +75,24 @@ def test_a_candidate_mlflow_refuses_is_one_clear_error_at_close(tmp_path):
         logger.close()
     logger.close()  # closing again raises nothing more
     assert tracker.children(parent)["b"][1] == "FINISHED"
+
+
+def test_a_tracking_server_logs_candidates_without_a_false_error(mlflow_server, monkeypatch):
+    """Through a real `mlflow server`, MLflow prints "View run ..." on stdout whenever a run
+    ends: that is chatter, not an error. Every candidate is logged once and FINISHED, and the
+    experiment's artifacts go through the server's proxy, not to a local folder."""
+    # nas turns MLflow's URL printing off; a user may turn it on: it must stay harmless
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    tracker = Tracker(mlflow_server, "served")
+    assert tracker.client.get_experiment(tracker.experiment_id).artifact_location.startswith(
+        "mlflow-artifacts:"
+    )
+    tags = {"stage": "search", "dataset": "d"}
+    parent = tracker.run("search d", tags)
+    logger = CandidateLogger(tracker, parent, tags, processes=2)
+    for key in map(str, range(6)):
+        logger.log(key, key, {"vpt.depth": 2}, {"val_acc": 0.5})
+    logger.close()  # raised "MLflow logging failed: 🏃 View run ..." before
+    children = tracker.children(parent)
+    assert sorted(children) == list(map(str, range(6)))
+    assert {status for _, status in children.values()} == {"FINISHED"}

@@ -213,7 +213,7 @@ def run_experiment(
         with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
             run_stages(spec)
     except KeyboardInterrupt:
-        stages.tracker_for(spec).stop_running({"spec_hash": spec.hash()})
+        stop_tracking(spec)
         raise
     finally:
         if started:
@@ -221,6 +221,25 @@ def run_experiment(
 
             ray.shutdown()
     return collect_results(spec)
+
+
+def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:
+    """A stopped run's MLflow runs: every open one marked KILLED at once (``ray job stop``
+    allows the driver 3 seconds by default), then again once the trials have ended and their
+    candidate loggers have logged what was scored (up to ``drain_s`` seconds), so that no
+    run a trial or a logger opened meanwhile stays RUNNING."""
+    import ray
+
+    from nas.tracking import wait_for_loggers
+
+    tracker = stages.tracker_for(spec)
+    tags = {"spec_hash": spec.hash()}
+    tracker.stop_running(tags)
+    if ray.is_initialized():
+        ray.shutdown()  # the trials end with the driver's connection
+    locks = sorted((spec.output / "search").glob(f"*/{stages.LOGGERS_LOCK}"))
+    wait_for_loggers(locks, drain_s)
+    tracker.stop_running(tags)
 
 
 @contextlib.contextmanager

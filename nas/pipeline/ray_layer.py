@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from nas.errors import NasError
@@ -131,6 +132,32 @@ class GroupedASHA(FIFOScheduler):
         return f"Using ASHA within {len(self.groups)} groups of trials (by {self.key})"
 
 
+def describe_task(task: dict[str, Any]) -> str:
+    label = f" {task['label']}" if task.get("label") else ""
+    return f"{task.get('dataset')} seed {task.get('seed')}{label}"
+
+
+class RetryReport(Callback):
+    """Says so when a trial failed and Tune retries it: a retry is for a fault, and one that
+    hides an error costs an attempt and the time it ran."""
+
+    def __init__(self, stage: str, max_failures: int) -> None:
+        self.stage, self.max_failures = stage, max_failures
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = ""
+        path = Path(trial.error_file) if getattr(trial, "error_file", None) else None
+        if path is not None and path.is_file():
+            lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+            error = lines[-1][:300] if lines else ""
+        print(
+            f"nas: {self.stage} trial {describe_task(trial.config['task'])} failed "
+            f"(attempt {trial.run_metadata.num_failures} of {self.max_failures + 1}), "
+            f"retrying: {error}",
+            flush=True,
+        )
+
+
 def run_stage(
     stage: str,
     tasks: Sequence[dict[str, Any]],
@@ -156,16 +183,14 @@ def run_stage(
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
-            callbacks=list(callbacks),
+            callbacks=[RetryReport(stage, max_failures), *callbacks],
         ),
     )
     results = tuner.fit()
     failed = [(r.config["task"], r.error) for r in results if r.error is not None]
     if failed:
         lines = [
-            f"{t.get('dataset')} seed {t.get('seed')}{' ' + t['label'] if 'label' in t else ''}"
-            f": {str(err).strip().splitlines()[-1][:300]}"
-            for t, err in failed
+            f"{describe_task(t)}: {str(err).strip().splitlines()[-1][:300]}" for t, err in failed
         ]
         raise NasError(
             f"{stage}: {len(failed)} trial(s) failed after {max_failures} retries:\n  "

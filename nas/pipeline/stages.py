@@ -146,7 +146,7 @@ def tracker_for(spec: ExperimentSpec) -> Tracker:
     return Tracker(
         spec.tracking_uri,
         spec.mlflow_experiment,
-        artifact_location=(spec.output / "mlartifacts").as_uri(),
+        artifact_location=spec.artifact_location,
     )
 
 
@@ -397,6 +397,10 @@ def run_supernet_and_search(
     return run_search(task, report)
 
 
+#: Held (shared) by a search's candidate loggers while they live: a stopped run waits on it.
+LOGGERS_LOCK = ".loggers.lock"
+
+
 def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
     spec, ds, seed = task_context(task)
     out = search_dir(spec, ds.key, seed)
@@ -421,7 +425,9 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         },
     )
     # The loggers start (import MLflow) while the model is built.
-    logger = CandidateLogger(tracker, parent, tags, logging_processes(spec.cpus))
+    logger = CandidateLogger(
+        tracker, parent, tags, logging_processes(spec.cpus), lock=out / LOGGERS_LOCK
+    )
     weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
     model = factory.supernet(spec.space, spec.backbone, val, ds.key).to(device)
     load_trainable(model, weights)
