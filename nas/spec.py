@@ -444,8 +444,17 @@ def parse_spec(
             datasets.append(ds)
 
     seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0)
-    out_value = output if output is not None else data.get("output", f"runs/{name}")
-    out_text = r.string(str(out_value), "output")
+    if output is not None:
+        out_text = str(output)
+    elif "output" in data:
+        if data["output"] is None:
+            r.fail(
+                "output",
+                f"expected a folder path, got nothing (null); leave the key out for runs/{name}",
+            )
+        out_text = r.string(data["output"], "output")
+    else:
+        out_text = f"runs/{name}"
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out_text):
         r.fail(
             "output",
@@ -554,6 +563,27 @@ def parse_spec(
             )
         baselines[bname] = subnet
     retrain = replace(retrain, baselines=baselines, full_finetune=tuple(full))
+    for key, stage in (
+        ("stages.hparams", hparams),
+        ("stages.supernet", supernet),
+        ("stages.search", search),
+        ("stages.retrain", retrain),
+    ):
+        _check_ranges(r, key, stage)
+    if hparams.enabled:
+        for key, stage in (("stages.supernet", supernet), ("stages.retrain", retrain)):
+            low = min(hparams.lrs)
+            if low < stage.min_lr:
+                r.fail(
+                    "stages.hparams.lrs",
+                    f"sweeps lr {low:g}, below {key}.min_lr ({stage.min_lr:g}): its cosine "
+                    "schedule would rise instead of decay; lower min_lr or raise the rates",
+                )
+    if not search.enabled and not retrain.baselines:
+        r.fail(
+            "stages.search.enabled",
+            "is false and stages.retrain.baselines is empty: the spec has nothing to run",
+        )
 
     return ExperimentSpec(
         name=name,
@@ -574,6 +604,51 @@ def parse_spec(
         retrain=retrain,
         mlflow_artifacts=artifacts,
     )
+
+
+#: What each stage setting must satisfy beyond its type (defaults all do): a check, and what
+#: was expected, for the error message.
+RANGES: dict[str, tuple[Any, str]] = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "checkpoint_every": (lambda v: v >= 1, "at least 1"),
+    "eval_subnets": (lambda v: v >= 1, "at least 1"),
+    "grace_period": (lambda v: v >= 1, "at least 1"),
+    "reduction_factor": (lambda v: v >= 2, "at least 2"),
+    "subnets_per_step": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v > 0, "above 0"),
+    "label_smoothing": (lambda v: v < 1, "below 1 (0 is none, 0.1 is usual)"),
+    "lrs": (lambda v: all(x > 0 for x in v), "rates above 0"),
+    "crop_pad": (lambda v: v <= 64, "at most 64 pixels"),
+}
+
+
+def _check_ranges(r: Reader, key: str, stage: Any) -> None:
+    """Each setting in its range, and the settings of a training stage consistent with each
+    other: found here, not in a trial after Ray started."""
+    for name, value in asdict(stage).items():
+        if name in RANGES and not isinstance(value, bool):
+            check, expected = RANGES[name]
+            if not check(value):
+                r.fail(f"{key}.{name}", f"expected {expected}, got {value!r}")
+    if isinstance(stage, TrainingStage):
+        if stage.warmup_epochs > stage.epochs:
+            r.fail(
+                f"{key}.warmup_epochs",
+                f"{stage.warmup_epochs} warm-up epochs exceed the stage's {stage.epochs} epochs",
+            )
+        if stage.min_lr > stage.lr:
+            r.fail(
+                f"{key}.min_lr",
+                f"{stage.min_lr:g} is above lr ({stage.lr:g}): the cosine schedule would rise "
+                "instead of decay",
+            )
+    if isinstance(stage, HparamsStage) and stage.enabled and stage.grace_period > stage.epochs:
+        r.fail(
+            f"{key}.grace_period",
+            f"{stage.grace_period} exceeds the sweep's {stage.epochs} epochs",
+        )
 
 
 def _tracking_uri(r: Reader, uri: str) -> str:

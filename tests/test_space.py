@@ -128,6 +128,17 @@ BAD = {
         "depths: [2, 5], max_dim: 6",
         r"modules\.lora\.depths\[1\]: depth 5 is above the backbone's depth \(4 blocks\)",
     ),
+    "dim-wider-than-backbone": (  # the small backbone is 48 wide: 3e14 parameters before
+        "dims: [1, 4]",
+        "dims: [1, 1000000000]",
+        r"modules\.lora\.dims\[1\]: dim 1,000,000,000 is above 4 x the backbone's width \(48\)"
+        r": expected at most 192",
+    ),
+    "max-dim-wider-than-backbone": (
+        "max_dim: 6",
+        "max_dim: 193",
+        r"modules\.lora\.max_dim: 193 is above 4 x the backbone's width \(48\)",
+    ),
     "string-dims": (
         "dims: [1, 4]",
         "dims: lots",

@@ -199,6 +199,46 @@ BAD = [
         r"stages\.supernet\.in_budget: only 0\.\d+% of the supernet's draws meet the budget",
     ),
     (
+        {"stages": {"supernet": {"batch_size": 0}}},
+        r"stages\.supernet\.batch_size: expected at least 1, got 0",
+    ),
+    (
+        {"stages": {"supernet": {"checkpoint_every": 0}}},
+        r"stages\.supernet\.checkpoint_every: expected at least 1, got 0",
+    ),
+    (
+        {"stages": {"retrain": {"label_smoothing": 1.5}}},
+        r"stages\.retrain\.label_smoothing: expected below 1 .*, got 1\.5",
+    ),
+    (
+        {"stages": {"retrain": {"epochs": 0}}},
+        r"stages\.retrain\.epochs: expected at least 1, got 0",
+    ),
+    (
+        {"stages": {"search": {"eval_batch_size": 0}}},
+        r"stages\.search\.eval_batch_size: expected at least 1, got 0",
+    ),
+    (
+        {"stages": {"retrain": {"lr": 1.0e-6}}},
+        r"stages\.retrain\.min_lr: 1e-05 is above lr \(1e-06\): the cosine schedule would rise",
+    ),
+    (
+        {"stages": {"supernet": {"epochs": 5, "warmup_epochs": 10}}},
+        r"stages\.supernet\.warmup_epochs: 10 warm-up epochs exceed the stage's 5 epochs",
+    ),
+    (
+        {"stages": {"hparams": {"enabled": True, "lrs": [1.0e-6, 1.0e-3]}}},
+        r"stages\.hparams\.lrs: sweeps lr 1e-06, below stages\.supernet\.min_lr \(1e-05\)",
+    ),
+    (
+        {"stages": {"hparams": {"enabled": True, "epochs": 3, "grace_period": 5}}},
+        r"stages\.hparams\.grace_period: 5 exceeds the sweep's 3 epochs",
+    ),
+    (
+        {"stages": {"search": {"enabled": False}}},
+        r"stages\.search\.enabled: is false and stages\.retrain\.baselines is empty",
+    ),
+    (
         {"mlflow": {"tracking_uri": "mlfow://127.0.0.1:5000"}},
         r"mlflow\.tracking_uri: unsupported scheme 'mlfow' in 'mlfow://127\.0\.0\.1:5000' "
         r"\(expected http://, https://, databricks://, sqlite://",
@@ -263,7 +303,12 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     """The sweep's settings decide the later stages' learning rates, so changing them in a
     finished run's folder is refused, naming them; --new runs beside it, in a folder named by
     the spec's hash that the same command finds again."""
-    from nas.pipeline.driver import check_output
+    from nas.pipeline import driver
+
+    def check_output(spec, new):  # as `nas run` does: checked, then recorded once Ray is up
+        spec = driver.check_output(spec, new)
+        driver.record_output(spec)
+        return spec
 
     out = tmp_path / "out"
     path = tmp_path / "spec.yaml"
@@ -283,7 +328,7 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     changed = load_spec(path, output=out)
     assert changed.hash() != first.hash()
     with pytest.raises(NasError, match=r"different spec \(changed: hparams\.lrs\)"):
-        check_output(changed, new=False)
+        driver.check_output(changed, new=False)
     beside = check_output(changed, new=True).output
     assert beside == tmp_path / f"out-{changed.hash()[:8]}"
     assert check_output(load_spec(path, output=out), new=True).output == beside  # found again

@@ -280,9 +280,24 @@ class LayeredModule(PromptModule):
                     join_key(key, f"depths[{i}]"),
                     f"depth {depth} is above the backbone's depth ({geometry.depth} blocks)",
                 )
+        limit = 4 * geometry.width  # a module wider than that adds more than it saves
+        for i, dim in enumerate(dims):
+            if dim > limit:
+                reader.fail(
+                    join_key(key, f"dims[{i}]"),
+                    f"dim {dim:,} is above 4 x the backbone's width ({geometry.width}): "
+                    f"expected at most {limit:,} (a supernet that wide is not "
+                    "parameter-efficient, and may not fit in memory)",
+                )
         max_dim = max(dims)
         if "max_dim" in value:
             max_dim = reader.integer(value["max_dim"], join_key(key, "max_dim"), minimum=1)
+            if max_dim > limit:
+                reader.fail(
+                    join_key(key, "max_dim"),
+                    f"{max_dim:,} is above 4 x the backbone's width ({geometry.width}): "
+                    f"expected at most {limit:,}",
+                )
             for i, dim in enumerate(dims):
                 if dim > max_dim:
                     reader.fail(

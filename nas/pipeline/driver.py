@@ -89,9 +89,42 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix]
 
 
+def probe_tracking(spec: ExperimentSpec, timeout: float = 10.0) -> None:
+    """A tracking server must answer before anything starts: MLflow's client would retry for
+    minutes inside every trial."""
+    import urllib.error
+    import urllib.request
+
+    uri = spec.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # something answers (behind a proxy or authentication, /health may differ)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise NasError(
+            f"{spec.path}: mlflow.tracking_uri {uri}: no MLflow server answers there "
+            f"({reason}); start it (mlflow server --host ... --port ...) or fix the URI"
+        ) from None
+
+
+def check_writable(folder: Path) -> None:
+    """The output folder can be made and written, said before anything is created."""
+    if folder.exists() and not folder.is_dir():
+        raise NasError(f"output {folder} is a file, not a folder; give a folder path")
+    first = next(p for p in (folder, *folder.parents) if p.exists())
+    if not first.is_dir():
+        raise NasError(f"output {folder}: {first} is a file, so no folder can be made below it")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise NasError(f"output {folder}: {first} is not writable by this user")
+
+
 def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
     """Refuse to continue a different spec in an existing output folder (or move to a new
-    folder when asked); record the spec and its provenance."""
+    folder when asked), and refuse a folder that cannot be made; nothing is written."""
     from dataclasses import replace
 
     prov_path = spec.output / "provenance.json"
@@ -115,7 +148,17 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
                     f"{', '.join(changed[:8]) or 'unknown'}); give another output folder, "
                     "or --new to start a new run beside it"
                 )
-    spec.output.mkdir(parents=True, exist_ok=True)
+    check_writable(spec.output)
+    return spec
+
+
+def record_output(spec: ExperimentSpec) -> None:
+    """Create the output folder and record the spec and its provenance (each session added)."""
+    prov_path = spec.output / "provenance.json"
+    try:
+        spec.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NasError(f"output {spec.output}: cannot create it ({exc.strerror})") from None
     record = provenance(spec)
     session = {k: record[k] for k in ("code_version", "python", "packages")}
     session["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -134,7 +177,6 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
     stages.write_json(prov_path, record)
     if spec.path:
         (spec.output / "spec.yaml").write_text(Path(spec.path).read_text())
-    return spec
 
 
 def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
@@ -197,9 +239,12 @@ def run_experiment(
                 f"{spec_path}: resources.gpus is {spec.gpus:g} but this machine has "
                 "no GPU; set resources.gpus: 0, or submit to a cluster with GPUs"
             )
+    probe_tracking(spec)
     spec = check_output(spec, new)
-    started = start_ray(spec.ray_address)
+    started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
     try:
+        check_resources(spec, private=started)
+        record_output(spec)
         # Before anything is written for the trials: what the cluster lacks is said first.
         check_cluster(spec)
         # Create the MLflow store's tables and the experiment here, once: trials that start
@@ -334,14 +379,25 @@ def spec_reference(spec: ExperimentSpec) -> dict[str, str | None]:
     return {"spec": relative or str(absolute), "spec_abs": str(absolute)}
 
 
-def check_cluster(spec: ExperimentSpec) -> None:
-    """On a cluster of several nodes, every node must reach the MLflow store and see the
-    output folder; refuse a node-local sqlite store or output path with the fix."""
-    import uuid
-
+def check_resources(spec: ExperimentSpec, private: bool = False) -> None:
+    """A trial's CPUs and GPUs must fit on some node: refused on a private Ray (no node will
+    ever be added), a warning on a cluster (an autoscaler may add one)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cores = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
+    if spec.cpus > cores:
+        text = (
+            f"{spec.path}: resources.cpus is {spec.cpus:g} per trial but no node of the Ray "
+            f"cluster has that many CPUs (the most on one node: {cores:g})"
+        )
+        if private:  # nothing will ever add a node: trials would wait forever
+            raise NasError(f"{text}; set resources.cpus to at most {cores:g}")
+        print(
+            f"warning: {text}; trials wait until an autoscaler adds such a node. Stop with "
+            f"Ctrl-C and set resources.cpus to at most {cores:g} if it has none to add.",
+            flush=True,
+        )
     most = max((n.get("Resources", {}).get("GPU", 0) for n in nodes), default=0)
     if spec.gpus > most:
         # Not refused: an autoscaling cluster adds GPU nodes when trials ask for them.
@@ -352,6 +408,16 @@ def check_cluster(spec: ExperimentSpec) -> None:
             f"to at most {most:g} if the cluster has none to add.",
             flush=True,
         )
+
+
+def check_cluster(spec: ExperimentSpec) -> None:
+    """On a cluster of several nodes, every node must reach the MLflow store and see the
+    output folder; refuse a node-local sqlite store or output path with the fix."""
+    import uuid
+
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
     uri = spec.tracking_uri

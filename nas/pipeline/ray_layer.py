@@ -9,6 +9,7 @@ that still fails is reported by name with its error, never dropped.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,27 @@ RAY_ENV = {
 }
 
 
+def probe_ray(address: str, where: str = "ray.address", timeout: float = 5.0) -> None:
+    """Something must answer at a cluster's HOST:PORT: Ray itself would wait for minutes."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise NasError(
+            f"{where} {address!r}: expected HOST:PORT of a running cluster's head "
+            "(e.g. 10.0.0.1:6379), ray://HOST:10001, or auto"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise NasError(
+            f"{where} {address!r}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "start one with `ray start --head`, or leave ray.address out to run on a "
+            "private local Ray"
+        ) from None
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Attach to a cluster (``address``, or RAY_ADDRESS as under ``ray job submit``), or start
     a private local instance. Returns whether this call started Ray (and should stop it)."""
@@ -37,7 +59,16 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        target = address or os.environ["RAY_ADDRESS"]
+        where = "ray.address" if address else "RAY_ADDRESS"
+        probe_ray(target, where)
+        try:
+            ray.init(address=target, log_to_driver=True)
+        except (ConnectionError, ValueError) as exc:
+            raise NasError(
+                f"{where} {target!r}: {str(exc).splitlines()[0]} (start one with `ray start "
+                "--head`, or leave ray.address out to run on a private local Ray)"
+            ) from None
         return False
     ray.init(
         address="local",
