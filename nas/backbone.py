@@ -179,6 +179,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     except Exception as exc:
         raise NasError(f"{path}: checkpoint does not fit {type(model).__name__} ({exc})") from None
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    broken = next(
+        (k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()),
+        None,
+    )
+    if broken is not None:
+        raise NasError(f"{path}: tensor {broken!r} holds NaN or infinite values")
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

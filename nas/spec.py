@@ -428,8 +428,10 @@ def parse_spec(
                     f"{k}.name",
                     f"{ds_name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}",
                 )
-        elif check_data and fmt != "imagefolder" and not (Path(root) / ds_name).is_dir():
+        elif check_data and not (Path(root) / ds_name).is_dir():
             r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / ds_name}")
+        elif check_data:
+            _check_layout(r, k, fmt, Path(root) / ds_name, variants)
         for shots_k, split_seed in variants:
             ds = DatasetSpec(
                 name=ds_name,
@@ -649,6 +651,31 @@ def _check_ranges(r: Reader, key: str, stage: Any) -> None:
             f"{key}.grace_period",
             f"{stage.grace_period} exceeds the sweep's {stage.epochs} epochs",
         )
+
+
+def _check_layout(
+    r: Reader, key: str, fmt: str, folder: Path, variants: list[tuple[int | None, int | None]]
+) -> None:
+    """The files a format reads are there (their contents are checked when read, before the
+    first trial): VTAB-1k's four lists, an ImageFolder's three split folders, a few-shot
+    dataset's lists for every shot and split seed."""
+    from nas.data.formats import VTAB_SPLITS, few_shot_files
+
+    if fmt == "vtab":
+        missing = [n for n in VTAB_SPLITS.values() if not (folder / n).is_file()]
+    elif fmt == "imagefolder":
+        missing = [f"{n}/" for n in ("train", "val", "test") if not (folder / n).is_dir()]
+    else:
+        missing = sorted(
+            {
+                str(p.relative_to(folder))
+                for shots, seed in variants
+                for p in few_shot_files(folder, shots or 0, seed or 0).values()
+                if not p.is_file()
+            }
+        )
+    if missing:
+        r.fail(f"{key}.root", f"{folder} lacks {', '.join(missing)} (the {fmt} layout)")
 
 
 def _tracking_uri(r: Reader, uri: str) -> str:

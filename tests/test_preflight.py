@@ -6,6 +6,7 @@ left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,3 +101,63 @@ def test_more_cpus_per_trial_than_this_machine_has(tmp_path):
     )
     assert "set resources.cpus to at most" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+@pytest.fixture
+def vtab_copy(tmp_path, mini_vtab_data):
+    """The digits task as a VTAB-1k folder of its own, to break (under a name whose class
+    count is not known, so that it is taken from the labels)."""
+    folder = tmp_path / "vtab" / "my-digits"
+    shutil.copytree(Path(mini_vtab_data) / "digits", folder)
+    return folder
+
+
+def vtab_spec(folder: Path, **change) -> dict:
+    dataset = {"name": folder.name, "format": "vtab", "root": str(folder.parent)}
+    return {"datasets": [dataset], **change}
+
+
+def test_lists_repeating_every_line_fail_before_ray(tmp_path, capsys, vtab_copy):
+    """NOAH's released 1-shot lists repeat every line: said before any trial, naming the line."""
+    listing = vtab_copy / "train800.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join(line for line in lines for _ in range(2)) + "\n")
+    err = run(tmp_path, capsys, **vtab_spec(vtab_copy))
+    assert f"{listing}:2:" in err and "duplicates: drop" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_image_fails_before_ray(tmp_path, capsys, vtab_copy):
+    first = (vtab_copy / "test.txt").read_text().split()[0]
+    (vtab_copy / first).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    err = run(tmp_path, capsys, **vtab_spec(vtab_copy))
+    assert f"{vtab_copy / 'test.txt'}:1: cannot decode image" in err, err
+
+
+def test_a_mistyped_label_and_a_wrong_union_fail_before_ray(tmp_path, capsys, vtab_copy):
+    """Without classnames.txt the class count comes from the labels: a typo may not add 62."""
+    (vtab_copy / "classnames.txt").unlink()
+    listing, both = vtab_copy / "val200.txt", vtab_copy / "train800val200.txt"
+    lines = listing.read_text().splitlines()
+    path, label = lines[3].rsplit(" ", 1)
+    for f in (listing, both):  # the same typo in both lists
+        f.write_text(f.read_text().replace(f"{path} {label}\n", f"{path} 71\n"))
+    err = run(tmp_path, capsys, **vtab_spec(vtab_copy))
+    assert "labels 10-70 are never used, yet labels go up to 71" in err, err
+    assert f"{listing}:4" in err
+    listing.write_text("\n".join(lines[:-1]) + "\n")  # one image fewer than train800val200
+    err = run(tmp_path, capsys, **vtab_spec(vtab_copy))
+    assert "train800val200.txt: is not train800.txt and val200.txt together" in err, err
+
+
+def test_backbone_weights_that_do_not_load_fail_before_ray(tmp_path, capsys):
+    from nas.backbone import BACKBONES_DIR
+
+    shipped = yaml.safe_load((BACKBONES_DIR / "vit_fmnist" / "backbone.yaml").read_text())
+    weights = tmp_path / "w.safetensors"
+    good = (BACKBONES_DIR / "vit_fmnist" / shipped["weights"]).read_bytes()
+    weights.write_bytes(good[:5000])  # truncated
+    backbone = {**shipped, "weights": str(weights)}
+    err = run(tmp_path, capsys, backbone=backbone)
+    assert f"{weights}: not a readable safetensors file" in err, err
+    assert not (tmp_path / "out").exists()

@@ -110,3 +110,17 @@ def test_a_few_shot_spec_hashes_apart_from_its_old_protocol(tmp_path, three_form
     assert few.to_data()["datasets"][0]["retrain_split"] == "train"
     vtab = load_spec(write_spec(tmp_path, three_formats["vtab"]))
     assert "retrain_split" not in vtab.to_data()["datasets"][0]
+
+
+def test_an_imagefolder_split_missing_a_class_keeps_every_label(tmp_path, three_formats):
+    """val and test take train's class list: with class c03 absent from test, c05's images
+    are still label 5 (numbered per split, they would become 4 and score wrongly)."""
+    root = Path(three_formats["imagefolder"]["root"])
+    copy = tmp_path / "folders"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "digits" / "test" / "c03")
+    spec = load_spec(write_spec(tmp_path, {"format": "imagefolder", "root": str(copy)}))
+    splits = stages.read_splits(spec, spec.datasets[0])
+    labels = {e.path.parent.name: e.label for e in splits["test"].entries}
+    assert labels["c05"] == 5 and "c03" not in labels
+    assert splits["test"].num_classes == splits["train"].num_classes == CLASSES

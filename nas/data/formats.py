@@ -164,12 +164,46 @@ def _num_classes(folder: Path, class_names: list[str] | None) -> int | None:
     return NUM_CLASSES.get(folder.name)
 
 
+def _spans(labels: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    out: list[str] = []
+    for label in sorted(labels):
+        if out and out[-1].split("-")[-1] == str(label - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{label}"
+        else:
+            out.append(str(label))
+    return ", ".join(out[:8]) + (", ..." if len(out) > 8 else "")
+
+
 def _finish(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
-    """Without a known class count, it is one more than the largest label anywhere."""
+    """Without a known class count, it is one more than the largest label anywhere; then the
+    labels must be 0..count-1 with none unused, and every test label must be one that the
+    training lists use: a mistyped label would otherwise add classes without a word. (With a
+    known class count, a test class no training list holds is the dataset's own: VTAB-1k's
+    1,000 training images miss some of SUN397's 397 classes.)"""
     if any(s.num_classes == 0 for s in splits.values()):
-        count = 1 + max(max(s.labels) for s in splits.values())
+        entries = [e for s in splits.values() for e in s.entries]
+        count = 1 + max(e.label for e in entries)
+        unused = sorted(set(range(count)) - {e.label for e in entries})
+        if unused:
+            top = max(entries, key=lambda e: e.label)
+            raise DataError(
+                f"{folder}: labels {_spans(unused)} are never used, yet labels go up to "
+                f"{count - 1} ({top.source}): a mistyped label? If the dataset has {count} "
+                f"classes, say so with {CLASSNAMES_FILE} (one name per line)"
+            )
         for s in splits.values():
             s.num_classes = count
+        if "test" not in splits:
+            return splits
+        seen = {e.label for name, s in splits.items() if name != "test" for e in s.entries}
+        for e in splits["test"].entries:
+            if e.label not in seen:
+                raise DataError(
+                    f"{e.source}: label {e.label} appears in no training or validation "
+                    f"list: a mistyped label? (the class count is taken from the labels; "
+                    f"{CLASSNAMES_FILE} would fix it)"
+                )
     return splits
 
 
@@ -186,7 +220,26 @@ def read_vtab(folder: str | Path, *, duplicates: str = "error") -> dict[str, Spl
         path = folder / filename
         rows = parse_list_file(path, bases, duplicates=duplicates)
         splits[split] = _make_split(split, rows, str(path), num_classes, class_names)
+    _check_union(splits, folder)
     return _finish(splits, folder)
+
+
+def _check_union(splits: dict[str, Split], folder: Path) -> None:
+    """VTAB-1k's train800val200.txt is train800.txt and val200.txt together: the retraining
+    trains on it, so anything else would retrain on other images than were searched on."""
+    union = {(e.path, e.label) for name in ("train", "val") for e in splits[name].entries}
+    both = {(e.path, e.label) for e in splits["trainval"].entries}
+    if union != both:
+        extra = next(
+            (e for e in splits["trainval"].entries if (e.path, e.label) not in union), None
+        )
+        missing = len(union - both)
+        where = f"first extra line: {extra.source}; " if extra else ""
+        raise DataError(
+            f"{folder / VTAB_SPLITS['trainval']}: is not {VTAB_SPLITS['train']} and "
+            f"{VTAB_SPLITS['val']} together ({where}{len(both - union)} lines not in them, "
+            f"{missing} of theirs missing); write it as their concatenation"
+        )
 
 
 def few_shot_files(folder: Path, shots: int, seed: int) -> dict[str, Path]:

@@ -111,6 +111,34 @@ def probe_tracking(spec: ExperimentSpec, timeout: float = 10.0) -> None:
         ) from None
 
 
+#: Images decoded per split by the pre-flight check (first, last and a spread between).
+SAMPLED_IMAGES = 16
+
+
+def check_inputs(spec: ExperimentSpec) -> None:
+    """Before Ray starts: every dataset's lists read (labels, duplicates, missing images,
+    splits), a sample of each split's images decoded, and the backbone's weights loaded. What
+    fails here would otherwise fail inside every trial, after retries. `nas data check`
+    decodes every image."""
+    from nas.data.decode import decode_image
+
+    g = spec.backbone.geometry()
+    size = g.patch_size * round(g.num_patches**0.5)
+    for ds in spec.datasets:
+        if ds.format == "mini-vtab" and not (stages.dataset_root(spec, ds) / ds.name).is_dir():
+            continue  # prepared by this run, from packaged data
+        splits = stages.read_splits(spec, ds)
+        for split in splits.values():
+            n = len(split.entries)
+            picks = sorted(
+                {round(i * (n - 1) / max(SAMPLED_IMAGES - 1, 1)) for i in range(SAMPLED_IMAGES)}
+            )
+            for i in picks if n else []:
+                decode_image(split.entries[i], (size, size), g.in_chans)
+    if not isinstance(spec.backbone, ClipSpec) and spec.backbone.weights not in (None, "hub"):
+        spec.backbone.create(2)  # reads and fits the weights file: one clear error if not
+
+
 def check_writable(folder: Path) -> None:
     """The output folder can be made and written, said before anything is created."""
     if folder.exists() and not folder.is_dir():
@@ -241,6 +269,7 @@ def run_experiment(
             )
     probe_tracking(spec)
     spec = check_output(spec, new)
+    check_inputs(spec)
     started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
     try:
         check_resources(spec, private=started)

@@ -90,10 +90,11 @@ def read_splits(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Split]:
     elif ds.format == "few-shot":
         splits = read_few_shot(folder, ds.shots, ds.split_seed, duplicates=ds.duplicates)
     else:
-        splits = {
-            name: read_image_folder(Path(ds.root) / ds.name / name)
-            for name in ("train", "val", "test")
-        }
+        # val and test take train's classes: a split missing a class keeps every label
+        train = read_image_folder(Path(ds.root) / ds.name / "train")
+        splits = {"train": train}
+        for name in ("val", "test"):
+            splits[name] = read_image_folder(Path(ds.root) / ds.name / name, train.class_names)
         splits["trainval"] = Split(
             "trainval",
             splits["train"].entries + splits["val"].entries,
