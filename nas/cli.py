@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -192,6 +193,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if args.with_elpv and "elpv" not in tasks:
         tasks.append("elpv")
         print("note: ELPV's data licence is CC BY-NC-SA 4.0 (non-commercial use only)")
+    _folder_out(args.out)
     prepare(args.out, tasks, seed=args.seed, test_size=args.test_size)
     print(f"wrote {len(tasks)} tasks to {args.out} (manifest: {args.out}/manifest.json)")
     return 0
@@ -200,6 +202,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_data_few_shot(args: argparse.Namespace) -> int:
     from nas.data.fewshot import write_few_shot_splits
 
+    if args.out is not None:
+        _folder_out(args.out)
     info = write_few_shot_splits(
         args.images,
         args.out,
@@ -250,18 +254,124 @@ def cmd_report(args: argparse.Namespace) -> int:
     from nas.pipeline.driver import methods_markdown, results_from_mlflow, results_markdown
 
     source = args.source
+    if args.markdown:
+        _check_writable_file(Path(args.markdown), "--markdown")
     if "://" in source or source.startswith("sqlite:"):
-        results = results_from_mlflow(source, args.experiment)
+        results = results_from_mlflow(_mlflow_source(source), args.experiment)
     else:
-        path = Path(source) / "results.json"
-        if not path.is_file():
-            raise NasError(f"{path}: no results yet (has `nas run` finished in {source}?)")
-        results = json.loads(path.read_text())
+        path = Path(source)
+        if path.is_dir():
+            path = path / "results.json"
+            if not path.is_file():
+                raise NasError(f"{path}: no results yet (has `nas run` finished in {source}?)")
+        elif not path.is_file():
+            raise NasError(f"{source}: no such run folder or results file")
+        elif _is_sqlite(path):
+            raise NasError(
+                f"{source} is an MLflow sqlite store: give it as a URI, sqlite:///{path.resolve()}"
+            )
+        results = _read_results(path)
     text = methods_markdown(results) if args.by_method else results_markdown(results)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
     return 0
+
+
+def _is_sqlite(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
+def _has_mlflow_tables(path) -> bool:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error:
+        return False
+    return {"experiments", "runs"} <= names
+
+
+def _check_writable_file(path, option: str) -> None:
+    """A file this command will write: its folder must exist and it must not be a folder."""
+    if path.is_dir():
+        raise NasError(f"{option} {path} is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise NasError(f"{option} {path}: folder {path.parent} does not exist")
+
+
+def _read_results(path) -> dict:
+    """A run's results.json, or one clear error."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NasError(f"{path}: not a results file of `nas run` ({exc})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise NasError(f"{path}: not a results file of `nas run` (no 'rows' list)")
+    return results
+
+
+def _mlflow_source(uri: str) -> str:
+    """A tracking URI `nas report` can read without creating anything or waiting on a dead
+    server: a known scheme, an existing sqlite file that is a database, a server answering."""
+    from pathlib import Path
+
+    from nas.tracking import probe_server, uri_problem
+
+    problem = uri_problem(uri)
+    if problem:
+        raise NasError(problem)
+    if uri.startswith("sqlite:"):
+        # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy's form)
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise NasError(f"{uri}: no such MLflow store ({path} does not exist)")
+        if not _is_sqlite(path):
+            raise NasError(f"{uri}: {path} is not an sqlite database")
+        if not _has_mlflow_tables(path):  # MLflow would add its tables to another database
+            raise NasError(f"{uri}: {path} is an sqlite database but not an MLflow store")
+    problem = probe_server(uri)
+    if problem:
+        raise NasError(f"{uri}: {problem}")
+    return uri
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value:g}")
+    return value
+
+
+def _folder_out(path, option: str = "--out") -> None:
+    """A folder this command writes into: not a file, nor below one."""
+    from pathlib import Path
+
+    path = Path(path)
+    first = next(p for p in (path, *path.parents) if p.exists())
+    if not first.is_dir():
+        raise NasError(f"{option} {path}: {first} is a file, not a folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the ELPV solar-cell task (licence CC BY-NC-SA: non-commercial)",
     )
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--test-size", type=int, default=2000, help="largest test split per task")
+    prep.add_argument("--seed", type=_at_least(0), default=0)
+    prep.add_argument(
+        "--test-size", type=_at_least(1), default=2000, help="largest test split per task"
+    )
     prep.set_defaults(func=cmd_data_prepare)
     few = data_cmds.add_parser("few-shot", help="write few-shot splits for an ImageFolder")
     few.add_argument("images", help="an ImageFolder: IMAGES/<class>/<image>")
@@ -338,16 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         help="the dataset folder to write annotations/ into (default: the parent of IMAGES)",
     )
-    few.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    few.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    few.add_argument("--val-per-class", type=int, default=4)
-    few.add_argument("--test-fraction", type=float, default=0.2)
+    few.add_argument("--shots", type=_at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
+    few.add_argument("--seeds", type=_at_least(0), nargs="+", default=[0, 1, 2])
+    few.add_argument("--val-per-class", type=_at_least(1), default=4)
+    few.add_argument("--test-fraction", type=_fraction, default=0.2)
     few.set_defaults(func=cmd_data_few_shot)
     check = data_cmds.add_parser("check", help="read and decode every image of a dataset")
     check.add_argument("folder")
     check.add_argument("--format", choices=["vtab", "few-shot", "imagefolder"], default="vtab")
-    check.add_argument("--shots", type=int, default=16)
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--shots", type=_at_least(1), default=16)
+    check.add_argument("--seed", type=_at_least(0), default=0)
     check.add_argument(
         "--drop-duplicates",
         action="store_true",

@@ -213,12 +213,6 @@ class RetrainStage(TrainingStage):
     full_finetune: tuple[str, ...] = ()
 
 
-#: MLflow tracking URI schemes: a server (and its artifact proxy), or a store this process
-#: opens itself (a path without a scheme is a local file store).
-REMOTE_SCHEMES = ("http", "https", "databricks")
-LOCAL_SCHEMES = ("sqlite", "file", "postgresql", "mysql", "mssql")
-
-
 @dataclass(frozen=True)
 class ExperimentSpec:
     name: str
@@ -251,7 +245,7 @@ class ExperimentSpec:
         them wherever it runs); with a local store, ``<output>/mlartifacts``."""
         if self.mlflow_artifacts:
             return self.mlflow_artifacts
-        if self.tracking_uri.split(":", 1)[0] in REMOTE_SCHEMES:
+        if self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks"):
             return None
         return (self.output / "mlartifacts").as_uri()
 
@@ -679,16 +673,12 @@ def _check_layout(
 
 
 def _tracking_uri(r: Reader, uri: str) -> str:
-    """An MLflow tracking URI whose scheme MLflow knows (checked here, before anything runs)."""
-    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*://", uri) else ""
-    base = scheme.split("+", 1)[0]  # e.g. postgresql+psycopg2
-    if scheme and base not in REMOTE_SCHEMES + LOCAL_SCHEMES:
-        known = ", ".join(f"{s}://" for s in REMOTE_SCHEMES + LOCAL_SCHEMES)
-        r.fail(
-            "mlflow.tracking_uri", f"unsupported scheme {scheme!r} in {uri!r} (expected {known})"
-        )
-    if base in ("http", "https") and not re.match(r"^https?://[^/:\s]+", uri):
-        r.fail("mlflow.tracking_uri", f"{uri!r} names no host (expected http://HOST:PORT)")
+    """An MLflow tracking URI whose form MLflow can open (checked here, before anything runs)."""
+    from nas.tracking import uri_problem
+
+    problem = uri_problem(uri)
+    if problem:
+        r.fail("mlflow.tracking_uri", problem)
     return uri
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,42 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from nas.errors import NasError
 
 TAG = "nas."
+
+
+#: MLflow tracking URI schemes: a server (and its artifact proxy), or a store the client opens
+#: itself (a path without a scheme is a local file store).
+REMOTE_SCHEMES = ("http", "https", "databricks")
+LOCAL_SCHEMES = ("sqlite", "file", "postgresql", "mysql", "mssql")
+
+
+def uri_problem(uri: str) -> str | None:
+    """What is wrong with a tracking URI's form (None when MLflow can open it)."""
+    match = re.match(r"^([A-Za-z][\w+.-]*)://", uri)
+    scheme = match.group(1).lower() if match else ""
+    base = scheme.split("+", 1)[0]  # e.g. postgresql+psycopg2
+    if scheme and base not in REMOTE_SCHEMES + LOCAL_SCHEMES:
+        known = ", ".join(f"{s}://" for s in REMOTE_SCHEMES + LOCAL_SCHEMES)
+        return f"unsupported scheme {scheme!r} in {uri!r} (expected {known})"
+    if base in ("http", "https") and not re.match(r"^https?://[^/:\s]+", uri):
+        return f"{uri!r} names no host (expected http://HOST:PORT)"
+    return None
+
+
+def probe_server(uri: str, timeout: float = 10.0) -> str | None:
+    """Why a tracking server at an http(s) URI does not answer (None when it does, or when the
+    URI is not a server): MLflow's client would retry for minutes instead."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # something answers (behind a proxy or authentication /health may differ)
+    except (urllib.error.URLError, OSError) as exc:
+        return f"no MLflow server answers there ({getattr(exc, 'reason', exc)})"
 
 
 def _quote(value: str) -> str:

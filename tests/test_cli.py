@@ -106,3 +106,81 @@ def test_data_prepare_check_and_few_shot(tmp_path, capsys):
     assert "VTAB-1k dataset folder not found" in capsys.readouterr().err
     assert main(["data", "prepare", "mini-vtab", "--out", str(out), "--tasks", "imagenet"]) == 2
     assert "unknown mini-vtab task(s) ['imagenet']" in capsys.readouterr().err
+
+
+def one_error(capsys, argv: list[str], message: str) -> None:
+    """``argv`` ends with exit status 2 and ``message`` on stderr, without a traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_bad_data_arguments_are_refused_up_front(tmp_path, capsys, mini_vtab_data):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    images = tmp_path / "folders"
+    for line in (mini_vtab_data / "digits" / "train800.txt").read_text().splitlines():
+        path, label = line.rsplit(" ", 1)
+        (images / label).mkdir(parents=True, exist_ok=True)
+        (images / label / path.rsplit("/", 1)[-1]).write_bytes(
+            (mini_vtab_data / "digits" / path).read_bytes()
+        )
+    few = ["data", "few-shot", str(images), "--out", str(tmp_path / "fs")]
+    prep = ["data", "prepare", "mini-vtab", "--tasks", "digits"]
+    one_error(capsys, [*few, "--shots", "0"], "--shots: expected an integer >= 1, got 0")
+    one_error(capsys, [*few, "--seeds", "-1"], "--seeds: expected an integer >= 0, got -1")
+    one_error(capsys, [*few, "--val-per-class", "0"], "--val-per-class: expected an integer >= 1")
+    one_error(capsys, [*few, "--test-fraction", "1.5"], "expected a fraction between 0 and 1")
+    one_error(capsys, [*prep, "--out", str(tmp_path), "--test-size", "0"], "expected an integer")
+    one_error(capsys, [*prep, "--out", str(a_file)], f"--out {a_file}: {a_file} is a file")
+    one_error(capsys, [*few[:3], "--out", str(a_file / "x")], f"{a_file} is a file, not a folder")
+    # Few-shot lists are never rewritten with other contents: that would move images that
+    # earlier lists train on into val or test.
+    assert main([*few, "--shots", "1", "2", "--seeds", "0", "--val-per-class", "3"]) == 0
+    assert main([*few, "--shots", "1", "2", "--seeds", "0", "--val-per-class", "3"]) == 0
+    one_error(capsys, [*few, "--shots", "2", "--val-per-class", "4"], "already written with other")
+
+
+def test_preparing_another_task_keeps_the_manifest_of_the_first(tmp_path):
+    out = tmp_path / "mv"
+    for task in ("digits", "textures"):
+        args = ["data", "prepare", "mini-vtab", "--out", str(out), "--tasks", task]
+        assert main([*args, "--test-size", "30"]) == 0
+    assert sorted(json.loads((out / "manifest.json").read_text())["tasks"]) == [
+        "digits",
+        "textures",
+    ]
+
+
+def test_bad_report_sources_are_one_clear_error(tmp_path, capsys):
+    import socket
+    import sqlite3
+
+    broken = tmp_path / "results.json"
+    broken.write_text("{broken")
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("create table t (x int)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report = ["report"]
+    one_error(capsys, [*report, str(broken)], "not a results file of `nas run`")
+    one_error(capsys, [*report, str(tmp_path / "nowhere")], "no such run folder or results file")
+    one_error(capsys, [*report, str(other)], "is an MLflow sqlite store: give it as a URI")
+    one_error(capsys, [*report, f"sqlite:///{other}"], "is an sqlite database but not an MLflow")
+    one_error(capsys, [*report, f"sqlite:///{broken}"], "is not an sqlite database")
+    missing = tmp_path / "missing.db"
+    one_error(capsys, [*report, f"sqlite:///{missing}"], "no such MLflow store")
+    assert not missing.exists()  # not created
+    one_error(capsys, [*report, "mlfow://host"], "unsupported scheme 'mlfow'")
+    one_error(capsys, [*report, f"http://127.0.0.1:{port}"], "no MLflow server answers there")
+    one_error(
+        capsys,
+        [*report, str(tmp_path), "--markdown", str(tmp_path / "no" / "t.md")],
+        f"--markdown {tmp_path / 'no' / 't.md'}: folder {tmp_path / 'no'} does not exist",
+    )

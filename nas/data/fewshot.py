@@ -72,10 +72,20 @@ def write_few_shot_splits(
             files[few_shot_files(out, k, seed)["train"]] = train
     files[few_shot_files(out, 1, 0)["val"]] = val
     files[few_shot_files(out, 1, 0)["test"]] = test
+    texts = {
+        path: "".join(f"{rel(p)} {label}\n" for p, label in rows) for path, rows in files.items()
+    }
+    for path, text in texts.items():
+        if path.is_file() and path.read_text(encoding="utf-8", errors="replace") != text:
+            raise DataError(
+                f"{path}: already written with other contents (other images, shots or "
+                "settings); rewriting it would move images between the splits of the lists "
+                "already there. Write into another --out, or remove annotations/ first"
+            )
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    for path, rows in files.items():
+    for path, text in texts.items():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text("".join(f"{rel(p)} {label}\n" for p, label in rows))
+        tmp.write_text(text)
         os.replace(tmp, path)
     (out / CLASSNAMES_FILE).write_text("\n".join(split.class_names or []) + "\n")
     return {"classes": len(by_class), "val": len(val), "test": len(test), "files": len(files)}

@@ -480,6 +480,20 @@ def prepare(
         "channels": 1,
         "tasks": {},
     }
+    there = out / "manifest.json"
+    if there.is_file():  # tasks prepared here before stay listed: this run adds to them
+        try:
+            old = json.loads(there.read_text())
+        except (OSError, ValueError) as exc:
+            raise NasError(
+                f"{there}: unreadable manifest ({exc}); remove it or prepare into another folder"
+            ) from None
+        if {k: old.get(k) for k in ("seed", "image_size")} != {"seed": seed, "image_size": SIZE}:
+            raise NasError(
+                f"{there}: its tasks were prepared with seed {old.get('seed')}; prepare with "
+                f"--seed {old.get('seed')} here, or into another folder"
+            )
+        manifest["tasks"] = {k: v for k, v in old.get("tasks", {}).items() if k not in tasks}
     for index, name in enumerate(tasks):
         rng = np.random.default_rng([seed, index, 7919])
         data = TASKS[name](rng, test_size)
@@ -520,5 +534,6 @@ def prepare(
         manifest["tasks"][name] = entry
         counts = ", ".join(f"{k} {v['count']}" for k, v in entry["splits"].items())
         log(f"mini-vtab/{name}: {counts}")
+    manifest["tasks"] = dict(sorted(manifest["tasks"].items()))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -89,26 +89,17 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix]
 
 
-def probe_tracking(spec: ExperimentSpec, timeout: float = 10.0) -> None:
+def probe_tracking(spec: ExperimentSpec) -> None:
     """A tracking server must answer before anything starts: MLflow's client would retry for
     minutes inside every trial."""
-    import urllib.error
-    import urllib.request
+    from nas.tracking import probe_server
 
-    uri = spec.tracking_uri
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        return  # something answers (behind a proxy or authentication, /health may differ)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    problem = probe_server(spec.tracking_uri)
+    if problem:
         raise NasError(
-            f"{spec.path}: mlflow.tracking_uri {uri}: no MLflow server answers there "
-            f"({reason}); start it (mlflow server --host ... --port ...) or fix the URI"
-        ) from None
+            f"{spec.path}: mlflow.tracking_uri {spec.tracking_uri}: {problem}; start it "
+            "(mlflow server --host ... --port ...) or fix the URI"
+        )
 
 
 #: Images decoded per split by the pre-flight check (first, last and a spread between).
@@ -715,11 +706,19 @@ def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, An
     from nas.tracking import Tracker  # sets MLflow's telemetry off before MLflow is used
 
     client = Tracker.client_for(uri)
-    exps = [e for e in client.search_experiments() if e.name != "Default"]
+    try:
+        exps = [e for e in client.search_experiments() if e.name != "Default"]
+    except Exception as exc:  # a database of another application, a server of another kind
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise NasError(
+            f"{uri}: not an MLflow tracking store ({type(exc).__name__}: {first})"
+        ) from None
     if experiment is not None:
         exps = [e for e in exps if e.name == experiment]
     if len(exps) != 1:
         names = ", ".join(e.name for e in client.search_experiments() if e.name != "Default")
+        if experiment is not None:
+            raise NasError(f"{uri}: no experiment named {experiment!r} (found: {names or 'none'})")
         raise NasError(f"{uri}: name the experiment with --experiment (found: {names or 'none'})")
     runs = client.search_runs(
         [exps[0].experiment_id],
