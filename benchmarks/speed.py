@@ -171,7 +171,7 @@ def search_throughput(
     # The floor: the same candidates' forward passes over the validation split, nothing else
     # (the candidates are those the search stage scores: read from its log).
     stages.run_search(task)
-    subnets = [e.subnet for e in stages._read_log(search_dir / "candidates.jsonl")]
+    subnets = [e.subnet for e in stages.read_candidates_log(search_dir / "candidates.jsonl")]
     val = stages.load_splits(spec, spec.datasets[0], ("val",))["val"]
     model = PromptedViT.supernet(spec.space, val.num_classes).to(device)
     mean, std = spec.backbone.normalisation()

@@ -74,6 +74,27 @@ def _check_duplicate_keys(node: yaml.Node, prefix: str, file: str | None) -> Non
             _check_duplicate_keys(item, join_key(prefix, i), file)
 
 
+#: The most nodes a document may expand to once its aliases are followed: a few nested
+#: aliases of a few lines can otherwise expand to billions (a "billion laughs" document).
+MAX_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in the document once every alias is expanded (each shared node counted once per
+    use), in time linear in the distinct nodes."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once, instead of looping
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_NODES + 1)
+    return memo[id(node)]
+
+
 def parse_yaml(text: str, file: str | None = None) -> Document:
     """Parse YAML text safely; syntax errors become one ConfigError with the line."""
     loader = yaml.SafeLoader(text)
@@ -81,6 +102,12 @@ def parse_yaml(text: str, file: str | None = None) -> Document:
         node = loader.get_single_node()
         if node is None:
             return Document(None, file, {})
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise ConfigError(
+                f"the document expands to more than {MAX_NODES:,} values once its aliases "
+                "(*name) are followed; a spec or space needs far fewer: nested aliases?",
+                file=file,
+            )
         _check_duplicate_keys(node, "", file)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:

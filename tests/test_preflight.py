@@ -5,6 +5,7 @@ left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from nas.cli import main
+from nas.errors import NasError
 from tests.conftest import ENV
 
 BASE = {
@@ -161,3 +163,57 @@ def test_backbone_weights_that_do_not_load_fail_before_ray(tmp_path, capsys):
     err = run(tmp_path, capsys, backbone=backbone)
     assert f"{weights}: not a readable safetensors file" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def resumable(tmp_path):
+    """An output folder as a stopped run leaves it (provenance of this very spec)."""
+    from nas.pipeline import driver
+    from nas.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "out")}))
+    spec = driver.check_output(load_spec(path), new=False)
+    driver.record_output(spec)
+    return spec.output
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content", "message"),
+    [
+        ("supernet/digits-seed0/done.json", b'{"val', "damaged (Unterminated string"),
+        ("provenance.json", b"", "damaged (Expecting value"),
+        ("supernet/digits-seed0/state.pt", b"PK\x03\x04 cut", "damaged resume state"),
+        ("retrain/digits-seed0/rank1/state.pt", b"", "damaged resume state"),
+        ("mlflow.db", b"SQLite format 3\x00" + b"\x00" * 90, "the run's MLflow store is damaged"),
+    ],
+)
+def test_damaged_resume_state_is_named_before_ray(
+    tmp_path, capsys, resumable, damaged, content, message
+):
+    target = resumable / damaged
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(content)
+    assert main(["run", str(tmp_path / "spec.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{target}: " in err and message in err and "Traceback" not in err, err
+    assert not (resumable / "ray").exists()  # Ray never started
+
+
+def test_a_candidates_log_cut_mid_line_is_repaired_before_appending(tmp_path):
+    from nas.pipeline.stages import read_candidates_log
+
+    good = [
+        json.dumps({"subnet": {"lora": {"depth": 2, "dims": d}}, "score": 0.5, "cost": 1.0})
+        for d in (2, 4)
+    ]
+    log = tmp_path / "candidates.jsonl"
+    log.write_text("\n".join(good) + '\n{"subnet": {"lo')  # a kill mid-write
+    assert len(read_candidates_log(log)) == 2
+    assert log.read_text() == "\n".join(good) + "\n"  # what is appended starts a line
+    with open(log, "a") as f:
+        f.write(good[0] + "\n")
+    assert len(read_candidates_log(log)) == 3
+    log.write_text(good[0] + "\n{broken\n" + good[1] + "\n")  # damage before the end
+    with pytest.raises(NasError, match=r"candidates\.jsonl:2: damaged candidate line"):
+        read_candidates_log(log)

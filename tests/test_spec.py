@@ -13,6 +13,7 @@ from nas.errors import ConfigError, NasError
 from nas.pipeline.driver import run_experiment
 from nas.spec import load_spec
 from nas.subnet import Subnet
+from nas.yamlio import parse_yaml
 from tests.conftest import REPO
 from trainers.pretrain import load_config
 
@@ -401,3 +402,18 @@ def test_artifacts_go_through_a_tracking_server_and_stay_local_otherwise(tmp_pat
         location({"tracking_uri": "http://h:5000", "artifact_location": "s3://b/x"}) == "s3://b/x"
     )
     assert location({"tracking_uri": f"sqlite:///{tmp_path}/m.db"}).endswith("/o/mlartifacts")
+
+
+def test_a_document_of_nested_aliases_is_refused_not_expanded(tmp_path: Path):
+    """Nine lines whose aliases expand to 387 million values: refused while parsing, before
+    anything walks or builds them (this ran at 100% CPU without an answer before)."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"expands to more than 100,000 values"):
+        load_spec(path)
+    # an anchor used a few times, as a user would, is fine
+    path.write_text("x: &lr {lr: 0.001}\ny: *lr\nz: *lr\n")
+    assert parse_yaml(path.read_text()).data["z"] == {"lr": 0.001}

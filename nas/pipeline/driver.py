@@ -102,6 +102,47 @@ def probe_tracking(spec: ExperimentSpec) -> None:
         )
 
 
+def check_resume_state(spec: ExperimentSpec) -> None:
+    """What a rerun continues from, read before Ray starts: every done.json and the
+    provenance parse, every resume checkpoint is a whole file, the candidates logs read (a
+    line cut by a kill is cut off), the default MLflow store is an sqlite database. A damaged
+    file is one error naming it and the fix, instead of a crash in every trial."""
+    import sqlite3
+    import zipfile
+
+    out = spec.output
+    if not out.is_dir():
+        return
+    parts = ("hparams", "supernet", "search", "retrain")
+    for path in [
+        out / "provenance.json",
+        *(p for d in parts for p in (out / d).glob("**/done.json")),
+    ]:
+        if path.is_file():
+            stages.read_json(path)
+    for path in (p for d in parts for p in (out / d).glob("**/state.pt")):
+        try:
+            with zipfile.ZipFile(path) as z:  # torch.save's format; a cut file has no index
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise NasError(
+                f"{path}: damaged resume state ({exc}); remove it to restart that training "
+                "from its first epoch"
+            ) from None
+    for path in (out / "search").glob("*/candidates.jsonl"):
+        stages.read_candidates_log(path)
+    store = out / "mlflow.db"
+    if spec.mlflow_uri is None and store.is_file():
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+                db.execute("SELECT count(*) FROM experiments").fetchone()
+        except sqlite3.Error as exc:
+            raise NasError(
+                f"{store}: the run's MLflow store is damaged ({exc}); restore it, or move it "
+                "away (the rerun starts a new store; the results on disk are kept)"
+            ) from None
+
+
 #: Images decoded per split by the pre-flight check (first, last and a spread between).
 SAMPLED_IMAGES = 16
 
@@ -148,7 +189,7 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
 
     prov_path = spec.output / "provenance.json"
     if prov_path.is_file():
-        old = json.loads(prov_path.read_text())
+        old = stages.read_json(prov_path)
         if old.get("spec_hash") != spec.hash():
             if new:
                 # Named by the spec's hash, so that the same command run again (--new
@@ -182,7 +223,7 @@ def record_output(spec: ExperimentSpec) -> None:
     session = {k: record[k] for k in ("code_version", "python", "packages")}
     session["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     if prov_path.is_file():  # a resumed run: the first record stays, each session is added
-        old = json.loads(prov_path.read_text())
+        old = stages.read_json(prov_path)
         sessions = old.get("sessions") or [{k: old.get(k) for k in session if k != "started"}]
         if sessions[-1].get("code_version") != session["code_version"]:
             print(
@@ -260,6 +301,7 @@ def run_experiment(
             )
     probe_tracking(spec)
     spec = check_output(spec, new)
+    check_resume_state(spec)
     check_inputs(spec)
     started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
     try:
@@ -272,7 +314,7 @@ def run_experiment(
         stages.tracker_for(spec)
         data_hashes = prepare_data(spec)
         check_class_names(spec)
-        prov = json.loads((spec.output / "provenance.json").read_text())
+        prov = stages.read_json(spec.output / "provenance.json")
         prov["data_sha256"] = data_hashes
         stages.write_json(spec.output / "provenance.json", prov)
         with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
@@ -371,7 +413,10 @@ class StageTimer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entry: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": {}}
-        self.history = json.loads(path.read_text()) if path.is_file() else []
+        try:
+            self.history = json.loads(path.read_text()) if path.is_file() else []
+        except ValueError:  # only timings: a damaged file is started afresh
+            self.history = []
         self.history.append(self.entry)
 
     @contextlib.contextmanager

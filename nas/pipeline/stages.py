@@ -30,6 +30,7 @@ from nas import factory, sampling
 from nas.cost import added_flops, subnet_params
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import Split, read_few_shot, read_image_folder, read_vtab
+from nas.errors import NasError
 from nas.sampling import make_sampler
 from nas.search import Evaluated, make_search
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
@@ -59,7 +60,29 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A JSON file this project wrote; damaged, it is one error naming it and the fix."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NasError(
+            f"{path}: damaged ({exc}); it records a finished step of this run: remove it to "
+            "redo that step, or restore it from a backup"
+        ) from None
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    """A training's resume state (``state.pt``), None when there is none; damaged, one error
+    naming the file and the fix."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # a truncated zip, a file of something else
+        raise NasError(
+            f"{path}: damaged resume state ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); remove it to restart that "
+            "training from its first epoch"
+        ) from None
 
 
 def run_key(dataset: str, seed: int) -> str:
@@ -301,7 +324,7 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
     )
     state_path = out / "state.pt"
-    state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    state = load_state(state_path)
     tracker = tracker_for(spec)
     run_id = tracker.run(
         f"supernet {ds.key} seed {seed}",
@@ -369,15 +392,36 @@ def search_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
     return spec.output / "search" / run_key(dataset, seed)
 
 
-def _read_log(path: Path) -> list[Evaluated]:
+def read_candidates_log(path: Path) -> list[Evaluated]:
+    """The candidates a search scored before a stop. A last line cut by a kill is cut off the
+    file too, so that what is appended next starts on a line of its own; a damaged line
+    before the last is an error naming it."""
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text().splitlines():
+    out, good = [], 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            good += len(line) + 1
+            continue
         try:
             out.append(Evaluated.from_data(json.loads(line)))
-        except (json.JSONDecodeError, KeyError):
-            break  # a line cut by a kill: everything before it is good
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            if any(rest.strip() for rest in lines[number:]):
+                raise NasError(
+                    f"{path}:{number}: damaged candidate line (lines after it are intact); "
+                    "remove that line to continue the search"
+                ) from None
+            break
+        good += len(line) + 1
+    good = min(good, len(data))
+    if good < len(data) or (data and not data.endswith(b"\n")):
+        with open(path, "r+b") as f:  # cut the partial last line (and end on a newline)
+            f.truncate(good)
+            if good and not data[:good].endswith(b"\n"):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
     return out
 
 
@@ -435,7 +479,7 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     mean, std = spec.backbone.normalisation()
     algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
     log_path = out / "candidates.jsonl"
-    known = {e.subnet: e for e in _read_log(log_path)}
+    known = {e.subnet: e for e in read_candidates_log(log_path)}
     algo.restore(list(known.values()))
 
     def log_candidate(e: Evaluated) -> None:
@@ -590,7 +634,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
     )
     state_path = out / "state.pt"
-    state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    state = load_state(state_path)
     tracker = tracker_for(spec)
     g = spec.space.geometry
     group = dataset_group(spec, ds)
