@@ -53,6 +53,20 @@ def backbone_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _recorded_weights(weights: str | None, name: str | None) -> str | None:
+    """The weights file a saved model records. One of the project's shipped backbones is
+    found where this checkout keeps it, wherever the checkout that saved it was (the sha256
+    check still proves they are the same weights)."""
+    from nas.backbone import BACKBONES_DIR
+
+    if not isinstance(weights, str) or not isinstance(name, str):
+        return weights
+    if not weights or weights == "hub" or Path(weights).is_file() or not name:
+        return weights
+    shipped = BACKBONES_DIR / name / Path(weights).name
+    return str(shipped) if shipped.is_file() else weights
+
+
 class PromptedViT(nn.Module):
     """A frozen timm VisionTransformer plus prompt modules, switchable between subnets.
 
@@ -307,10 +321,21 @@ class PromptedViT(nn.Module):
                 required=["model"],
                 optional=["overrides", "weights", "mean", "std", "name"],
             )
+            for key in ("mean", "std"):
+                value = bb.get(key)
+                if value is not None and not (
+                    isinstance(value, list)
+                    and value
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                ):
+                    reader.fail(f"backbone.{key}", f"expected a list of numbers, got {value!r}")
+            overrides = reader.mapping(
+                bb.get("overrides") or {}, "backbone.overrides", open_keys=True
+            )
             spec = BackboneSpec(
-                bb["model"],
-                dict(bb.get("overrides") or {}),
-                weights=bb.get("weights"),
+                reader.string(bb["model"], "backbone.model"),
+                dict(overrides),
+                weights=_recorded_weights(bb.get("weights"), bb.get("name")),
                 mean=tuple(bb["mean"]) if bb.get("mean") else None,
                 std=tuple(bb["std"]) if bb.get("std") else None,
                 name=bb.get("name"),
@@ -318,7 +343,21 @@ class PromptedViT(nn.Module):
         if backbone is None:
             if spec is None:
                 raise NasError(f"{meta_path}: no backbone recorded; pass the backbone to load onto")
-            backbone = spec.create(num_classes)
+            if spec.weights not in (None, "hub") and not Path(spec.weights).is_file():
+                raise NasError(
+                    f"{meta_path}: the backbone weights it records ({spec.weights}) are not "
+                    "here; pass the pretrained backbone to load onto: "
+                    "PromptedViT.load(folder, backbone)"
+                )
+            try:
+                backbone = spec.create(num_classes)
+            except NasError:
+                raise
+            except Exception as exc:  # an edited architecture timm cannot build
+                raise NasError(
+                    f"{meta_path}: its backbone ({spec.model}, overrides {spec.overrides}) "
+                    f"cannot be built: {type(exc).__name__}: {str(exc)[:200]}"
+                ) from None
         if int(getattr(backbone, "num_classes", num_classes)) != num_classes:
             raise NasError(
                 f"{meta_path}: saved for {num_classes} classes, the backbone's head has "
@@ -330,17 +369,32 @@ class PromptedViT(nn.Module):
                 f"{meta_path}: the backbone's frozen weights differ from the ones these prompt "
                 "weights were trained on (sha256 mismatch); load onto the same pretrained backbone"
             )
-        model = cls.for_subnet(
-            backbone,
-            subnet,
-            meta.get("options") or {},
-            spec,
-            full_finetune=bool(meta.get("full_finetune", False)),
-        )
+        options = reader.mapping(meta.get("options") or {}, "options", open_keys=True)
+        try:
+            model = cls.for_subnet(
+                backbone,
+                subnet,
+                options,
+                spec,
+                full_finetune=bool(meta.get("full_finetune", False)),
+            )
+        except NasError:
+            raise
+        except Exception as exc:  # a subnet or options edited beyond what the backbone takes
+            raise NasError(
+                f"{meta_path}: subnet {subnet} cannot be built on this backbone: "
+                f"{type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
             raise NasError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+        broken = next(
+            (k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()),
+            None,
+        )
+        if broken is not None:
+            raise NasError(f"{weights_path}: {broken} holds NaN or infinite values")
         expected = model.trainable_state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))

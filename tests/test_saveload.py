@@ -111,3 +111,64 @@ def test_full_finetune_saves_and_reloads_every_weight(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert loaded.full_finetune
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (  # a module on layers the backbone does not have
+            lambda m: m["subnet"].update({"lora": {"depth": 9, "dims": 4}}),
+            r"subnet\.yaml: subnet .* cannot be built on this backbone|does not match subnet",
+        ),
+        (  # an architecture timm cannot build
+            lambda m: m["backbone"]["overrides"].update({"embed_dim": -3}),
+            r"subnet\.yaml: its backbone \(vit_tiny_patch16_224, overrides .*\) cannot be built",
+        ),
+        (
+            lambda m: m["backbone"].update({"mean": "grey"}),
+            r"subnet\.yaml:\d+: backbone\.mean: expected a list of numbers, got 'grey'",
+        ),
+        (
+            lambda m: m.update({"options": ["dropout"]}),
+            r"subnet\.yaml:\d+: options: expected a mapping",
+        ),
+    ],
+)
+def test_an_edited_subnet_yaml_is_one_clear_error(trained, edit, message):
+    _, _, folder = trained
+    meta = yaml.safe_load((folder / SUBNET_FILE).read_text())
+    edit(meta)
+    (folder / SUBNET_FILE).write_text(yaml.safe_dump(meta))
+    with pytest.raises(NasError, match=message):
+        PromptedViT.load(folder, check_backbone=False)
+
+
+def test_weights_holding_nan_are_refused(trained):
+    from safetensors.torch import save_file
+
+    _, pretrained, folder = trained
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    with pytest.raises(NasError, match=rf"{name} holds NaN or infinite values"):
+        PromptedViT.load(folder, copy.deepcopy(pretrained))
+
+
+def test_a_saved_model_loads_after_the_checkout_moved(tmp_path):
+    """The record of a shipped backbone names its weights file in the checkout that saved it;
+    moved elsewhere, the shipped backbone of this checkout is found by name (and the sha256
+    check proves it is the same). Any other missing weights file is one clear error."""
+    from nas.backbone import load_backbone
+
+    spec = load_backbone("vit_fmnist")
+    model = PromptedViT.for_subnet(spec.create(4), Subnet({"lora": [2, 2]}), backbone_spec=spec)
+    folder = model.save(tmp_path / "m")
+    meta = yaml.safe_load((folder / SUBNET_FILE).read_text())
+    meta["backbone"]["weights"] = "/old/checkout/backbones/vit_fmnist/model.safetensors"
+    (folder / SUBNET_FILE).write_text(yaml.safe_dump(meta))
+    assert PromptedViT.load(folder).subnet == Subnet({"lora": [2, 2]})
+    meta["backbone"]["name"] = "my_vit"
+    (folder / SUBNET_FILE).write_text(yaml.safe_dump(meta))
+    with pytest.raises(NasError, match=r"the backbone weights it records \(/old/checkout/"):
+        PromptedViT.load(folder)
