@@ -155,7 +155,8 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
         "subnet": str(subnet),
         "canonical": subnet.to_data(),
         "in_space": space.contains(subnet),
-        "in_budget": space.admits(subnet) if space.budget.is_set else None,
+        # the budget alone: whether the subnet is in the space is said beside it
+        "in_budget": space.budget.admits(subnet, g) if space.budget.is_set else None,
         "params": subnet_params(subnet, g),
         "head_params_per_class": factory.head_params(space.backbone, 1),
         "added_flops": added_flops(subnet, g),
@@ -172,7 +173,13 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
     )
     print(f"in space      {where}  ({space.name})")
     if info["in_budget"] is not None:
-        print(f"in budget     {'yes' if info['in_budget'] else 'no'}")
+        fits = "yes" if info["in_budget"] else "no"
+        limits = [
+            f"{name} {bounds}"
+            for name, bounds in (("params", space.budget.params), ("FLOPs", space.budget.flops))
+            if str(bounds) != "unbounded"
+        ]
+        print(f"in budget     {fits}  ({', '.join(limits)})")
     print(
         f"trainable     {info['params']:,} module parameters; "
         + head_note(info["head_params_per_class"])

@@ -281,9 +281,9 @@ class PromptedViT(nn.Module):
         return directory
 
     def _is_standalone(self) -> bool:
-        return all(
-            getattr(m, "capacity", None) == self.subnet[k] for k, m in self.prompt_modules.items()
-        ) and all(k in self.prompt_modules for k in self.subnet)
+        return all(m.holds_exactly(self.subnet[k]) for k, m in self.prompt_modules.items()) and all(
+            k in self.prompt_modules for k in self.subnet
+        )
 
     @classmethod
     def load(

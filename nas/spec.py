@@ -42,6 +42,7 @@ from nas.space import (
     Bounds,
     Budget,
     SearchSpace,
+    _check_budget_reachable,
     _parse_bounds,
     load_space,
     parse_backbone_value,
@@ -382,8 +383,7 @@ def parse_spec(
             flops=_parse_bounds(r, b["flops"], "budget.flops") if "flops" in b else Bounds(),
         )
         space = replace(space, budget=budget)
-        if space.count_within(budget.params) == 0:
-            r.fail("budget", "no subnet of the space meets this budget")
+        _check_budget_reachable(space, r)  # the same check as a space file's budget
 
     # -- datasets
     if not isinstance(data["datasets"], list) or not data["datasets"]:

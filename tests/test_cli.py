@@ -184,3 +184,14 @@ def test_bad_report_sources_are_one_clear_error(tmp_path, capsys):
         [*report, str(tmp_path), "--markdown", str(tmp_path / "no" / "t.md")],
         f"--markdown {tmp_path / 'no' / 't.md'}: folder {tmp_path / 'no'} does not exist",
     )
+
+
+def test_subnet_show_says_in_budget_for_a_subnet_outside_the_space(tmp_path, capsys):
+    """Budget and space are two questions: a small subnet of dims the space lacks is under
+    the budget (it said "in budget: no" before)."""
+    path = tmp_path / "lora3.yaml"
+    path.write_text("lora: {depth: 2, dims: 3}\n")  # tiny_cpu's LoRA dims are 0, 2, 4, 8
+    assert main(["subnet", "show", str(path), "--space", "tiny_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "in space      no  (tiny-cpu)" in out
+    assert "in budget     yes  (params <= 40,000)" in out

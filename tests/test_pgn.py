@@ -209,3 +209,19 @@ def test_bad_pgn_choices(pgn_yaml, message):
         parse_space(parse_yaml(text, "bad.yaml"))
     assert re.search(message, str(info.value)), str(info.value)
     assert str(info.value).startswith("bad.yaml:")
+
+
+def test_a_standalone_pgn_model_saves_itself_without_an_export(space, tmp_path, monkeypatch):
+    """The exported model of a PGN subnet holds exactly that subnet: saving it writes it as
+    it is (it was re-exported, deep-copying the backbone, on every save before)."""
+    model = build(space)
+    model.set_subnet(pgn(2, 4, "resnet18", 16, lora=[4, 1]))
+    standalone = model.export()
+    assert standalone._is_standalone() and not model._is_standalone()
+
+    def no_export(*_args, **_kwargs):
+        raise AssertionError("a standalone model was exported again")
+
+    monkeypatch.setattr(PromptedViT, "export", no_export)
+    folder = standalone.save(tmp_path / "pgn")
+    assert PromptedViT.load(folder, check_backbone=False).subnet == standalone.subnet

@@ -109,3 +109,25 @@ def test_nsga2_pareto_front(space):
 def test_unknown_algorithm():
     with pytest.raises(NasError, match="unknown search algorithm 'bayes'; known: evolution"):
         make_search("bayes", None)
+
+
+def test_float_options_take_their_declared_range_not_always_a_probability(monkeypatch):
+    """A float option is a probability only where the algorithm says so; another one (here
+    a made-up ``temperature`` defaulting to 2.0) may be set to its own default."""
+    from nas.search import option_problem
+    from nas.search.random_search import RandomSearch
+
+    class Tempered(RandomSearch):
+        name = "tempered"
+
+        def __init__(self, space, *, temperature: float = 2.0, **kwargs) -> None:
+            super().__init__(space, **kwargs)
+
+    monkeypatch.setitem(ALGORITHMS, "tempered", Tempered)
+    assert option_problem("tempered", "temperature", 2.0) is None
+    assert option_problem("tempered", "temperature", -1.0) == "expected a number >= 0, got -1.0"
+    assert "expected a number" in option_problem("tempered", "temperature", float("nan"))
+    assert option_problem("evolution", "m_prob", 0.5) is None
+    assert option_problem("evolution", "m_prob", 2.0) == (
+        "expected a probability between 0 and 1, got 2.0"
+    )

@@ -137,7 +137,7 @@ BAD = [
     ),
     (
         {"budget": {"params": {"max": 1}}, "space": "lora_only", "backbone": None},
-        r"budget: no subnet of the space meets this budget",
+        r"budget\.params: no subnet meets this budget .*; subnets of this space have",
     ),
     ({"resources": {"gpus": "one"}}, r"resources\.gpus: expected a number"),
     (
@@ -198,6 +198,10 @@ BAD = [
             "stages": {"supernet": {"in_budget": True}},
         },
         r"stages\.supernet\.in_budget: only 0\.\d+% of the supernet's draws meet the budget",
+    ),
+    (  # a FLOPs budget below what the smallest subnet adds: refused as in a space file
+        {"budget": {"flops": {"max": 10}}},
+        r"budget: no subnet meets the parameter and FLOPs budgets together",
     ),
     (
         {"stages": {"supernet": {"batch_size": 0}}},

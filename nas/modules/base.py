@@ -96,6 +96,11 @@ class PromptModule(nn.Module):
         """A new module whose capacity is exactly ``choice``, holding copies of its slices."""
         raise NotImplementedError
 
+    def holds_exactly(self, choice: Choice) -> bool:
+        """Whether this module's weights are exactly ``choice``'s (it is what ``export`` of
+        that choice would give), so that saving needs no export."""
+        return getattr(self, "capacity", None) == choice
+
     def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return x
 

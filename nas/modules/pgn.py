@@ -123,6 +123,14 @@ class PGN(PromptModule):
         )
         self.active: Choice = ()
 
+    def holds_exactly(self, choice: Choice) -> bool:
+        """A choice names one generator (and a resolution and placement, which hold no
+        weights); the module holds exactly it when that is its only generator."""
+        if not choice:
+            return False
+        prompts, library, generator = choice[0], choice[1], choice[2]
+        return self.capacity == (prompts, library, (generator,))
+
     # -- choices as data -------------------------------------------------------------------
     @classmethod
     def empty_choice(cls) -> Choice:

@@ -3,6 +3,7 @@ NSGA-II, and random search. They run without Ray; the pipeline drives them."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from nas.errors import NasError
@@ -47,10 +48,15 @@ def option_problem(name: str, key: str, value: Any) -> str | None:
         least = 0 if key in _MAY_BE_ZERO else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             return f"expected an integer >= {least}, got {value!r}"
-    elif isinstance(default, float) and not (
-        isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
-    ):
-        return f"expected a probability between 0 and 1, got {value!r}"
+    elif isinstance(default, float):
+        low, high = ALGORITHMS[name].option_ranges.get(key, (0.0, math.inf))
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not low <= value <= high:
+            if (low, high) == (0.0, 1.0):
+                return f"expected a probability between 0 and 1, got {value!r}"
+            if high == math.inf:
+                return f"expected a number >= {low:g}, got {value!r}"
+            return f"expected a number between {low:g} and {high:g}, got {value!r}"
     return None
 
 

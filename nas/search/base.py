@@ -59,6 +59,9 @@ class SearchAlgorithm(ABC):
     """
 
     name: ClassVar[str]
+    #: closed ranges of the float options whose values are bounded (e.g. probabilities);
+    #: any other float option takes a finite number >= 0
+    option_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
     #: candidates the algorithm expects to evaluate in all (for progress and time estimates)
     planned: int = 0
 

@@ -11,6 +11,7 @@ rejected before evaluation. NOAH's defaults: 50 / 10 / 25 / 25, m_prob 0.2, s_pr
 from __future__ import annotations
 
 import random
+from typing import ClassVar
 
 from nas.search.base import SearchAlgorithm
 from nas.space import SearchSpace
@@ -19,6 +20,10 @@ from nas.subnet import Subnet
 
 class Evolution(SearchAlgorithm):
     name = "evolution"
+    option_ranges: ClassVar[dict[str, tuple[float, float]]] = {
+        "m_prob": (0.0, 1.0),  # probabilities
+        "s_prob": (0.0, 1.0),
+    }
 
     def __init__(
         self,
