@@ -329,6 +329,8 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     assert prov["packages"]["open-clip-torch"]
 
     sweep["lrs"] = [1.0e-3, 5.0e-2]
+    (out / "hparams" / "digits" / "supernet").mkdir(parents=True)  # the first sweep finished
+    (out / "hparams" / "digits" / "supernet" / "done.json").write_text("{}")
     path.write_text(yaml.safe_dump({**BASE, "stages": {"hparams": sweep}}))
     changed = load_spec(path, output=out)
     assert changed.hash() != first.hash()
@@ -421,3 +423,35 @@ def test_a_document_of_nested_aliases_is_refused_not_expanded(tmp_path: Path):
     # an anchor used a few times, as a user would, is fine
     path.write_text("x: &lr {lr: 0.001}\ny: *lr\nz: *lr\n")
     assert parse_yaml(path.read_text()).data["z"] == {"lr": 0.001}
+
+
+def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_path: Path):
+    """Fixing a retraining setting after the supernet and search finished keeps them (no
+    --new, no new supernet); once a retraining started, or when the change reaches a
+    finished stage, the run is another spec and is refused as before."""
+    from nas.pipeline import driver
+
+    out = tmp_path / "out"
+    path = tmp_path / "spec.yaml"
+
+    def spec_with(retrain: dict, supernet: dict | None = None):
+        stages = {"retrain": retrain, "supernet": supernet or {}}
+        path.write_text(yaml.safe_dump({**BASE, "stages": stages}))
+        return load_spec(path, output=out)
+
+    first = driver.check_output(spec_with({"epochs": 20}), new=False)
+    driver.record_output(first)
+    for done in ("supernet/digits-seed0/done.json", "search/digits-seed0/done.json"):
+        (out / done).parent.mkdir(parents=True)
+        (out / done).write_text("{}")
+    fixed = spec_with({"epochs": 30})
+    assert fixed.hash() != first.hash()
+    assert driver.check_output(fixed, new=False).output == out  # continued here
+    driver.record_output(fixed)
+    assert json.loads((out / "provenance.json").read_text())["spec_hash"] == fixed.hash()
+    with pytest.raises(NasError, match=r"different spec \(changed: supernet\.epochs\)"):
+        driver.check_output(spec_with({"epochs": 30}, {"epochs": 40}), new=False)
+    (out / "retrain" / "digits-seed0" / "rank1").mkdir(parents=True)
+    (out / "retrain" / "digits-seed0" / "rank1" / "state.pt").write_bytes(b"")
+    with pytest.raises(NasError, match=r"different spec \(changed: retrain\.epochs\)"):
+        driver.check_output(spec_with({"epochs": 40}), new=False)

@@ -182,6 +182,27 @@ def check_writable(folder: Path) -> None:
         raise NasError(f"output {folder}: {first} is not writable by this user")
 
 
+#: The stages in the order they run, as named in a spec's ``stages``.
+STAGE_ORDER = ("hparams", "supernet", "search", "retrain")
+#: What a stage leaves once one of its steps has started.
+STARTED = ("done.json", "state.pt", "candidates.jsonl")
+
+
+def unstarted_stage(output: Path, changed: list[str]) -> str | None:
+    """The earliest stage whose settings changed, when only stage settings changed and no
+    step of that stage or a later one has started: continuing then keeps the finished work
+    of the stages before it (a fixed retraining setting needs no new supernet). None when
+    the change reaches what finished work depends on."""
+    stages_changed = {key.split(".", 1)[0] for key in changed}
+    if not changed or not stages_changed <= set(STAGE_ORDER):
+        return None
+    first = min(STAGE_ORDER.index(s) for s in stages_changed)
+    for stage in STAGE_ORDER[first:]:
+        if any(p for name in STARTED for p in (output / stage).glob(f"**/{name}")):
+            return None
+    return STAGE_ORDER[first]
+
+
 def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
     """Refuse to continue a different spec in an existing output folder (or move to a new
     folder when asked), and refuse a folder that cannot be made; nothing is written."""
@@ -203,6 +224,16 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
                 return check_output(replace(spec, output=beside), new=False)
             else:
                 changed = _diff(old.get("spec", {}), spec.to_data())
+                stage = unstarted_stage(spec.output, changed)
+                if stage is not None:
+                    print(
+                        f"{spec.output}: continuing with changed {stage} settings "
+                        f"({', '.join(changed[:8])}); no step from the {stage} stage on had "
+                        "started, so what finished before it is kept",
+                        flush=True,
+                    )
+                    check_writable(spec.output)
+                    return spec
                 raise NasError(
                     f"{spec.output} holds a run of a different spec (changed: "
                     f"{', '.join(changed[:8]) or 'unknown'}); give another output folder, "
@@ -231,7 +262,15 @@ def record_output(spec: ExperimentSpec) -> None:
                 f"continues with {session['code_version']}; both are recorded in provenance.json",
                 flush=True,
             )
-        record = {**old, "sessions": [*sessions, session]}
+        if old.get("spec_hash") != record["spec_hash"]:  # continued with changed later stages
+            session["spec_hash"] = record["spec_hash"]
+            session["changed"] = _diff(old.get("spec", {}), record.get("spec", {}))
+        record = {
+            **old,
+            "spec": record.get("spec"),
+            "spec_hash": record["spec_hash"],
+            "sessions": [*sessions, session],
+        }
     else:
         record["sessions"] = [session]
     stages.write_json(prov_path, record)
