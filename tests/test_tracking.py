@@ -3,6 +3,9 @@ once, and a candidate run that a kill left half-written completed instead of dup
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from nas.errors import NasError
@@ -96,3 +99,56 @@ def test_a_tracking_server_logs_candidates_without_a_false_error(mlflow_server, 
     children = tracker.children(parent)
     assert sorted(children) == list(map(str, range(6)))
     assert {status for _, status in children.values()} == {"FINISHED"}
+
+
+def test_a_killed_search_leaves_its_loggers_to_finish_and_nothing_running(tmp_path):
+    """What a stop does (``driver.stop_tracking``): the searching process is killed
+    (SIGKILL, as Ray ends a trial) right after handing over its candidates; its logging
+    processes hold the lock until they have logged every one of them, the driver waits on
+    that lock, then marks what is still open KILLED. Every scored candidate ends up in MLflow,
+    FINISHED, and no run stays RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from nas.tracking import wait_for_loggers
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "t")
+    tags = {"stage": "search", "spec_hash": "h"}
+    parent = tracker.run("search d", tags)
+    lock = tmp_path / ".loggers.lock"
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import pathlib, time
+        from nas.tracking import CandidateLogger, Tracker
+        tracker = Tracker({uri!r}, "t")
+        lock = pathlib.Path({str(lock)!r})
+        logger = CandidateLogger(tracker, {parent!r}, {tags!r}, processes=2, lock=lock)
+        for i in range(40):
+            logger.log(str(i), str(i), {{"vpt.depth": 2}}, {{"val_acc": 0.5}})
+        pathlib.Path({str(ready)!r}).write_text("sent")
+        time.sleep(600)  # killed here, its loggers still busy
+        """
+    )
+    search = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert search.poll() is None and time.time() < deadline, "the search did not start"
+            time.sleep(0.1)
+    finally:
+        os.kill(search.pid, signal.SIGKILL)
+        search.wait()
+    assert wait_for_loggers([lock], seconds=120)
+    tracker.stop_running(tags)
+    children = tracker.children(parent)
+    assert sorted(children, key=int) == [str(i) for i in range(40)]
+    assert {status for _, status in children.values()} == {"FINISHED"}
+    open_runs = tracker.client.search_runs(
+        [tracker.experiment_id], "attributes.status = 'RUNNING'", max_results=100
+    )
+    assert not open_runs
