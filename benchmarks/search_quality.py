@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import random
 import statistics
 import sys
@@ -605,7 +606,10 @@ def value_main(argv: list[str]) -> int:
                 "retrain": gt_recipe(),
                 "single_module_sweep": {"lrs": SWEEP_LRS, "epochs": SWEEP_EPOCHS},
                 "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{torch.get_num_threads()} CPU threads",
+                # the runs' own threads (--report reads caches: pass the runs' --threads)
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch thread(s) per process",
+                "pairs_measured": len(rows),
             },
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
