@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from nas.cli import main
-from tests.conftest import REPO, small_space_yaml
+from tests.conftest import REPO, free_port, small_space_yaml
 
 
 def test_space_show_default(capsys):
@@ -157,7 +157,6 @@ def test_preparing_another_task_keeps_the_manifest_of_the_first(tmp_path):
 
 
 def test_bad_report_sources_are_one_clear_error(tmp_path, capsys):
-    import socket
     import sqlite3
 
     broken = tmp_path / "results.json"
@@ -165,9 +164,7 @@ def test_bad_report_sources_are_one_clear_error(tmp_path, capsys):
     other = tmp_path / "other.db"
     with sqlite3.connect(other) as db:
         db.execute("create table t (x int)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # bound, then released: nothing listens
     report = ["report"]
     one_error(capsys, [*report, str(broken)], "not a results file of `nas run`")
     one_error(capsys, [*report, str(tmp_path / "nowhere")], "no such run folder or results file")

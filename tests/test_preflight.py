@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 
 from nas.cli import main
 from nas.errors import NasError
-from tests.conftest import ENV
+from tests.conftest import ENV, free_port
 
 BASE = {
     "name": "pre",
@@ -26,13 +25,6 @@ BASE = {
     "backbone": "vit_fmnist",
     "space": "tiny_cpu",
 }
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(tmp_path: Path, capsys, **change) -> str:
@@ -46,7 +38,7 @@ def run(tmp_path: Path, capsys, **change) -> str:
 
 
 def test_a_tracking_server_that_does_not_answer(tmp_path, capsys):
-    port = closed_port()
+    port = free_port()  # bound, then released: nothing listens
     err = run(tmp_path, capsys, mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     assert f"mlflow.tracking_uri http://127.0.0.1:{port}: no MLflow server answers there" in err
     assert not (tmp_path / "out").exists()
@@ -60,7 +52,7 @@ def test_a_tracking_server_that_does_not_answer(tmp_path, capsys):
     ],
 )
 def test_a_ray_address_that_does_not_answer(tmp_path, capsys, address, message):
-    port = closed_port()
+    port = free_port()  # bound, then released: nothing listens
     err = run(tmp_path, capsys, ray={"address": address.format(port=port)})
     assert message.format(port=port) in err
     assert not (tmp_path / "out").exists()
