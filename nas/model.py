@@ -53,6 +53,54 @@ def backbone_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _recorded_backbone(reader: Reader, value: Any) -> BackboneSpec:
+    """The backbone a saved subnet records (``backbone`` in subnet.yaml), each field checked."""
+    bb = reader.mapping(
+        value,
+        "backbone",
+        required=["model"],
+        optional=["overrides", "weights", "mean", "std", "name"],
+    )
+    for key in ("mean", "std"):
+        v = bb.get(key)
+        if v is not None and not (
+            isinstance(v, list)
+            and v
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        ):
+            reader.fail(f"backbone.{key}", f"expected a list of numbers, got {v!r}")
+    overrides = reader.mapping(bb.get("overrides") or {}, "backbone.overrides", open_keys=True)
+    return BackboneSpec(
+        reader.string(bb["model"], "backbone.model"),
+        dict(overrides),
+        weights=_recorded_weights(bb.get("weights"), bb.get("name")),
+        mean=tuple(bb["mean"]) if bb.get("mean") else None,
+        std=tuple(bb["std"]) if bb.get("std") else None,
+        name=bb.get("name"),
+    )
+
+
+def _build_recorded(meta_path: Path, spec: BackboneSpec | None, num_classes: int) -> nn.Module:
+    """The recorded backbone, built with its weights; one NasError naming subnet.yaml if not."""
+    if spec is None:
+        raise NasError(f"{meta_path}: no backbone recorded; pass the backbone to load onto")
+    if spec.weights not in (None, "hub") and not Path(spec.weights).is_file():
+        raise NasError(
+            f"{meta_path}: the backbone weights it records ({spec.weights}) are not "
+            "here; pass the pretrained backbone to load onto: "
+            "PromptedViT.load(folder, backbone)"
+        )
+    try:
+        return spec.create(num_classes)
+    except NasError:
+        raise
+    except Exception as exc:  # an edited architecture timm cannot build
+        raise NasError(
+            f"{meta_path}: its backbone ({spec.model}, overrides {spec.overrides}) "
+            f"cannot be built: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+
+
 def _recorded_weights(weights: str | None, name: str | None) -> str | None:
     """The weights file a saved model records. One of the project's shipped backbones is
     found where this checkout keeps it, wherever the checkout that saved it was (the sha256
@@ -313,51 +361,9 @@ class PromptedViT(nn.Module):
             reader.fail("format", f"{meta['format']!r} is not {FORMAT!r}")
         subnet = Subnet.from_data(meta["subnet"], doc, "subnet")
         num_classes = reader.integer(meta["num_classes"], "num_classes", minimum=1)
-        spec = None
-        if meta.get("backbone"):
-            bb = reader.mapping(
-                meta["backbone"],
-                "backbone",
-                required=["model"],
-                optional=["overrides", "weights", "mean", "std", "name"],
-            )
-            for key in ("mean", "std"):
-                value = bb.get(key)
-                if value is not None and not (
-                    isinstance(value, list)
-                    and value
-                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-                ):
-                    reader.fail(f"backbone.{key}", f"expected a list of numbers, got {value!r}")
-            overrides = reader.mapping(
-                bb.get("overrides") or {}, "backbone.overrides", open_keys=True
-            )
-            spec = BackboneSpec(
-                reader.string(bb["model"], "backbone.model"),
-                dict(overrides),
-                weights=_recorded_weights(bb.get("weights"), bb.get("name")),
-                mean=tuple(bb["mean"]) if bb.get("mean") else None,
-                std=tuple(bb["std"]) if bb.get("std") else None,
-                name=bb.get("name"),
-            )
+        spec = _recorded_backbone(reader, meta["backbone"]) if meta.get("backbone") else None
         if backbone is None:
-            if spec is None:
-                raise NasError(f"{meta_path}: no backbone recorded; pass the backbone to load onto")
-            if spec.weights not in (None, "hub") and not Path(spec.weights).is_file():
-                raise NasError(
-                    f"{meta_path}: the backbone weights it records ({spec.weights}) are not "
-                    "here; pass the pretrained backbone to load onto: "
-                    "PromptedViT.load(folder, backbone)"
-                )
-            try:
-                backbone = spec.create(num_classes)
-            except NasError:
-                raise
-            except Exception as exc:  # an edited architecture timm cannot build
-                raise NasError(
-                    f"{meta_path}: its backbone ({spec.model}, overrides {spec.overrides}) "
-                    f"cannot be built: {type(exc).__name__}: {str(exc)[:200]}"
-                ) from None
+            backbone = _build_recorded(meta_path, spec, num_classes)
         if int(getattr(backbone, "num_classes", num_classes)) != num_classes:
             raise NasError(
                 f"{meta_path}: saved for {num_classes} classes, the backbone's head has "
