@@ -509,10 +509,38 @@ def value_run(task: str, seed: int, args) -> dict:
             "inherited_val_gt": score(gt_subnets),
         }
 
+    def own_lr(subnet: Subnet) -> float:
+        """``subnet``'s own rate: the single modules' sweep (SWEEP_LRS, 10 epochs on train800,
+        chosen on val200, ties to the smaller rate), each point cached."""
+        nonlocal data
+
+        def point(lr: float) -> float:
+            def compute_point() -> dict:
+                nonlocal data
+                if args.report:
+                    raise NotMeasured(f"{task} seed {seed}: {subnet} not swept at lr {lr:g}")
+                data = data or gt.task_data(task, Path(args.data), space)
+                return {"val": sweep_point(space, subnet, data, seed, lr)}
+
+            return cached_run("lr_sweep", task, sweep_key(subnet, seed, lr), compute_point)["val"]
+
+        val = {lr: point(lr) for lr in SWEEP_LRS}
+        return max(val, key=lambda lr: (val[lr], -lr))
+
     truth = ground_truth_of(task, gt_subnets)
     key = f"{args.variant}|{args.epochs}|{seed}|{args.lr:g}"
     run = cached_run("search_value", task, key, compute)
     tests = {k: retrained(Subnet.from_data(v)) for k, v in run["winners"].items()}
+    own: dict[str, dict] = {}  # a control retrained at its own swept rate, where measured
+    for role in OWN_LR_ROLES:
+        if role not in args.own_lr and not args.report:
+            continue
+        try:
+            subnet = Subnet.from_data(run["winners"][role])
+            lr = own_lr(subnet)
+            own[role] = {"lr": lr, "test": retrained(subnet, lr)}
+        except NotMeasured:
+            continue
     single_tests = {
         kind: retrained(Subnet.from_data(v["subnet"]), v["lr"])
         for kind, v in run["singles"].items()
@@ -532,8 +560,19 @@ def value_run(task: str, seed: int, args) -> dict:
         "best_single_module_test": single_tests[best_single],
         "best_single_module": best_single,
         "single_module_tests": single_tests,
+        **{f"{role}_own_lr_test": own[role]["test"] for role in own},
+        **{f"{role}_own_lr": own[role]["lr"] for role in own},
         "winners": run["winners"],
     }
+
+
+#: The controls that ``value --own-lr`` also retrains at their own swept rate.
+OWN_LR_ROLES = ("searched", "random_subnet", "random_search", "largest_in_budget")
+
+
+def sweep_key(subnet: Subnet, seed: int, lr: float) -> str:
+    blob = json.dumps(subnet.to_data(), sort_keys=True, separators=(",", ":"))
+    return f"{blob}|{seed}|{lr:g}|{SWEEP_EPOCHS}"
 
 
 def sweep_point(space: SearchSpace, subnet: Subnet, data, seed: int, lr: float) -> float:
@@ -565,6 +604,13 @@ def value_main(argv: list[str]) -> int:
     parser.add_argument("--markdown", default=None, help="write the tables as markdown here")
     parser.add_argument(
         "--report", action="store_true", help="only read the cache: what is measured so far"
+    )
+    parser.add_argument(
+        "--own-lr",
+        nargs="+",
+        default=[],
+        choices=OWN_LR_ROLES,
+        help="also retrain these at their own swept rate (as the single modules are)",
     )
     args = parser.parse_args(argv)
     RESULTS = args.results
@@ -605,6 +651,8 @@ def value_main(argv: list[str]) -> int:
                 "evolution": EVOLUTION,
                 "retrain": gt_recipe(),
                 "single_module_sweep": {"lrs": SWEEP_LRS, "epochs": SWEEP_EPOCHS},
+                # the same sweep gives the *_own_lr_test columns their rates
+                "own_lr_roles": [r for r in OWN_LR_ROLES if any(f"{r}_own_lr" in x for x in rows)],
                 "date": time.strftime("%Y-%m-%d"),
                 # the runs' own threads (--report reads caches: pass the runs' --threads)
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -656,7 +704,29 @@ def value_summary(rows: list[dict]) -> dict:
         )
     flat = ", ".join(f"{k} {100 * v:.2f}" for k, v in out["flat_mean"].items())
     out["lines"].append(f"flat means: {flat}")
+    out["own_lr_minus"] = {}
+    for other in OWN_LR_VERSUS:  # the searched winner at its own swept rate, where measured
+        both = [r for r in rows if "searched_own_lr_test" in r and f"{other}_test" in r]
+        if len(both) < 2:
+            continue
+        diffs = [100 * (r["searched_own_lr_test"] - r[f"{other}_test"]) for r in both]
+        p = out["own_lr_minus"][other] = paired(diffs)
+        p["ahead"] = sum(d > 0 for d in diffs)
+        out["lines"].append(
+            f"searched (own lr) - {other}: {p['mean']:+.2f} points (95% interval "
+            f"{p['low']:+.2f} to {p['high']:+.2f}, {p['n']} pairs, ahead on {p['ahead']})"
+        )
     return out
+
+
+#: What the searched winner retrained at its own swept rate is compared with.
+OWN_LR_VERSUS = (
+    "best_single_module",
+    "random_subnet_own_lr",
+    "random_search_own_lr",
+    "largest_in_budget_own_lr",
+    "searched",
+)
 
 
 def value_table(rows: list[dict], summary: dict) -> str:
@@ -683,6 +753,28 @@ def value_table(rows: list[dict], summary: dict) -> str:
             f"| {control.replace('_', ' ')} | {p['mean']:+.2f} | "
             f"{p['low']:+.2f} to {p['high']:+.2f} | {p['n']} |"
         )
+    own = [r for r in rows if "searched_own_lr_test" in r]
+    if own:
+        lines += ["", "Every one at its own swept rate (rate in brackets), test accuracy in %:", ""]
+        head = ["task", "seed", "searched", *(c.replace("_", " ") for c in OWN_LR_ROLES[1:])]
+        lines += ["| " + " | ".join([*head, "best single module"]) + " |"]
+        lines.append("|---" * (len(head) + 1) + "|")
+        for r in own:
+            cells = [r["task"], str(r["seed"])]
+            for role in OWN_LR_ROLES:
+                test = r.get(f"{role}_own_lr_test")
+                cells.append("—" if test is None else f"{100 * test:.1f} ({r[f'{role}_own_lr']:g})")
+            cells.append(f"{100 * r['best_single_module_test']:.1f} ({r['best_single_module']})")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += ["| searched (own rate) minus | mean (points) | 95% interval | pairs | ahead |"]
+        lines.append("|---|---|---|---|---|")
+        for other, p in summary.get("own_lr_minus", {}).items():
+            lines.append(
+                f"| {other.replace('_', ' ').replace('own lr', '(own rate)')} | "
+                f"{p['mean']:+.2f} | {p['low']:+.2f} to {p['high']:+.2f} | {p['n']} | "
+                f"{p['ahead']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

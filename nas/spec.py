@@ -106,6 +106,9 @@ class HparamsStage:
     # Per-module learning-rate multipliers swept for the supernet (and the searched subnets'
     # retraining), e.g. {pgn: [1, 4]}: every combination joins the lr x wd grid.
     module_lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # After the search, each searched subnet gets a sweep of its own retraining rates (the same
+    # grid, as a baseline does) instead of retraining at the supernet's swept rates.
+    sweep_searched: bool = False
 
     def module_lr_grid(self) -> list[dict[str, float]]:
         """Every combination of the swept multipliers ([{}] when none is swept)."""
@@ -188,6 +191,7 @@ LATER_FIELDS = {
     "subnets_per_step": 1,
     "sandwich": False,
     "distill": 0.0,
+    "sweep_searched": False,
 }
 
 
@@ -506,6 +510,16 @@ def parse_spec(
             "stages.hparams.module_lrs",
             "sweeps the supernet's module multipliers, but the search (and so the supernet) "
             "is disabled; give baselines their rates with stages.retrain.module_lr",
+        )
+    if hparams.sweep_searched and not (hparams.enabled and search.enabled):
+        r.fail(
+            "stages.hparams.sweep_searched",
+            "sweeps the searched subnets' retraining rates after the search; it needs "
+            + (
+                "stages.hparams.enabled: true"
+                if search.enabled
+                else "the search (stages.search.enabled is false)"
+            ),
         )
     if search.algorithm not in ALGORITHMS:
         r.fail(

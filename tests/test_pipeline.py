@@ -300,6 +300,7 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
                 "reduction_factor": 2,
                 "eval_subnets": 2,
                 "module_lrs": {"lora": [1, 4]},  # the supernet's sweep: 2 x 2 points
+                "sweep_searched": True,  # after the search, the winner's own 2 x 2 points
             },
             "supernet": {
                 "epochs": 1,
@@ -331,7 +332,8 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
         assert re.search(rf"\[{stage} digits seed 0[^\]]*\] .*, ~\d+ s left", log), stage
     assert all((sweeps / name / "done.json").read_text() == text for name, text in kept.items())
     # The sweeps of one invocation share one Tune run (GroupedASHA keeps their points apart).
-    assert len(list((out / "ray").glob("hparams*"))) == 2  # the killed one, the rerun
+    # The killed one, the rerun, and the searched subnet's sweep after the search.
+    assert len(list((out / "ray").glob("hparams*"))) == 3
     winners = {}
     for method, points in (("supernet", 4), ("baseline-lora4", 2)):
         done = json.loads((out / "hparams" / "digits" / method / "done.json").read_text())
@@ -351,15 +353,67 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     def run_of(stage, label=None):
         return parent_run(runs, stage, **({"label": label} if label else {}))
 
+    # The searched winner's own sweep ran after the search, on the subnet the search chose.
+    assert "== hparams (searched subnets): 1 of 1 sweeps to run, 4 points each" in log
+    own = json.loads((sweeps / "searched-rank1-seed0" / "done.json").read_text())
+    found = json.loads((out / "search" / "digits-seed0" / "done.json").read_text())
+    assert own["subnet"] == found["top"][0]["subnet"] and len(own["grid"]) == 4
+    assert own["val_acc"] == max(p["val_acc"] for p in own["grid"])
     assert float(run_of("supernet").data.params["lr"]) == winners["supernet"]
-    assert float(run_of("retrain", "rank1").data.params["lr"]) == winners["supernet"]
+    assert float(run_of("retrain", "rank1").data.params["lr"]) == own["lr"]
     assert float(run_of("retrain", "baseline-lora4").data.params["lr"]) == winners["baseline-lora4"]
     assert run_of("hparams", "supernet").data.params["chosen_lr"] == str(winners["supernet"])
-    # the swept LoRA multiplier reaches the supernet and the searched subnet's retraining
+    assert run_of("hparams", "searched-rank1-seed0").data.params["chosen_lr"] == str(own["lr"])
+    retrained = json.loads((out / "retrain" / "digits-seed0" / "rank1" / "done.json").read_text())
+    assert retrained["lr"] == own["lr"]
+    # the swept LoRA multipliers reach the supernet and the searched subnet's retraining
     assert float(run_of("supernet").data.params["module_lr.lora"]) == lora_scale
-    assert float(run_of("retrain", "rank1").data.params["module_lr.lora"]) == lora_scale
+    assert (
+        float(run_of("retrain", "rank1").data.params["module_lr.lora"])
+        == (own["module_lr"]["lora"])
+    )
     assert "module_lr.lora" not in run_of("retrain", "baseline-lora4").data.params
     assert float(run_of("hparams", "supernet").data.params["chosen_module_lr.lora"]) == lora_scale
+
+
+def test_searched_subnets_retrain_at_their_own_sweeps_rates(tmp_path):
+    """With hparams.sweep_searched a searched subnet retrains at its own sweep's winner, never
+    the supernet's; without it, at the supernet's (NOAH's recipe); a baseline at its own."""
+    from nas.pipeline import stages
+    from nas.spec import load_spec
+
+    base = {
+        "name": "rates",
+        "datasets": [{"name": "digits", "format": "mini-vtab"}],
+        "backbone": "vit_fmnist",
+        "space": "tiny_cpu",
+        "seeds": [0, 1],
+        "output": str(tmp_path / "out"),
+        "stages": {"hparams": {"enabled": True}},
+    }
+    for method, lr in (
+        ("supernet", 1e-3),
+        ("baseline-b", 2e-3),
+        ("searched-rank1-seed0", 3e-3),
+        ("searched-rank1-seed1", 4e-3),
+    ):
+        folder = tmp_path / "out" / "hparams" / "digits" / method
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps({"lr": lr, "weight_decay": 0.0}))
+    path = tmp_path / "s.yaml"
+    expected = {False: (1e-3, 1e-3), True: (3e-3, 4e-3)}
+    for sweep_searched, (seed0, seed1) in expected.items():
+        spec_doc = {**base, "stages": {"hparams": {"enabled": True}}}
+        spec_doc["stages"]["hparams"]["sweep_searched"] = sweep_searched
+        path.write_text(yaml.safe_dump(spec_doc))
+        spec = load_spec(path, check_data=False)
+
+        def lr(label, role, seed, spec=spec):
+            method = stages.retrain_method(spec, label, role, seed)
+            return stages.tuned(spec, "digits", method).lr
+
+        assert (lr("rank1", "searched", 0), lr("rank1", "searched", 1)) == (seed0, seed1)
+        assert lr("baseline-b", "baseline", 0) == 2e-3
 
 
 def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_data):

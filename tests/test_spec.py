@@ -181,6 +181,25 @@ BAD = [
         r"stages\.hparams\.module_lrs: sweeps the supernet's module multipliers, but the search",
     ),
     (
+        {"stages": {"hparams": {"sweep_searched": True}}},
+        r"stages\.hparams\.sweep_searched: sweeps the searched subnets' retraining rates after "
+        r"the search; it needs stages\.hparams\.enabled: true",
+    ),
+    (
+        {
+            "stages": {
+                "hparams": {"enabled": True, "sweep_searched": True},
+                "search": {"enabled": False},
+                "retrain": {"baselines": {"b": {"lora": {"depth": 1, "dims": 2}}}},
+            }
+        },
+        r"stages\.hparams\.sweep_searched: .* it needs the search \(stages\.search\.enabled",
+    ),
+    (
+        {"stages": {"hparams": {"enabled": True, "sweep_searched": "yes"}}},
+        r"stages\.hparams\.sweep_searched: expected true or false, got 'yes'",
+    ),
+    (
         {"stages": {"supernet": {"module_lr": 0}}},
         r"stages\.supernet\.module_lr: expected a mapping",
     ),
@@ -354,6 +373,7 @@ def test_supernet_training_options_parse_and_are_part_of_the_spec(tmp_path: Path
     for key in ("sampling", "in_budget", "sandwich", "distill", "module_lr"):
         assert key not in before.to_data()["supernet"]
     assert "module_lrs" not in before.to_data()["hparams"]
+    assert "sweep_searched" not in before.to_data()["hparams"]
     stages = {
         "hparams": {"enabled": True, "module_lrs": {"lora": [1, 4], "adapter": 2}},
         "supernet": {
@@ -451,6 +471,28 @@ def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_pat
     assert json.loads((out / "provenance.json").read_text())["spec_hash"] == fixed.hash()
     with pytest.raises(NasError, match=r"different spec \(changed: supernet\.epochs\)"):
         driver.check_output(spec_with({"epochs": 30}, {"epochs": 40}), new=False)
+    # the searched subnets' own sweeps run after the search: turning them on is a change of
+    # the retraining, not of the finished sweep of stage 0
+    hp = {"enabled": True, "lrs": [1.0e-3, 1.0e-2]}
+    path.write_text(
+        yaml.safe_dump({**BASE, "output": str(tmp_path / "hp"), "stages": {"hparams": hp}})
+    )
+    swept = load_spec(path)
+    driver.record_output(swept)
+    for done in ("hparams/digits/supernet", "supernet/digits-seed0", "search/digits-seed0"):
+        (swept.output / done).mkdir(parents=True)
+        (swept.output / done / "done.json").write_text("{}")
+    hp["sweep_searched"] = True
+    path.write_text(
+        yaml.safe_dump({**BASE, "output": str(tmp_path / "hp"), "stages": {"hparams": hp}})
+    )
+    assert driver.check_output(load_spec(path), new=False).output == swept.output
+    hp["lrs"] = [1.0e-3, 2.0e-2]  # a change of stage 0's finished sweep is refused
+    path.write_text(
+        yaml.safe_dump({**BASE, "output": str(tmp_path / "hp"), "stages": {"hparams": hp}})
+    )
+    with pytest.raises(NasError, match=r"changed: hparams\.lrs, hparams\.sweep_searched"):
+        driver.check_output(load_spec(path), new=False)
     (out / "retrain" / "digits-seed0" / "rank1").mkdir(parents=True)
     (out / "retrain" / "digits-seed0" / "rank1" / "state.pt").write_bytes(b"")
     with pytest.raises(NasError, match=r"different spec \(changed: retrain\.epochs\)"):

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from nas.errors import NasError
 from nas.pipeline import stages
 from nas.pipeline.ray_layer import GroupedASHA, run_stage, start_ray
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
+from nas.subnet import Subnet
 
 PACKAGES = (
     "torch",
@@ -184,6 +186,9 @@ def check_writable(folder: Path) -> None:
 
 #: The stages in the order they run, as named in a spec's ``stages``.
 STAGE_ORDER = ("hparams", "supernet", "search", "retrain")
+#: Settings that belong to a later stage than their key says: the searched subnets' own
+#: sweeps run after the search, and only the retraining uses them.
+STAGE_OF_KEY = {"hparams.sweep_searched": "retrain"}
 #: What a stage leaves once one of its steps has started.
 STARTED = ("done.json", "state.pt", "candidates.jsonl")
 
@@ -193,7 +198,7 @@ def unstarted_stage(output: Path, changed: list[str]) -> str | None:
     step of that stage or a later one has started: continuing then keeps the finished work
     of the stages before it (a fixed retraining setting needs no new supernet). None when
     the change reaches what finished work depends on."""
-    stages_changed = {key.split(".", 1)[0] for key in changed}
+    stages_changed = {STAGE_OF_KEY.get(key, key.split(".", 1)[0]) for key in changed}
     if not changed or not stages_changed <= set(STAGE_ORDER):
         return None
     first = min(STAGE_ORDER.index(s) for s in stages_changed)
@@ -420,7 +425,7 @@ def run_stages(spec: ExperimentSpec) -> None:
     storage = spec.output / "ray"
     if spec.hparams.enabled:
         with timings("hparams"):
-            run_hparams_stage(spec, base, storage)
+            run_hparams_stage(spec, base, storage, hparams_sweeps(spec))
     if spec.search.enabled:
         # One trial per dataset and seed trains the supernet, then searches it: a trial's
         # start (a worker importing torch, building the model) is paid once, not twice.
@@ -432,6 +437,10 @@ def run_stages(spec: ExperimentSpec) -> None:
         print(f"== supernet and search: {len(todo)} of {len(pairs)} trials to run", flush=True)
         with timings("supernet+search"):
             run_stage("supernet+search", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+    if spec.hparams.enabled and spec.hparams.sweep_searched:
+        with timings("hparams (searched)"):
+            sweeps = searched_sweeps(spec, pairs)
+            run_hparams_stage(spec, base, storage, sweeps, title="hparams (searched subnets)")
     tasks = retrain_tasks(spec, base, pairs)
     todo = [
         t
@@ -558,16 +567,30 @@ def check_cluster(spec: ExperimentSpec) -> None:
         )
 
 
-def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path) -> None:
-    """Stage 0: for every dataset and method, the lr x wd grid, all in one Tune run so that the
-    cluster stays busy; ASHA stops points early, comparing each only with its own dataset and
-    method (``GroupedASHA``). A sweep's winner is written to hparams/<ds>/<method>/done.json
-    and tracked in MLflow as soon as its last point ends, so an interrupted stage keeps every
-    finished sweep; the later stages read the winners. The sweep trains with the first seed
-    and its winner serves every seed."""
-    from ray.tune import Callback
+@dataclass(frozen=True)
+class Sweep:
+    """One learning-rate sweep of the hparams stage: a method on a dataset, trained with one
+    seed; its winner is written to hparams/<dataset>/<method>/done.json."""
 
-    h = spec.hparams
+    ds: DatasetSpec
+    method: str  # "supernet", "baseline-NAME" or stages.searched_method(...)
+    seed: int
+    subnet: dict[str, Any] | None = None  # a searched subnet's (a baseline's is in the spec)
+
+    @property
+    def group(self) -> str:
+        return f"{self.ds.key}/{self.method}"
+
+    @property
+    def multipliers(self) -> bool:
+        """Whether stages.hparams.module_lrs joins the grid: for the supernet and the searched
+        subnets (a baseline is one module; it takes stages.retrain.module_lr)."""
+        return not self.method.startswith("baseline-")
+
+
+def hparams_sweeps(spec: ExperimentSpec) -> list[Sweep]:
+    """Stage 0's sweeps: the supernet's (when the search runs) and each baseline's, per
+    dataset, trained with the first seed; the winner serves every seed."""
     methods = ["supernet"] if spec.search.enabled else []
     zero_shot = isinstance(spec.backbone, ClipSpec)  # an empty subnet on CLIP trains nothing
     methods += [
@@ -575,91 +598,118 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
         for name, subnet in spec.retrain.baselines.items()
         if not (zero_shot and not subnet)
     ]
-    seed = spec.seeds[0]
-    sweeps = {
-        (ds.key, method): ds
-        for ds in spec.datasets
-        for method in methods
-        if not (stages.hparams_dir(spec, ds.key, method) / "done.json").is_file()
+    return [Sweep(ds, method, spec.seeds[0]) for ds in spec.datasets for method in methods]
+
+
+def searched_sweeps(spec: ExperimentSpec, pairs) -> list[Sweep]:
+    """With ``stages.hparams.sweep_searched``: one sweep per searched subnet that will be
+    retrained (each dataset, seed and rank up to ``retrain.top_k``), with that seed."""
+    out = []
+    for ds, seed in pairs:
+        found = stages.read_json(stages.search_dir(spec, ds.key, seed) / "done.json")
+        for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
+            method = stages.searched_method(f"rank{rank}", seed)
+            out.append(Sweep(ds, method, seed, cand["subnet"]))
+    return out
+
+
+def run_hparams_stage(
+    spec: ExperimentSpec,
+    base: dict[str, Any],
+    storage: Path,
+    sweeps: list[Sweep],
+    title: str = "hparams",
+) -> None:
+    """The lr x wd grid of every sweep, all in one Tune run so that the cluster stays busy;
+    ASHA stops points early, comparing each only with its own sweep (``GroupedASHA``). A
+    sweep's winner is written to hparams/<ds>/<method>/done.json and tracked in MLflow as soon
+    as its last point ends, so an interrupted stage keeps every finished sweep; the later
+    stages read the winners."""
+    from ray.tune import Callback
+
+    h = spec.hparams
+    todo = {
+        s.group: s
+        for s in sweeps
+        if not (stages.hparams_dir(spec, s.ds.key, s.method) / "done.json").is_file()
     }
 
-    def multipliers(method: str) -> list[dict[str, float]]:
-        """Swept module multipliers: the supernet's only (a baseline is one module)."""
-        return h.module_lr_grid() if method == "supernet" else [{}]
+    def multipliers(sweep: Sweep) -> list[dict[str, float]]:
+        return h.module_lr_grid() if sweep.multipliers else [{}]
 
     grid = [
         {
             **base,
-            "dataset": key,
-            "seed": seed,
-            "method": method,
+            "dataset": s.ds.key,
+            "seed": s.seed,
+            "method": s.method,
             "lr": lr,
             "weight_decay": wd,
             **({"module_lr": scales} if scales else {}),
-            "group": f"{key}/{method}",
+            **({"subnet": s.subnet} if s.subnet is not None else {}),
+            "group": s.group,
         }
-        for key, method in sweeps
+        for s in todo.values()
         for lr in h.lrs
         for wd in h.weight_decays
-        for scales in multipliers(method)
+        for scales in multipliers(s)
     ]
-    size = {m: len(h.lrs) * len(h.weight_decays) * len(multipliers(m)) for m in methods}
+    size = {s.group: len(h.lrs) * len(h.weight_decays) * len(multipliers(s)) for s in sweeps}
     print(
-        f"== hparams: {len(sweeps)} of {len(spec.datasets) * len(methods)} sweeps to run, "
+        f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
         f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
         flush=True,
     )
     ended: dict[str, list[dict[str, Any]]] = {}
     tracker = stages.tracker_for(spec)
 
-    def track(ds: DatasetSpec, method: str) -> None:
+    def tags(sweep: Sweep) -> dict[str, str]:
+        return {**stages.base_tags(spec, "hparams", sweep.ds, sweep.seed), "label": sweep.method}
+
+    def track(sweep: Sweep) -> None:
         """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
+        ds, method = sweep.ds, sweep.method
         out = stages.hparams_dir(spec, ds.key, method)
         best = stages.read_json(out / "done.json")
-        run_id = tracker.run(
-            f"hparams {ds.key} {method}",
-            {**stages.base_tags(spec, "hparams", ds, seed), "label": method},
-            params={
-                "lrs": list(h.lrs),
-                "weight_decays": list(h.weight_decays),
-                "epochs": h.epochs,
-                "train_split": "train",
-                "train_images": len(stages.read_splits(spec, ds)["train"].entries),
-                "eval_split": "val",
-                "chosen_lr": best["lr"],
-                "chosen_weight_decay": best["weight_decay"],
-                **{
-                    f"module_lrs.{k}": list(v)
-                    for k, v in h.module_lrs.items()
-                    if method == "supernet"
-                },
-                **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
-            },
-        )
+        params: dict[str, Any] = {
+            "lrs": list(h.lrs),
+            "weight_decays": list(h.weight_decays),
+            "epochs": h.epochs,
+            "train_split": "train",
+            "train_images": len(stages.read_splits(spec, ds)["train"].entries),
+            "eval_split": "val",
+            "chosen_lr": best["lr"],
+            "chosen_weight_decay": best["weight_decay"],
+            **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items() if sweep.multipliers},
+            **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
+        }
+        if sweep.subnet is not None:
+            params["subnet"] = str(Subnet.from_data(sweep.subnet))
+        run_id = tracker.run(f"hparams {ds.key} {method}", tags(sweep), params=params)
         tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
         tracker.log_artifact(run_id, out / "done.json")
         tracker.finish(run_id)
 
-    def finish(key: str, method: str, points: list[dict[str, Any]]) -> None:
+    def finish(sweep: Sweep, points: list[dict[str, Any]]) -> None:
         best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
-        out = stages.hparams_dir(spec, key, method)
-        stages.write_json(out / "done.json", {**best, "seed": seed, "grid": points})
-        track(sweeps[(key, method)], method)
+        out = stages.hparams_dir(spec, sweep.ds.key, sweep.method)
+        record = {**best, "seed": sweep.seed, "grid": points}
+        if sweep.subnet is not None:
+            record["subnet"] = sweep.subnet
+        stages.write_json(out / "done.json", record)
+        track(sweep)
         note = grid_edge_note(best["lr"], h.lrs)
         if note:
-            print(f"hparams {key} {method}: {note}", flush=True)
+            print(f"hparams {sweep.ds.key} {sweep.method}: {note}", flush=True)
 
     # A sweep finished before a stop may have lost its MLflow run (stopped between writing
     # done.json and logging): log it again from its done.json.
-    for ds in spec.datasets:
-        for method in methods:
-            if (ds.key, method) in sweeps:
-                continue
-            run_id = tracker.find_run(
-                {**stages.base_tags(spec, "hparams", ds, seed), "label": method}
-            )
-            if run_id is None or tracker.client.get_run(run_id).info.status != "FINISHED":
-                track(ds, method)
+    for sweep in sweeps:
+        if sweep.group in todo:
+            continue
+        run_id = tracker.find_run(tags(sweep))
+        if run_id is None or tracker.client.get_run(run_id).info.status != "FINISHED":
+            track(sweep)
 
     class SweepEnd(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -674,7 +724,7 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
                     "epochs": result.get("training_iteration", 0),
                 }
             )
-            if len(points) == size[task["method"]]:
+            if len(points) == size[task["group"]]:
                 points.sort(
                     key=lambda p: (
                         p["lr"],
@@ -682,7 +732,7 @@ def run_hparams_stage(spec: ExperimentSpec, base: dict[str, Any], storage: Path)
                         sorted(p.get("module_lr", {}).items()),
                     )
                 )
-                finish(task["dataset"], task["method"], points)
+                finish(todo[task["group"]], points)
 
     run_stage(
         "hparams",

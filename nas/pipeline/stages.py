@@ -205,11 +205,25 @@ class Tuned:
     module_lr: dict[str, float] = field(default_factory=dict)  # swept multipliers only
 
 
+def searched_method(label: str, seed: int) -> str:
+    """The hparams method of one searched subnet's own sweep (``hparams.sweep_searched``)."""
+    return f"searched-{label}-seed{seed}"
+
+
+def retrain_method(spec: ExperimentSpec, label: str, role: str, seed: int) -> str:
+    """Whose swept rates a retraining uses: a baseline its own; a searched subnet its own
+    sweep's with ``hparams.sweep_searched``, else the supernet's (NOAH's recipe)."""
+    if role == "baseline":
+        return label
+    return searched_method(label, seed) if spec.hparams.sweep_searched else "supernet"
+
+
 def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
     """The rates of a method: the hparams stage's winner when it ran, else the stage's own
-    settings ("supernet" covers the supernet and the searched subnets' retraining;
-    "baseline-NAME" a baseline's retraining). Swept module multipliers replace the stage's
-    own for the kinds they name (``TrainingStage.train_config``)."""
+    settings ("supernet" covers the supernet and, unless they have sweeps of their own
+    (``searched_method``), the searched subnets' retraining; "baseline-NAME" a baseline's
+    retraining). Swept module multipliers replace the stage's own for the kinds they name
+    (``TrainingStage.train_config``)."""
     done = hparams_dir(spec, dataset, method) / "done.json"
     if spec.hparams.enabled and done.is_file():
         winner = read_json(done)
@@ -251,15 +265,18 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         draw = make_sampler(spec.space, "uniform", spec.supernet.in_budget)
         scored = [draw(rng) for _ in range(h.eval_subnets)]
         sample = supernet_steps(spec)
-    else:
+    else:  # a baseline, or a searched subnet (its own sweep: the task carries the subnet)
         name = method.removeprefix("baseline-")
-        subnet = spec.retrain.baselines[name]
+        if "subnet" in task:
+            subnet = Subnet.from_data(task["subnet"])
+        else:
+            subnet = spec.retrain.baselines[name]
         model = factory.subnet_model(
             spec.space,
             spec.backbone,
             subnet,
             data["train"],
-            full_finetune=name in spec.retrain.full_finetune,
+            full_finetune=method.startswith("baseline-") and name in spec.retrain.full_finetune,
             dataset=ds.key,
         )
         scored, sample = [subnet], None
@@ -628,8 +645,7 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         dataset=ds.key,
     ).to(device)
     r = spec.retrain
-    method = label if task["role"] == "baseline" else "supernet"
-    rates = tuned(spec, ds.key, method)
+    rates = tuned(spec, ds.key, retrain_method(spec, label, task["role"], seed))
     cfg = r.train_config(
         lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
     )
@@ -689,6 +705,8 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "subnet_str": "full fine-tuning" if task.get("full_finetune") else str(subnet),
         "val_acc": task.get("val_acc"),
         "test_acc": test_acc,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
         "train_split": fit,
         "train_images": len(data[fit]),
         "params": model.num_params()["modules"],
