@@ -26,7 +26,7 @@ from common import machine
 from nas import factory
 from nas.data.loader import TensorLoader
 from nas.inversion import RGBPrompts
-from nas.pipeline import stages
+from nas.pipeline import context, layout
 from nas.spec import load_spec
 from trainers.train import evaluate
 
@@ -55,9 +55,9 @@ def main() -> int:
     mean, std = spec.backbone.normalisation()
     rows = []
     for ds in spec.datasets:
-        test = stages.load_splits(spec, ds, ("test",))["test"]
+        test = context.load_splits(spec, ds, ("test",))["test"]
         for seed in spec.seeds:
-            folder = stages.retrain_dir(spec, ds.key, seed, "x").parent
+            folder = layout.retrain_dir(spec, ds.key, seed, "x").parent
             for done in sorted(folder.glob("*/done.json")):
                 model = factory.load(done.parent / "model").eval()
                 data = model.subnet.to_data()

@@ -6,8 +6,8 @@ local Ray, with the same settings:
 
 - ``fit_s``: one ``Tuner.fit`` of trials that do nothing (Tune's own cost per stage);
 - ``imports_s``: what a fresh trial worker spends importing torch and timm, then the pipeline
-  (``nas.pipeline.stages``, which brings MLflow) — paid once per worker, not per trial, since
-  a finished trial's worker runs the next trial of the same stage;
+  (the stage modules of ``nas.pipeline``, which bring MLflow) — paid once per worker, not per
+  trial, since a finished trial's worker runs the next trial of the same stage;
 - the same for ``trials`` trials on as many workers as the CPUs allow, to show the reuse.
 
 Run: python benchmarks/ray_trial_cost.py [--trials 4] [--repeats 3] [--json FILE]
@@ -40,7 +40,7 @@ def imports(config: dict) -> None:
     import torch  # noqa: F401
 
     middle = time.perf_counter()
-    from nas.pipeline import stages  # noqa: F401
+    from nas.pipeline import hparams, retrain, search, supernet  # noqa: F401
 
     tune.report(
         {

@@ -157,22 +157,22 @@ def search_spec(work: Path, data: Path, candidates: int, device: torch.device) -
 def search_throughput(
     work: Path, data: Path, device, candidates: int, repeats: int, with_ray: bool = True
 ) -> dict:
-    from nas.pipeline import stages
+    from nas.pipeline import context, layout, search, supernet
     from nas.spec import load_spec
 
     path = search_spec(work, data, candidates, device)
     out = work / "out"
     spec = load_spec(path, output=out)
-    stages.tracker_for(spec)
+    context.tracker_for(spec)
     task = {"spec": str(path), "output": str(out), "dataset": "dsprites_loc", "seed": 0}
-    stages.run_supernet(task)
-    search_dir = stages.search_dir(spec, "dsprites_loc", 0)
+    supernet.run_supernet(task)
+    search_dir = layout.search_dir(spec, "dsprites_loc", 0)
 
     # The floor: the same candidates' forward passes over the validation split, nothing else
     # (the candidates are those the search stage scores: read from its log).
-    stages.run_search(task)
-    subnets = [e.subnet for e in stages.read_candidates_log(search_dir / "candidates.jsonl")]
-    val = stages.load_splits(spec, spec.datasets[0], ("val",))["val"]
+    search.run_search(task)
+    subnets = [e.subnet for e in search.read_candidates_log(search_dir / "candidates.jsonl")]
+    val = context.load_splits(spec, spec.datasets[0], ("val",))["val"]
     model = PromptedViT.supernet(spec.space, val.num_classes).to(device)
     mean, std = spec.backbone.normalisation()
 
@@ -192,7 +192,7 @@ def search_throughput(
         data["mlflow"] = {"experiment": f"speed-{next(fresh)}"}
         task["spec"] = str(path.with_name(f"speed-{next(fresh)}.yaml"))
         Path(task["spec"]).write_text(yaml.safe_dump(data))
-        stages.tracker_for(load_spec(task["spec"], output=out))
+        context.tracker_for(load_spec(task["spec"], output=out))
 
     def timed(fn, scale: int = 1) -> float:
         reset(scale)
@@ -203,7 +203,7 @@ def search_throughput(
         return time.perf_counter() - start
 
     def in_process():
-        stages.run_search(task)
+        search.run_search(task)
 
     def through_ray():
         from nas.pipeline.ray_layer import run_stage

@@ -244,7 +244,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nas.pipeline.driver import results_markdown, run_experiment
+    from nas.pipeline.driver import run_experiment
+    from nas.pipeline.reports import results_markdown
 
     try:
         results = run_experiment(args.spec, output=args.output, new=args.new)
@@ -258,7 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nas.pipeline.driver import methods_markdown, results_from_mlflow, results_markdown
+    from nas.pipeline.reports import methods_markdown, results_from_mlflow, results_markdown
 
     source = args.source
     if args.markdown:

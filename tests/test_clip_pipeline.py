@@ -87,8 +87,8 @@ def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
 def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_data):
     import shutil
 
-    from nas.pipeline.driver import check_class_names
-    from nas.pipeline.stages import load_splits
+    from nas.pipeline.context import load_splits
+    from nas.pipeline.preflight import check_class_names
 
     data = tmp_path / "data"
     shutil.copytree(mini_vtab_data / "digits", data / "digits")

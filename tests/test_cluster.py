@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from nas.pipeline.stages import run_key
+from nas.pipeline.layout import run_key
 from nas.subnet import Subnet
 from tests.conftest import ENV, REPO, free_port
 

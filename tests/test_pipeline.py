@@ -209,7 +209,7 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     acc = evaluate(model, test, mean=mean, std=std)
     assert abs(acc - winner.data.metrics["test_acc"]) < 1e-9
     # `nas report` rebuilds the same table from the MLflow store alone.
-    from nas.pipeline.driver import results_from_mlflow
+    from nas.pipeline.reports import results_from_mlflow
 
     again = results_from_mlflow(f"sqlite:///{uninterrupted / 'mlflow.db'}", "ci")
     assert again["per_dataset"] == results["per_dataset"]
@@ -379,7 +379,7 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
 def test_searched_subnets_retrain_at_their_own_sweeps_rates(tmp_path):
     """With hparams.sweep_searched a searched subnet retrains at its own sweep's winner, never
     the supernet's; without it, at the supernet's (NOAH's recipe); a baseline at its own."""
-    from nas.pipeline import stages
+    from nas.pipeline import hparams
     from nas.spec import load_spec
 
     base = {
@@ -409,8 +409,8 @@ def test_searched_subnets_retrain_at_their_own_sweeps_rates(tmp_path):
         spec = load_spec(path, check_data=False)
 
         def lr(label, role, seed, spec=spec):
-            method = stages.retrain_method(spec, label, role, seed)
-            return stages.tuned(spec, "digits", method).lr
+            method = hparams.retrain_method(spec, label, role, seed)
+            return hparams.tuned(spec, "digits", method).lr
 
         assert (lr("rank1", "searched", 0), lr("rank1", "searched", 1)) == (seed0, seed1)
         assert lr("baseline-b", "baseline", 0) == 2e-3

@@ -160,13 +160,13 @@ def test_backbone_weights_that_do_not_load_fail_before_ray(tmp_path, capsys):
 @pytest.fixture
 def resumable(tmp_path):
     """An output folder as a stopped run leaves it (provenance of this very spec)."""
-    from nas.pipeline import driver
+    from nas.pipeline import preflight, provenance
     from nas.spec import load_spec
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "out")}))
-    spec = driver.check_output(load_spec(path), new=False)
-    driver.record_output(spec)
+    spec = preflight.check_output(load_spec(path), new=False)
+    provenance.record_output(spec)
     return spec.output
 
 
@@ -193,7 +193,7 @@ def test_damaged_resume_state_is_named_before_ray(
 
 
 def test_a_candidates_log_cut_mid_line_is_repaired_before_appending(tmp_path):
-    from nas.pipeline.stages import read_candidates_log
+    from nas.pipeline.search import read_candidates_log
 
     good = [
         json.dumps({"subnet": {"lora": {"depth": 2, "dims": d}}, "score": 0.5, "cost": 1.0})

@@ -3,7 +3,7 @@ and costs, from the rows a run (or its MLflow store) holds."""
 
 from __future__ import annotations
 
-from nas.pipeline.driver import methods_markdown, summarise
+from nas.pipeline.reports import methods_markdown, summarise
 
 
 def row(dataset, group, seed, label, role, acc, params, flops=0):

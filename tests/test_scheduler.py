@@ -59,7 +59,7 @@ def test_a_point_reaching_max_t_stops_and_completion_is_routed_to_its_group():
 
 
 def test_a_sweep_won_at_the_grids_edge_is_flagged():
-    from nas.pipeline.driver import grid_edge_note
+    from nas.pipeline.hparams import grid_edge_note
 
     assert grid_edge_note(5e-3, [1e-3, 5e-3, 2e-2]) is None
     assert grid_edge_note(2e-2, [1e-3]) is None  # nothing to widen from one point

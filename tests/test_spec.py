@@ -327,11 +327,11 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     """The sweep's settings decide the later stages' learning rates, so changing them in a
     finished run's folder is refused, naming them; --new runs beside it, in a folder named by
     the spec's hash that the same command finds again."""
-    from nas.pipeline import driver
+    from nas.pipeline import preflight, provenance
 
     def check_output(spec, new):  # as `nas run` does: checked, then recorded once Ray is up
-        spec = driver.check_output(spec, new)
-        driver.record_output(spec)
+        spec = preflight.check_output(spec, new)
+        provenance.record_output(spec)
         return spec
 
     out = tmp_path / "out"
@@ -354,7 +354,7 @@ def test_a_changed_sweep_is_a_different_spec_and_new_runs_beside_it(tmp_path: Pa
     changed = load_spec(path, output=out)
     assert changed.hash() != first.hash()
     with pytest.raises(NasError, match=r"different spec \(changed: hparams\.lrs\)"):
-        driver.check_output(changed, new=False)
+        preflight.check_output(changed, new=False)
     beside = check_output(changed, new=True).output
     assert beside == tmp_path / f"out-{changed.hash()[:8]}"
     assert check_output(load_spec(path, output=out), new=True).output == beside  # found again
@@ -449,7 +449,7 @@ def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_pat
     """Fixing a retraining setting after the supernet and search finished keeps them (no
     --new, no new supernet); once a retraining started, or when the change reaches a
     finished stage, the run is another spec and is refused as before."""
-    from nas.pipeline import driver
+    from nas.pipeline import preflight, provenance
 
     out = tmp_path / "out"
     path = tmp_path / "spec.yaml"
@@ -459,18 +459,18 @@ def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_pat
         path.write_text(yaml.safe_dump({**BASE, "stages": stages}))
         return load_spec(path, output=out)
 
-    first = driver.check_output(spec_with({"epochs": 20}), new=False)
-    driver.record_output(first)
+    first = preflight.check_output(spec_with({"epochs": 20}), new=False)
+    provenance.record_output(first)
     for done in ("supernet/digits-seed0/done.json", "search/digits-seed0/done.json"):
         (out / done).parent.mkdir(parents=True)
         (out / done).write_text("{}")
     fixed = spec_with({"epochs": 30})
     assert fixed.hash() != first.hash()
-    assert driver.check_output(fixed, new=False).output == out  # continued here
-    driver.record_output(fixed)
+    assert preflight.check_output(fixed, new=False).output == out  # continued here
+    provenance.record_output(fixed)
     assert json.loads((out / "provenance.json").read_text())["spec_hash"] == fixed.hash()
     with pytest.raises(NasError, match=r"different spec \(changed: supernet\.epochs\)"):
-        driver.check_output(spec_with({"epochs": 30}, {"epochs": 40}), new=False)
+        preflight.check_output(spec_with({"epochs": 30}, {"epochs": 40}), new=False)
     # the searched subnets' own sweeps run after the search: turning them on is a change of
     # the retraining, not of the finished sweep of stage 0
     hp = {"enabled": True, "lrs": [1.0e-3, 1.0e-2]}
@@ -478,7 +478,7 @@ def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_pat
         yaml.safe_dump({**BASE, "output": str(tmp_path / "hp"), "stages": {"hparams": hp}})
     )
     swept = load_spec(path)
-    driver.record_output(swept)
+    provenance.record_output(swept)
     for done in ("hparams/digits/supernet", "supernet/digits-seed0", "search/digits-seed0"):
         (swept.output / done).mkdir(parents=True)
         (swept.output / done / "done.json").write_text("{}")
@@ -486,14 +486,14 @@ def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_pat
     path.write_text(
         yaml.safe_dump({**BASE, "output": str(tmp_path / "hp"), "stages": {"hparams": hp}})
     )
-    assert driver.check_output(load_spec(path), new=False).output == swept.output
+    assert preflight.check_output(load_spec(path), new=False).output == swept.output
     hp["lrs"] = [1.0e-3, 2.0e-2]  # a change of stage 0's finished sweep is refused
     path.write_text(
         yaml.safe_dump({**BASE, "output": str(tmp_path / "hp"), "stages": {"hparams": hp}})
     )
     with pytest.raises(NasError, match=r"changed: hparams\.lrs, hparams\.sweep_searched"):
-        driver.check_output(load_spec(path), new=False)
+        preflight.check_output(load_spec(path), new=False)
     (out / "retrain" / "digits-seed0" / "rank1").mkdir(parents=True)
     (out / "retrain" / "digits-seed0" / "rank1" / "state.pt").write_bytes(b"")
     with pytest.raises(NasError, match=r"different spec \(changed: retrain\.epochs\)"):
-        driver.check_output(spec_with({"epochs": 40}), new=False)
+        preflight.check_output(spec_with({"epochs": 40}), new=False)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from nas.cli import main
-from nas.pipeline import stages
+from nas.pipeline import context, retrain, search
 from nas.spec import load_spec
 
 SHOTS = 2
@@ -88,13 +88,13 @@ def test_retraining_trains_on_the_protocols_split(tmp_path, three_formats, fmt, 
         "subnet": {"lora": {"depth": 2, "dims": 2}},
         "role": "baseline",
     }
-    row = stages.run_retrain(task)
+    row = retrain.run_retrain(task)
     assert (row["train_split"], row["train_images"]) == (split, images)
     params = mlflow.MlflowClient(spec.tracking_uri).get_run(row["mlflow_run_id"]).data.params
     assert params["train_split"] == split and params["eval_split"] == "test"
     assert int(params["train_images"]) == images
     # the supernet trains on train alone in every format; the search scores on val
-    stages.run_supernet_and_search(task)
+    search.run_supernet_and_search(task)
     client = mlflow.MlflowClient(spec.tracking_uri)
     experiment = client.get_experiment_by_name(spec.mlflow_experiment).experiment_id
     (run,) = client.search_runs([experiment], "tags.`nas.stage` = 'supernet'")
@@ -120,7 +120,7 @@ def test_an_imagefolder_split_missing_a_class_keeps_every_label(tmp_path, three_
     shutil.copytree(root, copy)
     shutil.rmtree(copy / "digits" / "test" / "c03")
     spec = load_spec(write_spec(tmp_path, {"format": "imagefolder", "root": str(copy)}))
-    splits = stages.read_splits(spec, spec.datasets[0])
+    splits = context.read_splits(spec, spec.datasets[0])
     labels = {e.path.parent.name: e.label for e in splits["test"].entries}
     assert labels["c05"] == 5 and "c03" not in labels
     assert splits["test"].num_classes == splits["train"].num_classes == CLASSES

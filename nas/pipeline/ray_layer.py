@@ -1,9 +1,10 @@
 """The thin layer between the pipeline and Ray Tune: one Tune trial per task of a stage.
 
 Everything distributed is configuration here (resources per trial, storage path, retries);
-the work itself is a plain function of a task dict (``nas.pipeline.stages``). A trial that
-fails is retried (``max_failures``) and resumes from its own state in the output folder; one
-that still fails is reported by name with its error, never dropped.
+the work itself is a plain function of a task dict (the stage modules: ``nas.pipeline.hparams``,
+``supernet``, ``search``, ``retrain``). A trial that fails is retried (``max_failures``) and
+resumes from its own state in the output folder; one that still fails is reported by name with
+its error, never dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +82,14 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    from nas.pipeline import stages
+    from nas.pipeline import hparams, retrain, search, supernet
 
     fn = {
-        "hparams": stages.run_hparams,
-        "supernet": stages.run_supernet,
-        "search": stages.run_search,
-        "supernet+search": stages.run_supernet_and_search,
-        "retrain": stages.run_retrain,
+        "hparams": hparams.run_hparams,
+        "supernet": supernet.run_supernet,
+        "search": search.run_search,
+        "supernet+search": search.run_supernet_and_search,
+        "retrain": retrain.run_retrain,
     }[config["stage"]]
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
     task = {**config["task"], "node": ray.get_runtime_context().get_node_id()}
@@ -161,6 +162,29 @@ class GroupedASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"Using ASHA within {len(self.groups)} groups of trials (by {self.key})"
+
+
+class GroupEnd(Callback):
+    """Calls ``on_group(group, ended)`` as soon as every trial of a group (the trials with one
+    value of ``config["task"][key]``; ``sizes`` says how many each has) has ended, stopped
+    early by a scheduler or not; ``ended`` holds each trial's task and last result."""
+
+    def __init__(
+        self,
+        key: str,
+        sizes: dict[str, int],
+        on_group: Callable[[str, list[tuple[dict[str, Any], dict[str, Any]]]], None],
+    ) -> None:
+        self.key, self.sizes, self.on_group = key, sizes, on_group
+        self.ended: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        task = trial.config["task"]
+        group = str(task[self.key])
+        ended = self.ended.setdefault(group, [])
+        ended.append((task, trial.last_result or {}))
+        if len(ended) == self.sizes[group]:
+            self.on_group(group, ended)
 
 
 def describe_task(task: dict[str, Any]) -> str:

@@ -1,0 +1,345 @@
+"""The hparams stage: per dataset and method (the supernet, each baseline, and with
+``sweep_searched`` each searched subnet) a learning-rate x weight-decay (x module multiplier)
+grid on train/val, early-stopped with ASHA; its winners set the later stages' rates."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas import factory
+from nas.clip.model import ClipSpec
+from nas.pipeline.context import (
+    Report,
+    base_tags,
+    device_for,
+    eta_s,
+    load_splits,
+    read_splits,
+    supernet_steps,
+    task_context,
+    tracker_for,
+)
+from nas.pipeline.layout import (
+    hparams_dir,
+    read_json,
+    search_dir,
+    write_json,
+)
+from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage
+from nas.sampling import make_sampler
+from nas.spec import DatasetSpec, ExperimentSpec
+from nas.subnet import Subnet
+from trainers.train import (
+    TrainConfig,
+    evaluate_candidates,
+    train,
+)
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A method's training rates: the hparams stage's winner, or the stage's own settings."""
+
+    lr: float
+    weight_decay: float
+    module_lr: dict[str, float] = field(default_factory=dict)  # swept multipliers only
+
+
+def searched_method(label: str, seed: int) -> str:
+    """The hparams method of one searched subnet's own sweep (``hparams.sweep_searched``)."""
+    return f"searched-{label}-seed{seed}"
+
+
+def retrain_method(spec: ExperimentSpec, label: str, role: str, seed: int) -> str:
+    """Whose swept rates a retraining uses: a baseline its own; a searched subnet its own
+    sweep's with ``hparams.sweep_searched``, else the supernet's (NOAH's recipe)."""
+    if role == "baseline":
+        return label
+    return searched_method(label, seed) if spec.hparams.sweep_searched else "supernet"
+
+
+def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
+    """The rates of a method: the hparams stage's winner when it ran, else the stage's own
+    settings ("supernet" covers the supernet and, unless they have sweeps of their own
+    (``searched_method``), the searched subnets' retraining; "baseline-NAME" a baseline's
+    retraining). Swept module multipliers replace the stage's own for the kinds they name
+    (``TrainingStage.train_config``)."""
+    done = hparams_dir(spec, dataset, method) / "done.json"
+    if spec.hparams.enabled and done.is_file():
+        winner = read_json(done)
+        return Tuned(
+            float(winner["lr"]),
+            float(winner["weight_decay"]),
+            {k: float(v) for k, v in winner.get("module_lr", {}).items()},
+        )
+    if method == "supernet":
+        return Tuned(spec.supernet.lr, spec.supernet.weight_decay)
+    return Tuned(spec.retrain.lr, spec.retrain.weight_decay)
+
+
+def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+    """One point of the sweep: train on the training split, score on validation every epoch
+    (the scheduler stops unpromising points early). The supernet is scored by the mean
+    accuracy of a fixed set of random subnets; a baseline by its own accuracy."""
+    spec, ds, seed = task_context(task)
+    method, lr, wd = task["method"], float(task["lr"]), float(task["weight_decay"])
+    device = device_for(spec)
+    data = load_splits(spec, ds, ("train", "val"))
+    torch.manual_seed(seed)
+    h = spec.hparams
+    stage = spec.supernet if method == "supernet" else spec.retrain
+    if method == "supernet":
+        model = factory.supernet(spec.space, spec.backbone, data["train"], ds.key)
+        rng = random.Random(seed)
+        # the subnets that score a point: in the budget when the supernet samples only there
+        draw = make_sampler(spec.space, "uniform", spec.supernet.in_budget)
+        scored = [draw(rng) for _ in range(h.eval_subnets)]
+        sample = supernet_steps(spec)
+    else:  # a baseline, or a searched subnet (its own sweep: the task carries the subnet)
+        name = method.removeprefix("baseline-")
+        if "subnet" in task:
+            subnet = Subnet.from_data(task["subnet"])
+        else:
+            subnet = spec.retrain.baselines[name]
+        model = factory.subnet_model(
+            spec.space,
+            spec.backbone,
+            subnet,
+            data["train"],
+            full_finetune=method.startswith("baseline-") and name in spec.retrain.full_finetune,
+            dataset=ds.key,
+        )
+        scored, sample = [subnet], None
+    model = model.to(device)
+    cfg = TrainConfig(
+        epochs=h.epochs,
+        batch_size=h.batch_size,
+        lr=lr,
+        weight_decay=wd,
+        warmup_epochs=0,
+        seed=seed,
+        module_lr={**stage.module_lr, **task.get("module_lr", {})},
+        module_weight_decay=dict(stage.module_weight_decay),
+    )
+    mean, std = spec.backbone.normalisation()
+    last = {"val_acc": 0.0}
+    started = time.time()
+
+    def on_epoch(epoch: int, metrics: dict[str, float], _get_state) -> None:
+        accs = evaluate_candidates(model, scored, data["val"], mean=mean, std=std)
+        last["val_acc"] = sum(accs) / len(accs)
+        report(
+            {
+                "stage": "hparams",
+                "dataset": ds.key,
+                "seed": seed,
+                **metrics,  # its "lr" is the scheduled one; the point's own lr wins
+                "label": method,
+                "lr": lr,
+                "weight_decay": wd,
+                "module_lr": task.get("module_lr", {}),
+                "epoch": epoch,
+                "epochs": h.epochs,
+                "val_acc": last["val_acc"],
+                "eta_s": eta_s(started, epoch, h.epochs - epoch),
+            }
+        )
+
+    train(model, data["train"], cfg, mean=mean, std=std, sample_subnet=sample, on_epoch=on_epoch)
+    return {"val_acc": last["val_acc"]}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One learning-rate sweep of the hparams stage: a method on a dataset, trained with one
+    seed; its winner is written to hparams/<dataset>/<method>/done.json."""
+
+    ds: DatasetSpec
+    method: str  # "supernet", "baseline-NAME" or searched_method(...)
+    seed: int
+    subnet: dict[str, Any] | None = None  # a searched subnet's (a baseline's is in the spec)
+
+    @property
+    def group(self) -> str:
+        return f"{self.ds.key}/{self.method}"
+
+    @property
+    def multipliers(self) -> bool:
+        """Whether stages.hparams.module_lrs joins the grid: for the supernet and the searched
+        subnets (a baseline is one module; it takes stages.retrain.module_lr)."""
+        return not self.method.startswith("baseline-")
+
+
+def hparams_sweeps(spec: ExperimentSpec) -> list[Sweep]:
+    """Stage 0's sweeps: the supernet's (when the search runs) and each baseline's, per
+    dataset, trained with the first seed; the winner serves every seed."""
+    methods = ["supernet"] if spec.search.enabled else []
+    zero_shot = isinstance(spec.backbone, ClipSpec)  # an empty subnet on CLIP trains nothing
+    methods += [
+        f"baseline-{name}"
+        for name, subnet in spec.retrain.baselines.items()
+        if not (zero_shot and not subnet)
+    ]
+    return [Sweep(ds, method, spec.seeds[0]) for ds in spec.datasets for method in methods]
+
+
+def searched_sweeps(spec: ExperimentSpec, pairs) -> list[Sweep]:
+    """With ``stages.hparams.sweep_searched``: one sweep per searched subnet that will be
+    retrained (each dataset, seed and rank up to ``retrain.top_k``), with that seed."""
+    out = []
+    for ds, seed in pairs:
+        found = read_json(search_dir(spec, ds.key, seed) / "done.json")
+        for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
+            method = searched_method(f"rank{rank}", seed)
+            out.append(Sweep(ds, method, seed, cand["subnet"]))
+    return out
+
+
+def run_hparams_stage(
+    spec: ExperimentSpec,
+    base: dict[str, Any],
+    storage: Path,
+    sweeps: list[Sweep],
+    title: str = "hparams",
+) -> None:
+    """The lr x wd grid of every sweep, all in one Tune run so that the cluster stays busy;
+    ASHA stops points early, comparing each only with its own sweep (``GroupedASHA``). A
+    sweep's winner is written to hparams/<ds>/<method>/done.json and tracked in MLflow as soon
+    as its last point ends, so an interrupted stage keeps every finished sweep; the later
+    stages read the winners."""
+    h = spec.hparams
+    todo = {
+        s.group: s
+        for s in sweeps
+        if not (hparams_dir(spec, s.ds.key, s.method) / "done.json").is_file()
+    }
+
+    def multipliers(sweep: Sweep) -> list[dict[str, float]]:
+        return h.module_lr_grid() if sweep.multipliers else [{}]
+
+    grid = [
+        {
+            **base,
+            "dataset": s.ds.key,
+            "seed": s.seed,
+            "method": s.method,
+            "lr": lr,
+            "weight_decay": wd,
+            **({"module_lr": scales} if scales else {}),
+            **({"subnet": s.subnet} if s.subnet is not None else {}),
+            "group": s.group,
+        }
+        for s in todo.values()
+        for lr in h.lrs
+        for wd in h.weight_decays
+        for scales in multipliers(s)
+    ]
+    size = {s.group: len(h.lrs) * len(h.weight_decays) * len(multipliers(s)) for s in sweeps}
+    print(
+        f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
+        f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
+        flush=True,
+    )
+    tracker = tracker_for(spec)
+
+    def tags(sweep: Sweep) -> dict[str, str]:
+        return {**base_tags(spec, "hparams", sweep.ds, sweep.seed), "label": sweep.method}
+
+    def track(sweep: Sweep) -> None:
+        """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
+        ds, method = sweep.ds, sweep.method
+        out = hparams_dir(spec, ds.key, method)
+        best = read_json(out / "done.json")
+        params: dict[str, Any] = {
+            "lrs": list(h.lrs),
+            "weight_decays": list(h.weight_decays),
+            "epochs": h.epochs,
+            "train_split": "train",
+            "train_images": len(read_splits(spec, ds)["train"].entries),
+            "eval_split": "val",
+            "chosen_lr": best["lr"],
+            "chosen_weight_decay": best["weight_decay"],
+            **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items() if sweep.multipliers},
+            **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
+        }
+        if sweep.subnet is not None:
+            params["subnet"] = str(Subnet.from_data(sweep.subnet))
+        run_id = tracker.run(f"hparams {ds.key} {method}", tags(sweep), params=params)
+        tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
+        tracker.log_artifact(run_id, out / "done.json")
+        tracker.finish(run_id)
+
+    def finish(sweep: Sweep, points: list[dict[str, Any]]) -> None:
+        best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
+        out = hparams_dir(spec, sweep.ds.key, sweep.method)
+        record = {**best, "seed": sweep.seed, "grid": points}
+        if sweep.subnet is not None:
+            record["subnet"] = sweep.subnet
+        write_json(out / "done.json", record)
+        track(sweep)
+        note = grid_edge_note(best["lr"], h.lrs)
+        if note:
+            print(f"hparams {sweep.ds.key} {sweep.method}: {note}", flush=True)
+
+    # A sweep finished before a stop may have lost its MLflow run (stopped between writing
+    # done.json and logging): log it again from its done.json.
+    for sweep in sweeps:
+        if sweep.group in todo:
+            continue
+        run_id = tracker.find_run(tags(sweep))
+        if run_id is None or tracker.client.get_run(run_id).info.status != "FINISHED":
+            track(sweep)
+
+    def ended(group: str, trials: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        points = [
+            {
+                "lr": task["lr"],
+                "weight_decay": task["weight_decay"],
+                **({"module_lr": task["module_lr"]} if "module_lr" in task else {}),
+                "val_acc": result.get("val_acc", 0.0),
+                "epochs": result.get("training_iteration", 0),
+            }
+            for task, result in trials
+        ]
+        points.sort(
+            key=lambda p: (p["lr"], p["weight_decay"], sorted(p.get("module_lr", {}).items()))
+        )
+        finish(todo[group], points)
+
+    run_stage(
+        "hparams",
+        grid,
+        storage=storage,
+        cpus=spec.cpus,
+        gpus=spec.gpus,
+        scheduler=GroupedASHA(
+            "group",
+            metric="val_acc",
+            mode="max",
+            max_t=h.epochs,
+            grace_period=min(h.grace_period, h.epochs),
+            reduction_factor=h.reduction_factor,
+        ),
+        callbacks=[GroupEnd("group", size, ended)],
+    )
+
+
+def grid_edge_note(chosen: float, grid: Sequence[float]) -> str | None:
+    """A warning when the sweep's winner is the grid's largest or smallest learning rate: the
+    best one may lie outside the grid. (A winner at the largest rate of a sweep shorter than
+    the final training can also be one that diverges over the longer schedule.)"""
+    if len(grid) < 2 or min(grid) < chosen < max(grid):
+        return None
+    edge = "largest" if chosen == max(grid) else "smallest"
+    return (
+        f"the best learning rate, {chosen:g}, is the {edge} of the grid "
+        f"{[float(f'{v:g}') for v in sorted(grid)]}; the best may lie beyond it (widen "
+        "stages.hparams.lrs)"
+    )

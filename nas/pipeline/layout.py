@@ -1,0 +1,79 @@
+"""Where a run keeps its state, per stage (each dataset key and seed: ``<ds>-seed<k>``), and
+how it is written: atomically, so a reader never sees half a file and a kill never leaves one::
+
+    hparams/<ds>/<method>/done.json             a sweep's winner (one sweep for all seeds; a
+                                                searched subnet's own sweep: its seed only)
+    supernet/<ds>-seed<k>/state.pt              training state every checkpoint_every epochs
+    supernet/<ds>-seed<k>/supernet.safetensors  final module and head weights; done.json
+    search/<ds>-seed<k>/candidates.jsonl        every evaluated candidate, appended as scored
+    search/<ds>-seed<k>/candidates.csv          the table of all candidates; done.json
+    retrain/<ds>-seed<k>/<label>/model/         subnet.yaml + weights.safetensors; done.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nas.errors import NasError
+from nas.spec import ExperimentSpec
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a reader never sees half a file, a kill never leaves one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file this project wrote; damaged, it is one error naming it and the fix."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NasError(
+            f"{path}: damaged ({exc}); it records a finished step of this run: remove it to "
+            "redo that step, or restore it from a backup"
+        ) from None
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    """A training's resume state (``state.pt``), None when there is none; damaged, one error
+    naming the file and the fix."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # a truncated zip, a file of something else
+        raise NasError(
+            f"{path}: damaged resume state ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); remove it to restart that "
+            "training from its first epoch"
+        ) from None
+
+
+def run_key(dataset: str, seed: int) -> str:
+    return f"{dataset}-seed{seed}"
+
+
+def hparams_dir(spec: ExperimentSpec, dataset: str, method: str) -> Path:
+    """One sweep per dataset and method, shared by every seed: the seeds measure the spread of
+    training with the chosen hyperparameters (as VPT's protocol does), not of the choice."""
+    return spec.output / "hparams" / dataset / method
+
+
+def supernet_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
+    return spec.output / "supernet" / run_key(dataset, seed)
+
+
+def search_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
+    return spec.output / "search" / run_key(dataset, seed)
+
+
+def retrain_dir(spec: ExperimentSpec, dataset: str, seed: int, label: str) -> Path:
+    return spec.output / "retrain" / run_key(dataset, seed) / label

@@ -1,0 +1,205 @@
+"""The results table of a run: from its output folder or rebuilt from an MLflow store,
+per dataset, VTAB-style group means, flat means, and the methods side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nas.errors import NasError
+from nas.pipeline.layout import (
+    read_json,
+    write_json,
+)
+from nas.spec import ExperimentSpec
+
+
+def collect_results(spec: ExperimentSpec) -> dict[str, Any]:
+    """The results table of a run's output folder (see ``summarise``)."""
+    rows = [read_json(p) for p in sorted((spec.output / "retrain").glob("*/*/done.json"))]
+    results = {"spec_hash": spec.hash(), **summarise(rows)}
+    write_json(spec.output / "results.json", results)
+    (spec.output / "results.md").write_text(results_markdown(results))
+    return results
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per dataset the subnet ranked first by validation (retrained, tested once; mean over
+    seeds); other retrained subnets stay in ``rows``, labelled. VTAB-style group means of the
+    datasets whose group is known, their mean, and the flat mean over datasets."""
+    reported: dict[str, list[float]] = {}
+    group_of: dict[str, str] = {}
+    for r in rows:
+        if r["role"] == "searched":
+            reported.setdefault(r["dataset"], []).append(r["test_acc"])
+            if r.get("group"):
+                group_of[r["dataset"]] = r["group"]
+    per_dataset = {k: sum(v) / len(v) for k, v in reported.items()}
+    groups: dict[str, list[float]] = {}
+    for ds, acc in per_dataset.items():
+        if ds in group_of:
+            groups.setdefault(group_of[ds], []).append(acc)
+    group_means = {g: sum(v) / len(v) for g, v in groups.items()}
+    return {
+        "rows": rows,
+        "per_dataset": per_dataset,
+        "group_means": group_means,
+        "mean_of_groups": sum(group_means.values()) / len(group_means) if group_means else None,
+        "flat_mean": sum(per_dataset.values()) / len(per_dataset) if per_dataset else None,
+    }
+
+
+def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, Any]:
+    """The results table rebuilt from an MLflow store alone (its finished retrain runs)."""
+    from nas.tracking import Tracker  # sets MLflow's telemetry off before MLflow is used
+
+    client = Tracker.client_for(uri)
+    try:
+        exps = [e for e in client.search_experiments() if e.name != "Default"]
+    except Exception as exc:  # a database of another application, a server of another kind
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise NasError(
+            f"{uri}: not an MLflow tracking store ({type(exc).__name__}: {first})"
+        ) from None
+    if experiment is not None:
+        exps = [e for e in exps if e.name == experiment]
+    if len(exps) != 1:
+        names = ", ".join(e.name for e in client.search_experiments() if e.name != "Default")
+        if experiment is not None:
+            raise NasError(f"{uri}: no experiment named {experiment!r} (found: {names or 'none'})")
+        raise NasError(f"{uri}: name the experiment with --experiment (found: {names or 'none'})")
+    runs = client.search_runs(
+        [exps[0].experiment_id],
+        "tags.`nas.stage` = 'retrain' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
+    rows = []
+    for run in runs:
+        t, m, p = run.data.tags, run.data.metrics, run.data.params
+        rows.append(
+            {
+                "dataset": t.get("nas.dataset"),
+                "seed": int(t.get("nas.seed", 0)),
+                "label": t.get("nas.label"),
+                "role": p.get("role"),
+                "group": t.get("nas.group"),
+                "subnet_str": p.get("subnet"),
+                "val_acc": m.get("val_acc"),
+                "test_acc": m.get("test_acc"),
+                "params": int(m.get("params", 0)),
+                "added_flops": int(m.get("added_flops", 0)),
+                "train_split": p.get("train_split"),
+                "train_images": int(p["train_images"]) if "train_images" in p else None,
+            }
+        )
+    return summarise(rows)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| dataset | seed | subnet | role | trained on | val acc | test acc | params "
+        "| added FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["seed"], r["label"])):
+        val = f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "—"
+        # rows of runs made before the split was recorded carry neither field
+        fit = f"{r['train_split']} ({r['train_images']:,})" if r.get("train_images") else "—"
+        lines.append(
+            f"| {r['dataset']} | {r['seed']} | {r['subnet_str']} | {r['role']} | {fit} | {val} "
+            f"| {r['test_acc']:.4f} | {r['params']:,} | {r['added_flops']:,} |"
+        )
+    lines.append("")
+    lines.append(
+        "Reported per dataset: the subnet ranked first by validation accuracy, retrained on "
+        "the split named under 'trained on' (VTAB-1k and ImageFolder: train+val; few-shot: "
+        "the K shots alone) and tested once (mean over seeds)."
+    )
+    lines.append("")
+    for ds, acc in sorted(results["per_dataset"].items()):
+        lines.append(f"- {ds}: {acc:.4f}")
+    for g, acc in sorted(results["group_means"].items()):
+        lines.append(f"- group {g}: {acc:.4f}")
+    if results["mean_of_groups"] is not None:
+        lines.append(f"- mean of group means: {results['mean_of_groups']:.4f}")
+        lines.append(f"- flat mean over datasets: {results['flat_mean']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def method_of(row: dict[str, Any]) -> str | None:
+    """The method a retrained row stands for: the search's reported subnet ("searched") or a
+    baseline by name; other retrained candidates stand for none (they are never reported)."""
+    if row["role"] == "searched":
+        return "searched"
+    if row["role"] == "baseline":
+        return str(row["label"]).removeprefix("baseline-")
+    return None
+
+
+def methods_markdown(results: dict[str, Any]) -> str:
+    """Methods side by side: per dataset the test accuracy's mean ± standard deviation over
+    seeds, then VTAB-style group means, their mean and the flat mean, and each method's
+    trainable parameters (modules, head excluded) and added FLOPs, averaged over datasets."""
+    import statistics
+
+    cells: dict[tuple[str, str], list[float]] = {}
+    cost: dict[str, list[tuple[int, int]]] = {}
+    groups: dict[str, str] = {}
+    for r in results["rows"]:
+        method = method_of(r)
+        if method is None:
+            continue
+        cells.setdefault((r["dataset"], method), []).append(r["test_acc"])
+        cost.setdefault(method, []).append((r["params"], r["added_flops"]))
+        if r.get("group"):
+            groups[r["dataset"]] = r["group"]
+    methods = sorted(cost, key=lambda m: (m != "searched", m))
+    datasets = sorted({d for d, _ in cells}, key=lambda d: (groups.get(d, "~"), d))
+
+    def fmt(values: list[float]) -> str:
+        if not values:
+            return "—"
+        mean = 100 * statistics.mean(values)
+        if len(values) == 1:
+            return f"{mean:.1f}"
+        return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+    lines = [
+        "| dataset | group | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for d in datasets:
+        row = [fmt(cells.get((d, m), [])) for m in methods]
+        lines.append(f"| {d} | {groups.get(d, '')} | " + " | ".join(row) + " |")
+
+    def per_dataset(m: str) -> dict[str, float]:
+        return {d: statistics.mean(v) for (d, mm), v in cells.items() if mm == m}
+
+    summary: dict[str, list[str]] = {}
+    for m in methods:
+        accs = per_dataset(m)
+        by_group: dict[str, list[float]] = {}
+        for d, acc in accs.items():
+            if d in groups:
+                by_group.setdefault(groups[d], []).append(acc)
+        means = {g: statistics.mean(v) for g, v in by_group.items()}
+        for g in sorted({*groups.values()}):
+            summary.setdefault(f"group {g}", []).append(
+                f"{100 * means[g]:.1f}" if g in means else "—"
+            )
+        summary.setdefault("mean of group means", []).append(
+            f"{100 * statistics.mean(means.values()):.1f}" if means else "—"
+        )
+        summary.setdefault("flat mean", []).append(f"{100 * statistics.mean(accs.values()):.1f}")
+        params = statistics.mean(p for p, _ in cost[m])
+        flops = statistics.mean(f for _, f in cost[m])
+        summary.setdefault("trainable params (mean)", []).append(f"{params:,.0f}")
+        summary.setdefault("added MFLOPs (mean)", []).append(f"{flops / 1e6:,.2f}")
+    for name, values in summary.items():
+        lines.append(f"| **{name}** | | " + " | ".join(values) + " |")
+    lines += [
+        "",
+        "Test accuracy (%), mean ± standard deviation over seeds; 'searched' is the subnet the "
+        "search ranked first by validation accuracy, retrained and tested once. Trainable "
+        "parameters count the modules (full fine-tuning: the backbone), not the head.",
+    ]
+    return "\n".join(lines) + "\n"

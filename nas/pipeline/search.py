@@ -1,0 +1,239 @@
+"""The search stage: candidates scored with the supernet's inherited weights on the
+validation split, every one appended to a log as scored and handed to MLflow loggers, so that a
+stopped search continues where it stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from nas import factory
+from nas.cost import added_flops, subnet_params
+from nas.errors import NasError
+from nas.pipeline.context import (
+    Report,
+    base_tags,
+    data_params,
+    device_for,
+    finish,
+    load_splits,
+    task_context,
+    tracker_for,
+)
+from nas.pipeline.layout import (
+    read_json,
+    search_dir,
+    supernet_dir,
+)
+from nas.pipeline.supernet import run_supernet
+from nas.search import Evaluated, make_search
+from nas.spec import ExperimentSpec
+from nas.subnet import Subnet
+from nas.tracking import CandidateLogger, logging_processes, subnet_params_flat
+from trainers.train import (
+    evaluate_candidates,
+    load_trainable,
+)
+
+#: Held (shared) by a search's candidate loggers while they live: a stopped run waits on it.
+LOGGERS_LOCK = ".loggers.lock"
+
+
+def read_candidates_log(path: Path) -> list[Evaluated]:
+    """The candidates a search scored before a stop. A last line cut by a kill is cut off the
+    file too, so that what is appended next starts on a line of its own; a damaged line
+    before the last is an error naming it."""
+    if not path.is_file():
+        return []
+    out, good = [], 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            out.append(Evaluated.from_data(json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            if any(rest.strip() for rest in lines[number:]):
+                raise NasError(
+                    f"{path}:{number}: damaged candidate line (lines after it are intact); "
+                    "remove that line to continue the search"
+                ) from None
+            break
+        good += len(line) + 1
+    good = min(good, len(data))
+    if good < len(data) or (data and not data.endswith(b"\n")):
+        with open(path, "r+b") as f:  # cut the partial last line (and end on a newline)
+            f.truncate(good)
+            if good and not data[:good].endswith(b"\n"):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+    return out
+
+
+def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+    spec, ds, seed = task_context(task)
+    out = search_dir(spec, ds.key, seed)
+    if (out / "done.json").is_file():
+        return read_json(out / "done.json")
+    out.mkdir(parents=True, exist_ok=True)
+    device = device_for(spec)
+    val = load_splits(spec, ds, ("val",))["val"]
+    s = spec.search
+    tracker = tracker_for(spec)
+    tags = base_tags(spec, "search", ds, seed)
+    parent = tracker.run(
+        f"search {ds.key} seed {seed}",
+        tags,
+        params={
+            "algorithm": s.algorithm,
+            "cost": s.cost,
+            **s.options,
+            "eval_split": val.name,
+            "eval_images": len(val),
+            **data_params(val),
+        },
+    )
+    # The loggers start (import MLflow) while the model is built.
+    logger = CandidateLogger(
+        tracker, parent, tags, logging_processes(spec.cpus), lock=out / LOGGERS_LOCK
+    )
+    weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
+    model = factory.supernet(spec.space, spec.backbone, val, ds.key).to(device)
+    load_trainable(model, weights)
+    mean, std = spec.backbone.normalisation()
+    algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
+    log_path = out / "candidates.jsonl"
+    known = {e.subnet: e for e in read_candidates_log(log_path)}
+    algo.restore(list(known.values()))
+
+    def log_candidate(e: Evaluated) -> None:
+        logger.log(
+            e.subnet.key(),
+            str(e.subnet),
+            subnet_params_flat(e.subnet.to_data()),
+            _candidate_metrics(spec, e),
+            {"round": e.round},
+        )
+
+    for e in known.values():  # logged before a kill? CandidateLogger skips those already there
+        log_candidate(e)
+    evaluated_now = 0
+    started = time.time()
+    with open(log_path, "a") as log:
+
+        def score(fresh: list[Subnet]) -> list[float]:
+            return evaluate_candidates(
+                model,
+                fresh,
+                val,
+                mean=mean,
+                std=std,
+                batch_size=s.eval_batch_size,
+            )
+
+        def on_scored(e: Evaluated) -> None:
+            nonlocal evaluated_now
+            evaluated_now += 1
+            log.write(json.dumps(e.to_data()) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+            log_candidate(e)
+
+        def on_round(batch: list[Subnet]) -> None:
+            best = algo.best(1)[0]
+            tracker.log_metrics(
+                parent,
+                {
+                    "best_val_acc": best.score,
+                    "round_mean_val_acc": sum(known[c].score for c in batch) / len(batch),
+                },
+                step=algo.round,
+            )
+            report(
+                {
+                    "stage": "search",
+                    "dataset": ds.key,
+                    "seed": seed,
+                    "round": algo.round,
+                    "evaluated": len(algo.history),
+                    "planned": algo.planned,
+                    "best_val_acc": best.score,
+                    "eta_s": (time.time() - started)
+                    / max(evaluated_now, 1)
+                    * max(algo.planned - len(algo.history), 0),
+                }
+            )
+
+        algo.run(score, known, on_scored, on_round)
+    logger.close()
+    ranking = [
+        e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)}
+        for e in algo.best(len(algo.history))
+    ]
+    _write_table(out / "candidates.csv", algo.history, spec)
+    tracker.log_artifact(parent, out / "candidates.csv")
+    from nas.plots import plot_search
+
+    cost_label = "trainable parameters" if s.cost == "params" else "added FLOPs"
+    for png in plot_search(
+        algo.history,
+        spec.space,
+        algo.best(1)[0].subnet,
+        out / "plots",
+        f"{ds.key} seed {seed} ({s.algorithm})",
+        cost_label,
+    ):
+        tracker.log_artifact(parent, png, "plots")
+    result = {
+        "dataset": ds.key,
+        "seed": seed,
+        "evaluated": len(algo.history),
+        "evaluated_this_run": evaluated_now,
+        "top": ranking[: max(1, spec.retrain.top_k)],
+        "mlflow_run_id": parent,
+    }
+    return finish(tracker, parent, out, result)
+
+
+def run_supernet_and_search(
+    task: dict[str, Any], report: Report = lambda m: None
+) -> dict[str, Any]:
+    """The supernet, then its search: the pipeline runs both in one trial per dataset and
+    seed. Each part resumes on its own (a finished supernet is not retrained)."""
+    run_supernet(task, report)
+    return run_search(task, report)
+
+
+def _candidate_metrics(spec: ExperimentSpec, e: Evaluated) -> dict[str, float]:
+    g = spec.space.geometry
+    return {
+        "val_acc": e.score,
+        "params": subnet_params(e.subnet, g),
+        "added_flops": added_flops(e.subnet, g),
+        "round": e.round,
+    }
+
+
+def _write_table(path: Path, history: list[Evaluated], spec: ExperimentSpec) -> None:
+    g = spec.space.geometry
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["round", "subnet", "val_acc", "params", "added_flops"])
+        for e in history:
+            w.writerow(
+                [
+                    e.round,
+                    str(e.subnet),
+                    f"{e.score:.4f}",
+                    subnet_params(e.subnet, g),
+                    added_flops(e.subnet, g),
+                ]
+            )
