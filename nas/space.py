@@ -135,9 +135,6 @@ class SearchSpace:
         for combo in itertools.product(*(self.modules[k].choices() for k in kinds)):
             yield Subnet(dict(zip(kinds, combo, strict=True)))
 
-    def supernet_capacity(self) -> dict[str, Any]:
-        return {kind: space.capacity() for kind, space in self.modules.items()}
-
     def options(self) -> dict[str, dict[str, float]]:
         return {kind: dict(space.options) for kind, space in self.modules.items()}
 

@@ -24,8 +24,6 @@ from torch import nn
 
 from nas.errors import NasError
 
-SITES = ("tokens", "qkv", "mlp")
-
 
 @dataclass
 class TokenLayout:

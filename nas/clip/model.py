@@ -360,16 +360,3 @@ def class_embeddings(
         emb = F.normalize(model.encode_text(ids), dim=-1).mean(0)
         out.append(F.normalize(emb, dim=-1))
     return torch.stack(out)
-
-
-@torch.no_grad()
-def zero_shot_logits(
-    model: nn.Module, images: torch.Tensor, classes: torch.Tensor, batch_size: int = 512
-) -> torch.Tensor:
-    """Scaled cosine similarities of normalised ``images`` with ``classes`` embeddings."""
-    scale = model.logit_scale.exp()
-    out = []
-    for start in range(0, len(images), batch_size):
-        feats = F.normalize(model.encode_image(images[start : start + batch_size]), dim=-1)
-        out.append(scale * feats @ classes.T)
-    return torch.cat(out)

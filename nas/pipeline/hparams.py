@@ -36,6 +36,7 @@ from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage
 from nas.sampling import make_sampler
 from nas.spec import DatasetSpec, ExperimentSpec
 from nas.subnet import Subnet
+from nas.tracking import Tracker
 from trainers.train import (
     TrainConfig,
     evaluate_candidates,
@@ -220,99 +221,26 @@ def run_hparams_stage(
         for s in sweeps
         if not (hparams_dir(spec, s.ds.key, s.method) / "done.json").is_file()
     }
-
-    def multipliers(sweep: Sweep) -> list[dict[str, float]]:
-        return h.module_lr_grid() if sweep.multipliers else [{}]
-
-    grid = [
-        {
-            **base,
-            "dataset": s.ds.key,
-            "seed": s.seed,
-            "method": s.method,
-            "lr": lr,
-            "weight_decay": wd,
-            **({"module_lr": scales} if scales else {}),
-            **({"subnet": s.subnet} if s.subnet is not None else {}),
-            "group": s.group,
-        }
-        for s in todo.values()
-        for lr in h.lrs
-        for wd in h.weight_decays
-        for scales in multipliers(s)
-    ]
-    size = {s.group: len(h.lrs) * len(h.weight_decays) * len(multipliers(s)) for s in sweeps}
+    size = {s.group: len(sweep_points(spec, s)) for s in sweeps}
     print(
         f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
         f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
         flush=True,
     )
     tracker = tracker_for(spec)
-
-    def tags(sweep: Sweep) -> dict[str, str]:
-        return {**base_tags(spec, "hparams", sweep.ds, sweep.seed), "label": sweep.method}
-
-    def track(sweep: Sweep) -> None:
-        """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
-        ds, method = sweep.ds, sweep.method
-        out = hparams_dir(spec, ds.key, method)
-        best = read_json(out / "done.json")
-        params: dict[str, Any] = {
-            "lrs": list(h.lrs),
-            "weight_decays": list(h.weight_decays),
-            "epochs": h.epochs,
-            "train_split": "train",
-            "train_images": len(read_splits(spec, ds)["train"].entries),
-            "eval_split": "val",
-            "chosen_lr": best["lr"],
-            "chosen_weight_decay": best["weight_decay"],
-            **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items() if sweep.multipliers},
-            **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
-        }
-        if sweep.subnet is not None:
-            params["subnet"] = str(Subnet.from_data(sweep.subnet))
-        run_id = tracker.run(f"hparams {ds.key} {method}", tags(sweep), params=params)
-        tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
-        tracker.log_artifact(run_id, out / "done.json")
-        tracker.finish(run_id)
-
-    def finish(sweep: Sweep, points: list[dict[str, Any]]) -> None:
-        best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
-        out = hparams_dir(spec, sweep.ds.key, sweep.method)
-        record = {**best, "seed": sweep.seed, "grid": points}
-        if sweep.subnet is not None:
-            record["subnet"] = sweep.subnet
-        write_json(out / "done.json", record)
-        track(sweep)
-        note = grid_edge_note(best["lr"], h.lrs)
-        if note:
-            print(f"hparams {sweep.ds.key} {sweep.method}: {note}", flush=True)
-
     # A sweep finished before a stop may have lost its MLflow run (stopped between writing
     # done.json and logging): log it again from its done.json.
     for sweep in sweeps:
         if sweep.group in todo:
             continue
-        run_id = tracker.find_run(tags(sweep))
+        run_id = tracker.find_run(sweep_tags(spec, sweep))
         if run_id is None or tracker.client.get_run(run_id).info.status != "FINISHED":
-            track(sweep)
+            track_sweep(spec, tracker, sweep)
 
     def ended(group: str, trials: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        points = [
-            {
-                "lr": task["lr"],
-                "weight_decay": task["weight_decay"],
-                **({"module_lr": task["module_lr"]} if "module_lr" in task else {}),
-                "val_acc": result.get("val_acc", 0.0),
-                "epochs": result.get("training_iteration", 0),
-            }
-            for task, result in trials
-        ]
-        points.sort(
-            key=lambda p: (p["lr"], p["weight_decay"], sorted(p.get("module_lr", {}).items()))
-        )
-        finish(todo[group], points)
+        finish_sweep(spec, tracker, todo[group], [point_of(*t) for t in trials])
 
+    grid = [{**base, **point} for s in todo.values() for point in sweep_points(spec, s)]
     run_stage(
         "hparams",
         grid,
@@ -329,6 +257,84 @@ def run_hparams_stage(
         ),
         callbacks=[GroupEnd("group", size, ended)],
     )
+
+
+def sweep_points(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
+    """The tasks of one sweep: every lr x wd (x module multipliers) point."""
+    h = spec.hparams
+    grid = h.module_lr_grid() if sweep.multipliers else [{}]
+    return [
+        {
+            "dataset": sweep.ds.key,
+            "seed": sweep.seed,
+            "method": sweep.method,
+            "lr": lr,
+            "weight_decay": wd,
+            **({"module_lr": scales} if scales else {}),
+            **({"subnet": sweep.subnet} if sweep.subnet is not None else {}),
+            "group": sweep.group,
+        }
+        for lr in h.lrs
+        for wd in h.weight_decays
+        for scales in grid
+    ]
+
+
+def point_of(task: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """One ended point of a sweep, as its done.json lists it."""
+    return {
+        "lr": task["lr"],
+        "weight_decay": task["weight_decay"],
+        **({"module_lr": task["module_lr"]} if "module_lr" in task else {}),
+        "val_acc": result.get("val_acc", 0.0),
+        "epochs": result.get("training_iteration", 0),
+    }
+
+
+def sweep_tags(spec: ExperimentSpec, sweep: Sweep) -> dict[str, Any]:
+    return {**base_tags(spec, "hparams", sweep.ds, sweep.seed), "label": sweep.method}
+
+
+def finish_sweep(
+    spec: ExperimentSpec, tracker: Tracker, sweep: Sweep, points: list[dict[str, Any]]
+) -> None:
+    """A sweep whose every point ended: its winner (best validation accuracy; of equals, the
+    one that ran longest) to done.json, then to MLflow; a winner at the grid's edge is said."""
+    points.sort(key=lambda p: (p["lr"], p["weight_decay"], sorted(p.get("module_lr", {}).items())))
+    best = max(points, key=lambda p: (p["val_acc"], p["epochs"]))
+    record = {**best, "seed": sweep.seed, "grid": points}
+    if sweep.subnet is not None:
+        record["subnet"] = sweep.subnet
+    write_json(hparams_dir(spec, sweep.ds.key, sweep.method) / "done.json", record)
+    track_sweep(spec, tracker, sweep)
+    note = grid_edge_note(best["lr"], spec.hparams.lrs)
+    if note:
+        print(f"hparams {sweep.ds.key} {sweep.method}: {note}", flush=True)
+
+
+def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
+    """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
+    h, ds = spec.hparams, sweep.ds
+    out = hparams_dir(spec, ds.key, sweep.method)
+    best = read_json(out / "done.json")
+    params: dict[str, Any] = {
+        "lrs": list(h.lrs),
+        "weight_decays": list(h.weight_decays),
+        "epochs": h.epochs,
+        "train_split": "train",
+        "train_images": len(read_splits(spec, ds)["train"].entries),
+        "eval_split": "val",
+        "chosen_lr": best["lr"],
+        "chosen_weight_decay": best["weight_decay"],
+        **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items() if sweep.multipliers},
+        **{f"chosen_module_lr.{k}": v for k, v in best.get("module_lr", {}).items()},
+    }
+    if sweep.subnet is not None:
+        params["subnet"] = str(Subnet.from_data(sweep.subnet))
+    run_id = tracker.run(f"hparams {ds.key} {sweep.method}", sweep_tags(spec, sweep), params=params)
+    tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
+    tracker.log_artifact(run_id, out / "done.json")
+    tracker.finish(run_id)
 
 
 def grid_edge_note(chosen: float, grid: Sequence[float]) -> str | None:

@@ -35,7 +35,7 @@ from nas.pipeline.supernet import run_supernet
 from nas.search import Evaluated, make_search
 from nas.spec import ExperimentSpec
 from nas.subnet import Subnet
-from nas.tracking import CandidateLogger, logging_processes, subnet_params_flat
+from nas.tracking import CandidateLogger, Tracker, logging_processes, subnet_params_flat
 from trainers.train import (
     evaluate_candidates,
     load_trainable,
@@ -89,18 +89,9 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     s = spec.search
     tracker = tracker_for(spec)
     tags = base_tags(spec, "search", ds, seed)
-    parent = tracker.run(
-        f"search {ds.key} seed {seed}",
-        tags,
-        params={
-            "algorithm": s.algorithm,
-            "cost": s.cost,
-            **s.options,
-            "eval_split": val.name,
-            "eval_images": len(val),
-            **data_params(val),
-        },
-    )
+    params = {"algorithm": s.algorithm, "cost": s.cost, **s.options}
+    params |= {"eval_split": val.name, "eval_images": len(val), **data_params(val)}
+    parent = tracker.run(f"search {ds.key} seed {seed}", tags, params=params)
     # The loggers start (import MLflow) while the model is built.
     logger = CandidateLogger(
         tracker, parent, tags, logging_processes(spec.cpus), lock=out / LOGGERS_LOCK
@@ -130,14 +121,8 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     with open(log_path, "a") as log:
 
         def score(fresh: list[Subnet]) -> list[float]:
-            return evaluate_candidates(
-                model,
-                fresh,
-                val,
-                mean=mean,
-                std=std,
-                batch_size=s.eval_batch_size,
-            )
+            batch = s.eval_batch_size
+            return evaluate_candidates(model, fresh, val, mean=mean, std=std, batch_size=batch)
 
         def on_scored(e: Evaluated) -> None:
             nonlocal evaluated_now
@@ -178,20 +163,8 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)}
         for e in algo.best(len(algo.history))
     ]
-    _write_table(out / "candidates.csv", algo.history, spec)
-    tracker.log_artifact(parent, out / "candidates.csv")
-    from nas.plots import plot_search
-
-    cost_label = "trainable parameters" if s.cost == "params" else "added FLOPs"
-    for png in plot_search(
-        algo.history,
-        spec.space,
-        algo.best(1)[0].subnet,
-        out / "plots",
-        f"{ds.key} seed {seed} ({s.algorithm})",
-        cost_label,
-    ):
-        tracker.log_artifact(parent, png, "plots")
+    title = f"{ds.key} seed {seed}"
+    _log_artifacts(spec, tracker, parent, out, algo.history, algo.best(1)[0].subnet, title)
     result = {
         "dataset": ds.key,
         "seed": seed,
@@ -201,6 +174,28 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
         "mlflow_run_id": parent,
     }
     return finish(tracker, parent, out, result)
+
+
+def _log_artifacts(
+    spec: ExperimentSpec,
+    tracker: Tracker,
+    parent: str,
+    out: Path,
+    history: list[Evaluated],
+    best: Subnet,
+    title: str,
+) -> None:
+    """The finished search's table of candidates and its plots, written and logged."""
+    from nas.plots import plot_search
+
+    s = spec.search
+    _write_table(out / "candidates.csv", history, spec)
+    tracker.log_artifact(parent, out / "candidates.csv")
+    cost_label = "trainable parameters" if s.cost == "params" else "added FLOPs"
+    for png in plot_search(
+        history, spec.space, best, out / "plots", f"{title} ({s.algorithm})", cost_label
+    ):
+        tracker.log_artifact(parent, png, "plots")
 
 
 def run_supernet_and_search(
