@@ -206,7 +206,7 @@ def train_supernet(space: SearchSpace, data, variant: str, epochs: int, seed: in
     """A supernet trained on train800 as the pipeline's supernet stage trains it (batch 64,
     2 warm-up epochs, wd 1e-4) with ``variant``'s sampling settings."""
     from nas.sampling import supernet_steps
-    from nas.spec import SupernetStage
+    from nas.stage_settings import SupernetStage
 
     settings = {"sampling": "uniform", "in_budget": False, "subnets_per_step": 1}
     settings |= {"sandwich": False, "distill": 0.0} | VARIANTS[variant]
