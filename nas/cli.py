@@ -7,9 +7,11 @@ import contextlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from nas import factory
 from nas.cost import subnet_params
+from nas.data.dataset_formats import FORMATS
 from nas.errors import NasError
 from nas.space import DEFAULT_SPACE, SearchSpace, load_space
 
@@ -227,16 +229,13 @@ def cmd_data_few_shot(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    from nas.data.dataset_formats import dataset_format
     from nas.data.decode import decode_split
-    from nas.data.formats import read_few_shot, read_image_folder, read_vtab
 
     dup = "drop" if args.drop_duplicates else "error"
-    if args.format == "vtab":
-        splits = read_vtab(args.folder, duplicates=dup)
-    elif args.format == "few-shot":
-        splits = read_few_shot(args.folder, args.shots, args.seed, duplicates=dup)
-    else:
-        splits = {"all": read_image_folder(args.folder)}
+    splits = dataset_format(args.format).splits_to_check(
+        Path(args.folder), shots=args.shots, split_seed=args.seed, duplicates=dup
+    )
     for name, split in splits.items():
         decode_split(split, 32, 3)  # every image must decode
         print(f"{name:<9} {len(split):>6} images, {split.num_classes} classes  ({split.source})")
@@ -257,7 +256,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from nas.pipeline.reports import methods_markdown, results_from_mlflow, results_markdown
 
@@ -324,7 +322,6 @@ def _read_results(path) -> dict:
 def _mlflow_source(uri: str) -> str:
     """A tracking URI `nas report` can read without creating anything or waiting on a dead
     server: a known scheme, an existing sqlite file that is a database, a server answering."""
-    from pathlib import Path
 
     from nas.tracking import probe_server, uri_problem
 
@@ -374,7 +371,6 @@ def _fraction(text: str) -> float:
 
 def _folder_out(path, option: str = "--out") -> None:
     """A folder this command writes into: not a file, nor below one."""
-    from pathlib import Path
 
     path = Path(path)
     first = next(p for p in (path, *path.parents) if p.exists())
@@ -465,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     few.set_defaults(func=cmd_data_few_shot)
     check = data_cmds.add_parser("check", help="read and decode every image of a dataset")
     check.add_argument("folder")
-    check.add_argument("--format", choices=["vtab", "few-shot", "imagefolder"], default="vtab")
+    check.add_argument("--format", choices=sorted(FORMATS), default="vtab")
     check.add_argument("--shots", type=_at_least(1), default=16)
     check.add_argument("--seed", type=_at_least(0), default=0)
     check.add_argument(

@@ -34,6 +34,7 @@ from typing import Any
 
 from nas.backbone import BackboneSpec
 from nas.clip.model import ClipSpec
+from nas.data.dataset_formats import FORMATS, dataset_format
 from nas.errors import ConfigError
 from nas.space import (
     Bounds,
@@ -56,8 +57,6 @@ from nas.stage_settings import (
 from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
 
-FORMATS = ("mini-vtab", "vtab", "few-shot", "imagefolder")
-
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -71,9 +70,7 @@ class DatasetSpec:
     @property
     def key(self) -> str:
         """A name unique within a spec (few-shot datasets carry their shots and split)."""
-        if self.format == "few-shot":
-            return f"{self.name}-{self.shots}shot-s{self.split_seed}"
-        return self.name
+        return dataset_format(self.format).key(self.name, self.shots, self.split_seed)
 
     @property
     def retrain_split(self) -> str:
@@ -82,7 +79,7 @@ class DatasetSpec:
         VTAB-1k retrains on train800val200, as VPT and NOAH do; a few-shot protocol (NOAH,
         CoOp) retrains on the K shots alone, its val list serving the search only; an
         ImageFolder retrains on train and val, as VTAB does."""
-        return "train" if self.format == "few-shot" else "trainval"
+        return dataset_format(self.format).retrain_split
 
     def to_data(self) -> dict[str, Any]:
         data = asdict(self)
@@ -207,41 +204,30 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
     datasets = []
     for i, item in enumerate(value):
         k = f"datasets[{i}]"
-        d = r.mapping(
-            item,
-            k,
-            required=["name", "format"],
-            optional=["root", "shots", "split_seed", "duplicates"],
-        )
-        fmt = r.string(d["format"], f"{k}.format", choices=FORMATS)
+        keys = sorted({key for f in FORMATS.values() for key in f.keys})
+        d = r.mapping(item, k, required=["name", "format"], optional=["root", *keys, "duplicates"])
+        fmt = r.string(d["format"], f"{k}.format", choices=list(FORMATS))
+        form = dataset_format(fmt)
         ds_name = r.string(d["name"], f"{k}.name")
         root = None
         if "root" in d:
             root_path = Path(r.string(d["root"], f"{k}.root")).expanduser()
             root = str(root_path if root_path.is_absolute() else (base / root_path).resolve())
-        elif fmt != "mini-vtab":
+        elif form.needs_root:
             r.fail(k, f"missing required key 'root' (the folder holding the {fmt} dataset)")
         duplicates = r.string(
             d.get("duplicates", "error"), f"{k}.duplicates", choices=["error", "drop"]
         )
         # A few-shot entry may list several shots and split seeds: one dataset per pair.
-        variants: list[tuple[int | None, int | None]] = [(None, None)]
-        if fmt == "few-shot":
-            shots = r.int_choices(d.get("shots", 16), f"{k}.shots", minimum=1)
-            splits = r.int_choices(d.get("split_seed", 0), f"{k}.split_seed", minimum=0)
-            variants = [(n, s) for n in shots for s in splits]
-        if fmt == "mini-vtab":
-            from nas.data.mini_vtab import TASKS
-
-            if ds_name not in TASKS:
-                r.fail(
-                    f"{k}.name",
-                    f"{ds_name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}",
-                )
-        elif check_data and not (Path(root) / ds_name).is_dir():
-            r.fail(f"{k}.root", f"dataset folder not found: {Path(root) / ds_name}")
-        elif check_data:
-            _check_layout(r, k, fmt, Path(root) / ds_name, variants)
+        variants = form.variants(r, d, k)
+        form.check_name(r, f"{k}.name", ds_name)
+        if form.needs_root and check_data:
+            folder = Path(root) / ds_name
+            if not folder.is_dir():
+                r.fail(f"{k}.root", f"dataset folder not found: {folder}")
+            missing = form.missing(folder, variants)
+            if missing:  # the files it reads (their contents are checked before a trial)
+                r.fail(f"{k}.root", f"{folder} lacks {', '.join(missing)} (the {fmt} layout)")
         for shots_k, split_seed in variants:
             ds = DatasetSpec(
                 name=ds_name,
@@ -353,31 +339,6 @@ def parse_spec(
         retrain=stages.retrain,
         mlflow_artifacts=artifacts,
     )
-
-
-def _check_layout(
-    r: Reader, key: str, fmt: str, folder: Path, variants: list[tuple[int | None, int | None]]
-) -> None:
-    """The files a format reads are there (their contents are checked when read, before the
-    first trial): VTAB-1k's four lists, an ImageFolder's three split folders, a few-shot
-    dataset's lists for every shot and split seed."""
-    from nas.data.formats import VTAB_SPLITS, few_shot_files
-
-    if fmt == "vtab":
-        missing = [n for n in VTAB_SPLITS.values() if not (folder / n).is_file()]
-    elif fmt == "imagefolder":
-        missing = [f"{n}/" for n in ("train", "val", "test") if not (folder / n).is_dir()]
-    else:
-        missing = sorted(
-            {
-                str(p.relative_to(folder))
-                for shots, seed in variants
-                for p in few_shot_files(folder, shots or 0, seed or 0).values()
-                if not p.is_file()
-            }
-        )
-    if missing:
-        r.fail(f"{key}.root", f"{folder} lacks {', '.join(missing)} (the {fmt} layout)")
 
 
 def _tracking_uri(r: Reader, uri: str) -> str:

@@ -12,12 +12,10 @@ from typing import Any
 import torch
 
 from nas import sampling
+from nas.data.dataset_formats import dataset_format
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import Split, read_few_shot, read_image_folder, read_vtab
-from nas.pipeline.layout import (
-    read_json,
-    write_json,
-)
+from nas.data.formats import Split
+from nas.jsonio import write_json
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.tracking import Tracker
 from trainers.train import SupernetSteps
@@ -26,32 +24,18 @@ Report = Callable[[dict[str, Any]], None]
 
 
 def dataset_root(spec: ExperimentSpec, ds: DatasetSpec) -> Path:
-    if ds.format == "mini-vtab":
-        return Path(ds.root) if ds.root else spec.output / "data" / "mini-vtab"
-    return Path(ds.root)
+    """The folder holding the dataset's folder: the spec's root, or its format's default."""
+    return Path(ds.root) if ds.root else dataset_format(ds.format).default_root(spec.output)
 
 
 def read_splits(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Split]:
     """The dataset's splits as lists of (image, label) entries, nothing decoded."""
-    folder = dataset_root(spec, ds) / ds.name
-    if ds.format in ("mini-vtab", "vtab"):
-        splits = read_vtab(folder, duplicates=ds.duplicates)
-    elif ds.format == "few-shot":
-        splits = read_few_shot(folder, ds.shots, ds.split_seed, duplicates=ds.duplicates)
-    else:
-        # val and test take train's classes: a split missing a class keeps every label
-        train = read_image_folder(Path(ds.root) / ds.name / "train")
-        splits = {"train": train}
-        for name in ("val", "test"):
-            splits[name] = read_image_folder(Path(ds.root) / ds.name / name, train.class_names)
-        splits["trainval"] = Split(
-            "trainval",
-            splits["train"].entries + splits["val"].entries,
-            splits["train"].source,
-            splits["train"].num_classes,
-            splits["train"].class_names,
-        )
-    return splits
+    return dataset_format(ds.format).read_splits(
+        dataset_root(spec, ds) / ds.name,
+        shots=ds.shots,
+        split_seed=ds.split_seed,
+        duplicates=ds.duplicates,
+    )
 
 
 def load_splits(
@@ -76,26 +60,9 @@ def split_params(fit: DecodedSplit, scored: DecodedSplit) -> dict[str, Any]:
     return {"train_split": fit.name, "train_images": len(fit), "eval_split": scored.name}
 
 
-def mini_vtab_entry(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Any] | None:
-    """A prepared mini-VTAB task's manifest entry: ``<root>/<task>/manifest.json`` (prepared by
-    the pipeline) or the task's part of ``<root>/manifest.json`` (``nas data prepare``)."""
-    root = dataset_root(spec, ds)
-    own, shared = root / ds.name / "manifest.json", root / "manifest.json"
-    if own.is_file():
-        return read_json(own)
-    if shared.is_file():
-        return read_json(shared).get("tasks", {}).get(ds.name)
-    return None
-
-
 def dataset_group(spec: ExperimentSpec, ds: DatasetSpec) -> str | None:
     """The VTAB group (natural / specialized / structured) of a dataset, when known."""
-    from nas.data.catalog import vtab_group
-
-    if ds.format == "mini-vtab":
-        entry = mini_vtab_entry(spec, ds)
-        return entry.get("group") if entry else None
-    return vtab_group(ds.name)
+    return dataset_format(ds.format).group(dataset_root(spec, ds), ds.name)
 
 
 def device_for(spec: ExperimentSpec) -> torch.device:

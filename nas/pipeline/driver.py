@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nas.data.dataset_formats import dataset_format, manifest_entry
 from nas.errors import NasError
+from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
     dataset_root,
-    mini_vtab_entry,
     tracker_for,
 )
 from nas.pipeline.hparams import (
@@ -27,12 +28,7 @@ from nas.pipeline.hparams import (
     run_hparams_stage,
     searched_sweeps,
 )
-from nas.pipeline.layout import (
-    read_json,
-    retrain_dir,
-    search_dir,
-    write_json,
-)
+from nas.pipeline.layout import retrain_dir, search_dir
 from nas.pipeline.preflight import (
     check_class_names,
     check_cluster,
@@ -221,9 +217,9 @@ def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
     from nas.data.mini_vtab import prepare
 
     hashes: dict[str, Any] = {}
-    for ds in (d for d in spec.datasets if d.format == "mini-vtab"):
+    for ds in (d for d in spec.datasets if not dataset_format(d.format).needs_root):
         root = dataset_root(spec, ds)
-        entry = mini_vtab_entry(spec, ds)
+        entry = manifest_entry(root, ds.name)
         if entry is None and ds.root is not None:
             raise NasError(
                 f"{root / ds.name}: not a prepared mini-VTAB task; run `nas data prepare "

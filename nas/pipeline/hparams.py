@@ -15,6 +15,7 @@ import torch
 
 from nas import factory
 from nas.clip.model import ClipSpec
+from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
     Report,
     base_tags,
@@ -26,12 +27,7 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.layout import (
-    hparams_dir,
-    read_json,
-    search_dir,
-    write_json,
-)
+from nas.pipeline.layout import hparams_dir, search_dir
 from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage
 from nas.sampling import make_sampler
 from nas.spec import DatasetSpec, ExperimentSpec

@@ -9,13 +9,12 @@ import os
 from pathlib import Path
 
 from nas.clip.model import ClipSpec
+from nas.data.dataset_formats import dataset_format
 from nas.errors import NasError
+from nas.jsonio import read_json
 from nas.pipeline.context import (
     dataset_root,
     read_splits,
-)
-from nas.pipeline.layout import (
-    read_json,
 )
 from nas.pipeline.provenance import spec_diff
 from nas.pipeline.search import read_candidates_log
@@ -90,7 +89,8 @@ def check_inputs(spec: ExperimentSpec) -> None:
     g = spec.backbone.geometry()
     size = g.patch_size * round(g.num_patches**0.5)
     for ds in spec.datasets:
-        if ds.format == "mini-vtab" and not (dataset_root(spec, ds) / ds.name).is_dir():
+        packaged = not dataset_format(ds.format).needs_root
+        if packaged and not (dataset_root(spec, ds) / ds.name).is_dir():
             continue  # prepared by this run, from packaged data
         splits = read_splits(spec, ds)
         for split in splits.values():
@@ -265,7 +265,7 @@ def check_class_names(spec: ExperimentSpec) -> None:
     from nas.data.formats import CLASSNAMES_FILE, read_class_names
 
     for ds in spec.datasets:
-        if ds.format == "imagefolder":  # its class folders' names are the class names
+        if dataset_format(ds.format).class_names_from_folders:
             continue
         folder = dataset_root(spec, ds) / ds.name
         if read_class_names(folder) is None:

@@ -13,10 +13,7 @@ from typing import Any
 from nas.clip.model import ClipSpec
 from nas.data.hashing import file_sha256
 from nas.errors import NasError
-from nas.pipeline.layout import (
-    read_json,
-    write_json,
-)
+from nas.jsonio import read_json, write_json
 from nas.spec import ExperimentSpec
 
 PACKAGES = (

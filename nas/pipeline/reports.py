@@ -6,10 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from nas.errors import NasError
-from nas.pipeline.layout import (
-    read_json,
-    write_json,
-)
+from nas.jsonio import read_json, write_json
 from nas.spec import ExperimentSpec
 
 

@@ -11,6 +11,7 @@ import torch
 
 from nas import factory
 from nas.cost import added_flops
+from nas.jsonio import read_json
 from nas.pipeline.context import (
     Report,
     base_tags,
@@ -28,12 +29,7 @@ from nas.pipeline.hparams import (
     retrain_method,
     tuned,
 )
-from nas.pipeline.layout import (
-    load_state,
-    read_json,
-    retrain_dir,
-    search_dir,
-)
+from nas.pipeline.layout import load_state, retrain_dir, search_dir
 from nas.spec import ExperimentSpec
 from nas.subnet import Subnet
 from nas.tracking import subnet_params_flat

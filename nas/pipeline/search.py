@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from nas import factory
 from nas.cost import added_flops, subnet_params
 from nas.errors import NasError
+from nas.jsonio import read_json
 from nas.pipeline.context import (
     Report,
     base_tags,
@@ -26,11 +27,7 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.layout import (
-    read_json,
-    search_dir,
-    supernet_dir,
-)
+from nas.pipeline.layout import search_dir, supernet_dir
 from nas.pipeline.supernet import run_supernet
 from nas.search import Evaluated, make_search
 from nas.spec import ExperimentSpec

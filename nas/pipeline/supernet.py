@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from nas import factory
+from nas.jsonio import read_json
 from nas.pipeline.context import (
     Report,
     base_tags,
@@ -26,11 +27,7 @@ from nas.pipeline.context import (
 from nas.pipeline.hparams import (
     tuned,
 )
-from nas.pipeline.layout import (
-    load_state,
-    read_json,
-    supernet_dir,
-)
+from nas.pipeline.layout import load_state, supernet_dir
 from trainers.train import (
     train,
 )
