@@ -12,7 +12,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import timm
 import timm.data
@@ -22,6 +22,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nas.errors import ConfigError, NasError
+
+if TYPE_CHECKING:
+    from nas.model import PromptedViT
+    from nas.space import SearchSpace
+    from nas.subnet import Subnet
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,52 @@ class BackboneSpec:
         if len(mean) != channels:  # e.g. a single-channel model: average the RGB statistics
             mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
         return tuple(mean), tuple(std)
+
+    # -- the backbone family's protocol (shared with nas.clip.model.ClipSpec) ----------------
+    #: A CLIP classifies by class names through its text tower; a ViT by a trained head (so
+    #: linear probing and full fine-tuning are baselines of this family only).
+    classifies_by_name: ClassVar[bool] = False
+
+    def supernet(self, space: SearchSpace, split: Any, dataset: str = "") -> PromptedViT:
+        """The weight-entangled supernet of ``space`` with a head for the split's classes."""
+        from nas.model import PromptedViT
+
+        return PromptedViT.supernet(space, split.num_classes, self.create(split.num_classes))
+
+    def subnet_model(
+        self,
+        space: SearchSpace,
+        subnet: Subnet,
+        split: Any,
+        *,
+        full_finetune: bool = False,
+        dataset: str = "",
+    ) -> PromptedViT:
+        """The standalone model of ``subnet`` from the pretrained weights."""
+        from nas.model import PromptedViT
+
+        return PromptedViT.for_subnet(
+            self.create(split.num_classes),
+            subnet,
+            space.options(),
+            self,
+            full_finetune=full_finetune,
+        )
+
+    def head_params(self, num_classes: int) -> int:
+        """Parameters of the classification head that trains with every method."""
+        return self.geometry().width * num_classes + num_classes
+
+    def weight_files(self) -> dict[str, str | None]:
+        """The local weight files the backbone loads, by role, for provenance (None: none)."""
+        local = self.weights if self.weights and Path(self.weights).is_file() else None
+        return {"backbone": local}
+
+    def check_weights(self) -> None:
+        """Load the weights once (a clear error if they are missing, damaged or do not fit),
+        before any trial starts; random and hub weights need no check."""
+        if self.weights not in (None, "hub"):
+            self.create(2)
 
     def create(self, num_classes: int, **kwargs: Any) -> nn.Module:
         """Build the model with a fresh ``num_classes`` head and load its weights (if any)."""

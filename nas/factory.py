@@ -14,37 +14,18 @@ from nas.model import PromptedViT
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
-
-def class_names(backbone: BackboneSpec | ClipSpec, split: Any, dataset: str = "") -> list[str]:
-    """The split's class names; a CLIP cannot classify without them."""
-    names = getattr(split, "class_names", None)
-    if not names:
-        where = f"dataset {dataset!r}" if dataset else "this dataset"
-        raise NasError(
-            f"{where} has no class names, and the CLIP backbone classifies by name: add a "
-            "classnames.txt (one name per line, in label order) to the dataset folder"
-        )
-    if len(names) != split.num_classes:
-        raise NasError(f"{dataset}: {len(names)} class names for {split.num_classes} classes")
-    return list(names)
+#: A backbone family's spec: a timm ViT classifier or a CLIP.
+Backbone = BackboneSpec | ClipSpec
 
 
-def supernet(
-    space: SearchSpace, backbone: BackboneSpec | ClipSpec, split: Any, dataset: str = ""
-) -> PromptedViT:
+def supernet(space: SearchSpace, backbone: Backbone, split: Any, dataset: str = "") -> PromptedViT:
     """The weight-entangled supernet of ``space`` for the split's classes."""
-    if isinstance(backbone, ClipSpec):
-        from nas.clip.prompted import PromptedCLIP
-
-        return PromptedCLIP.supernet(
-            space, class_names(backbone, split, dataset), backbone.create()
-        )
-    return PromptedViT.supernet(space, split.num_classes, backbone.create(split.num_classes))
+    return backbone.supernet(space, split, dataset)
 
 
 def subnet_model(
     space: SearchSpace,
-    backbone: BackboneSpec | ClipSpec,
+    backbone: Backbone,
     subnet: Subnet,
     split: Any,
     *,
@@ -52,29 +33,12 @@ def subnet_model(
     dataset: str = "",
 ) -> PromptedViT:
     """The standalone model of ``subnet`` for the split's classes, from the pretrained weights."""
-    if isinstance(backbone, ClipSpec):
-        from nas.clip.prompted import PromptedCLIP
-
-        if full_finetune:
-            raise NasError("full fine-tuning is not offered for CLIP backbones")
-        return PromptedCLIP.for_clip_subnet(
-            backbone, class_names(backbone, split, dataset), subnet, space.options()
-        )
-    return PromptedViT.for_subnet(
-        backbone.create(split.num_classes),
-        subnet,
-        space.options(),
-        backbone,
-        full_finetune=full_finetune,
-    )
+    return backbone.subnet_model(space, subnet, split, full_finetune=full_finetune, dataset=dataset)
 
 
-def head_params(backbone: BackboneSpec | ClipSpec, num_classes: int) -> int:
+def head_params(backbone: Backbone, num_classes: int) -> int:
     """Parameters of the classification head that trains with every method (none in CLIP)."""
-    if isinstance(backbone, ClipSpec):
-        return 0
-    g = backbone.geometry()
-    return g.width * num_classes + num_classes
+    return backbone.head_params(num_classes)
 
 
 def load(directory: str | Path) -> PromptedViT:

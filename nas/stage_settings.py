@@ -8,7 +8,6 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
-from nas.clip.model import ClipSpec
 from nas.search import ALGORITHMS, option_problem
 from nas.space import SearchSpace
 from nas.subnet import Subnet
@@ -258,7 +257,7 @@ def _parse_baselines(
                     f"{value!r} is not a subnet; expected a subnet mapping, "
                     f"{LINEAR_PROBE!r} or {FULL_FINETUNE!r}",
                 )
-            if isinstance(space.backbone, ClipSpec) and value in (LINEAR_PROBE, FULL_FINETUNE):
+            if space.backbone.classifies_by_name:
                 r.fail(
                     f"stages.retrain.baselines.{bname}",
                     f"{value!r} is for classifier backbones; on a CLIP, an empty subnet ({{}}) "

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import timm
 import torch
@@ -33,6 +33,11 @@ from torch import nn
 
 from nas.backbone import BACKBONES_DIR, BackboneSpec, TowerGeometry, load_backbone, load_weights
 from nas.errors import ConfigError, NasError
+
+if TYPE_CHECKING:
+    from nas.clip.prompted import PromptedCLIP
+    from nas.space import SearchSpace
+    from nas.subnet import Subnet
 
 CLIP_FILE = "clip.yaml"
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -108,6 +113,47 @@ class ClipSpec:
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
         return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
+
+    # -- the backbone family's protocol (shared with nas.backbone.BackboneSpec) -------------
+    classifies_by_name: ClassVar[bool] = True
+
+    def supernet(self, space: SearchSpace, split: Any, dataset: str = "") -> PromptedCLIP:
+        """The weight-entangled supernet of ``space``, classifying by the split's names."""
+        from nas.clip.prompted import PromptedCLIP
+
+        return PromptedCLIP.supernet(space, class_names(split, dataset), self.create())
+
+    def subnet_model(
+        self,
+        space: SearchSpace,
+        subnet: Subnet,
+        split: Any,
+        *,
+        full_finetune: bool = False,
+        dataset: str = "",
+    ) -> PromptedCLIP:
+        """The standalone model of ``subnet`` on this CLIP (an empty subnet: zero-shot)."""
+        from nas.clip.prompted import PromptedCLIP
+
+        if full_finetune:
+            raise NasError("full fine-tuning is not offered for CLIP backbones")
+        return PromptedCLIP.for_clip_subnet(
+            self, class_names(split, dataset), subnet, space.options()
+        )
+
+    def head_params(self, num_classes: int) -> int:
+        """A CLIP has no head: the class names' text embeddings classify."""
+        return 0
+
+    def weight_files(self) -> dict[str, str | None]:
+        """The image tower's local weights (a timm tower's file, or an open_clip checkpoint)
+        and the text tower's, by role, for provenance."""
+        image = self.image_tower.weights if self.image_tower is not None else self.pretrained
+        local = image if image and Path(image).is_file() else None
+        return {"backbone": local, "clip_text": self.weights}
+
+    def check_weights(self) -> None:
+        """Loaded by the first trial (open_clip reports its own errors)."""
 
     def create(self, *, load: bool = True) -> nn.Module:
         """The ``open_clip.CLIP`` model, every weight frozen, in eval mode. With ``load`` False
@@ -360,3 +406,17 @@ def class_embeddings(
         emb = F.normalize(model.encode_text(ids), dim=-1).mean(0)
         out.append(F.normalize(emb, dim=-1))
     return torch.stack(out)
+
+
+def class_names(split: Any, dataset: str = "") -> list[str]:
+    """The split's class names; a CLIP cannot classify without them."""
+    names = getattr(split, "class_names", None)
+    if not names:
+        where = f"dataset {dataset!r}" if dataset else "this dataset"
+        raise NasError(
+            f"{where} has no class names, and the CLIP backbone classifies by name: add a "
+            "classnames.txt (one name per line, in label order) to the dataset folder"
+        )
+    if len(names) != split.num_classes:
+        raise NasError(f"{dataset}: {len(names)} class names for {split.num_classes} classes")
+    return list(names)

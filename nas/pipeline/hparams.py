@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from nas import factory
-from nas.clip.model import ClipSpec
 from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
     Report,
@@ -178,7 +177,7 @@ def hparams_sweeps(spec: ExperimentSpec) -> list[Sweep]:
     """Stage 0's sweeps: the supernet's (when the search runs) and each baseline's, per
     dataset, trained with the first seed; the winner serves every seed."""
     methods = ["supernet"] if spec.search.enabled else []
-    zero_shot = isinstance(spec.backbone, ClipSpec)  # an empty subnet on CLIP trains nothing
+    zero_shot = spec.backbone.classifies_by_name  # an empty subnet on CLIP trains nothing
     methods += [
         f"baseline-{name}"
         for name, subnet in spec.retrain.baselines.items()

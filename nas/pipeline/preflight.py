@@ -8,7 +8,6 @@ import contextlib
 import os
 from pathlib import Path
 
-from nas.clip.model import ClipSpec
 from nas.data.dataset_formats import dataset_format
 from nas.errors import NasError
 from nas.jsonio import read_json
@@ -100,8 +99,7 @@ def check_inputs(spec: ExperimentSpec) -> None:
             )
             for i in picks if n else []:
                 decode_image(split.entries[i], (size, size), g.in_chans)
-    if not isinstance(spec.backbone, ClipSpec) and spec.backbone.weights not in (None, "hub"):
-        spec.backbone.create(2)  # reads and fits the weights file: one clear error if not
+    spec.backbone.check_weights()  # reads and fits the weights file: one clear error if not
 
 
 def check_writable(folder: Path) -> None:
@@ -260,7 +258,7 @@ def check_cluster(spec: ExperimentSpec) -> None:
 
 def check_class_names(spec: ExperimentSpec) -> None:
     """A CLIP classifies by name: refuse, before any trial starts, a dataset without them."""
-    if not isinstance(spec.backbone, ClipSpec):
+    if not spec.backbone.classifies_by_name:
         return
     from nas.data.formats import CLASSNAMES_FILE, read_class_names
 

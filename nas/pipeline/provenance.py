@@ -10,7 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nas.clip.model import ClipSpec
 from nas.data.hashing import file_sha256
 from nas.errors import NasError
 from nas.jsonio import read_json, write_json
@@ -53,12 +52,8 @@ def provenance(spec: ExperimentSpec) -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    weights, text_weights = spec.backbone.weights, None
-    if isinstance(spec.backbone, ClipSpec):  # a timm image tower's file, the text tower's file
-        text_weights = weights
-        tower = spec.backbone.image_tower
-        weights = tower.weights if tower is not None else spec.backbone.pretrained
-    local = weights if weights and Path(weights).is_file() else None
+    files = spec.backbone.weight_files()
+    local, text_weights = files.get("backbone"), files.get("clip_text")
     return {
         "spec_hash": spec.hash(),
         "spec": spec.to_data(),
