@@ -1,0 +1,188 @@
+"""`nas space show|validate` and `nas subnet show`: what a search space holds, its budget and
+its subnets, as a terminal prints them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nas import factory
+from nas.cost import subnet_params
+from nas.space import SearchSpace, load_space
+
+
+def _fmt_flops(flops: int) -> str:
+    for unit, scale in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:,.2f} {unit}"
+    return f"{flops} FLOPs"
+
+
+def _fmt_share(part: int, whole: int) -> str:
+    """A share that never rounds a strict part to 0% or 100%."""
+    if part == whole:
+        return "all of the space"
+    if part == 0:
+        return "none of the space"
+    share = part / whole
+    if share >= 0.999:
+        return f"all but {whole - part:,} subnets of the space"
+    return f"{share * 100:.3g}% of the space"
+
+
+def space_summary(space: SearchSpace) -> dict:
+    """Everything ``nas space show`` reports, as plain data."""
+    from nas.cost import added_flops
+
+    g = space.geometry
+    smallest, largest = space.smallest(), space.largest()
+    summary = {
+        "name": space.name,
+        "file": space.path,
+        "backbone": {
+            **space.backbone.to_dict(),
+            "width": g.width,
+            "depth": g.depth,
+            "heads": g.num_heads,
+            "tokens": g.seq_len,
+        },
+        "modules": {k: s.to_data() for k, s in space.modules.items()},
+        "subnets": space.count(),
+        "params_min": subnet_params(smallest, g),
+        "params_max": subnet_params(largest, g),
+        "smallest": {
+            "subnet": str(smallest),
+            "params": subnet_params(smallest, g),
+            "added_flops": added_flops(smallest, g),
+        },
+        "largest": {
+            "subnet": str(largest),
+            "params": subnet_params(largest, g),
+            "added_flops": added_flops(largest, g),
+        },
+        "supernet_params": sum(s.module.params(s.capacity(), g) for s in space.modules.values()),
+        "head_params_per_class": factory.head_params(space.backbone, 1),
+    }
+    if space.budget.is_set:
+        fit = space.count_in_budget()
+        summary["budget"] = {**space.budget.to_data(), "fitting": fit.fitting, "exact": fit.exact}
+    return summary
+
+
+def head_note(per_class: int) -> str:
+    if per_class == 0:
+        return "no head (a CLIP classifies through its text tower)"
+    return f"the head adds {per_class:,} per class"
+
+
+def print_space(space: SearchSpace) -> None:
+    s = space_summary(space)
+    b = s["backbone"]
+    print(f"search space  {s['name']}" + (f"  ({s['file']})" if s["file"] else ""))
+    if space.description:
+        print(f"              {space.description}")
+    model = b.get("model") or f"CLIP {b.get('clip')}"
+    label = f"{b['name']} ({model})" if b.get("name") else model
+    if not b.get("name") and b.get("overrides"):
+        label += f" {b['overrides']}"
+    print(
+        f"backbone      {label}: width {b['width']}, {b['depth']} blocks, "
+        f"{b['heads']} heads, {b['tokens']} tokens"
+    )
+    print("modules")
+    for kind, m in s["modules"].items():
+        if "dims" not in m:  # not a layered kind (PGN): its own axes
+            print(f"  {kind:<9} " + "  ".join(f"{k} {v}" for k, v in m.items()))
+            continue
+        opts = ", ".join(f"{k}={v:g}" for k, v in m["options"].items())
+        print(
+            f"  {kind:<9} dims {m['dims']}  depths {m['depths']}  supernet max {m['max_dim']}"
+            + (f"  ({opts})" if opts else "")
+        )
+    print(f"subnets       {s['subnets']:,}")
+    print(
+        f"trainable     {s['params_min']:,} to {s['params_max']:,} parameters in the modules; "
+        + head_note(s["head_params_per_class"])
+    )
+    for which in ("smallest", "largest"):
+        w = s[which]
+        print(
+            f"{which:<13} {w['subnet']}  ({w['params']:,} params, +{_fmt_flops(w['added_flops'])})"
+        )
+    print(f"supernet      allocates {s['supernet_params']:,} module parameters")
+    if "budget" in s:
+        bud = s["budget"]
+        bounds = "; ".join(
+            f"{k} {space.budget.params if k == 'params' else space.budget.flops}"
+            for k in ("params", "flops")
+            if k in bud
+        )
+        share = _fmt_share(bud["fitting"], s["subnets"])
+        how = "" if bud["exact"] else " (estimated from a uniform sample)"
+        print(f"budget        {bounds}: {bud['fitting']:,} subnets fit, {share}{how}")
+    else:
+        print("budget        none")
+
+
+def cmd_space_show(args: argparse.Namespace) -> int:
+    space = load_space(args.space)
+    if args.json:
+        print(json.dumps(space_summary(space), indent=2))
+    else:
+        print_space(space)
+    return 0
+
+
+def cmd_space_validate(args: argparse.Namespace) -> int:
+    for path in args.files:
+        space = load_space(path)
+        print(f"{path}: ok ({space.name}: {space.count():,} subnets)")
+    return 0
+
+
+def cmd_subnet_show(args: argparse.Namespace) -> int:
+    from nas.cost import added_flops
+    from nas.subnet import Subnet
+
+    subnet = Subnet.load(args.subnet)
+    space = load_space(args.space)
+    g = space.geometry
+    unknown = [kind for kind in subnet if kind not in space.modules]
+    info = {
+        "subnet": str(subnet),
+        "canonical": subnet.to_data(),
+        "in_space": space.contains(subnet),
+        # the budget alone: whether the subnet is in the space is said beside it
+        "in_budget": space.budget.admits(subnet, g) if space.budget.is_set else None,
+        "params": subnet_params(subnet, g),
+        "head_params_per_class": factory.head_params(space.backbone, 1),
+        "added_flops": added_flops(subnet, g),
+        "added_flops_lora_merged": added_flops(subnet, g, merge_lora=True),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"subnet        {info['subnet']}")
+    where = (
+        "yes"
+        if info["in_space"]
+        else "no" + (f" (modules not in the space: {', '.join(unknown)})" if unknown else "")
+    )
+    print(f"in space      {where}  ({space.name})")
+    if info["in_budget"] is not None:
+        fits = "yes" if info["in_budget"] else "no"
+        limits = [
+            f"{name} {bounds}"
+            for name, bounds in (("params", space.budget.params), ("FLOPs", space.budget.flops))
+            if str(bounds) != "unbounded"
+        ]
+        print(f"in budget     {fits}  ({', '.join(limits)})")
+    print(
+        f"trainable     {info['params']:,} module parameters; "
+        + head_note(info["head_params_per_class"])
+    )
+    print(
+        f"added FLOPs   {_fmt_flops(info['added_flops'])} per image "
+        f"({_fmt_flops(info['added_flops_lora_merged'])} with LoRA merged)"
+    )
+    return 0
