@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from nas.errors import NasError
 from nas.modules.adapter import Adapter
-from nas.modules.base import LayeredModule, LayeredSpace, ModuleSpace, PromptModule
+from nas.modules.base import LayeredModule, PromptModule
 from nas.modules.lora import LoRA
 from nas.modules.pgn import PGN, PGNSpace
+from nas.modules.spaces import LayeredSpace, ModuleSpace
 from nas.modules.upt import UPT, UPTSpace
 from nas.modules.vpt import VPT
 

@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.backbone import TowerGeometry
-from nas.modules.base import ModuleSpace, PromptModule
+from nas.modules.base import PromptModule
+from nas.modules.spaces import ModuleSpace
 from nas.towers import TokenLayout
 from nas.validate import Reader
 from nas.yamlio import join_key

@@ -1,0 +1,206 @@
+"""The choices of a module kind in a search space, as data: ``ModuleSpace`` (what every kind's
+space answers: counts, samples, mutations, Optuna parameters, costs) and ``LayeredSpace`` (a
+depth, then one dimension per layer: VPT, LoRA, Adapter)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nas.backbone import TowerGeometry
+
+if TYPE_CHECKING:
+    from nas.modules.base import LayeredModule, PromptModule
+
+Choice = Any  # a kind's plain-data setting; a tuple of per-layer dims for layered kinds
+
+
+class ModuleSpace:
+    """The choices of one module kind in a search space."""
+
+    kind: str
+    module: type[PromptModule]
+    options: dict[str, float]
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def contains(self, choice: Choice) -> bool:
+        raise NotImplementedError
+
+    def sample(self, rng: random.Random) -> Choice:
+        """NOAH's supernet sampling distribution."""
+        raise NotImplementedError
+
+    def sample_uniform(self, rng: random.Random) -> Choice:
+        """A choice drawn uniformly from all of this module's choices."""
+        raise NotImplementedError
+
+    def sample_tilted(self, rng: random.Random, tilt: float) -> Choice:
+        """NOAH's sampling leaned towards larger (``tilt`` > 0) or smaller (< 0) choices, for
+        size-balanced supernet sampling; kinds without an order of sizes sample as NOAH does."""
+        return self.sample(rng)
+
+    def choices(self) -> Iterator[Choice]:
+        raise NotImplementedError
+
+    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
+        """NOAH/AutoFormer mutation of one module's choice."""
+        raise NotImplementedError
+
+    def suggest(self, trial: Any, prefix: str) -> Choice:
+        """The choice as Optuna parameters (conditional ones where the choice is structured)."""
+        raise NotImplementedError
+
+    def capacity(self) -> Choice:
+        """The choice that the supernet allocates (every other choice is a slice of it)."""
+        raise NotImplementedError
+
+    def cost_distribution(self, geometry: TowerGeometry) -> Counter[int]:
+        """How many choices have each exact trainable-parameter count."""
+        raise NotImplementedError
+
+    def smallest(self, geometry: TowerGeometry) -> Choice:
+        raise NotImplementedError
+
+    def largest(self, geometry: TowerGeometry) -> Choice:
+        raise NotImplementedError
+
+    def to_data(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def trim(dims: Sequence[int] | None) -> tuple[int, ...]:
+    """Canonical per-layer dims: a tuple without trailing zeros."""
+    dims = tuple(int(d) for d in dims or ())
+    end = len(dims)
+    while end and dims[end - 1] == 0:
+        end -= 1
+    return dims[:end]
+
+
+def _convolve(a: Counter[int], b: Counter[int]) -> Counter[int]:
+    out: Counter[int] = Counter()
+    for ka, va in a.items():
+        for kb, vb in b.items():
+            out[ka + kb] += va * vb
+    return out
+
+
+@dataclass(frozen=True)
+class LayeredSpace(ModuleSpace):
+    """Choices of a layered kind: a depth from ``depths``, then a dim from ``dims`` per layer."""
+
+    module: type[LayeredModule]
+    dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    max_dim: int
+    options: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.module.kind
+
+    def _depth_groups(self) -> list[int]:
+        """Depths whose choice sets are disjoint after canonicalisation. With 0 among the dims,
+        a shorter depth is a special case of the longest one (zeros at the end)."""
+        if 0 in self.dims:
+            return [max(self.depths)]
+        return list(self.depths)
+
+    def count(self) -> int:
+        return sum(len(self.dims) ** d for d in self._depth_groups())
+
+    def contains(self, choice: Sequence[int]) -> bool:
+        choice = trim(choice)
+        for depth in self.depths:
+            if len(choice) > depth:
+                continue
+            padded = choice + (0,) * (depth - len(choice))
+            if all(d in self.dims for d in padded):
+                return True
+        return False
+
+    def sample(self, rng: random.Random) -> tuple[int, ...]:
+        depth = rng.choice(self.depths)
+        return trim(rng.choice(self.dims) for _ in range(depth))
+
+    def sample_tilted(self, rng: random.Random, tilt: float) -> tuple[int, ...]:
+        """Depth and per-layer dims drawn with weights exp(tilt * rank / (n - 1)) over their
+        sorted values: tilt 0 is NOAH's sampling, large positive tilts favour the largest."""
+        depth = _tilted_choice(rng, sorted(self.depths), tilt)
+        dims = sorted(self.dims)
+        return trim(_tilted_choice(rng, dims, tilt) for _ in range(depth))
+
+    def sample_uniform(self, rng: random.Random) -> tuple[int, ...]:
+        groups = self._depth_groups()
+        depth = rng.choices(groups, weights=[len(self.dims) ** d for d in groups])[0]
+        return trim(rng.choice(self.dims) for _ in range(depth))
+
+    def mutate(
+        self, choice: Sequence[int], rng: random.Random, m_prob: float, s_prob: float
+    ) -> tuple[int, ...]:
+        """With probability ``s_prob`` a new depth (kept layers keep their dims, new layers get
+        random ones); then each layer's dim is resampled with probability ``m_prob``."""
+        dims = list(trim(choice))
+        depth = min((d for d in self.depths if d >= len(dims)), default=len(dims))
+        dims += [0] * (depth - len(dims))
+        if rng.random() < s_prob:
+            depth = rng.choice(self.depths)
+            dims = dims[:depth] + [rng.choice(self.dims) for _ in range(depth - len(dims))]
+        dims = [rng.choice(self.dims) if rng.random() < m_prob else d for d in dims]
+        return trim(dims)
+
+    def suggest(self, trial: Any, prefix: str) -> tuple[int, ...]:
+        """Depth first, then one dim per active layer: the layer parameters exist only for the
+        layers the depth switches on (Optuna's conditional, define-by-run parameters)."""
+        depth = trial.suggest_categorical(f"{prefix}depth", list(self.depths))
+        return trim(
+            trial.suggest_categorical(f"{prefix}dim{i}", list(self.dims)) for i in range(depth)
+        )
+
+    def choices(self) -> Iterator[tuple[int, ...]]:
+        for depth in self._depth_groups():
+            for dims in itertools.product(self.dims, repeat=depth):
+                yield trim(dims)
+
+    def capacity(self) -> tuple[int, ...]:
+        return (self.max_dim,) * max(self.depths)
+
+    def cost_distribution(self, geometry: TowerGeometry) -> Counter[int]:
+        per_layer: Counter[int] = Counter(
+            self.module.layer_params(d, geometry) if d else 0 for d in self.dims
+        )
+        total: Counter[int] = Counter()
+        for depth in self._depth_groups():
+            acc: Counter[int] = Counter({0: 1})
+            for _ in range(depth):
+                acc = _convolve(acc, per_layer)
+            total.update(acc)
+        return total
+
+    def smallest(self, geometry: TowerGeometry) -> tuple[int, ...]:
+        return trim((min(self.dims),) * min(self.depths))
+
+    def largest(self, geometry: TowerGeometry) -> tuple[int, ...]:
+        return trim((max(self.dims),) * max(self.depths))
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "dims": list(self.dims),
+            "depths": list(self.depths),
+            "max_dim": self.max_dim,
+            "options": dict(self.options),
+        }
+
+
+def _tilted_choice(rng: random.Random, ordered: Sequence[int], tilt: float) -> int:
+    if len(ordered) == 1 or tilt == 0:
+        return rng.choice(ordered)
+    n = len(ordered) - 1
+    return rng.choices(ordered, weights=[math.exp(tilt * i / n) for i in range(n + 1)])[0]
