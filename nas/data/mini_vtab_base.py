@@ -1,0 +1,70 @@
+"""What every mini-VTAB task shares: the image size, the 800/200 split sizes, a task's data, and
+how a pool of images becomes distinct train/val/test splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from nas.data.hashing import image_fingerprints
+from nas.errors import NasError
+
+SIZE = 28
+
+
+TRAIN = 800
+
+
+VAL = 200
+
+
+@dataclass
+class TaskData:
+    """Images (N, 28, 28) uint8 per split, with labels and class names."""
+
+    group: str
+    class_names: list[str]
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    source: str
+    licence: str
+
+
+def resize(images: np.ndarray, size: int = SIZE) -> np.ndarray:
+    out = [
+        np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+        for im in images
+    ]
+    return np.stack(out).astype(np.uint8)
+
+
+def dedupe(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first of identical images; drop every copy of an image given two labels."""
+    prints = image_fingerprints(images)
+    first: dict[int, int] = {}
+    conflicting: set[int] = set()
+    for i, fp in enumerate(prints.tolist()):
+        if fp in first:
+            if labels[first[fp]] != labels[i]:
+                conflicting.add(fp)
+            continue
+        first[fp] = i
+    keep = [i for fp, i in first.items() if fp not in conflicting]
+    keep.sort()
+    return images[keep], labels[keep]
+
+
+def random_splits(
+    images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, test_size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    images, labels = dedupe(images, labels)
+    if len(images) < TRAIN + VAL + 1:
+        raise NasError(f"only {len(images)} distinct images; need more than {TRAIN + VAL}")
+    order = rng.permutation(len(images))
+    parts = {
+        "train": order[:TRAIN],
+        "val": order[TRAIN : TRAIN + VAL],
+        "test": order[TRAIN + VAL : TRAIN + VAL + test_size],
+    }
+    return {k: (images[v], labels[v]) for k, v in parts.items()}
