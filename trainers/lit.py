@@ -217,18 +217,7 @@ def train_lit(cfg: LitConfig, out: Path | None, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed + 2)
     ind_feats = trunk_features(model, np.stack([scenes.render(s, rng) for s in ind]), mean, std)
 
-    trainable = {k: p for k, p in model.named_parameters() if not k.startswith("visual.trunk.")}
-    for p in trainable.values():
-        p.requires_grad_(True)
-    decay = [p for k, p in trainable.items() if p.ndim >= 2 and "embedding" not in k]
-    no_decay = [p for k, p in trainable.items() if not (p.ndim >= 2 and "embedding" not in k)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-        ],
-        lr=cfg.lr,
-    )
+    opt = _optimizer(model, cfg)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -276,6 +265,23 @@ def train_lit(cfg: LitConfig, out: Path | None, log=print) -> dict:
     if out is not None:
         save(model, cfg, out, report)
     return report
+
+
+def _optimizer(model: nn.Module, cfg: LitConfig) -> torch.optim.Optimizer:
+    """AdamW over everything but the frozen image trunk (made trainable here); no weight decay
+    on biases, norms and embeddings."""
+    trainable = {k: p for k, p in model.named_parameters() if not k.startswith("visual.trunk.")}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    decay = [p for k, p in trainable.items() if p.ndim >= 2 and "embedding" not in k]
+    no_decay = [p for k, p in trainable.items() if not (p.ndim >= 2 and "embedding" not in k)]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=cfg.lr,
+    )
 
 
 def save(model: nn.Module, cfg: LitConfig, out: Path, report: dict) -> None:

@@ -211,11 +211,7 @@ def train(
             draws = steps.draws(rng) if steps else [fixed]
             teacher = None
             if steps and steps.distill and not steps.sandwich:
-                with torch.no_grad(), autocast(device):
-                    model.set_subnet(steps.largest)
-                    model.eval()  # the teacher is not trained here: no dropout, no BN update
-                    teacher = model(x)
-                    model.train()
+                teacher = _teacher_logits(model, steps.largest, x, device)
             optimizer.zero_grad(set_to_none=True)
             stepped = False
             for subnet in draws:
@@ -246,19 +242,38 @@ def train(
             "lr": lr,
         }
         if on_epoch is not None:
-
-            def get_state(epoch=epoch) -> dict[str, Any]:
-                return {
-                    "epoch": epoch + 1,
-                    "model": trainable_copy(model),
-                    "optimizer": copy.deepcopy(
-                        optimizer.state_dict()
-                    ),  # a snapshot: it keeps changing
-                }
-
-            on_epoch(epoch + 1, metrics, get_state)
+            on_epoch(epoch + 1, metrics, _state_getter(model, optimizer, epoch + 1))
     model.set_subnet(fixed)
     return metrics
+
+
+def _teacher_logits(
+    model: PromptedViT, largest: Subnet, x: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The largest subnet's predictions for in-place distillation, computed without a
+    gradient and in eval mode (the teacher is not trained here: no dropout, no BN update)."""
+    with torch.no_grad(), autocast(device):
+        model.set_subnet(largest)
+        model.eval()
+        teacher = model(x)
+        model.train()
+    return teacher
+
+
+def _state_getter(
+    model: PromptedViT, optimizer: torch.optim.Optimizer, epochs_done: int
+) -> Callable[[], dict[str, Any]]:
+    """What ``on_epoch`` calls for a resume state: taken only when asked (a checkpoint), a
+    snapshot of the optimizer (it keeps changing)."""
+
+    def get_state() -> dict[str, Any]:
+        return {
+            "epoch": epochs_done,
+            "model": trainable_copy(model),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+        }
+
+    return get_state
 
 
 def trainable_copy(model: PromptedViT) -> dict[str, torch.Tensor]:
