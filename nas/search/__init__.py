@@ -18,6 +18,15 @@ ALGORITHMS: dict[str, type[SearchAlgorithm]] = {
 }
 
 
+def register_algorithm(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
+    """Add a ``SearchAlgorithm`` subclass to the registry under its ``name`` (once); its
+    keyword-only ``__init__`` options become what ``stages.search.options`` accepts."""
+    if not getattr(cls, "name", "") or cls.name in ALGORITHMS:
+        raise ValueError(f"search algorithm {getattr(cls, 'name', '')!r}: empty or registered")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
 #: options the pipeline sets itself, not the spec
 _SET_BY_PIPELINE = {"self", "space", "seed", "cost"}
 #: counts that may be 0 (an evolution of crossovers only, or of mutations only)
@@ -81,5 +90,6 @@ __all__ = [
     "TPESearch",
     "algorithm_options",
     "make_search",
+    "register_algorithm",
     "option_problem",
 ]
