@@ -79,8 +79,9 @@ class PromptModule(nn.Module):
         cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
     ) -> int:
         """FLOPs of the module's own matmuls for one image, given each block's sequence length
-        (attention/MLP cost of extra tokens is counted by ``nas.cost``)."""
-        return 0
+        (attention/MLP cost of extra tokens is counted by ``nas.cost``). Every kind states its
+        own, 0 included: a kind that forgot would otherwise look free to a FLOPs budget."""
+        raise NotImplementedError(f"{cls.__name__}.flops")
 
     # -- runtime -----------------------------------------------------------------------------
     def activate(self, choice: Choice) -> None:

@@ -158,6 +158,14 @@ class UPT(PromptModule):
 
     # -- costs -------------------------------------------------------------------------------
     @classmethod
+    def flops(
+        cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
+    ) -> int:
+        # Its network runs once per batch (the prompts do not depend on the image): nothing per
+        # image; its tokens' attention and MLP cost is nas.cost's.
+        return 0
+
+    @classmethod
     def params(cls, choice: Choice, geometry: TowerGeometry) -> int:
         if not choice:
             return 0

@@ -59,6 +59,12 @@ class VPT(LayeredModule):
             out.append(carried)
         return out
 
+    @classmethod
+    def flops(
+        cls, choice: Sequence[int], geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
+    ) -> int:
+        return 0  # no matmul of its own: its tokens' attention and MLP cost is nas.cost's
+
     def make_layer(self, dim: int) -> nn.Module:
         g = self.geometry
         bound = math.sqrt(6.0 / (g.in_chans * g.patch_size * g.patch_size + g.width))

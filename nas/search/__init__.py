@@ -90,6 +90,6 @@ __all__ = [
     "TPESearch",
     "algorithm_options",
     "make_search",
-    "register_algorithm",
     "option_problem",
+    "register_algorithm",
 ]
