@@ -1,21 +1,27 @@
-"""README "Extending": a new dataset format and a new search algorithm are each one class and
-one registration, with no change to the spec parser, the pipeline or the CLI. Each toy here is
-registered in the live registry for one test only (monkeypatch restores it), then goes through
-a spec, a space, a supernet training step and a search round."""
+"""README "Extending": a new dataset format, search algorithm and prompt module kind are each
+one class and one registration, with no change to the spec parser, the pipeline or the CLI.
+Each toy here is registered in the live registry for one test only (monkeypatch restores it),
+then goes through a spec, a space, a supernet training step and a search round."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 import yaml
+from torch import nn
+from torch.nn import functional as F
 
 from nas import factory
+from nas.cost import subnet_params
 from nas.data import dataset_formats
 from nas.data.dataset_formats import DatasetFormat
 from nas.data.formats import Entry, Split, parse_list_file
 from nas.errors import ConfigError
+from nas.modules import REGISTRY, LayeredModule
 from nas.pipeline.context import load_splits, read_splits, supernet_steps
 from nas.search import ALGORITHMS, Evaluated, SearchAlgorithm, make_search
 from nas.spec import load_spec
@@ -42,6 +48,36 @@ class FlatLists(DatasetFormat):
         return splits
 
 
+class LowRankMLP(LayeredModule):
+    """A toy module kind: a linear low-rank correction of each chosen block's MLP output,
+    ``h + (h A^T) B^T`` with A (dim x width) and B (width x dim), B starting at zero."""
+
+    kind = "lowrank"
+    sites = frozenset({"mlp"})
+    slice_axes: ClassVar[dict[str, int | None]] = {"a": 0, "b": 1}
+
+    @classmethod
+    def layer_params(cls, dim: int, geometry) -> int:
+        return 2 * geometry.width * dim
+
+    @classmethod
+    def flops(cls, choice, geometry, seq_lens, merged: bool) -> int:
+        return sum(4 * seq_lens[i] * geometry.width * dim for i, dim in enumerate(choice))
+
+    def make_layer(self, dim: int) -> nn.Module:
+        layer = nn.Module()
+        layer.a = nn.Parameter(torch.randn(dim, self.geometry.width) * 0.02)
+        layer.b = nn.Parameter(torch.zeros(self.geometry.width, dim))
+        return layer
+
+    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        dim = self.dim(layer)
+        if dim == 0:
+            return h
+        w = self.sliced(layer, dim)
+        return h + F.linear(F.linear(h, w["a"]), w["b"])
+
+
 class CheapestFirst(SearchAlgorithm):
     """A toy algorithm: random legal subnets, the cheapest of each batch proposed first."""
 
@@ -66,6 +102,13 @@ class CheapestFirst(SearchAlgorithm):
         return sorted(out, key=self.cost)
 
 
+class _Classes:
+    """What the model builders read of a split: its class count (and names, none here)."""
+
+    def __init__(self, n: int) -> None:
+        self.num_classes, self.class_names = n, None
+
+
 def flat_copy(mini_vtab_data: Path, root: Path) -> Path:
     """The digits task as a flat-lists dataset: its images, lists renamed."""
     folder = root / "digits"
@@ -76,12 +119,12 @@ def flat_copy(mini_vtab_data: Path, root: Path) -> Path:
     return folder
 
 
-def write_spec(tmp_path: Path, dataset: dict, search: dict) -> Path:
+def write_spec(tmp_path: Path, dataset: dict, search: dict, space: str = "tiny_cpu") -> Path:
     doc = {
         "name": "toy",
         "datasets": [dataset],
         "backbone": "vit_fmnist",
-        "space": "tiny_cpu",
+        "space": space,
         "output": str(tmp_path / "out"),
         "stages": {"search": search},
     }
@@ -146,3 +189,44 @@ def test_a_new_search_algorithm_is_one_class_and_one_registration(
     bad = write_spec(tmp_path, dataset, {**search, "options": {"num_candidates": 0}})
     with pytest.raises(ConfigError, match=r"options\.num_candidates: expected an integer >= 1"):
         load_spec(bad)
+
+
+def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab_data, monkeypatch):
+    monkeypatch.setitem(REGISTRY, LowRankMLP.kind, LowRankMLP)
+    space = {
+        "name": "toy-space",
+        "backbone": "vit_fmnist",
+        "modules": {
+            "lowrank": {"dims": [0, 2, 4], "depths": [2, 6], "max_dim": 4},
+            "lora": {"dims": [0, 2], "depths": [2], "max_dim": 2},
+        },
+        "budget": {"params": {"max": 8000}},
+    }
+    (tmp_path / "toy_space.yaml").write_text(yaml.safe_dump(space))
+    dataset = {"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}
+    search = {"algorithm": "random", "options": {"num_candidates": 4}}
+    spec_path = write_spec(tmp_path, dataset, search, space=str(tmp_path / "toy_space.yaml"))
+    spec = load_spec(spec_path)
+    g = spec.space.geometry
+    # its exact costs drive the space's counts and the budget
+    # depth 2's choices are depth 6's with trailing zeros: 3^6 distinct choices
+    assert spec.space.modules["lowrank"].count() == 3**6
+    subnet = Subnet({"lowrank": [4, 0, 2]})
+    assert subnet_params(subnet, g) == 2 * g.width * 6 and spec.space.admits(subnet)
+    history = supernet_step_and_search(spec_path)
+    assert len(history) == 4 and all(e.cost <= 8000 for e in history)
+    # an exported subnet holds exactly its slices and computes what the supernet computed
+    model = factory.supernet(spec.space, spec.backbone, _Classes(10), "digits")
+    model.set_subnet(subnet)
+    torch.manual_seed(0)
+    for param in model.trainable_parameters():  # B starts at zero: make the kind act
+        param.data.normal_(0, 0.05)
+    x = torch.randn(2, g.in_chans, 28, 28)
+    with torch.no_grad():
+        model.eval()
+        alone = model.export()
+        alone.eval()
+        torch.testing.assert_close(alone(x), model(x))
+        model.set_subnet(Subnet())
+        assert not torch.allclose(model(x), alone(x))  # the kind changed the output
+    assert alone.num_params()["modules"] == 2 * g.width * 6
