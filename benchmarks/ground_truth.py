@@ -80,7 +80,7 @@ def task_data(task: str, data_root: Path, space: SearchSpace) -> dict[str, Decod
             os.replace(staging / task, folder)
     splits = read_vtab(folder)
     g = space.geometry
-    size = g.patch_size * round(g.num_patches**0.5)
+    size = g.image_size
     return {
         k: decode_split(splits[k], size, g.in_chans) for k in ("train", "val", "trainval", "test")
     }

@@ -96,7 +96,7 @@ def interval(p: float, n: int) -> float:
 def one_task(task: str, data_root: Path, args, space: SearchSpace) -> dict:
     splits = read_vtab(data_root / task)
     g = space.geometry
-    size = g.patch_size * round(g.num_patches**0.5)
+    size = g.image_size
     data = {k: decode_split(splits[k], size, g.in_chans) for k in ("train", "val", "trainval")}
     data["test"] = decode_split(splits["test"], size, g.in_chans)
     classes = data["train"].num_classes

@@ -56,6 +56,11 @@ class TowerGeometry:
         side = round(self.num_patches**0.5)
         return side, side
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square input image in pixels."""
+        return self.patch_size * self.grid[0]
+
 
 @dataclass(frozen=True)
 class BackboneSpec:

@@ -13,19 +13,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from nas.modules import LayeredSpace
-from nas.search.base import Evaluated
+from nas.search.base import Evaluated, pareto_front
 from nas.space import SearchSpace
 from nas.subnet import Subnet
-
-
-def pareto_front(history: Sequence[Evaluated]) -> list[Evaluated]:
-    """Candidates that no other beats on both accuracy (higher) and cost (lower)."""
-    front, best = [], -1.0
-    for e in sorted(history, key=lambda e: (e.cost, -e.score)):
-        if e.score > best:
-            front.append(e)
-            best = e.score
-    return front
 
 
 def plot_search(

@@ -172,7 +172,7 @@ class ClipSpec:
         assert self.image_tower is not None
         trunk = register_timm_tower(self.image_tower)
         geometry = self.image_tower.geometry()
-        side = round(geometry.num_patches**0.5) * geometry.patch_size
+        side = geometry.image_size
         model = open_clip.CLIP(
             self.embed_dim,
             CLIPVisionCfg(

@@ -214,7 +214,7 @@ class PGN(PromptModule):
                 }
             )
         )
-        image = geometry.patch_size * round(geometry.num_patches**0.5)
+        image = geometry.image_size
         resolutions = reader.int_choices(
             value.get("resolutions", [image]), join_key(key, "resolutions"), minimum=1
         )

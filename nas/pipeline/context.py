@@ -44,7 +44,7 @@ def load_splits(
     """Decoded splits at the backbone's input size (cached under <output>/cache)."""
     splits = read_splits(spec, ds)
     g = spec.backbone.geometry()
-    size = g.patch_size * round(g.num_patches**0.5)  # square inputs
+    size = g.image_size
     return {n: decode_split(splits[n], size, g.in_chans, spec.output / "cache") for n in names}
 
 

@@ -86,7 +86,7 @@ def check_inputs(spec: ExperimentSpec) -> None:
     from nas.data.decode import decode_image
 
     g = spec.backbone.geometry()
-    size = g.patch_size * round(g.num_patches**0.5)
+    size = g.image_size
     for ds in spec.datasets:
         packaged = not dataset_format(ds.format).needs_root
         if packaged and not (dataset_root(spec, ds) / ds.name).is_dir():

@@ -187,3 +187,14 @@ class SearchAlgorithm(ABC):
                 return
             self.tell(answered)
             used += len(answered)
+
+
+def pareto_front(history: Sequence[Evaluated]) -> list[Evaluated]:
+    """Candidates that no other beats on both accuracy (higher) and cost (lower), cheapest
+    first (of exact ties, the first evaluated)."""
+    front, best = [], -1.0
+    for e in sorted(history, key=lambda e: (e.cost, -e.score)):
+        if e.score > best:
+            front.append(e)
+            best = e.score
+    return front

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import optuna
 
-from nas.search.base import Evaluated, SearchAlgorithm
+from nas.search.base import Evaluated, SearchAlgorithm, pareto_front
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -99,16 +99,8 @@ class OptunaSearch(SearchAlgorithm):
                 self.study.tell(trial, self._values(e))
 
     def pareto_front(self) -> list[Evaluated]:
-        """Evaluated candidates no other beats on both accuracy and cost."""
-        front = []
-        for e in self.history:
-            dominated = any(
-                o.score >= e.score and o.cost <= e.cost and (o.score > e.score or o.cost < e.cost)
-                for o in self.history
-            )
-            if not dominated:
-                front.append(e)
-        return sorted(front, key=lambda e: e.cost)
+        """Evaluated candidates no other beats on both accuracy and cost, cheapest first."""
+        return pareto_front(self.history)
 
 
 class TPESearch(OptunaSearch):
