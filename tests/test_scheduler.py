@@ -66,3 +66,22 @@ def test_a_sweep_won_at_the_grids_edge_is_flagged():
     note = grid_edge_note(2e-2, [1e-3, 5e-3, 2e-2])
     assert note is not None and "0.02, is the largest of the grid [0.001, 0.005, 0.02]" in note
     assert "smallest" in grid_edge_note(1e-3, [2e-2, 1e-3, 5e-3])
+
+
+def test_the_stages_trial_code_does_not_import_ray():
+    """House rule: training and evaluation know nothing about Ray. A fresh interpreter that
+    imports every stage module (what a trial runs) has not loaded Ray; only the driver's side
+    (ray_layer) does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nas.pipeline import context, hparams, layout, preflight, provenance, reports, "
+        "retrain, search, supernet\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

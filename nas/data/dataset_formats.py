@@ -143,7 +143,9 @@ class FewShotFormat(DatasetFormat):
         split_seed: int | None = None,
         duplicates: str = "error",
     ) -> dict[str, Split]:
-        return read_few_shot(folder, shots or 16, split_seed or 0, duplicates=duplicates)
+        if shots is None or split_seed is None:
+            raise ValueError("a few-shot dataset needs its shots and split seed")
+        return read_few_shot(folder, shots, split_seed, duplicates=duplicates)
 
 
 class ImageFolderFormat(DatasetFormat):

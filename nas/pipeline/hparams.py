@@ -27,7 +27,6 @@ from nas.pipeline.context import (
     tracker_for,
 )
 from nas.pipeline.layout import hparams_dir, search_dir
-from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage
 from nas.sampling import make_sampler
 from nas.spec import DatasetSpec, ExperimentSpec
 from nas.subnet import Subnet
@@ -210,6 +209,8 @@ def run_hparams_stage(
     sweep's winner is written to hparams/<ds>/<method>/done.json and tracked in MLflow as soon
     as its last point ends, so an interrupted stage keeps every finished sweep; the later
     stages read the winners."""
+    from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage  # trials need no Ray
+
     h = spec.hparams
     todo = {
         s.group: s
