@@ -77,11 +77,40 @@ def test_the_stages_trial_code_does_not_import_ray():
 
     code = (
         "import sys\n"
-        "from nas.pipeline import context, hparams, layout, preflight, provenance, reports, "
-        "retrain, search, supernet\n"
+        "from nas.pipeline import context, hparams, layout, preflight, progress, provenance, "
+        "reports, retrain, search, supernet\n"
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_progress_events_give_tune_their_numbers_and_the_log_its_line():
+    from nas.pipeline.progress import EpochProgress, SearchProgress, SweepProgress
+
+    train = {"train_loss": 0.5, "train_acc": 0.75, "lr": 1e-4}
+    point = SweepProgress(
+        "hparams", "digits", 0, label="supernet", eta_s=12.4, epoch=2, epochs=3,
+        metrics=train, lr=5e-3, weight_decay=1e-4, module_lr={"lora": 4.0}, val_acc=0.8125,
+    )  # fmt: skip
+    # the point's own rate wins over the scheduled one; ASHA reads val_acc
+    assert point.numbers() == {
+        "seed": 0, "eta_s": 12.4, "epoch": 2, "epochs": 3, "train_loss": 0.5,
+        "train_acc": 0.75, "lr": 5e-3, "weight_decay": 1e-4, "val_acc": 0.8125,
+    }  # fmt: skip
+    assert point.line() == (
+        "[hparams digits seed 0 supernet] lr 0.005 lora x4 wd 0.0001 epoch 2/3: "
+        "val acc 0.8125, ~12 s left"
+    )
+    epoch = EpochProgress("retrain", "digits", 1, label="rank1", epoch=1, epochs=5, metrics=train)
+    assert epoch.line() == "[retrain digits seed 1 rank1] epoch 1/5: loss 0.5000, train acc 0.7500"
+    assert "eta_s" not in epoch.numbers()
+    search = SearchProgress("search", "d", 2, eta_s=3, round=1, evaluated=16, planned=48,
+                            best_val_acc=0.9)  # fmt: skip
+    assert (
+        search.line()
+        == "[search d seed 2] round 1: 16/48 candidates, best val acc 0.9000, ~3 s left"
+    )
+    assert search.numbers()["best_val_acc"] == 0.9

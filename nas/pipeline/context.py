@@ -5,7 +5,6 @@ reports progress through a ``Report`` callback."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,6 @@ from nas.jsonio import write_json
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.tracking import Tracker
 from trainers.train import SupernetSteps
-
-Report = Callable[[dict[str, Any]], None]
 
 
 def dataset_root(spec: ExperimentSpec, ds: DatasetSpec) -> Path:

@@ -16,7 +16,6 @@ import torch
 from nas import factory
 from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
-    Report,
     base_tags,
     device_for,
     eta_s,
@@ -27,6 +26,7 @@ from nas.pipeline.context import (
     tracker_for,
 )
 from nas.pipeline.layout import hparams_dir, search_dir
+from nas.pipeline.progress import Report, SweepProgress
 from nas.sampling import make_sampler
 from nas.spec import DatasetSpec, ExperimentSpec
 from nas.subnet import Subnet
@@ -131,20 +131,20 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         accs = evaluate_candidates(model, scored, data["val"], mean=mean, std=std)
         last["val_acc"] = sum(accs) / len(accs)
         report(
-            {
-                "stage": "hparams",
-                "dataset": ds.key,
-                "seed": seed,
-                **metrics,  # its "lr" is the scheduled one; the point's own lr wins
-                "label": method,
-                "lr": lr,
-                "weight_decay": wd,
-                "module_lr": task.get("module_lr", {}),
-                "epoch": epoch,
-                "epochs": h.epochs,
-                "val_acc": last["val_acc"],
-                "eta_s": eta_s(started, epoch, h.epochs - epoch),
-            }
+            SweepProgress(
+                "hparams",
+                ds.key,
+                seed,
+                label=method,
+                eta_s=eta_s(started, epoch, h.epochs - epoch),
+                epoch=epoch,
+                epochs=h.epochs,
+                metrics=metrics,
+                lr=lr,
+                weight_decay=wd,
+                module_lr=task.get("module_lr", {}),
+                val_acc=last["val_acc"],
+            )
         )
 
     train(model, data["train"], cfg, mean=mean, std=std, sample_subnet=sample, on_epoch=on_epoch)

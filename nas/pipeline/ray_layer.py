@@ -22,6 +22,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from nas.errors import NasError
+from nas.pipeline.progress import Progress
 
 # Ray's side effects we do not want: usage statistics, and a token file in the home directory.
 RAY_ENV = {
@@ -94,35 +95,13 @@ def _trainable(config: dict[str, Any]) -> None:
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
     task = {**config["task"], "node": ray.get_runtime_context().get_node_id()}
 
-    def report(metrics: dict[str, Any]) -> None:
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        tune.report(numeric)
-        print(_progress_line(metrics), flush=True)
+    def report(progress: Progress) -> None:
+        tune.report(progress.numbers())
+        print(progress.line(), flush=True)
 
     result = fn(task, report)
     tune.report(
         {"finished": 1, **{k: v for k, v in (result or {}).items() if isinstance(v, int | float)}}
-    )
-
-
-def _progress_line(m: dict[str, Any]) -> str:
-    head = f"[{m.get('stage')} {m.get('dataset')} seed {m.get('seed')}"
-    head += f" {m['label']}]" if "label" in m else "]"
-    if m.get("stage") == "hparams":
-        scales = "".join(f" {k} x{v:g}" for k, v in sorted(m.get("module_lr", {}).items()))
-        return (
-            f"{head} lr {m['lr']:g}{scales} wd {m['weight_decay']:g} epoch {m['epoch']}/"
-            f"{m['epochs']}: val acc {m['val_acc']:.4f}, ~{m['eta_s']:.0f} s left"
-        )
-    if m.get("stage") == "search":
-        return (
-            f"{head} round {m['round']}: {m['evaluated']}/{m['planned']} candidates, "
-            f"best val acc {m['best_val_acc']:.4f}, ~{m['eta_s']:.0f} s left"
-        )
-    eta = f", ~{m['eta_s']:.0f} s left" if "eta_s" in m else ""
-    return (
-        f"{head} epoch {m['epoch']}/{m['epochs']}: loss {m['train_loss']:.4f}, "
-        f"train acc {m['train_acc']:.4f}{eta}"
     )
 
 

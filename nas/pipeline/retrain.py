@@ -13,7 +13,6 @@ from nas import factory
 from nas.cost import added_flops
 from nas.jsonio import read_json
 from nas.pipeline.context import (
-    Report,
     base_tags,
     data_params,
     dataset_group,
@@ -30,6 +29,7 @@ from nas.pipeline.hparams import (
     tuned,
 )
 from nas.pipeline.layout import load_state, retrain_dir, search_dir
+from nas.pipeline.progress import EpochProgress, Report
 from nas.spec import ExperimentSpec
 from nas.subnet import Subnet
 from nas.tracking import subnet_params_flat
@@ -94,18 +94,16 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         torch.save(get_state(), tmp)
         os.replace(tmp, state_path)
         report(
-            {
-                "stage": "retrain",
-                "dataset": ds.key,
-                "seed": seed,
-                "label": label,
-                "epoch": epoch,
-                "epochs": cfg.epochs,
-                **metrics,
-                "eta_s": eta_s(
-                    started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch
-                ),
-            }
+            EpochProgress(
+                "retrain",
+                ds.key,
+                seed,
+                label=label,
+                eta_s=eta_s(started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch),
+                epoch=epoch,
+                epochs=cfg.epochs,
+                metrics=metrics,
+            )
         )
 
     if model.trainable_parameters():  # an empty subnet on CLIP is zero-shot: nothing trains

@@ -18,7 +18,6 @@ from nas.cost import added_flops, subnet_params
 from nas.errors import NasError
 from nas.jsonio import read_json
 from nas.pipeline.context import (
-    Report,
     base_tags,
     data_params,
     device_for,
@@ -28,6 +27,7 @@ from nas.pipeline.context import (
     tracker_for,
 )
 from nas.pipeline.layout import search_dir, supernet_dir
+from nas.pipeline.progress import Report, SearchProgress
 from nas.pipeline.supernet import run_supernet
 from nas.search import Evaluated, make_search
 from nas.spec import ExperimentSpec
@@ -139,19 +139,18 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
                 },
                 step=algo.round,
             )
+            left = max(algo.planned - len(algo.history), 0)
             report(
-                {
-                    "stage": "search",
-                    "dataset": ds.key,
-                    "seed": seed,
-                    "round": algo.round,
-                    "evaluated": len(algo.history),
-                    "planned": algo.planned,
-                    "best_val_acc": best.score,
-                    "eta_s": (time.time() - started)
-                    / max(evaluated_now, 1)
-                    * max(algo.planned - len(algo.history), 0),
-                }
+                SearchProgress(
+                    "search",
+                    ds.key,
+                    seed,
+                    eta_s=(time.time() - started) / max(evaluated_now, 1) * left,
+                    round=algo.round,
+                    evaluated=len(algo.history),
+                    planned=algo.planned,
+                    best_val_acc=best.score,
+                )
             )
 
         algo.run(score, known, on_scored, on_round)

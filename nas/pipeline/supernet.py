@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from nas import factory
 from nas.jsonio import read_json
 from nas.pipeline.context import (
-    Report,
     base_tags,
     data_params,
     device_for,
@@ -28,6 +27,7 @@ from nas.pipeline.hparams import (
     tuned,
 )
 from nas.pipeline.layout import load_state, supernet_dir
+from nas.pipeline.progress import EpochProgress, Report
 from trainers.train import (
     train,
 )
@@ -72,17 +72,15 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
             torch.save(get_state(), tmp)
             os.replace(tmp, state_path)
         report(
-            {
-                "stage": "supernet",
-                "dataset": ds.key,
-                "seed": seed,
-                "epoch": epoch,
-                "epochs": cfg.epochs,
-                **metrics,
-                "eta_s": eta_s(
-                    started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch
-                ),
-            }
+            EpochProgress(
+                "supernet",
+                ds.key,
+                seed,
+                eta_s=eta_s(started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch),
+                epoch=epoch,
+                epochs=cfg.epochs,
+                metrics=metrics,
+            )
         )
 
     train(
