@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from common import machine, sync, timed
 
-from nas import factory
 from nas.data.decode import DecodedSplit
 from nas.space import load_space
 from nas.subnet import Subnet
@@ -46,7 +45,7 @@ def perturbed_supernet(space, split):
     """The supernet with its prompt weights moved off their initialisation (zero-initialised
     parts would hide differences)."""
     torch.manual_seed(0)
-    model = factory.supernet(space, space.backbone, split)
+    model = space.backbone.supernet(space, split)
     with torch.no_grad():
         for name, p in model.prompt_modules.named_parameters():
             if ".generators." not in f".{name}":

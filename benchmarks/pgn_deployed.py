@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import machine
 
-from nas import factory
+from nas import prompted
 from nas.data.loader import TensorLoader
 from nas.inversion import RGBPrompts
 from nas.pipeline import context, layout
@@ -57,9 +57,9 @@ def main() -> int:
     for ds in spec.datasets:
         test = context.load_splits(spec, ds, ("test",))["test"]
         for seed in spec.seeds:
-            folder = layout.retrain_dir(spec, ds.key, seed, "x").parent
+            folder = layout.run_layout(spec).retrain(ds.key, seed, "x").parent
             for done in sorted(folder.glob("*/done.json")):
-                model = factory.load(done.parent / "model").eval()
+                model = prompted.load(done.parent / "model").eval()
                 data = model.subnet.to_data()
                 if set(data) != {"pgn"} or data["pgn"].get("placement") != "border":
                     continue

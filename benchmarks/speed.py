@@ -20,6 +20,7 @@ Run: python benchmarks/speed.py [--device cuda] [--json benchmarks/results/speed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -158,15 +159,16 @@ def search_throughput(
     work: Path, data: Path, device, candidates: int, repeats: int, with_ray: bool = True
 ) -> dict:
     from nas.pipeline import context, layout, search, supernet
+    from nas.pipeline.tasks import Task
     from nas.spec import load_spec
 
     path = search_spec(work, data, candidates, device)
     out = work / "out"
     spec = load_spec(path, output=out)
     context.tracker_for(spec)
-    task = {"spec": str(path), "output": str(out), "dataset": "dsprites_loc", "seed": 0}
+    task = Task(spec=str(path), spec_abs=str(path), output=str(out), dataset="dsprites_loc", seed=0)
     supernet.run_supernet(task)
-    search_dir = layout.search_dir(spec, "dsprites_loc", 0)
+    search_dir = layout.run_layout(spec).search("dsprites_loc", 0)
 
     # The floor: the same candidates' forward passes over the validation split, nothing else
     # (the candidates are those the search stage scores: read from its log).
@@ -190,9 +192,11 @@ def search_throughput(
         data = yaml.safe_load(path.read_text())
         data["stages"]["search"]["options"]["num_candidates"] = scale * candidates
         data["mlflow"] = {"experiment": f"speed-{next(fresh)}"}
-        task["spec"] = str(path.with_name(f"speed-{next(fresh)}.yaml"))
-        Path(task["spec"]).write_text(yaml.safe_dump(data))
-        context.tracker_for(load_spec(task["spec"], output=out))
+        nonlocal task
+        moved = str(path.with_name(f"speed-{next(fresh)}.yaml"))
+        task = dataclasses.replace(task, spec=moved, spec_abs=moved)
+        Path(moved).write_text(yaml.safe_dump(data))
+        context.tracker_for(load_spec(moved, output=out))
 
     def timed(fn, scale: int = 1) -> float:
         reset(scale)

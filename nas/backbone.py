@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import timm
 import timm.data
@@ -25,6 +26,7 @@ from nas.errors import ConfigError, NasError
 
 if TYPE_CHECKING:
     from nas.model import PromptedViT
+    from nas.prompted import PromptedModel
     from nas.space import SearchSpace
     from nas.subnet import Subnet
 
@@ -60,6 +62,52 @@ class TowerGeometry:
     def image_size(self) -> int:
         """The side of the square input image in pixels."""
         return self.patch_size * self.grid[0]
+
+
+class Backbone(Protocol):
+    """What the platform asks of a backbone family's spec (a timm ViT classifier:
+    ``BackboneSpec``; a CLIP: ``nas.clip.model.ClipSpec``); nothing outside a family's own
+    files asks which family it is."""
+
+    #: Whether it classifies by class names (a CLIP's text tower) rather than a trained head.
+    classifies_by_name: ClassVar[bool]
+
+    def geometry(self) -> TowerGeometry: ...
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]: ...
+    def supernet(self, space: SearchSpace, split: Any, dataset: str = "") -> PromptedModel: ...
+    def subnet_model(
+        self,
+        space: SearchSpace,
+        subnet: Subnet,
+        split: Any,
+        *,
+        full_finetune: bool = False,
+        dataset: str = "",
+    ) -> PromptedModel: ...
+    def head_params(self, num_classes: int) -> int: ...
+    def weight_files(self) -> dict[str, str | None]: ...
+    def check_weights(self) -> None: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """A backbone family besides timm's ViT classifiers (the default), as a search space's
+    ``backbone:`` names it: by a mapping ``{key: NAME_OR_PATH}``, or by a name or path that
+    ``claims`` recognises; ``load`` reads its spec (a ConfigError when it cannot)."""
+
+    key: str
+    claims: Callable[[str | Path], bool]
+    load: Callable[[str | Path], Backbone]
+
+
+#: The registered families by key (CLIP registers itself in ``nas.clip.model``).
+FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def register_family(family: BackboneFamily) -> BackboneFamily:
+    FAMILIES[family.key] = family
+    return family
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from nas import factory
 from nas.cost import subnet_params
 from nas.space import SearchSpace, load_space
 
@@ -61,7 +60,7 @@ def space_summary(space: SearchSpace) -> dict:
             "added_flops": added_flops(largest, g),
         },
         "supernet_params": sum(s.module.params(s.capacity(), g) for s in space.modules.values()),
-        "head_params_per_class": factory.head_params(space.backbone, 1),
+        "head_params_per_class": space.backbone.head_params(1),
     }
     if space.budget.is_set:
         fit = space.count_in_budget()
@@ -155,7 +154,7 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
         # the budget alone: whether the subnet is in the space is said beside it
         "in_budget": space.budget.admits(subnet, g) if space.budget.is_set else None,
         "params": subnet_params(subnet, g),
-        "head_params_per_class": factory.head_params(space.backbone, 1),
+        "head_params_per_class": space.backbone.head_params(1),
         "added_flops": added_flops(subnet, g),
         "added_flops_lora_merged": added_flops(subnet, g, merge_lora=True),
     }

@@ -1,6 +1,7 @@
 """A frozen timm ViT carrying prompt modules: the supernet and the standalone subnet model.
 
-``PromptedViT`` is one class for both. As a supernet it holds every module at the search
+``PromptedViT`` (a ``nas.prompted.PromptedModel``, as CLIP's ``PromptedCLIP`` is) is one
+class for both. As a supernet it holds every module at the search
 space's maxima and ``set_subnet`` switches the active slices (bookkeeping only: nothing is
 allocated or copied). ``export`` gives the standalone model of one subnet: a copy of the
 backbone and modules allocated at exactly that subnet's sizes, with the same logits.
@@ -12,45 +13,28 @@ architecture, class count and a hash of the frozen backbone it was trained on).
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nas.backbone import BackboneSpec, TowerGeometry, geometry_of
-from nas.cost import added_flops, head_params, subnet_params
+from nas.backbone import BackboneSpec, geometry_of
+from nas.cost import head_params, subnet_params
 from nas.errors import NasError
-from nas.modules import LoRA, PromptModule, module_class
+from nas.modules import PromptModule, module_class
+from nas.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
 from nas.space import SearchSpace
 from nas.subnet import Subnet
-from nas.towers import TokenLayout, tower_for
 from nas.validate import Reader
-from nas.yamlio import load_yaml, to_plain
 
-SUBNET_FILE = "subnet.yaml"
-WEIGHTS_FILE = "weights.safetensors"
-FORMAT = "nas-prompt-subnet/1"
+__all__ = ["SUBNET_FILE", "WEIGHTS_FILE", "PromptedViT", "backbone_hash"]
 
 
 def backbone_hash(model: nn.Module) -> str:
     """SHA-256 over the frozen backbone weights (head excluded), for provenance checks."""
-    digest = hashlib.sha256()
-    heads = {"head.", "head_dist."}
-    for name, tensor in sorted(model.state_dict().items()):
-        if any(name.startswith(h) for h in heads):
-            continue
-        digest.update(name.encode())
-        digest.update(
-            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return digest.hexdigest()
+    return weights_hash(model, skip=("head.", "head_dist."))
 
 
 def _recorded_backbone(reader: Reader, value: Any) -> BackboneSpec:
@@ -115,7 +99,7 @@ def _recorded_weights(weights: str | None, name: str | None) -> str | None:
     return str(shipped) if shipped.is_file() else weights
 
 
-class PromptedViT(nn.Module):
+class PromptedViT(PromptedModel):
     """A frozen timm VisionTransformer plus prompt modules, switchable between subnets.
 
     Args:
@@ -124,7 +108,10 @@ class PromptedViT(nn.Module):
             frozen (the head stays trainable) and forward hooks are attached to its blocks.
         modules: prompt modules by kind, each built for this backbone's geometry.
         backbone_spec: the architecture it was built from, recorded when saving.
+        full_finetune: every backbone weight trains too (the full fine-tuning baseline).
     """
+
+    FORMAT = "nas-prompt-subnet/1"
 
     def __init__(
         self,
@@ -133,28 +120,18 @@ class PromptedViT(nn.Module):
         backbone_spec: BackboneSpec | None = None,
         full_finetune: bool = False,
     ) -> None:
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, modules, geometry_of(backbone))
         self.backbone_spec = backbone_spec
         self.full_finetune = full_finetune
-        self.prompt_modules = nn.ModuleDict(dict(modules))
-        # Modules live where the backbone does (a backbone already moved to a GPU, say).
-        reference = next(backbone.parameters())
-        self.prompt_modules.to(device=reference.device, dtype=reference.dtype)
-        self.tower = tower_for(backbone, injector=self)
-        self.geometry: TowerGeometry = geometry_of(backbone)
         self.backbone.requires_grad_(full_finetune)
         for head in self.tower.head_modules():
             head.requires_grad_(True)
-        self._by_site = {
-            site: [m for m in self.prompt_modules.values() if site in m.sites]
-            for site in ("tokens", "qkv", "mlp")
-        }
-        self.subnet = Subnet()
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def supernet(cls, space: SearchSpace, num_classes: int, backbone: nn.Module | None = None):
+    def supernet(
+        cls, space: SearchSpace, num_classes: int, backbone: nn.Module | None = None
+    ) -> PromptedViT:
         """The weight-entangled supernet of ``space`` (random backbone unless one is given)."""
         backbone = backbone if backbone is not None else space.backbone.create(num_classes)
         g = geometry_of(backbone)
@@ -193,58 +170,8 @@ class PromptedViT(nn.Module):
         model.set_subnet(subnet)
         return model
 
-    # -- switching ---------------------------------------------------------------------------
-    def set_subnet(self, subnet: Subnet) -> None:
-        """Activate ``subnet``: per module, which leading slices are used. Allocates nothing."""
-        unknown = [kind for kind in subnet if kind not in self.prompt_modules]
-        if unknown:
-            raise NasError(f"subnet {subnet} uses {unknown}, which this model does not hold")
-        for kind, module in self.prompt_modules.items():
-            module.activate(subnet[kind])
-        self.subnet = subnet
-
-    # -- injection (called by the tower adapter) ---------------------------------------------
-    def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        for module in self._by_site["tokens"]:
-            x = module.tokens(layer, x, layout)
-        return x
-
-    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        total = None
-        for module in self._by_site["qkv"]:
-            delta = module.qkv_delta(layer, x)
-            if delta is not None:
-                total = delta if total is None else total + delta
-        return total
-
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        for module in self._by_site["mlp"]:
-            h = module.mlp_out(layer, h)
-        return h
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.tower.forward(images)
-
-    # -- what trains -------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Module and head weights (everything that trains), by their names in this model, and
-        the prompt modules' buffers (a PGN generator's batch-norm statistics)."""
-        names = {id(p) for p in self.trainable_parameters()}
-        out = {n: p.detach() for n, p in self.named_parameters() if id(p) in names}
-        out.update(
-            (f"prompt_modules.{n}", b.detach()) for n, b in self.prompt_modules.named_buffers()
-        )
-        return out
-
-    def load_trainable(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``tensors`` (named as ``trainable_state_dict`` names them) into this model."""
-        targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                targets[name].copy_(tensor)
 
     def num_params(self, num_classes: int | None = None) -> dict[str, int]:
         """Trainable parameters of the active subnet: modules (with full fine-tuning, every
@@ -257,81 +184,22 @@ class PromptedViT(nn.Module):
             head = head_params(self.geometry, num_classes)
         return {"modules": modules, "head": head, "total": modules + head}
 
-    def added_flops(self, merge_lora: bool = False) -> int:
-        return added_flops(self.subnet, self.geometry, merge_lora=merge_lora)
-
-    # -- standalone export -------------------------------------------------------------------
-    def export(self, subnet: Subnet | None = None, *, merge_lora: bool = False) -> PromptedViT:
-        """The standalone model of ``subnet`` (default: the active one): a copy of the backbone
-        and modules holding only that subnet's slices. With ``merge_lora``, LoRA's ``B A`` is
-        added into the copied qkv weights and no LoRA module remains."""
-        subnet = self.subnet if subnet is None else subnet
-        self.tower.detach()  # the copy must not carry this model's hooks
-        try:
-            frozen = copy.deepcopy(self._frozen())
-        finally:
-            self.tower.attach()
-        modules = {
-            kind: self.prompt_modules[kind].export(choice) for kind, choice in subnet.items()
-        }
-        model = self._rebuild(frozen, modules)
-        model.set_subnet(subnet)
-        model.train(self.training)
-        if merge_lora:
-            model.merge_lora()
-        return model
-
+    # -- standalone export (PromptedModel.export, on a copy of the backbone and its head) ----
     def _frozen(self) -> nn.Module:
-        """The pretrained model that an export copies (here the backbone with its head)."""
         return self.backbone
 
     def _rebuild(self, frozen: nn.Module, modules: dict[str, PromptModule]) -> PromptedViT:
-        """A model of this class on a copy of ``_frozen()`` with exported modules."""
-        return PromptedViT(frozen, modules, self.backbone_spec, self.full_finetune)
-
-    def merge_lora(self) -> None:
-        """Fold the active LoRA updates into this model's own qkv weights and drop LoRA."""
-        if "lora" not in self.prompt_modules:
-            return
-        lora = self.prompt_modules["lora"]
-        assert isinstance(lora, LoRA)
-        with torch.no_grad():
-            for layer in range(self.geometry.depth):
-                delta = lora.merged_weight(layer)
-                if delta is not None:
-                    self.tower.qkv_linear(layer).weight.add_(delta)
-        del self.prompt_modules["lora"]
-        self._by_site["qkv"] = [m for m in self._by_site["qkv"] if m is not lora]
-        self.subnet = Subnet({k: v for k, v in self.subnet.items() if k != "lora"})
+        return type(self)(frozen, modules, self.backbone_spec, self.full_finetune)
 
     # -- save / load -------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write ``subnet.yaml`` and ``weights.safetensors`` (trainable weights only) of the
-        standalone model of the active subnet."""
-        model = self if self._is_standalone() else self.export()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "subnet": model.subnet.to_data(),
-            "options": {k: dict(m.config) for k, m in model.prompt_modules.items()},
-            "num_classes": int(model.backbone.num_classes),
-            "backbone": model.backbone_spec.to_dict() if model.backbone_spec else None,
+    def _record(self) -> dict[str, Any]:
+        return {
+            "num_classes": int(self.backbone.num_classes),
+            "backbone": self.backbone_spec.to_dict() if self.backbone_spec else None,
             # Fully fine-tuned weights are all saved: no pretrained backbone to check against.
-            "backbone_sha256": None if model.full_finetune else backbone_hash(model.backbone),
-            "full_finetune": model.full_finetune,
-            "trainable_params": model.num_params(),
-            "added_flops": model.added_flops(),
+            "backbone_sha256": None if self.full_finetune else backbone_hash(self.backbone),
+            "full_finetune": self.full_finetune,
         }
-        tensors = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (directory / SUBNET_FILE).write_text(yaml.safe_dump(to_plain(meta), sort_keys=False))
-        return directory
-
-    def _is_standalone(self) -> bool:
-        return all(m.holds_exactly(self.subnet[k]) for k, m in self.prompt_modules.items()) and all(
-            k in self.prompt_modules for k in self.subnet
-        )
 
     @classmethod
     def load(
@@ -345,21 +213,8 @@ class PromptedViT(nn.Module):
         """Load a saved subnet onto ``backbone`` (built from the recorded architecture when not
         given; pass the pretrained backbone it was trained on). A backbone whose weights differ
         from the recorded hash is refused unless ``check_backbone`` is False."""
-        directory = Path(directory)
-        meta_path, weights_path = directory / SUBNET_FILE, directory / WEIGHTS_FILE
-        for path in (meta_path, weights_path):
-            if not path.is_file():
-                raise NasError(
-                    f"{path}: missing; a saved subnet folder holds {SUBNET_FILE} and {WEIGHTS_FILE}"
-                )
-        doc = load_yaml(meta_path)
-        reader = Reader(doc)
-        meta = reader.mapping(
-            doc.data, "", required=["format", "subnet", "num_classes"], open_keys=True
-        )
-        if meta["format"] != FORMAT:
-            reader.fail("format", f"{meta['format']!r} is not {FORMAT!r}")
-        subnet = Subnet.from_data(meta["subnet"], doc, "subnet")
+        meta_path = Path(directory) / SUBNET_FILE
+        reader, meta, subnet = cls._open_saved(directory, ["num_classes"])
         num_classes = reader.integer(meta["num_classes"], "num_classes", minimum=1)
         spec = _recorded_backbone(reader, meta["backbone"]) if meta.get("backbone") else None
         if backbone is None:
@@ -391,31 +246,7 @@ class PromptedViT(nn.Module):
                 f"{meta_path}: subnet {subnet} cannot be built on this backbone: "
                 f"{type(exc).__name__}: {str(exc)[:200]}"
             ) from None
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError) as exc:
-            raise NasError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-        broken = next(
-            (k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()),
-            None,
-        )
-        if broken is not None:
-            raise NasError(f"{weights_path}: {broken} holds NaN or infinite values")
-        expected = model.trainable_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise NasError(
-                f"{weights_path}: does not match subnet {subnet} "
-                f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
-            )
-        for name, tensor in tensors.items():
-            if tensor.shape != expected[name].shape:
-                raise NasError(
-                    f"{weights_path}: {name} has shape {tuple(tensor.shape)}, subnet {subnet} "
-                    f"needs {tuple(expected[name].shape)}"
-                )
-        model.load_trainable(tensors)
+        model._load_weights(Path(directory) / WEIGHTS_FILE)
         if merge_lora:
             model.merge_lora()
         return model

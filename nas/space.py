@@ -30,8 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.backbone import BackboneSpec, TowerGeometry, load_backbone, parse_backbone_mapping
-from nas.clip.model import ClipSpec, is_clip, load_clip
+import nas.clip.model  # noqa: F401  (registers the CLIP family)
+from nas.backbone import (
+    FAMILIES,
+    Backbone,
+    TowerGeometry,
+    load_backbone,
+    parse_backbone_mapping,
+)
 from nas.cost import added_flops, subnet_params
 from nas.errors import ConfigError
 from nas.modules import REGISTRY, ModuleSpace
@@ -100,7 +106,7 @@ class SearchSpace:
     """A validated search space."""
 
     name: str
-    backbone: BackboneSpec | ClipSpec
+    backbone: Backbone
     modules: dict[str, ModuleSpace]
     budget: Budget
     description: str = ""
@@ -226,27 +232,28 @@ def _parse_bounds(reader: Reader, value: Any, key: str) -> Bounds:
     return Bounds(low, high)
 
 
-def parse_backbone_value(value: Any, reader: Reader, base: Path) -> BackboneSpec | ClipSpec:
-    """A shipped backbone's name (``vit_fmnist``) or CLIP's (``clip_fmnist``), a path to a
-    backbone.yaml or clip.yaml, a mapping ``{clip: NAME_OR_PATH}``, or a mapping ``{model,
-    overrides, weights, mean, std}``; relative paths are relative to ``base``."""
+def parse_backbone_value(value: Any, reader: Reader, base: Path) -> Backbone:
+    """A shipped backbone's name (``vit_fmnist``) or another family's (``clip_fmnist``), a path
+    to a backbone.yaml or a family's file (clip.yaml), a mapping ``{FAMILY: NAME_OR_PATH}``
+    (``{clip: ...}``), or a mapping ``{model, overrides, weights, mean, std}``; relative paths
+    are relative to ``base``."""
 
     def local(text: str) -> str | Path:
         path = Path(text)
         return text if not path.suffix or path.is_absolute() else base / path
 
-    if isinstance(value, dict) and "clip" in value:
-        reader.mapping(value, "backbone", required=["clip"])
-        value = reader.string(value["clip"], "backbone.clip")
+    family = next((f for k, f in FAMILIES.items() if isinstance(value, dict) and k in value), None)
+    if family is not None:
+        reader.mapping(value, "backbone", required=[family.key])
+        value = reader.string(value[family.key], f"backbone.{family.key}")
         try:
-            return load_clip(local(value))
+            return family.load(local(value))
         except ConfigError as exc:
-            reader.fail("backbone.clip", f"{value!r}: {exc}")
+            reader.fail(f"backbone.{family.key}", f"{value!r}: {exc}")
     if isinstance(value, str):
         try:
-            if is_clip(local(value)):
-                return load_clip(local(value))
-            return load_backbone(local(value))
+            family = next((f for f in FAMILIES.values() if f.claims(local(value))), None)
+            return (family.load if family else load_backbone)(local(value))
         except ConfigError as exc:
             reader.fail("backbone", f"{value!r}: {exc}")
     bb = reader.mapping(

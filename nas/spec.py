@@ -32,8 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nas.backbone import BackboneSpec
-from nas.clip.model import ClipSpec
+from nas.backbone import Backbone
 from nas.data.dataset_formats import FORMATS, dataset_format
 from nas.errors import ConfigError
 from nas.space import (
@@ -93,7 +92,7 @@ class ExperimentSpec:
     name: str
     path: str | None
     datasets: tuple[DatasetSpec, ...]
-    backbone: BackboneSpec | ClipSpec
+    backbone: Backbone
     space: SearchSpace
     seeds: tuple[int, ...]
     output: Path

@@ -13,7 +13,7 @@ from nas.space import SearchSpace
 from nas.subnet import Subnet
 from nas.validate import Reader
 from nas.yamlio import Document
-from trainers.train import TrainConfig
+from trainers.train import Schedule, TrainConfig
 
 # Baselines that are not subnets: the head alone on the frozen backbone (the same as an empty
 # subnet), and full fine-tuning (every backbone weight trains, with the head).
@@ -49,24 +49,13 @@ class HparamsStage:
         ]
 
 
-@dataclass(frozen=True)
-class TrainingStage:
-    """What a training stage sets; NOAH's defaults for the supernet, overridden per stage."""
+@dataclass(frozen=True, kw_only=True)
+class TrainingStage(Schedule):
+    """What a training stage sets: a schedule (``trainers.train.Schedule``) with NOAH's
+    defaults for the supernet, overridden per stage."""
 
     epochs: int = 500
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
     warmup_epochs: int = 10
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    label_smoothing: float = 0.0
-    crop_pad: int = 0
-    hflip: bool = False
-    # Multipliers of lr and weight decay per module kind ("head": the classifier; "backbone":
-    # full fine-tuning), e.g. {pgn: 4.0}: PGN's generator wants a larger rate than VPT.
-    module_lr: dict[str, float] = field(default_factory=dict)
-    module_weight_decay: dict[str, float] = field(default_factory=dict)
 
     def train_config(
         self,
@@ -79,19 +68,14 @@ class TrainingStage:
         """The training loop's settings, with the (possibly tuned) lr and weight decay; tuned
         module multipliers replace the stage's own for the kinds they name."""
         return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            warmup_lr=self.warmup_lr,
-            min_lr=self.min_lr,
-            label_smoothing=self.label_smoothing,
-            crop_pad=self.crop_pad,
-            hflip=self.hflip,
+            **{
+                **self.schedule(),
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "module_lr": {**self.module_lr, **(module_lr or {})},
+                "module_weight_decay": dict(self.module_weight_decay),
+            },
             seed=seed,
-            module_lr={**self.module_lr, **(module_lr or {})},
-            module_weight_decay=dict(self.module_weight_decay),
         )
 
 

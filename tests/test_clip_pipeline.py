@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from nas import factory
+from nas import prompted
 from nas.clip.prompted import PromptedCLIP
 from nas.data.decode import decode_split
 from nas.data.formats import read_vtab
@@ -76,7 +76,7 @@ def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
     # A winner reloads from MLflow alone (onto the CLIP it names) and reproduces its test score.
     winner = parent_run(runs, "retrain", label="baseline-upt", dataset="digits")
     local = client.download_artifacts(winner.info.run_id, "model", str(clip_run / "dl"))
-    model = factory.load(local).eval()  # whichever backbone: the folder names its CLIP
+    model = prompted.load(local).eval()  # whichever backbone: the folder names its CLIP
     assert isinstance(model, PromptedCLIP)
     assert model.class_names[:3] == ["zero", "one", "two"]
     test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
@@ -106,7 +106,7 @@ def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_d
     # ... and a model is never built without them either.
     split = load_splits(spec, spec.datasets[0], ("train",))["train"]
     with pytest.raises(NasError, match=r"dataset 'digits' has no class names.*classnames\.txt"):
-        factory.supernet(spec.space, spec.backbone, split, "digits")
+        spec.backbone.supernet(spec.space, split, "digits")
 
 
 @pytest.mark.parametrize("baseline", ["linear-probe", "full-finetune"])

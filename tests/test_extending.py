@@ -1,10 +1,12 @@
-"""README "Extending": a new dataset format, search algorithm and prompt module kind are each
-one class and one registration, with no change to the spec parser, the pipeline or the CLI.
+"""README "Extending": a new dataset format, search algorithm, prompt module kind and backbone
+family are each a class or two and one registration, with no change to the spec parser, the
+pipeline or the CLI.
 Each toy here is registered in the live registry for one test only (monkeypatch restores it),
 then goes through a spec, a space, a supernet training step and a search round."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import ClassVar
@@ -15,12 +17,15 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
-from nas import factory
+from nas import backbone as backbones
+from nas import prompted
+from nas.backbone import BackboneFamily, BackboneSpec, load_backbone
 from nas.cost import subnet_params
 from nas.data import dataset_formats
 from nas.data.dataset_formats import DatasetFormat
 from nas.data.formats import Entry, Split, parse_list_file
-from nas.errors import ConfigError
+from nas.errors import ConfigError, NasError
+from nas.model import PromptedViT
 from nas.modules import REGISTRY, LayeredModule
 from nas.pipeline.context import load_splits, read_splits, supernet_steps
 from nas.search import ALGORITHMS, Evaluated, SearchAlgorithm, make_search
@@ -138,7 +143,7 @@ def supernet_step_and_search(spec_path: Path) -> list[Evaluated]:
     spec = load_spec(spec_path)
     ds = spec.datasets[0]
     data = load_splits(spec, ds, ("train", "val"))
-    model = factory.supernet(spec.space, spec.backbone, data["train"], ds.key)
+    model = spec.backbone.supernet(spec.space, data["train"], ds.key)
     mean, std = spec.backbone.normalisation()
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     cfg = TrainConfig(epochs=1, warmup_epochs=0)
@@ -216,7 +221,7 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
     history = supernet_step_and_search(spec_path)
     assert len(history) == 4 and all(e.cost <= 8000 for e in history)
     # an exported subnet holds exactly its slices and computes what the supernet computed
-    model = factory.supernet(spec.space, spec.backbone, _Classes(10), "digits")
+    model = spec.backbone.supernet(spec.space, _Classes(10), "digits")
     model.set_subnet(subnet)
     torch.manual_seed(0)
     for param in model.trainable_parameters():  # B starts at zero: make the kind act
@@ -230,3 +235,61 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
         model.set_subnet(Subnet())
         assert not torch.allclose(model(x), alone(x))  # the kind changed the output
     assert alone.num_params()["modules"] == 2 * g.width * 6
+
+
+def test_a_new_backbone_family_is_a_spec_a_model_class_and_one_registration(
+    tmp_path, mini_vtab_data, monkeypatch
+):
+    """A toy family: timm ViT classifiers whose prompted model is a class of its own, with a
+    saved-folder format of its own. A space names it as ``backbone: {toy: NAME}``; the pipeline's
+    calls (supernet, search) and the generic loader reach it through the protocol alone."""
+    monkeypatch.setattr(prompted, "FAMILIES", dict(prompted.FAMILIES))  # restored after
+
+    class ToyPrompted(PromptedViT):
+        FORMAT = "toy-prompted-subnet/1"  # registers itself for nas.prompted.load
+
+    @dataclasses.dataclass(frozen=True)
+    class ToySpec(BackboneSpec):
+        def supernet(self, space, split, dataset=""):
+            return ToyPrompted.supernet(space, split.num_classes, self.create(split.num_classes))
+
+        def subnet_model(self, space, subnet, split, *, full_finetune=False, dataset=""):
+            head = self.create(split.num_classes)
+            return ToyPrompted.for_subnet(head, subnet, space.options(), self)
+
+    def load_toy(name):
+        vit = load_backbone(name)
+        return ToySpec(**{f.name: getattr(vit, f.name) for f in dataclasses.fields(vit)})
+
+    family = BackboneFamily("toy", claims=lambda value: False, load=load_toy)
+    monkeypatch.setitem(backbones.FAMILIES, "toy", family)
+    space = yaml.safe_load((Path("search_spaces") / "tiny_cpu.yaml").read_text())
+    space["backbone"] = {"toy": "vit_fmnist"}
+    (tmp_path / "toy_space.yaml").write_text(yaml.safe_dump(space))
+    dataset = {"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}
+    search = {"algorithm": "random", "options": {"num_candidates": 3}}
+    spec_path = write_spec(tmp_path, dataset, search, space=str(tmp_path / "toy_space.yaml"))
+    doc = yaml.safe_load(spec_path.read_text())
+    del doc["backbone"]  # the space's family
+    spec_path.write_text(yaml.safe_dump(doc))
+    spec = load_spec(spec_path)
+    assert isinstance(spec.backbone, ToySpec)
+    assert len(supernet_step_and_search(spec_path)) == 3
+    # the family's model, saved in its own format, comes back through the generic loader
+    subnet = Subnet({"lora": [2, 2]})
+    model = spec.backbone.subnet_model(spec.space, subnet, _Classes(10)).eval()
+    torch.manual_seed(0)
+    for param in model.trainable_parameters():
+        param.data.normal_(0, 0.05)
+    folder = model.save(tmp_path / "saved")
+    assert yaml.safe_load((folder / "subnet.yaml").read_text())["format"] == ToyPrompted.FORMAT
+    loaded = prompted.load(folder).eval()
+    assert type(loaded) is ToyPrompted and loaded.subnet == subnet
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    # a folder of a family nobody registered: one error naming the file and the key
+    meta = yaml.safe_load((folder / "subnet.yaml").read_text())
+    (folder / "subnet.yaml").write_text(yaml.safe_dump({**meta, "format": "other/1"}))
+    with pytest.raises(NasError, match=r"subnet\.yaml.*format.*'other/1' is none of"):
+        prompted.load(folder)

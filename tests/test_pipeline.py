@@ -22,7 +22,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from nas import factory
+from nas import prompted
 from nas.data.decode import decode_split
 from nas.data.formats import read_vtab
 from nas.model import PromptedViT
@@ -203,7 +203,7 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     local = client.download_artifacts(winner.info.run_id, "model", str(uninterrupted / "dl"))
     space = load_space("tiny_cpu")
     model = PromptedViT.load(local, space.backbone.create(10)).eval()
-    assert factory.load(local).subnet == model.subnet  # the generic loader finds the same
+    assert prompted.load(local).subnet == model.subnet  # the generic loader finds the same
     test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
     mean, std = space.backbone.normalisation()
     acc = evaluate(model, test, mean=mean, std=std)

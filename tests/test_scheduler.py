@@ -78,7 +78,7 @@ def test_the_stages_trial_code_does_not_import_ray():
     code = (
         "import sys\n"
         "from nas.pipeline import context, hparams, layout, preflight, progress, provenance, "
-        "reports, retrain, search, supernet\n"
+        "reports, retrain, search, stage, supernet, tasks\n"
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
     )
     out = subprocess.run(
@@ -114,3 +114,43 @@ def test_progress_events_give_tune_their_numbers_and_the_log_its_line():
         == "[search d seed 2] round 1: 16/48 candidates, best val acc 0.9000, ~3 s left"
     )
     assert search.numbers()["best_val_acc"] == 0.9
+
+
+def test_tasks_travel_through_tune_as_data_and_come_back_typed():
+    """A task goes into Tune's config as plain data and a trial rebuilds the same typed task;
+    every stage name the Ray layer runs resolves to a stage whose tasks and markers agree."""
+    from nas.pipeline.stage import STAGES, stage
+    from nas.pipeline.tasks import RetrainTask, SweepPoint, Task, task_from_config
+
+    base = {"spec": "s.yaml", "spec_abs": "/x/s.yaml", "output": "/x/out"}
+    tasks = [
+        Task(**base, dataset="d", seed=1),
+        SweepPoint(
+            **base,
+            dataset="d",
+            seed=0,
+            method="supernet",
+            lr=1e-3,
+            weight_decay=0.0,
+            group="d/supernet",
+            module_lr={"pgn": 4.0},
+        ),
+        RetrainTask(
+            **base,
+            dataset="d",
+            seed=2,
+            label="rank1",
+            role="searched",
+            subnet={"lora": {"depth": 2, "dims": 4}},
+            val_acc=0.5,
+        ),
+    ]
+    for task in tasks:
+        config = task.to_config()
+        assert all(isinstance(v, str | int | float | dict | bool | None) for v in config.values())
+        assert task_from_config(config) == task
+    assert tasks[1].describe() == "d seed 0 supernet lr 0.001 wd 0 pgn x4"
+    assert tasks[2].describe() == "d seed 2 rank1"
+    assert set(STAGES) == {"hparams", "supernet", "search", "supernet+search", "retrain"}
+    for name in STAGES:
+        assert stage(name).name == name and callable(stage(name).run)

@@ -131,3 +131,86 @@ def test_float_options_take_their_declared_range_not_always_a_probability(monkey
     assert option_problem("evolution", "m_prob", 2.0) == (
         "expected a probability between 0 and 1, got 2.0"
     )
+
+
+def _noah_layered_mutation(space, choice, rng, m_prob, s_prob):
+    """NOAH / AutoFormer's layered mutation as written per kind before the spaces became data
+    (the reference the generic operator must reproduce draw for draw)."""
+    from nas.modules.spaces import trim
+
+    dims = list(trim(choice))
+    depth = min((d for d in space.depths if d >= len(dims)), default=len(dims))
+    dims += [0] * (depth - len(dims))
+    if rng.random() < s_prob:
+        depth = rng.choice(space.depths)
+        dims = dims[:depth] + [rng.choice(space.dims) for _ in range(depth - len(dims))]
+    dims = [rng.choice(space.dims) if rng.random() < m_prob else d for d in dims]
+    return trim(dims)
+
+
+def test_mutation_on_spaces_as_data_is_noahs_draw_for_draw(space):
+    """The generic mutation reads a kind's parameters (a structural depth, conditional dims)
+    and gives the very candidates the per-kind code gave, from the same random stream."""
+    from nas.search.operators import mutate
+
+    draws = random.Random(5)
+    for kind, module_space in space.modules.items():
+        for _ in range(300):
+            choice = module_space.sample(draws)
+            m, s, seed = draws.random(), draws.random(), draws.randrange(10**6)
+            ours = mutate(module_space, choice, random.Random(seed), m, s)
+            noah = _noah_layered_mutation(module_space, choice, random.Random(seed), m, s)
+            assert ours == noah, (kind, choice)
+            assert module_space.contains(ours)
+
+
+def test_optuna_asks_a_conditional_parameter_only_when_it_exists(space):
+    """The depth switches the layer dims on: a fixed trial holding only the active ones is
+    enough (Optuna's FixedTrial refuses a parameter it was not given), and so for UPT's n_ctx,
+    which exists only for a mode with context."""
+    import optuna
+
+    from nas.modules.upt import UPTSpace
+    from nas.search.operators import suggest
+
+    lora = space.modules["lora"]  # depths [2, 4], dims [1, 4]
+    trial = optuna.trial.FixedTrial({"lora.depth": 2, "lora.dim0": 4, "lora.dim1": 1})
+    assert suggest(lora, trial, "lora.") == (4, 1)
+    with pytest.raises(ValueError):  # depth 4 needs dim2 and dim3, which were not given
+        suggest(lora, optuna.trial.FixedTrial({"depth": 4, "dim0": 4, "dim1": 4}), "")
+    upt = UPTSpace(modes=("none", "text"), n_ctx=(2, 4), options={})
+    assert suggest(upt, optuna.trial.FixedTrial({"mode": "none"}), "") == ()
+    assert suggest(upt, optuna.trial.FixedTrial({"mode": "text", "n_ctx": 4}), "") == ("text", 4)
+    for choice in upt.choices():
+        assert upt.decode(upt.encode(choice)) == choice
+
+
+def test_no_module_file_holds_search_code():
+    """A module kind is its runtime class and its space as data; the search algorithms' code
+    (Optuna's trials, evolution's operators) lives in nas/search alone."""
+    from pathlib import Path
+
+    import nas.modules
+
+    for path in Path(nas.modules.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for word in ("optuna", "suggest_categorical", "def mutate", "def suggest", "rng.random()"):
+            assert word not in text, f"{path.name} holds {word!r}"
+
+
+def test_pgn_mutation_on_its_parameters_is_the_per_axis_one_draw_for_draw():
+    """PGN's axes are independent parameters: each resampled with ``m_prob``, as before."""
+    from nas.modules.pgn import PGN
+    from nas.search.operators import mutate
+    from nas.space import load_space
+
+    pgn = load_space("noah_pgn_cpu").modules["pgn"]
+    draws = random.Random(7)
+    for _ in range(300):
+        choice = pgn.sample(draws) if draws.random() < 0.9 else ()
+        m, s, seed = draws.random(), draws.random(), draws.randrange(10**6)
+        rng = random.Random(seed)
+        start = PGN.canonical(choice) or pgn.sample(rng)
+        axes = zip(start, pgn._axes(), strict=True)
+        noah = tuple(rng.choice(axis) if rng.random() < m else v for v, axis in axes)
+        assert mutate(pgn, choice, random.Random(seed), m, s) == noah

@@ -14,6 +14,7 @@ import yaml
 
 from nas.cli import main
 from nas.pipeline import context, retrain, search
+from nas.pipeline.tasks import RetrainTask
 from nas.spec import load_spec
 
 SHOTS = 2
@@ -79,15 +80,16 @@ def test_retraining_trains_on_the_protocols_split(tmp_path, three_formats, fmt, 
     spec = load_spec(path)
     ds = spec.datasets[0]
     assert ds.retrain_split == split
-    task = {
-        "spec": str(path),
-        "output": str(spec.output),
-        "dataset": ds.key,
-        "seed": 0,
-        "label": "lora2",
-        "subnet": {"lora": {"depth": 2, "dims": 2}},
-        "role": "baseline",
-    }
+    task = RetrainTask(
+        spec=str(path),
+        spec_abs=str(path),
+        output=str(spec.output),
+        dataset=ds.key,
+        seed=0,
+        label="lora2",
+        subnet={"lora": {"depth": 2, "dims": 2}},
+        role="baseline",
+    )
     row = retrain.run_retrain(task)
     assert (row["train_split"], row["train_images"]) == (split, images)
     params = mlflow.MlflowClient(spec.tracking_uri).get_run(row["mlflow_run_id"]).data.params

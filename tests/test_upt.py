@@ -10,7 +10,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from nas import prompted
 from nas.clip.prompted import PromptedCLIP
 from nas.cost import subnet_params
 from nas.errors import ConfigError, NasError
@@ -51,14 +53,18 @@ def space(clip_path):
     return parse_space(parse_yaml(space_yaml(clip_path, MODULES)))
 
 
-def build(space, seed=0):
+def fresh_clip(space, seed=0):
     torch.manual_seed(seed)
     clip = space.backbone.create(load=False)
     with torch.no_grad():  # a random but not degenerate text tower and projections
         for name, p in clip.named_parameters():
             if not name.startswith("visual.trunk."):
                 p.add_(0.05 * torch.randn_like(p))
-    model = PromptedCLIP.supernet(space, NAMES, clip).eval()
+    return clip
+
+
+def build(space, seed=0):
+    model = PromptedCLIP.supernet(space, NAMES, fresh_clip(space, seed)).eval()
     with torch.no_grad():
         for p in model.prompt_modules.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -252,3 +258,31 @@ def test_supernet_training_steps_over_draws_with_nothing_to_train(space):
     train(model, data, cfg, mean=(0.5,), std=(0.5,), sample_subnet=lambda rng: next(draws))
     after = model.prompt_modules.state_dict()
     assert not torch.equal(before["lora.layers.0.A"], after["lora.layers.0.A"])
+
+
+def test_a_saved_clip_subnet_loads_back_and_refuses_what_does_not_fit(space, tmp_path):
+    """Save writes the standalone subnet; ``PromptedCLIP.load`` (and the generic
+    ``nas.prompted.load``'s dispatch by format) gives the same logits on the same CLIP; other
+    frozen weights, a damaged tensor or a ViT folder are each one clear error."""
+    model = build(space)
+    subnet = Subnet({"upt": ("unified", 4), "vpt": [2], "lora": [2] * 6})
+    model.set_subnet(subnet)
+    folder = model.save(tmp_path / "winner")
+    loaded = PromptedCLIP.load(folder, fresh_clip(space)).eval()
+    assert type(loaded) is PromptedCLIP and loaded.subnet == subnet
+    assert loaded.class_names == NAMES
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images()), model(images()))
+    with pytest.raises(NasError, match="sha256 mismatch"):
+        PromptedCLIP.load(folder, fresh_clip(space, seed=1))
+    assert PromptedCLIP.load(folder, fresh_clip(space, seed=1), check_backbone=False)
+    weights = folder / "weights.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(NasError, match=re.escape(f"{name} holds NaN")):
+        PromptedCLIP.load(folder, fresh_clip(space))
+    vit = prompted.FAMILIES["nas-prompt-subnet/1"]
+    with pytest.raises(NasError, match=r"format: 'nas-prompt-clip-subnet/1' is not"):
+        vit.load(folder)

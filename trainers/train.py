@@ -16,7 +16,7 @@ import copy
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -30,8 +30,12 @@ from nas.modules import REGISTRY
 from nas.subnet import Subnet
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """A training schedule's settings: what a spec's training stage sets
+    (``nas.stage_settings.TrainingStage``, with NOAH's defaults) and the loop trains with
+    (``TrainConfig``, with its seed)."""
+
     epochs: int
     batch_size: int = 64
     lr: float = 5e-4
@@ -42,11 +46,22 @@ class TrainConfig:
     label_smoothing: float = 0.0
     crop_pad: int = 0
     hflip: bool = False
-    seed: int = 0
     # Multipliers of ``lr`` and ``weight_decay`` per prompt-module kind (``"head"`` for the
-    # classifier, ``"backbone"`` for full fine-tuning); a group not named keeps 1.
+    # classifier, ``"backbone"`` for full fine-tuning), e.g. {pgn: 4.0}: PGN's generator wants
+    # a larger rate than VPT; a group not named keeps 1.
     module_lr: dict[str, float] = field(default_factory=dict)
     module_weight_decay: dict[str, float] = field(default_factory=dict)
+
+    def schedule(self) -> dict[str, Any]:
+        """The schedule's own fields (not a subclass's), by name."""
+        return {f.name: getattr(self, f.name) for f in fields(Schedule)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Schedule):
+    """What the training loop trains with: a schedule and its seed."""
+
+    seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Flat settings (MLflow params); the multipliers as ``module_lr.<kind>`` keys, and

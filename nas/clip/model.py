@@ -31,7 +31,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from nas.backbone import BACKBONES_DIR, BackboneSpec, TowerGeometry, load_backbone, load_weights
+from nas.backbone import (
+    BACKBONES_DIR,
+    BackboneFamily,
+    BackboneSpec,
+    TowerGeometry,
+    load_backbone,
+    load_weights,
+    register_family,
+)
 from nas.errors import ConfigError, NasError
 
 if TYPE_CHECKING:
@@ -137,9 +145,7 @@ class ClipSpec:
 
         if full_finetune:
             raise NasError("full fine-tuning is not offered for CLIP backbones")
-        return PromptedCLIP.for_clip_subnet(
-            self, class_names(split, dataset), subnet, space.options()
-        )
+        return PromptedCLIP.for_subnet(self, class_names(split, dataset), subnet, space.options())
 
     def head_params(self, num_classes: int) -> int:
         """A CLIP has no head: the class names' text embeddings classify."""
@@ -420,3 +426,6 @@ def class_names(split: Any, dataset: str = "") -> list[str]:
     if len(names) != split.num_classes:
         raise NasError(f"{dataset}: {len(names)} class names for {split.num_classes} classes")
     return list(names)
+
+
+register_family(BackboneFamily("clip", is_clip, load_clip))

@@ -1,10 +1,11 @@
 """A frozen CLIP carrying prompt modules: the supernet and the standalone subnet model.
 
-``PromptedCLIP`` is ``PromptedViT`` on CLIP's image trunk (VPT, LoRA, Adapter, PGN and UPT's
-visual prompts act through the same per-block injection interface, so the modules are the ViT
-ones, not copies) plus the text side: class names through the prompt template, or through
-learned context (``upt``, text or unified mode), then the text tower. Logits are CLIP's scaled
-cosine similarities between the image and the class embeddings; no classification head.
+``PromptedCLIP`` is, like ``PromptedViT``, a ``nas.prompted.PromptedModel`` on CLIP's image
+trunk (VPT, LoRA, Adapter, PGN and UPT's visual prompts act through the same per-block
+injection interface, so the modules are the ViT ones, not copies), plus the text side: class
+names through the prompt template, or through learned context (``upt``, text or unified
+mode), then the text tower. Logits are CLIP's scaled cosine similarities between the image and
+the class embeddings; no classification head.
 
 Order inside one forward: the text side first (in unified mode it computes the visual prompts
 with the text context, in one pass of UPT's encoder layer), then the image tower.
@@ -12,28 +13,23 @@ with the text context, in one pass of UPT's encoder layer), then the image tower
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nas.clip.model import ClipSpec, encode_tokens, load_clip
 from nas.cost import subnet_params
 from nas.errors import NasError
-from nas.model import SUBNET_FILE, WEIGHTS_FILE, PromptedViT
 from nas.modules import PromptModule, module_class
 from nas.modules.upt import RANDOM_INIT
+from nas.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
-FORMAT = "nas-prompt-clip-subnet/1"
 PLACEHOLDER = "X"  # one token per context vector, replaced by the learned vectors (as CoOp)
 
 
@@ -66,7 +62,7 @@ class ClassPrompts:
         return self._by_n[n]
 
 
-class PromptedCLIP(PromptedViT):
+class PromptedCLIP(PromptedModel):
     """A frozen ``open_clip.CLIP`` (a timm image trunk or open_clip's own), plus prompt modules.
 
     Args:
@@ -76,6 +72,8 @@ class PromptedCLIP(PromptedViT):
         modules: prompt modules by kind, built for ``spec.geometry()``.
     """
 
+    FORMAT = "nas-prompt-clip-subnet/1"
+
     def __init__(
         self,
         clip: nn.Module,
@@ -83,13 +81,11 @@ class PromptedCLIP(PromptedViT):
         class_names: Sequence[str],
         modules: Mapping[str, PromptModule],
     ) -> None:
-        super().__init__(image_trunk(clip), modules, backbone_spec=None)
+        # The trunk is already a submodule of ``clip``: not registered again, so that its
+        # weights appear once in ``state_dict()`` (under ``clip.visual.``), not twice.
+        super().__init__(image_trunk(clip), modules, spec.geometry(), own_trunk=False)
         self.clip = clip.requires_grad_(False)
-        # The trunk is already a submodule of ``clip``: keep it as a plain attribute so that
-        # its weights appear once in ``state_dict()`` (under ``clip.visual.``), not twice.
-        object.__setattr__(self, "backbone", self._modules.pop("backbone"))
         self.clip_spec = spec
-        self.geometry = spec.geometry()
         self.class_names = list(class_names)
         self.prompts = ClassPrompts(
             spec.tokenizer(), self.class_names, spec.template, self.geometry.text_context
@@ -116,7 +112,7 @@ class PromptedCLIP(PromptedViT):
         return model
 
     @classmethod
-    def for_clip_subnet(
+    def for_subnet(
         cls,
         spec: ClipSpec,
         class_names: Sequence[str],
@@ -190,76 +186,41 @@ class PromptedCLIP(PromptedViT):
         modules = subnet_params(self.subnet, self.geometry)
         return {"modules": modules, "head": 0, "total": modules}
 
-    # -- standalone export (PromptedViT.export, on a copy of the whole CLIP) -----------------
+    # -- standalone export (PromptedModel.export, on a copy of the whole CLIP) --------------
     def _frozen(self) -> nn.Module:
         return self.clip
 
     def _rebuild(self, frozen: nn.Module, modules: dict[str, PromptModule]) -> PromptedCLIP:
-        return PromptedCLIP(frozen, self.clip_spec, self.class_names, modules)
+        return type(self)(frozen, self.clip_spec, self.class_names, modules)
 
     # -- save / load -------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """``subnet.yaml`` (subnet, options, the CLIP it runs on, class names) and
-        ``weights.safetensors`` (the prompt modules' weights only)."""
-        model = self if self._is_standalone() else self.export()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT,
-            "subnet": model.subnet.to_data(),
-            "options": {k: dict(m.config) for k, m in model.prompt_modules.items()},
+    def _record(self) -> dict[str, Any]:
+        return {
             "clip": self.clip_spec.to_dict()["clip"],
             "class_names": self.class_names,
-            "clip_sha256": clip_hash(model.clip),
-            "trainable_params": model.num_params(),
-            "added_flops": model.added_flops(),
+            "clip_sha256": clip_hash(self.clip),
         }
-        tensors = {k: v.contiguous() for k, v in model.trainable_state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (directory / SUBNET_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
-        return directory
 
     @classmethod
-    def load_clip_subnet(cls, directory: str | Path, *, check_clip: bool = True) -> PromptedCLIP:
-        """Load a saved CLIP subnet onto the CLIP it names (refused if that CLIP's weights
-        differ from the ones it was trained on, unless ``check_clip`` is False)."""
-        from nas.subnet import Subnet
-        from nas.validate import Reader
-        from nas.yamlio import load_yaml
-
-        directory = Path(directory)
-        meta_path, weights_path = directory / SUBNET_FILE, directory / WEIGHTS_FILE
-        for path in (meta_path, weights_path):
-            if not path.is_file():
-                raise NasError(f"{path}: missing; a saved subnet folder holds both files")
-        doc = load_yaml(meta_path)
-        r = Reader(doc)
-        meta = r.mapping(
-            doc.data, "", required=["format", "subnet", "clip", "class_names"], open_keys=True
-        )
-        if meta["format"] != FORMAT:
-            r.fail("format", f"{meta['format']!r} is not {FORMAT!r}")
-        spec = load_clip(r.string(meta["clip"], "clip"))
-        clip = spec.create()
-        if check_clip and meta.get("clip_sha256") and clip_hash(clip) != meta["clip_sha256"]:
+    def load(
+        cls, directory: str | Path, clip: nn.Module | None = None, *, check_backbone: bool = True
+    ) -> PromptedCLIP:
+        """Load a saved CLIP subnet onto ``clip`` (by default the CLIP it names, built with its
+        weights); refused if that CLIP's weights differ from the ones it was trained on,
+        unless ``check_backbone`` is False."""
+        meta_path = Path(directory) / SUBNET_FILE
+        reader, meta, subnet = cls._open_saved(directory, ["clip", "class_names"])
+        spec = load_clip(reader.string(meta["clip"], "clip"))
+        clip = clip if clip is not None else spec.create()
+        recorded = meta.get("clip_sha256")
+        if check_backbone and recorded and clip_hash(clip) != recorded:
             raise NasError(
                 f"{meta_path}: the CLIP's frozen weights differ from the ones these prompt "
                 "weights were trained on (sha256 mismatch)"
             )
-        subnet = Subnet.from_data(meta["subnet"], doc, "subnet")
-        model = cls.for_clip_subnet(
-            spec, list(meta["class_names"]), subnet, meta.get("options") or {}, clip
-        )
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError) as exc:
-            raise NasError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-        expected = model.trainable_state_dict()
-        if set(tensors) != set(expected) or any(
-            tensors[k].shape != expected[k].shape for k in tensors
-        ):
-            raise NasError(f"{weights_path}: does not match subnet {subnet}")
-        model.load_trainable(tensors)
+        names = reader.mapping(meta.get("options") or {}, "options", open_keys=True)
+        model = cls.for_subnet(spec, list(meta["class_names"]), subnet, names, clip)
+        model._load_weights(Path(directory) / WEIGHTS_FILE)
         return model
 
 
@@ -271,10 +232,4 @@ def image_trunk(clip: nn.Module) -> nn.Module:
 
 def clip_hash(clip: nn.Module) -> str:
     """SHA-256 over a CLIP's frozen weights (both towers), for provenance checks."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(clip.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(
-            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        )
-    return digest.hexdigest()
+    return weights_hash(clip)

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from nas.backbone import TowerGeometry
 from nas.modules.base import PromptModule
-from nas.modules.spaces import ModuleSpace
+from nas.modules.spaces import ModuleSpace, Param
 from nas.towers import TokenLayout
 from nas.validate import Reader
 from nas.yamlio import join_key
@@ -372,20 +372,17 @@ class PGNSpace(ModuleSpace):
     def choices(self) -> Iterator[Choice]:
         yield from itertools.product(*self._axes())
 
-    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
-        """Each of L, M, generator and resolution is resampled with probability ``m_prob``."""
-        choice = PGN.canonical(choice) or self.sample(rng)
-        return tuple(
-            rng.choice(axis) if rng.random() < m_prob else v
-            for v, axis in zip(choice, self._axes(), strict=True)
-        )
+    NAMES = ("prompts", "library", "generator", "resolution", "placement")
 
-    def suggest(self, trial: Any, prefix: str) -> Choice:
-        names = ("prompts", "library", "generator", "resolution", "placement")
-        return tuple(
-            trial.suggest_categorical(f"{prefix}{name}", list(axis))
-            for name, axis in zip(names, self._axes(), strict=True)
-        )
+    def parameters(self) -> list[Param]:
+        """L, M, generator, resolution and placement: independent of each other."""
+        return [Param(n, axis) for n, axis in zip(self.NAMES, self._axes(), strict=True)]
+
+    def encode(self, choice: Choice) -> dict[str, Any]:
+        return dict(zip(self.NAMES, PGN.canonical(choice), strict=False))
+
+    def decode(self, values: Mapping[str, Any]) -> Choice:
+        return tuple(values[n] for n in self.NAMES)
 
     def capacity(self) -> tuple[Any, ...]:
         return (max(self.prompts), max(self.library), self.generators)

@@ -1,6 +1,7 @@
 """The choices of a module kind in a search space, as data: ``ModuleSpace`` (what every kind's
-space answers: counts, samples, mutations, Optuna parameters, costs) and ``LayeredSpace`` (a
-depth, then one dimension per layer: VPT, LoRA, Adapter)."""
+space answers: counts, samples, costs, and its choice as categorical parameters, some of them
+conditional on others, which the search algorithms read: ``nas.search.operators``) and
+``LayeredSpace`` (a depth, then one dimension per layer: VPT, LoRA, Adapter)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,21 @@ if TYPE_CHECKING:
     from nas.modules.base import LayeredModule, PromptModule
 
 Choice = Any  # a kind's plain-data setting; a tuple of per-layer dims for layered kinds
+
+
+@dataclass(frozen=True)
+class Param:
+    """One categorical parameter of a kind's choice. ``structural`` ones shape the rest (a
+    depth, a mode: NOAH's mutation resamples them with ``s_prob``, the others with ``m_prob``);
+    ``when`` makes it conditional: it exists only when true of the values before it."""
+
+    name: str
+    values: tuple[Any, ...]
+    structural: bool = False
+    when: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        return self.when is None or self.when(values)
 
 
 class ModuleSpace:
@@ -49,12 +65,17 @@ class ModuleSpace:
     def choices(self) -> Iterator[Choice]:
         raise NotImplementedError
 
-    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
-        """NOAH/AutoFormer mutation of one module's choice."""
+    def parameters(self) -> list[Param]:
+        """The choice as categorical parameters, in order (a conditional one after those its
+        condition reads)."""
         raise NotImplementedError
 
-    def suggest(self, trial: Any, prefix: str) -> Choice:
-        """The choice as Optuna parameters (conditional ones where the choice is structured)."""
+    def encode(self, choice: Choice) -> dict[str, Any]:
+        """A choice as the values of its active parameters."""
+        raise NotImplementedError
+
+    def decode(self, values: Mapping[str, Any]) -> Choice:
+        """The choice that the active parameters' values make."""
         raise NotImplementedError
 
     def capacity(self) -> Choice:
@@ -142,27 +163,24 @@ class LayeredSpace(ModuleSpace):
         depth = rng.choices(groups, weights=[len(self.dims) ** d for d in groups])[0]
         return trim(rng.choice(self.dims) for _ in range(depth))
 
-    def mutate(
-        self, choice: Sequence[int], rng: random.Random, m_prob: float, s_prob: float
-    ) -> tuple[int, ...]:
-        """With probability ``s_prob`` a new depth (kept layers keep their dims, new layers get
-        random ones); then each layer's dim is resampled with probability ``m_prob``."""
+    def parameters(self) -> list[Param]:
+        """The depth, then one dim per layer, each existing only for the layers the depth
+        switches on."""
+        layers = [
+            Param(f"dim{i}", self.dims, when=lambda v, i=i: i < v["depth"])
+            for i in range(max(self.depths))
+        ]
+        return [Param("depth", self.depths, structural=True), *layers]
+
+    def encode(self, choice: Sequence[int]) -> dict[str, Any]:
+        """The shortest depth that holds the choice, its dims padded with zeros to it."""
         dims = list(trim(choice))
         depth = min((d for d in self.depths if d >= len(dims)), default=len(dims))
         dims += [0] * (depth - len(dims))
-        if rng.random() < s_prob:
-            depth = rng.choice(self.depths)
-            dims = dims[:depth] + [rng.choice(self.dims) for _ in range(depth - len(dims))]
-        dims = [rng.choice(self.dims) if rng.random() < m_prob else d for d in dims]
-        return trim(dims)
+        return {"depth": depth, **{f"dim{i}": d for i, d in enumerate(dims)}}
 
-    def suggest(self, trial: Any, prefix: str) -> tuple[int, ...]:
-        """Depth first, then one dim per active layer: the layer parameters exist only for the
-        layers the depth switches on (Optuna's conditional, define-by-run parameters)."""
-        depth = trial.suggest_categorical(f"{prefix}depth", list(self.depths))
-        return trim(
-            trial.suggest_categorical(f"{prefix}dim{i}", list(self.dims)) for i in range(depth)
-        )
+    def decode(self, values: Mapping[str, Any]) -> tuple[int, ...]:
+        return trim(values[f"dim{i}"] for i in range(values["depth"]))
 
     def choices(self) -> Iterator[tuple[int, ...]]:
         for depth in self._depth_groups():

@@ -36,7 +36,7 @@ from torch import nn
 
 from nas.backbone import TowerGeometry
 from nas.modules.base import PromptModule
-from nas.modules.spaces import ModuleSpace
+from nas.modules.spaces import ModuleSpace, Param
 from nas.towers import TokenLayout
 from nas.validate import Reader
 from nas.yamlio import join_key
@@ -291,23 +291,20 @@ class UPTSpace(ModuleSpace):
     def sample_uniform(self, rng: random.Random) -> Choice:
         return rng.choice(list(self.choices()))
 
-    def mutate(self, choice: Choice, rng: random.Random, m_prob: float, s_prob: float) -> Choice:
-        """The mode is resampled with probability ``s_prob``, n_ctx with ``m_prob``."""
-        choice = UPT.canonical(choice)
-        mode = choice[0] if choice else "none"
-        n = choice[1] if choice else rng.choice(self.n_ctx)
-        if rng.random() < s_prob:
-            mode = rng.choice(self.modes)
-        if rng.random() < m_prob:
-            n = rng.choice(self.n_ctx)
-        return () if mode == "none" else (mode, n)
+    def parameters(self) -> list[Param]:
+        """The mode first; n_ctx exists only for a mode that has context."""
+        has_context = lambda v: v["mode"] != "none"  # noqa: E731
+        return [
+            Param("mode", self.modes, structural=True),
+            Param("n_ctx", self.n_ctx, when=has_context),
+        ]
 
-    def suggest(self, trial: Any, prefix: str) -> Choice:
-        """The mode first; n_ctx exists only for a mode that has context (conditional)."""
-        mode = trial.suggest_categorical(f"{prefix}mode", list(self.modes))
-        if mode == "none":
-            return ()
-        return (mode, trial.suggest_categorical(f"{prefix}n_ctx", list(self.n_ctx)))
+    def encode(self, choice: Choice) -> dict[str, Any]:
+        choice = UPT.canonical(choice)
+        return {"mode": choice[0], "n_ctx": choice[1]} if choice else {"mode": "none"}
+
+    def decode(self, values: Mapping[str, Any]) -> Choice:
+        return () if values["mode"] == "none" else (values["mode"], values["n_ctx"])
 
     def capacity(self) -> tuple[Any, ...]:
         return (tuple(m for m in self.modes if m != "none"), max(self.n_ctx))

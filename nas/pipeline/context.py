@@ -5,6 +5,7 @@ reports progress through a ``Report`` callback."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from nas.data.dataset_formats import dataset_format
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import Split
 from nas.jsonio import write_json
+from nas.pipeline.layout import save_state
+from nas.pipeline.progress import EpochProgress, Report
+from nas.pipeline.tasks import Task
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
 from nas.tracking import Tracker
 from trainers.train import SupernetSteps
@@ -74,13 +78,14 @@ def tracker_for(spec: ExperimentSpec) -> Tracker:
     )
 
 
-def task_context(task: dict[str, Any]) -> tuple[ExperimentSpec, DatasetSpec, int]:
-    path = Path(task["spec"])
+def task_context(task: Task) -> tuple[ExperimentSpec, DatasetSpec, int]:
+    """The spec, dataset and seed a task names."""
+    path = Path(task.spec)
     if not path.is_file():  # relative to a working directory this process does not share
-        path = Path(task.get("spec_abs", task["spec"]))
-    spec = load_spec(path, output=task["output"])
-    ds = next(d for d in spec.datasets if d.key == task["dataset"])
-    return spec, ds, int(task["seed"])
+        path = Path(task.spec_abs)
+    spec = load_spec(path, output=task.output)
+    ds = next(d for d in spec.datasets if d.key == task.dataset)
+    return spec, ds, int(task.seed)
 
 
 def base_tags(spec: ExperimentSpec, stage: str, ds: DatasetSpec, seed: int) -> dict[str, Any]:
@@ -98,6 +103,45 @@ def finish(tracker: Tracker, run_id: str, out: Path, result: dict[str, Any]) -> 
     tracker.finish(run_id)
     write_json(out / "done.json", result)
     return result
+
+
+def epoch_hook(
+    task: Task,
+    stage: str,
+    folder: Path,
+    *,
+    tracker: Tracker,
+    run_id: str,
+    state: dict[str, Any] | None,
+    epochs: int,
+    report: Report,
+    checkpoint_every: int = 1,
+    label: str | None = None,
+) -> Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None]:
+    """What a resumable training does after each epoch: its metrics to MLflow, its resume
+    state to ``folder``/state.pt every ``checkpoint_every`` epochs and at the last, and an
+    ``EpochProgress`` to ``report``. ``state`` is the state it resumed from, if any."""
+    first = state["epoch"] if state else 0
+    started = time.time()
+
+    def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        if epoch % checkpoint_every == 0 or epoch == epochs:
+            save_state(folder / "state.pt", get_state())
+        report(
+            EpochProgress(
+                stage,
+                task.dataset,
+                task.seed,
+                label=label,
+                eta_s=eta_s(started, epoch - first, epochs - epoch),
+                epoch=epoch,
+                epochs=epochs,
+                metrics=metrics,
+            )
+        )
+
+    return on_epoch
 
 
 def supernet_steps(spec: ExperimentSpec) -> SupernetSteps:

@@ -23,12 +23,8 @@ from nas.pipeline.context import (
     dataset_root,
     tracker_for,
 )
-from nas.pipeline.hparams import (
-    hparams_sweeps,
-    run_hparams_stage,
-    searched_sweeps,
-)
-from nas.pipeline.layout import retrain_dir, search_dir
+from nas.pipeline.hparams import Hparams
+from nas.pipeline.layout import run_layout
 from nas.pipeline.preflight import (
     check_class_names,
     check_cluster,
@@ -39,14 +35,13 @@ from nas.pipeline.preflight import (
     probe_tracking,
 )
 from nas.pipeline.provenance import record_output
-from nas.pipeline.ray_layer import run_stage, start_ray
+from nas.pipeline.ray_layer import start_ray
 from nas.pipeline.reports import (
     collect_results,
 )
-from nas.pipeline.retrain import retrain_tasks
-from nas.pipeline.search import (
-    LOGGERS_LOCK,
-)
+from nas.pipeline.retrain import Retrain
+from nas.pipeline.search import LOGGERS_LOCK, SupernetAndSearch
+from nas.pipeline.stage import Stage
 from nas.spec import ExperimentSpec, load_spec
 
 
@@ -78,9 +73,9 @@ def run_experiment(
         tracker_for(spec)
         data_hashes = prepare_data(spec)
         check_class_names(spec)
-        prov = read_json(spec.output / "provenance.json")
+        prov = read_json(run_layout(spec).provenance)
         prov["data_sha256"] = data_hashes
-        write_json(spec.output / "provenance.json", prov)
+        write_json(run_layout(spec).provenance, prov)
         with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
             run_stages(spec)
     except KeyboardInterrupt:
@@ -136,40 +131,28 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_stages(spec: ExperimentSpec) -> None:
-    """hparams (when enabled) -> supernet -> search -> retrain, each stage's unfinished
-    trials through Ray Tune."""
-    base = {**spec_reference(spec), "output": str(spec.output)}
-    timings = StageTimer(spec.output / "timings.json")
-    pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
-    storage = spec.output / "ray"
+def pipeline(spec: ExperimentSpec) -> list[tuple[str, Stage]]:
+    """The spec's stages in order, each with the name its wall time is recorded under:
+    hparams (when enabled) -> supernet and search -> the searched subnets' sweeps (with
+    ``hparams.sweep_searched``) -> retrain."""
+    stages: list[tuple[str, Stage]] = []
     if spec.hparams.enabled:
-        with timings("hparams"):
-            run_hparams_stage(spec, base, storage, hparams_sweeps(spec))
+        stages.append(("hparams", Hparams()))
     if spec.search.enabled:
-        # One trial per dataset and seed trains the supernet, then searches it: a trial's
-        # start (a worker importing torch, building the model) is paid once, not twice.
-        todo = [
-            {**base, "dataset": ds.key, "seed": seed}
-            for ds, seed in pairs
-            if not (search_dir(spec, ds.key, seed) / "done.json").is_file()
-        ]
-        print(f"== supernet and search: {len(todo)} of {len(pairs)} trials to run", flush=True)
-        with timings("supernet+search"):
-            run_stage("supernet+search", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+        stages.append(("supernet+search", SupernetAndSearch()))
     if spec.hparams.enabled and spec.hparams.sweep_searched:
-        with timings("hparams (searched)"):
-            sweeps = searched_sweeps(spec, pairs)
-            run_hparams_stage(spec, base, storage, sweeps, title="hparams (searched subnets)")
-    tasks = retrain_tasks(spec, base, pairs)
-    todo = [
-        t
-        for t in tasks
-        if not (retrain_dir(spec, t["dataset"], t["seed"], t["label"]) / "done.json").is_file()
-    ]
-    print(f"== retrain: {len(todo)} of {len(tasks)} trials to run", flush=True)
-    with timings("retrain"):
-        run_stage("retrain", todo, storage=storage, cpus=spec.cpus, gpus=spec.gpus)
+        stages.append(("hparams (searched)", Hparams(searched=True)))
+    return [*stages, ("retrain", Retrain())]
+
+
+def run_stages(spec: ExperimentSpec) -> None:
+    """Each stage's unfinished trials through Ray Tune, in order (``pipeline``)."""
+    base = {**spec_reference(spec), "output": str(spec.output)}
+    timings = StageTimer(run_layout(spec).timings)
+    pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
+    for name, stage in pipeline(spec):
+        with timings(name):
+            stage.launch(spec, base, pairs)
 
 
 class StageTimer:
@@ -197,7 +180,7 @@ class StageTimer:
             print(f"== {stage}: {seconds:.1f} s", flush=True)
 
 
-def spec_reference(spec: ExperimentSpec) -> dict[str, str | None]:
+def spec_reference(spec: ExperimentSpec) -> dict[str, str]:
     """How trials find the spec: relative to the working directory when it lies inside it
     (under ``ray job submit`` every node has its own copy of that directory), else absolute."""
     if not spec.path:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from nas import factory
 from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
     base_tags,
@@ -25,8 +24,10 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.layout import hparams_dir, search_dir
+from nas.pipeline.layout import run_layout
 from nas.pipeline.progress import Report, SweepProgress
+from nas.pipeline.stage import Pairs, Stage
+from nas.pipeline.tasks import SweepPoint
 from nas.sampling import make_sampler
 from nas.spec import DatasetSpec, ExperimentSpec
 from nas.subnet import Subnet
@@ -66,7 +67,7 @@ def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
     (``searched_method``), the searched subnets' retraining; "baseline-NAME" a baseline's
     retraining). Swept module multipliers replace the stage's own for the kinds they name
     (``TrainingStage.train_config``)."""
-    done = hparams_dir(spec, dataset, method) / "done.json"
+    done = run_layout(spec).hparams(dataset, method) / "done.json"
     if spec.hparams.enabled and done.is_file():
         winner = read_json(done)
         return Tuned(
@@ -79,19 +80,19 @@ def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
     return Tuned(spec.retrain.lr, spec.retrain.weight_decay)
 
 
-def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+def run_hparams(task: SweepPoint, report: Report = lambda p: None) -> dict[str, Any]:
     """One point of the sweep: train on the training split, score on validation every epoch
     (the scheduler stops unpromising points early). The supernet is scored by the mean
     accuracy of a fixed set of random subnets; a baseline by its own accuracy."""
     spec, ds, seed = task_context(task)
-    method, lr, wd = task["method"], float(task["lr"]), float(task["weight_decay"])
+    method, lr, wd = task.method, float(task.lr), float(task.weight_decay)
     device = device_for(spec)
     data = load_splits(spec, ds, ("train", "val"))
     torch.manual_seed(seed)
     h = spec.hparams
     stage = spec.supernet if method == "supernet" else spec.retrain
     if method == "supernet":
-        model = factory.supernet(spec.space, spec.backbone, data["train"], ds.key)
+        model = spec.backbone.supernet(spec.space, data["train"], ds.key)
         rng = random.Random(seed)
         # the subnets that score a point: in the budget when the supernet samples only there
         draw = make_sampler(spec.space, "uniform", spec.supernet.in_budget)
@@ -99,13 +100,12 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         sample = supernet_steps(spec)
     else:  # a baseline, or a searched subnet (its own sweep: the task carries the subnet)
         name = method.removeprefix("baseline-")
-        if "subnet" in task:
-            subnet = Subnet.from_data(task["subnet"])
+        if task.subnet is not None:
+            subnet = Subnet.from_data(task.subnet)
         else:
             subnet = spec.retrain.baselines[name]
-        model = factory.subnet_model(
+        model = spec.backbone.subnet_model(
             spec.space,
-            spec.backbone,
             subnet,
             data["train"],
             full_finetune=method.startswith("baseline-") and name in spec.retrain.full_finetune,
@@ -120,7 +120,7 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         weight_decay=wd,
         warmup_epochs=0,
         seed=seed,
-        module_lr={**stage.module_lr, **task.get("module_lr", {})},
+        module_lr={**stage.module_lr, **task.module_lr},
         module_weight_decay=dict(stage.module_weight_decay),
     )
     mean, std = spec.backbone.normalisation()
@@ -142,7 +142,7 @@ def run_hparams(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
                 metrics=metrics,
                 lr=lr,
                 weight_decay=wd,
-                module_lr=task.get("module_lr", {}),
+                module_lr=task.module_lr,
                 val_acc=last["val_acc"],
             )
         )
@@ -190,7 +190,7 @@ def searched_sweeps(spec: ExperimentSpec, pairs) -> list[Sweep]:
     retrained (each dataset, seed and rank up to ``retrain.top_k``), with that seed."""
     out = []
     for ds, seed in pairs:
-        found = read_json(search_dir(spec, ds.key, seed) / "done.json")
+        found = read_json(run_layout(spec).search(ds.key, seed) / "done.json")
         for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
             method = searched_method(f"rank{rank}", seed)
             out.append(Sweep(ds, method, seed, cand["subnet"]))
@@ -198,11 +198,7 @@ def searched_sweeps(spec: ExperimentSpec, pairs) -> list[Sweep]:
 
 
 def run_hparams_stage(
-    spec: ExperimentSpec,
-    base: dict[str, Any],
-    storage: Path,
-    sweeps: list[Sweep],
-    title: str = "hparams",
+    spec: ExperimentSpec, base: dict[str, str], sweeps: list[Sweep], title: str = "hparams"
 ) -> None:
     """The lr x wd grid of every sweep, all in one Tune run so that the cluster stays busy;
     ASHA stops points early, comparing each only with its own sweep (``GroupedASHA``). A
@@ -215,9 +211,9 @@ def run_hparams_stage(
     todo = {
         s.group: s
         for s in sweeps
-        if not (hparams_dir(spec, s.ds.key, s.method) / "done.json").is_file()
+        if not (run_layout(spec).hparams(s.ds.key, s.method) / "done.json").is_file()
     }
-    size = {s.group: len(sweep_points(spec, s)) for s in sweeps}
+    size = {s.group: len(sweep_points(spec, s, base)) for s in sweeps}
     print(
         f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
         f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
@@ -233,14 +229,14 @@ def run_hparams_stage(
         if run_id is None or tracker.client.get_run(run_id).info.status != "FINISHED":
             track_sweep(spec, tracker, sweep)
 
-    def ended(group: str, trials: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    def ended(group: str, trials: list[tuple[SweepPoint, dict[str, Any]]]) -> None:
         finish_sweep(spec, tracker, todo[group], [point_of(*t) for t in trials])
 
-    grid = [{**base, **point} for s in todo.values() for point in sweep_points(spec, s)]
+    grid = [point for s in todo.values() for point in sweep_points(spec, s, base)]
     run_stage(
         "hparams",
         grid,
-        storage=storage,
+        storage=run_layout(spec).ray,
         cpus=spec.cpus,
         gpus=spec.gpus,
         scheduler=GroupedASHA(
@@ -255,33 +251,34 @@ def run_hparams_stage(
     )
 
 
-def sweep_points(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
+def sweep_points(spec: ExperimentSpec, sweep: Sweep, base: dict[str, str]) -> list[SweepPoint]:
     """The tasks of one sweep: every lr x wd (x module multipliers) point."""
     h = spec.hparams
     grid = h.module_lr_grid() if sweep.multipliers else [{}]
     return [
-        {
-            "dataset": sweep.ds.key,
-            "seed": sweep.seed,
-            "method": sweep.method,
-            "lr": lr,
-            "weight_decay": wd,
-            **({"module_lr": scales} if scales else {}),
-            **({"subnet": sweep.subnet} if sweep.subnet is not None else {}),
-            "group": sweep.group,
-        }
+        SweepPoint(
+            **base,
+            dataset=sweep.ds.key,
+            seed=sweep.seed,
+            method=sweep.method,
+            lr=lr,
+            weight_decay=wd,
+            module_lr=scales,
+            subnet=sweep.subnet,
+            group=sweep.group,
+        )
         for lr in h.lrs
         for wd in h.weight_decays
         for scales in grid
     ]
 
 
-def point_of(task: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def point_of(task: SweepPoint, result: dict[str, Any]) -> dict[str, Any]:
     """One ended point of a sweep, as its done.json lists it."""
     return {
-        "lr": task["lr"],
-        "weight_decay": task["weight_decay"],
-        **({"module_lr": task["module_lr"]} if "module_lr" in task else {}),
+        "lr": task.lr,
+        "weight_decay": task.weight_decay,
+        **({"module_lr": task.module_lr} if task.module_lr else {}),
         "val_acc": result.get("val_acc", 0.0),
         "epochs": result.get("training_iteration", 0),
     }
@@ -301,7 +298,7 @@ def finish_sweep(
     record = {**best, "seed": sweep.seed, "grid": points}
     if sweep.subnet is not None:
         record["subnet"] = sweep.subnet
-    write_json(hparams_dir(spec, sweep.ds.key, sweep.method) / "done.json", record)
+    write_json(run_layout(spec).hparams(sweep.ds.key, sweep.method) / "done.json", record)
     track_sweep(spec, tracker, sweep)
     note = grid_edge_note(best["lr"], spec.hparams.lrs)
     if note:
@@ -311,7 +308,7 @@ def finish_sweep(
 def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
     h, ds = spec.hparams, sweep.ds
-    out = hparams_dir(spec, ds.key, sweep.method)
+    out = run_layout(spec).hparams(ds.key, sweep.method)
     best = read_json(out / "done.json")
     params: dict[str, Any] = {
         "lrs": list(h.lrs),
@@ -345,3 +342,29 @@ def grid_edge_note(chosen: float, grid: Sequence[float]) -> str | None:
         f"{[float(f'{v:g}') for v in sorted(grid)]}; the best may lie beyond it (widen "
         "stages.hparams.lrs)"
     )
+
+
+class Hparams(Stage):
+    """The sweeps before the search (the supernet's and each baseline's), or with
+    ``searched=True`` those of the searched subnets after it (``hparams.sweep_searched``)."""
+
+    name = "hparams"
+
+    def __init__(self, searched: bool = False) -> None:
+        self.searched = searched
+        self.title = "hparams (searched subnets)" if searched else "hparams"
+
+    def sweeps(self, spec: ExperimentSpec, pairs: Pairs) -> list[Sweep]:
+        return searched_sweeps(spec, pairs) if self.searched else hparams_sweeps(spec)
+
+    def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[SweepPoint]:
+        return [p for s in self.sweeps(spec, pairs) for p in sweep_points(spec, s, base)]
+
+    def done_marker(self, spec: ExperimentSpec, task: SweepPoint) -> Path:
+        """A sweep's: its points share it (the sweep is done when its winner is chosen)."""
+        return run_layout(spec).hparams(task.dataset, task.method) / "done.json"
+
+    run = staticmethod(run_hparams)
+
+    def launch(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> None:
+        run_hparams_stage(spec, base, self.sweeps(spec, pairs), title=self.title)

@@ -1,5 +1,6 @@
-"""Where a run keeps its state, per stage (each dataset key and seed: ``<ds>-seed<k>``), and
-how it is written: atomically, so a reader never sees half a file and a kill never leaves one::
+"""Where a run keeps its state (``RunLayout``: every path of a run folder), per stage (each
+dataset key and seed: ``<ds>-seed<k>``), and how it is written: atomically, so a reader never
+sees half a file and a kill never leaves one::
 
     hparams/<ds>/<method>/done.json             a sweep's winner (one sweep for all seeds; a
                                                 searched subnet's own sweep: its seed only)
@@ -12,6 +13,8 @@ how it is written: atomically, so a reader never sees half a file and a kill nev
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +39,52 @@ def load_state(path: Path) -> dict[str, Any] | None:
         ) from None
 
 
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """A training's resume state, written atomically (a kill leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def run_key(dataset: str, seed: int) -> str:
     return f"{dataset}-seed{seed}"
 
 
-def hparams_dir(spec: ExperimentSpec, dataset: str, method: str) -> Path:
-    """One sweep per dataset and method, shared by every seed: the seeds measure the spread of
-    training with the chosen hyperparameters (as VPT's protocol does), not of the choice."""
-    return spec.output / "hparams" / dataset / method
+@dataclass(frozen=True)
+class RunLayout:
+    """Every folder and file of one run, under its output folder ``root``."""
+
+    root: Path
+
+    def hparams(self, dataset: str, method: str) -> Path:
+        """One sweep per dataset and method, shared by every seed: the seeds measure the spread
+        of training with the chosen hyperparameters (as VPT's protocol does), not of the
+        choice."""
+        return self.root / "hparams" / dataset / method
+
+    def supernet(self, dataset: str, seed: int) -> Path:
+        return self.root / "supernet" / run_key(dataset, seed)
+
+    def search(self, dataset: str, seed: int) -> Path:
+        return self.root / "search" / run_key(dataset, seed)
+
+    def retrain(self, dataset: str, seed: int, label: str) -> Path:
+        return self.root / "retrain" / run_key(dataset, seed) / label
+
+    @property
+    def ray(self) -> Path:
+        """Ray Tune's storage_path: each stage's trials and their logs."""
+        return self.root / "ray"
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
 
 
-def supernet_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
-    return spec.output / "supernet" / run_key(dataset, seed)
-
-
-def search_dir(spec: ExperimentSpec, dataset: str, seed: int) -> Path:
-    return spec.output / "search" / run_key(dataset, seed)
-
-
-def retrain_dir(spec: ExperimentSpec, dataset: str, seed: int, label: str) -> Path:
-    return spec.output / "retrain" / run_key(dataset, seed) / label
+def run_layout(spec: ExperimentSpec) -> RunLayout:
+    return RunLayout(spec.output)

@@ -15,6 +15,7 @@ from nas.pipeline.context import (
     dataset_root,
     read_splits,
 )
+from nas.pipeline.layout import run_layout
 from nas.pipeline.provenance import spec_diff
 from nas.pipeline.search import read_candidates_log
 from nas.spec import ExperimentSpec
@@ -146,7 +147,7 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
     folder when asked), and refuse a folder that cannot be made; nothing is written."""
     from dataclasses import replace
 
-    prov_path = spec.output / "provenance.json"
+    prov_path = run_layout(spec).provenance
     if prov_path.is_file():
         old = read_json(prov_path)
         if old.get("spec_hash") != spec.hash():

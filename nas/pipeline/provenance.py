@@ -13,6 +13,7 @@ from typing import Any
 from nas.data.hashing import file_sha256
 from nas.errors import NasError
 from nas.jsonio import read_json, write_json
+from nas.pipeline.layout import run_layout
 from nas.spec import ExperimentSpec
 
 PACKAGES = (
@@ -77,7 +78,7 @@ def spec_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def record_output(spec: ExperimentSpec) -> None:
     """Create the output folder and record the spec and its provenance (each session added)."""
-    prov_path = spec.output / "provenance.json"
+    prov_path = run_layout(spec).provenance
     try:
         spec.output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

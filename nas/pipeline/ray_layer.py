@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from nas.errors import NasError
 from nas.pipeline.progress import Progress
+from nas.pipeline.tasks import Task, task_from_config
 
 # Ray's side effects we do not want: usage statistics, and a token file in the home directory.
 RAY_ENV = {
@@ -83,17 +85,11 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    from nas.pipeline import hparams, retrain, search, supernet
+    from nas.pipeline.stage import stage
 
-    fn = {
-        "hparams": hparams.run_hparams,
-        "supernet": supernet.run_supernet,
-        "search": search.run_search,
-        "supernet+search": search.run_supernet_and_search,
-        "retrain": retrain.run_retrain,
-    }[config["stage"]]
+    fn = stage(config["stage"]).run
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
-    task = {**config["task"], "node": ray.get_runtime_context().get_node_id()}
+    task = replace(task_from_config(config["task"]), node=ray.get_runtime_context().get_node_id())
 
     def report(progress: Progress) -> None:
         tune.report(progress.numbers())
@@ -144,31 +140,31 @@ class GroupedASHA(FIFOScheduler):
 
 
 class GroupEnd(Callback):
-    """Calls ``on_group(group, ended)`` as soon as every trial of a group (the trials with one
-    value of ``config["task"][key]``; ``sizes`` says how many each has) has ended, stopped
-    early by a scheduler or not; ``ended`` holds each trial's task and last result."""
+    """Calls ``on_group(group, ended)`` as soon as every trial of a group (the trials whose
+    task has one value of its field ``key``; ``sizes`` says how many each has) has ended,
+    stopped early by a scheduler or not; ``ended`` holds each trial's task and last result."""
 
     def __init__(
         self,
         key: str,
         sizes: dict[str, int],
-        on_group: Callable[[str, list[tuple[dict[str, Any], dict[str, Any]]]], None],
+        on_group: Callable[[str, list[tuple[Any, dict[str, Any]]]], None],
     ) -> None:
         self.key, self.sizes, self.on_group = key, sizes, on_group
-        self.ended: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        self.ended: dict[str, list[tuple[Task, dict[str, Any]]]] = {}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        task = trial.config["task"]
-        group = str(task[self.key])
+        task = task_from_config(trial.config["task"])
+        group = str(getattr(task, self.key))
         ended = self.ended.setdefault(group, [])
         ended.append((task, trial.last_result or {}))
         if len(ended) == self.sizes[group]:
             self.on_group(group, ended)
 
 
-def describe_task(task: dict[str, Any]) -> str:
-    label = f" {task['label']}" if task.get("label") else ""
-    return f"{task.get('dataset')} seed {task.get('seed')}{label}"
+def describe_task(config: dict[str, Any]) -> str:
+    """A trial's task in words, from the config Tune holds."""
+    return task_from_config(config).describe()
 
 
 class RetryReport(Callback):
@@ -194,7 +190,7 @@ class RetryReport(Callback):
 
 def run_stage(
     stage: str,
-    tasks: Sequence[dict[str, Any]],
+    tasks: Sequence[Task],
     *,
     storage: Path,
     cpus: float,
@@ -210,7 +206,7 @@ def run_stage(
     trainable = tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus})
     tuner = tune.Tuner(
         trainable,
-        param_space={"stage": stage, "task": tune.grid_search(list(tasks))},
+        param_space={"stage": stage, "task": tune.grid_search([t.to_config() for t in tasks])},
         tune_config=tune.TuneConfig(reuse_actors=True, scheduler=scheduler),
         run_config=tune.RunConfig(
             name=name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -3,13 +3,11 @@ pretrained backbone on the retraining split, tested once at the end."""
 
 from __future__ import annotations
 
-import os
-import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from nas import factory
 from nas.cost import added_flops
 from nas.jsonio import read_json
 from nas.pipeline.context import (
@@ -17,7 +15,7 @@ from nas.pipeline.context import (
     data_params,
     dataset_group,
     device_for,
-    eta_s,
+    epoch_hook,
     finish,
     load_splits,
     split_params,
@@ -28,8 +26,10 @@ from nas.pipeline.hparams import (
     retrain_method,
     tuned,
 )
-from nas.pipeline.layout import load_state, retrain_dir, search_dir
-from nas.pipeline.progress import EpochProgress, Report
+from nas.pipeline.layout import load_state, run_layout
+from nas.pipeline.progress import Report
+from nas.pipeline.stage import Pairs, Stage
+from nas.pipeline.tasks import RetrainTask
 from nas.spec import ExperimentSpec
 from nas.subnet import Subnet
 from nas.tracking import subnet_params_flat
@@ -39,13 +39,13 @@ from trainers.train import (
 )
 
 
-def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str, Any]:
     """Retrain one subnet from the pretrained backbone on the dataset's retraining split
     (``DatasetSpec.retrain_split``: train+val, or a few-shot protocol's K shots alone); test
     once at the end."""
     spec, ds, seed = task_context(task)
-    label, subnet = task["label"], Subnet.from_data(task["subnet"])
-    out = retrain_dir(spec, ds.key, seed, label)
+    label, subnet = task.label, Subnet.from_data(task.subnet)
+    out = run_layout(spec).retrain(ds.key, seed, label)
     if (out / "done.json").is_file():
         return read_json(out / "done.json")
     device = device_for(spec)
@@ -53,21 +53,19 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
     data = load_splits(spec, ds, (fit, "test"))
     num_classes = data[fit].num_classes
     torch.manual_seed(seed)
-    model = factory.subnet_model(
+    model = spec.backbone.subnet_model(
         spec.space,
-        spec.backbone,
         subnet,
         data[fit],
-        full_finetune=bool(task.get("full_finetune")),
+        full_finetune=task.full_finetune,
         dataset=ds.key,
     ).to(device)
     r = spec.retrain
-    rates = tuned(spec, ds.key, retrain_method(spec, label, task["role"], seed))
+    rates = tuned(spec, ds.key, retrain_method(spec, label, task.role, seed))
     cfg = r.train_config(
         lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
     )
-    state_path = out / "state.pt"
-    state = load_state(state_path)
+    state = load_state(out / "state.pt")
     tracker = tracker_for(spec)
     g = spec.space.geometry
     group = dataset_group(spec, ds)
@@ -78,34 +76,24 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         params={
             **cfg.to_dict(),
             **subnet_params_flat(subnet.to_data()),
-            "subnet": "full fine-tuning" if task.get("full_finetune") else str(subnet),
-            "role": task["role"],
+            "subnet": "full fine-tuning" if task.full_finetune else str(subnet),
+            "role": task.role,
             **split_params(data[fit], data["test"]),
             **data_params(data[fit], data["test"]),
         },
     )
     mean, std = spec.backbone.normalisation()
-    started = time.time()
-
-    def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
-        tracker.log_metrics(run_id, metrics, step=epoch)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".state.{os.getpid()}.tmp"
-        torch.save(get_state(), tmp)
-        os.replace(tmp, state_path)
-        report(
-            EpochProgress(
-                "retrain",
-                ds.key,
-                seed,
-                label=label,
-                eta_s=eta_s(started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch),
-                epoch=epoch,
-                epochs=cfg.epochs,
-                metrics=metrics,
-            )
-        )
-
+    on_epoch = epoch_hook(
+        task,
+        "retrain",
+        out,
+        tracker=tracker,
+        run_id=run_id,
+        state=state,
+        epochs=cfg.epochs,
+        report=report,
+        label=label,
+    )
     if model.trainable_parameters():  # an empty subnet on CLIP is zero-shot: nothing trains
         train(model, data[fit], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
@@ -115,58 +103,70 @@ def run_retrain(task: dict[str, Any], report: Report = lambda m: None) -> dict[s
         "seed": seed,
         "label": label,
         "group": group,
-        "role": task["role"],
+        "role": task.role,
         "subnet": subnet.to_data(),
-        "subnet_str": "full fine-tuning" if task.get("full_finetune") else str(subnet),
-        "val_acc": task.get("val_acc"),
+        "subnet_str": "full fine-tuning" if task.full_finetune else str(subnet),
+        "val_acc": task.val_acc,
         "test_acc": test_acc,
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
         "train_split": fit,
         "train_images": len(data[fit]),
         "params": model.num_params()["modules"],
-        "head_params": factory.head_params(spec.backbone, num_classes),
+        "head_params": spec.backbone.head_params(num_classes),
         "added_flops": added_flops(subnet, g),
         "mlflow_run_id": run_id,
-        "node": task.get("node"),
+        "node": task.node,
     }
     final = {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]}
-    if task.get("val_acc") is not None:
-        final["val_acc"] = task["val_acc"]
+    if task.val_acc is not None:
+        final["val_acc"] = task.val_acc
     tracker.log_metrics(run_id, final)
     tracker.log_artifact(run_id, out / "model", "model")
     return finish(tracker, run_id, out, result)
 
 
-def retrain_tasks(spec: ExperimentSpec, base: dict[str, Any], pairs) -> list[dict[str, Any]]:
+def retrain_tasks(spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[RetrainTask]:
+    """Per dataset and seed: the search's top_k subnets, then every baseline."""
     tasks = []
     for ds, seed in pairs:
         found = {"top": []}
         if spec.search.enabled:
-            found = read_json(search_dir(spec, ds.key, seed) / "done.json")
+            found = read_json(run_layout(spec).search(ds.key, seed) / "done.json")
         for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
             tasks.append(
-                {
+                RetrainTask(
                     **base,
-                    "dataset": ds.key,
-                    "seed": seed,
-                    "label": f"rank{rank}",
-                    "role": "searched" if rank == 1 else "searched (not reported)",
-                    "subnet": cand["subnet"],
-                    "val_acc": cand["score"],
-                }
+                    dataset=ds.key,
+                    seed=seed,
+                    label=f"rank{rank}",
+                    role="searched" if rank == 1 else "searched (not reported)",
+                    subnet=cand["subnet"],
+                    val_acc=cand["score"],
+                )
             )
         for name, subnet in spec.retrain.baselines.items():
             tasks.append(
-                {
+                RetrainTask(
                     **base,
-                    "dataset": ds.key,
-                    "seed": seed,
-                    "label": f"baseline-{name}",
-                    "role": "baseline",
-                    "subnet": subnet.to_data(),
-                    "full_finetune": name in spec.retrain.full_finetune,
-                    "val_acc": None,
-                }
+                    dataset=ds.key,
+                    seed=seed,
+                    label=f"baseline-{name}",
+                    role="baseline",
+                    subnet=subnet.to_data(),
+                    full_finetune=name in spec.retrain.full_finetune,
+                )
             )
     return tasks
+
+
+class Retrain(Stage):
+    name = "retrain"
+
+    def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[RetrainTask]:
+        return retrain_tasks(spec, base, pairs)
+
+    def done_marker(self, spec: ExperimentSpec, task: RetrainTask) -> Path:
+        return run_layout(spec).retrain(task.dataset, task.seed, task.label) / "done.json"
+
+    run = staticmethod(run_retrain)

@@ -13,7 +13,6 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from nas import factory
 from nas.cost import added_flops, subnet_params
 from nas.errors import NasError
 from nas.jsonio import read_json
@@ -26,9 +25,11 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.layout import search_dir, supernet_dir
+from nas.pipeline.layout import run_layout
 from nas.pipeline.progress import Report, SearchProgress
-from nas.pipeline.supernet import run_supernet
+from nas.pipeline.stage import Pairs, Stage
+from nas.pipeline.supernet import dataset_tasks, run_supernet
+from nas.pipeline.tasks import Task
 from nas.search import Evaluated, make_search
 from nas.spec import ExperimentSpec
 from nas.subnet import Subnet
@@ -75,9 +76,11 @@ def read_candidates_log(path: Path) -> list[Evaluated]:
     return out
 
 
-def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
+    """Score candidates with the trained supernet's inherited weights on the validation
+    split, continuing a stopped search from its candidates.jsonl."""
     spec, ds, seed = task_context(task)
-    out = search_dir(spec, ds.key, seed)
+    out = run_layout(spec).search(ds.key, seed)
     if (out / "done.json").is_file():
         return read_json(out / "done.json")
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +96,8 @@ def run_search(task: dict[str, Any], report: Report = lambda m: None) -> dict[st
     logger = CandidateLogger(
         tracker, parent, tags, logging_processes(spec.cpus), lock=out / LOGGERS_LOCK
     )
-    weights = load_file(str(supernet_dir(spec, ds.key, seed) / "supernet.safetensors"))
-    model = factory.supernet(spec.space, spec.backbone, val, ds.key).to(device)
+    weights = load_file(str(run_layout(spec).supernet(ds.key, seed) / "supernet.safetensors"))
+    model = spec.backbone.supernet(spec.space, val, ds.key).to(device)
     load_trainable(model, weights)
     mean, std = spec.backbone.normalisation()
     algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
@@ -194,13 +197,34 @@ def _log_artifacts(
         tracker.log_artifact(parent, png, "plots")
 
 
-def run_supernet_and_search(
-    task: dict[str, Any], report: Report = lambda m: None
-) -> dict[str, Any]:
+def run_supernet_and_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     """The supernet, then its search: the pipeline runs both in one trial per dataset and
     seed. Each part resumes on its own (a finished supernet is not retrained)."""
     run_supernet(task, report)
     return run_search(task, report)
+
+
+class Search(Stage):
+    """The search alone, of a supernet already trained."""
+
+    name = "search"
+
+    def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[Task]:
+        return dataset_tasks(base, pairs)
+
+    def done_marker(self, spec: ExperimentSpec, task: Task) -> Path:
+        return run_layout(spec).search(task.dataset, task.seed) / "done.json"
+
+    run = staticmethod(run_search)
+
+
+class SupernetAndSearch(Search):
+    """One trial per dataset and seed trains the supernet, then searches it: a trial's start
+    (a worker importing torch, building the model) is paid once, not twice."""
+
+    name = "supernet+search"
+    title = "supernet and search"
+    run = staticmethod(run_supernet_and_search)
 
 
 def _candidate_metrics(spec: ExperimentSpec, e: Evaluated) -> dict[str, float]:

@@ -3,20 +3,18 @@ subnet (or the sandwich of them) per step, resumable from its checkpoint."""
 
 from __future__ import annotations
 
-import os
-import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from nas import factory
 from nas.jsonio import read_json
 from nas.pipeline.context import (
     base_tags,
     data_params,
     device_for,
-    eta_s,
+    epoch_hook,
     finish,
     load_splits,
     supernet_steps,
@@ -26,29 +24,30 @@ from nas.pipeline.context import (
 from nas.pipeline.hparams import (
     tuned,
 )
-from nas.pipeline.layout import load_state, supernet_dir
-from nas.pipeline.progress import EpochProgress, Report
-from trainers.train import (
-    train,
-)
+from nas.pipeline.layout import load_state, run_layout
+from nas.pipeline.progress import Report
+from nas.pipeline.stage import Pairs, Stage
+from nas.pipeline.tasks import Task
+from nas.spec import ExperimentSpec
+from trainers.train import train
 
 
-def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[str, Any]:
+def run_supernet(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
+    """Train the supernet on the dataset's training split (resuming from its state.pt)."""
     spec, ds, seed = task_context(task)
-    out = supernet_dir(spec, ds.key, seed)
+    out = run_layout(spec).supernet(ds.key, seed)
     if (out / "done.json").is_file():
         return read_json(out / "done.json")
     device = device_for(spec)
     data = load_splits(spec, ds, ("train",))["train"]
     torch.manual_seed(seed)
-    model = factory.supernet(spec.space, spec.backbone, data, ds.key).to(device)
+    model = spec.backbone.supernet(spec.space, data, ds.key).to(device)
     st = spec.supernet
     rates = tuned(spec, ds.key, "supernet")
     cfg = st.train_config(
         lr=rates.lr, weight_decay=rates.weight_decay, seed=seed, module_lr=rates.module_lr
     )
-    state_path = out / "state.pt"
-    state = load_state(state_path)
+    state = load_state(out / "state.pt")
     tracker = tracker_for(spec)
     run_id = tracker.run(
         f"supernet {ds.key} seed {seed}",
@@ -62,27 +61,17 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         },
     )
     mean, std = spec.backbone.normalisation()
-    started = time.time()
-
-    def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
-        tracker.log_metrics(run_id, metrics, step=epoch)
-        if epoch % st.checkpoint_every == 0 or epoch == cfg.epochs:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".state.{os.getpid()}.tmp"
-            torch.save(get_state(), tmp)
-            os.replace(tmp, state_path)
-        report(
-            EpochProgress(
-                "supernet",
-                ds.key,
-                seed,
-                eta_s=eta_s(started, epoch - (state["epoch"] if state else 0), cfg.epochs - epoch),
-                epoch=epoch,
-                epochs=cfg.epochs,
-                metrics=metrics,
-            )
-        )
-
+    on_epoch = epoch_hook(
+        task,
+        "supernet",
+        out,
+        tracker=tracker,
+        run_id=run_id,
+        state=state,
+        epochs=cfg.epochs,
+        report=report,
+        checkpoint_every=st.checkpoint_every,
+    )
     train(
         model,
         data,
@@ -102,6 +91,25 @@ def run_supernet(task: dict[str, Any], report: Report = lambda m: None) -> dict[
         "seed": seed,
         "num_classes": data.num_classes,
         "mlflow_run_id": run_id,
-        "node": task.get("node"),
+        "node": task.node,
     }
     return finish(tracker, run_id, out, result)
+
+
+def dataset_tasks(base: dict[str, str], pairs: Pairs) -> list[Task]:
+    """One task per dataset and seed."""
+    return [Task(**base, dataset=ds.key, seed=seed) for ds, seed in pairs]
+
+
+class Supernet(Stage):
+    """The supernet alone (the pipeline runs it with the search: ``SupernetAndSearch``)."""
+
+    name = "supernet"
+
+    def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[Task]:
+        return dataset_tasks(base, pairs)
+
+    def done_marker(self, spec: ExperimentSpec, task: Task) -> Path:
+        return run_layout(spec).supernet(task.dataset, task.seed) / "done.json"
+
+    run = staticmethod(run_supernet)

@@ -14,6 +14,7 @@ import random
 from typing import ClassVar
 
 from nas.search.base import SearchAlgorithm
+from nas.search.operators import mutate
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -55,7 +56,7 @@ class Evolution(SearchAlgorithm):
     def mutate(self, parent: Subnet) -> Subnet:
         return Subnet(
             {
-                kind: space.mutate(parent[kind], self.rng, self.m_prob, self.s_prob)
+                kind: mutate(space, parent[kind], self.rng, self.m_prob, self.s_prob)
                 for kind, space in self.space.modules.items()
             }
         )

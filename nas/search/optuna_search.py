@@ -12,6 +12,7 @@ from __future__ import annotations
 import optuna
 
 from nas.search.base import Evaluated, SearchAlgorithm, pareto_front
+from nas.search.operators import suggest
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -57,7 +58,7 @@ class OptunaSearch(SearchAlgorithm):
 
     def _suggest(self, trial: optuna.trial.Trial) -> Subnet:
         return Subnet(
-            {kind: space.suggest(trial, f"{kind}.") for kind, space in self.space.modules.items()}
+            {kind: suggest(space, trial, f"{kind}.") for kind, space in self.space.modules.items()}
         )
 
     def _propose(self) -> list[Subnet]:
