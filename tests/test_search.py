@@ -214,3 +214,29 @@ def test_pgn_mutation_on_its_parameters_is_the_per_axis_one_draw_for_draw():
         axes = zip(start, pgn._axes(), strict=True)
         noah = tuple(rng.choice(axis) if rng.random() < m else v for v, axis in axes)
         assert mutate(pgn, choice, random.Random(seed), m, s) == noah
+
+
+def test_upt_mutation_on_its_parameters_is_the_per_kind_one_draw_for_draw():
+    """UPT's n_ctx exists only for a mode with context but is carried (latent) through mode
+    ``none``: the generic mutation then makes UPT's own draws, in its order, for every
+    choice including the zero-shot one."""
+    from nas.modules.upt import UPT, UPTSpace
+    from nas.search.operators import mutate
+
+    def per_kind(space, choice, rng, m_prob, s_prob):  # UPT's mutation as it was written
+        choice = UPT.canonical(choice)
+        mode = choice[0] if choice else "none"
+        n = choice[1] if choice else rng.choice(space.n_ctx)
+        if rng.random() < s_prob:
+            mode = rng.choice(space.modes)
+        if rng.random() < m_prob:
+            n = rng.choice(space.n_ctx)
+        return () if mode == "none" else (mode, n)
+
+    upt = UPTSpace(modes=("none", "text", "unified"), n_ctx=(2, 4, 8), options={})
+    draws = random.Random(11)
+    for _ in range(500):
+        choice = draws.choice(list(upt.choices()))
+        m, s, seed = draws.random(), draws.random(), draws.randrange(10**6)
+        ours = mutate(upt, choice, random.Random(seed), m, s)
+        assert ours == per_kind(upt, choice, random.Random(seed), m, s), choice

@@ -25,8 +25,8 @@ from torch import nn
 
 from nas.data.decode import DecodedSplit
 from nas.data.loader import TensorLoader
-from nas.model import PromptedViT
 from nas.modules import REGISTRY
+from nas.prompted import PromptedModel
 from nas.subnet import Subnet
 
 
@@ -122,7 +122,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     )
 
 
-def parameter_groups(model: PromptedViT, cfg: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(model: PromptedModel, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: one group (as always) when no multiplier is set,
     else one per prompt-module kind, the head, and the backbone, each with its scales."""
     params = model.trainable_parameters()
@@ -167,7 +167,7 @@ def autocast(device: torch.device):
 
 
 def train(
-    model: PromptedViT,
+    model: PromptedModel,
     data: DecodedSplit,
     cfg: TrainConfig,
     *,
@@ -263,7 +263,7 @@ def train(
 
 
 def _teacher_logits(
-    model: PromptedViT, largest: Subnet, x: torch.Tensor, device: torch.device
+    model: PromptedModel, largest: Subnet, x: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """The largest subnet's predictions for in-place distillation, computed without a
     gradient and in eval mode (the teacher is not trained here: no dropout, no BN update)."""
@@ -276,7 +276,7 @@ def _teacher_logits(
 
 
 def _state_getter(
-    model: PromptedViT, optimizer: torch.optim.Optimizer, epochs_done: int
+    model: PromptedModel, optimizer: torch.optim.Optimizer, epochs_done: int
 ) -> Callable[[], dict[str, Any]]:
     """What ``on_epoch`` calls for a resume state: taken only when asked (a checkpoint), a
     snapshot of the optimizer (it keeps changing)."""
@@ -291,11 +291,11 @@ def _state_getter(
     return get_state
 
 
-def trainable_copy(model: PromptedViT) -> dict[str, torch.Tensor]:
+def trainable_copy(model: PromptedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
 
 
-def load_trainable(model: PromptedViT, tensors: dict[str, torch.Tensor]) -> None:
+def load_trainable(model: PromptedModel, tensors: dict[str, torch.Tensor]) -> None:
     expected = model.trainable_state_dict()
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -307,7 +307,7 @@ def load_trainable(model: PromptedViT, tensors: dict[str, torch.Tensor]) -> None
 
 @torch.no_grad()
 def evaluate_candidates(
-    model: PromptedViT,
+    model: PromptedModel,
     subnets: Sequence[Subnet],
     data: DecodedSplit,
     *,
@@ -323,7 +323,7 @@ def evaluate_candidates(
 
 @torch.no_grad()
 def score_candidates(
-    model: PromptedViT,
+    model: PromptedModel,
     subnets: Sequence[Subnet],
     data: DecodedSplit,
     *,
@@ -337,7 +337,7 @@ def score_candidates(
     return [_scores(model, s, batches, len(data)) for s in subnets]
 
 
-def _scores(model: PromptedViT, subnet: Subnet, batches, total: int) -> dict[str, float]:
+def _scores(model: PromptedModel, subnet: Subnet, batches, total: int) -> dict[str, float]:
     device = next(model.parameters()).device
     model.eval()
     previous = model.subnet
@@ -354,5 +354,5 @@ def _scores(model: PromptedViT, subnet: Subnet, batches, total: int) -> dict[str
     return {"acc": correct.item() / total, "loss": loss.item() / total}
 
 
-def evaluate(model: PromptedViT, data: DecodedSplit, *, mean, std) -> float:
+def evaluate(model: PromptedModel, data: DecodedSplit, *, mean, std) -> float:
     return evaluate_candidates(model, [model.subnet], data, mean=mean, std=std)[0]

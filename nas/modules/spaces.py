@@ -25,12 +25,16 @@ Choice = Any  # a kind's plain-data setting; a tuple of per-layer dims for layer
 class Param:
     """One categorical parameter of a kind's choice. ``structural`` ones shape the rest (a
     depth, a mode: NOAH's mutation resamples them with ``s_prob``, the others with ``m_prob``);
-    ``when`` makes it conditional: it exists only when true of the values before it."""
+    ``when`` makes it conditional: it exists only when true of the values before it. A
+    ``latent`` conditional parameter keeps a value while it does not exist (UPT's n_ctx under
+    mode ``none``): an evolutionary search carries and mutates it, so that a mode with context
+    coming back finds it; Optuna asks it only when it exists."""
 
     name: str
     values: tuple[Any, ...]
     structural: bool = False
     when: Callable[[Mapping[str, Any]], bool] | None = None
+    latent: bool = False
 
     def active(self, values: Mapping[str, Any]) -> bool:
         return self.when is None or self.when(values)
@@ -175,7 +179,9 @@ class LayeredSpace(ModuleSpace):
     def encode(self, choice: Sequence[int]) -> dict[str, Any]:
         """The shortest depth that holds the choice, its dims padded with zeros to it."""
         dims = list(trim(choice))
-        depth = min((d for d in self.depths if d >= len(dims)), default=len(dims))
+        if len(dims) > max(self.depths):
+            raise ValueError(f"{self.kind} {tuple(dims)}: deeper than the space's depths")
+        depth = min(d for d in self.depths if d >= len(dims))
         dims += [0] * (depth - len(dims))
         return {"depth": depth, **{f"dim{i}": d for i, d in enumerate(dims)}}
 

@@ -292,11 +292,11 @@ class UPTSpace(ModuleSpace):
         return rng.choice(list(self.choices()))
 
     def parameters(self) -> list[Param]:
-        """The mode first; n_ctx exists only for a mode that has context."""
-        has_context = lambda v: v["mode"] != "none"  # noqa: E731
+        """The mode first; n_ctx exists only for a mode that has context (and is carried
+        through a mutation to ``none`` and back)."""
         return [
             Param("mode", self.modes, structural=True),
-            Param("n_ctx", self.n_ctx, when=has_context),
+            Param("n_ctx", self.n_ctx, when=lambda v: v["mode"] != "none", latent=True),
         ]
 
     def encode(self, choice: Choice) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from nas.modules.spaces import Choice, ModuleSpace
+from nas.modules.spaces import Choice, ModuleSpace, Param
 
 
 def suggest(space: ModuleSpace, trial: Any, prefix: str) -> Choice:
@@ -23,12 +23,20 @@ def suggest(space: ModuleSpace, trial: Any, prefix: str) -> Choice:
 def mutate(
     space: ModuleSpace, choice: Choice, rng: random.Random, m_prob: float, s_prob: float
 ) -> Choice:
-    """NOAH / AutoFormer's mutation of one module's choice: each structural parameter (a depth,
-    a mode) resampled with probability ``s_prob``; the parameters that this switches on get
-    random values (a new layer, a random dim); then every other active parameter is resampled
-    with probability ``m_prob``."""
+    """NOAH / AutoFormer's mutation of one module's choice: the values the choice lacks (a
+    module not used: its parameters; a latent one) drawn at random first; each structural
+    parameter (a depth, a mode) resampled with probability ``s_prob``, and the parameters this
+    switches on given random values (a new layer's dim); then every other parameter that
+    exists (or is latent) resampled with probability ``m_prob``."""
     params = space.parameters()
     values = space.encode(choice)
+
+    def carried(param: Param) -> bool:
+        return param.latent or param.active(values)
+
+    for param in params:
+        if param.name not in values and carried(param):
+            values[param.name] = rng.choice(param.values)
     for param in params:
         if param.structural and param.active(values) and rng.random() < s_prob:
             values[param.name] = rng.choice(param.values)
@@ -36,6 +44,6 @@ def mutate(
         if param.name not in values and param.active(values):
             values[param.name] = rng.choice(param.values)
     for param in params:
-        if not param.structural and param.active(values) and rng.random() < m_prob:
+        if not param.structural and carried(param) and rng.random() < m_prob:
             values[param.name] = rng.choice(param.values)
     return space.decode({p.name: values[p.name] for p in params if p.active(values)})
