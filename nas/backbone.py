@@ -312,6 +312,21 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 BACKBONES_DIR = Path(__file__).resolve().parents[1] / "backbones"
 
 
+def portable(value: Any) -> Any:
+    """Plain data with every path into the shipped backbones folder written relative to it
+    (``<backbones>/vit_fmnist/model.safetensors``): what a spec hashes, so that a run has the
+    same identity wherever the project is checked out (``ray job submit`` runs each job from a
+    new copy of the working directory)."""
+    root = f"{BACKBONES_DIR}/"
+    if isinstance(value, str) and value.startswith(root):
+        return "<backbones>/" + value[len(root) :]
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    return value
+
+
 def load_backbone(name_or_path: str | Path) -> BackboneSpec:
     """A shipped backbone by name (``vit_fmnist``) or a ``backbone.yaml`` file: the model,
     overrides, weights file (relative to the YAML's folder) and normalisation."""

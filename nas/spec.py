@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nas.backbone import Backbone
+from nas.backbone import Backbone, portable
 from nas.data.dataset_formats import FORMATS, dataset_format
 from nas.errors import ConfigError
 from nas.space import (
@@ -152,6 +152,14 @@ class ExperimentSpec:
         )
 
     def hash(self) -> str:
+        """The run's identity: what determines its results, the shipped backbones' paths
+        relative to their folder (``nas.backbone.portable``)."""
+        blob = json.dumps(portable(self.to_data()), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def legacy_hash(self) -> str:
+        """The hash of runs recorded before ``hash`` left out where the project is checked
+        out (a shipped backbone's absolute path): such a run, at the same place, continues."""
         blob = json.dumps(self.to_data(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

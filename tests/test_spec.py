@@ -497,3 +497,35 @@ def test_a_changed_later_stage_continues_the_run_when_it_had_not_started(tmp_pat
     (out / "retrain" / "digits-seed0" / "rank1" / "state.pt").write_bytes(b"")
     with pytest.raises(NasError, match=r"different spec \(changed: retrain\.epochs\)"):
         preflight.check_output(spec_with({"epochs": 40}), new=False)
+
+
+def test_a_run_has_the_same_identity_wherever_the_project_is_checked_out(tmp_path, monkeypatch):
+    """`ray job submit` runs each job from a new copy of the working directory, so a shipped
+    backbone's weights have another absolute path in every job: the spec's hash leaves it
+    out, and a resubmitted job continues its run. A run recorded before (its hash with the
+    absolute path) continues at the same place, its provenance taking the new hash."""
+    import shutil
+
+    import nas.backbone
+    from nas.pipeline import preflight, provenance
+
+    path = REPO / "experiments" / "quickstart.yaml"
+    here = load_spec(path, output=tmp_path / "out")
+    identity, legacy_identity = here.hash(), here.legacy_hash()
+    moved = tmp_path / "copy" / "backbones"
+    shutil.copytree(nas.backbone.BACKBONES_DIR / "vit_fmnist", moved / "vit_fmnist")
+    monkeypatch.setattr(nas.backbone, "BACKBONES_DIR", moved)
+    there = load_spec(path, output=tmp_path / "out")
+    assert str(there.backbone.weights).startswith(str(moved))
+    assert there.backbone.weights != here.backbone.weights
+    assert there.hash() == identity and there.legacy_hash() != legacy_identity
+    monkeypatch.undo()
+    # a run recorded with the old, location-bound hash continues here
+    here.output.mkdir()
+    legacy = {"spec_hash": here.legacy_hash(), "spec": here.to_data(), "sessions": []}
+    (here.output / "provenance.json").write_text(json.dumps(legacy))
+    assert preflight.check_output(here, new=False) == here
+    provenance.record_output(here)
+    recorded = json.loads((here.output / "provenance.json").read_text())
+    assert recorded["spec_hash"] == here.hash()
+    assert recorded["sessions"][-1]["spec_hash"] == here.hash()

@@ -8,6 +8,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from nas.backbone import portable
 from nas.data.dataset_formats import dataset_format
 from nas.errors import NasError
 from nas.jsonio import read_json
@@ -150,7 +151,7 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
     prov_path = run_layout(spec).provenance
     if prov_path.is_file():
         old = read_json(prov_path)
-        if old.get("spec_hash") != spec.hash():
+        if old.get("spec_hash") not in (spec.hash(), spec.legacy_hash()):
             if new:
                 # Named by the spec's hash, so that the same command run again (--new
                 # included) finds and continues this run instead of starting a third.
@@ -162,7 +163,7 @@ def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:
                 )
                 return check_output(replace(spec, output=beside), new=False)
             else:
-                changed = spec_diff(old.get("spec", {}), spec.to_data())
+                changed = spec_diff(portable(old.get("spec", {})), portable(spec.to_data()))
                 stage = unstarted_stage(spec.output, changed)
                 if stage is not None:
                     print(
