@@ -198,6 +198,7 @@ VARIANTS: dict[str, dict] = {
     "distill": {"in_budget": True, "distill": 0.5},
     "two_per_step": {"in_budget": True, "subnets_per_step": 2},
     "sandwich_all": {"sandwich": True},  # the whole supernet's largest and smallest
+    "sandwich_all_k2": {"sandwich": True, "subnets_per_step": 2},  # and two random draws
     "sandwich_distill_all": {"sandwich": True, "distill": 0.5},
 }
 
