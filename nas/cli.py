@@ -9,7 +9,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nas.cli_space import cmd_space_show, cmd_space_validate, cmd_subnet_show
+from nas.cli_space import (
+    cmd_space_show,
+    cmd_space_validate,
+    cmd_subnet_import_noah,
+    cmd_subnet_show,
+)
 from nas.data.dataset_formats import FORMATS
 from nas.errors import NasError
 from nas.space import DEFAULT_SPACE
@@ -253,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub_show.add_argument("--json", action="store_true", help="print as JSON")
     sub_show.set_defaults(func=cmd_subnet_show)
+    noah = subnet_cmds.add_parser(
+        "import-noah",
+        help="read one of NOAH's released subnet configs (its RETRAIN section)",
+        description="Read a NOAH subnet config (experiments/NOAH/subnet/*/*.yaml in NOAH's "
+        "code) and show it as 'nas subnet show' does; --out writes it as a subnet YAML that "
+        "specs (stages.retrain.baselines) and 'nas subnet show' read.",
+    )
+    noah.add_argument("file", help="a NOAH subnet config (YAML with a RETRAIN section)")
+    noah.add_argument("--out", help="also write the subnet here as this platform's YAML")
+    noah.add_argument("--force", action="store_true", help="overwrite --out if it differs")
+    noah.add_argument(
+        "--space", default="noah_vtab", help="the space to check it against (default: noah_vtab)"
+    )
+    noah.add_argument("--json", action="store_true", help="print as JSON")
+    noah.set_defaults(func=cmd_subnet_import_noah)
 
     data = commands.add_parser("data", help="prepare and check datasets")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -139,15 +139,12 @@ def cmd_space_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_subnet_show(args: argparse.Namespace) -> int:
+def subnet_info(subnet, space: SearchSpace) -> dict:
+    """What ``nas subnet show`` (and ``import-noah``) reports about ``subnet`` in ``space``."""
     from nas.cost import added_flops
-    from nas.subnet import Subnet
 
-    subnet = Subnet.load(args.subnet)
-    space = load_space(args.space)
     g = space.geometry
-    unknown = [kind for kind in subnet if kind not in space.modules]
-    info = {
+    return {
         "subnet": str(subnet),
         "canonical": subnet.to_data(),
         "in_space": space.contains(subnet),
@@ -158,9 +155,10 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
         "added_flops": added_flops(subnet, g),
         "added_flops_lora_merged": added_flops(subnet, g, merge_lora=True),
     }
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+
+
+def print_subnet_info(info: dict, subnet, space: SearchSpace) -> None:
+    unknown = [kind for kind in subnet if kind not in space.modules]
     print(f"subnet        {info['subnet']}")
     where = (
         "yes"
@@ -184,4 +182,54 @@ def cmd_subnet_show(args: argparse.Namespace) -> int:
         f"added FLOPs   {_fmt_flops(info['added_flops'])} per image "
         f"({_fmt_flops(info['added_flops_lora_merged'])} with LoRA merged)"
     )
+
+
+def cmd_subnet_show(args: argparse.Namespace) -> int:
+    from nas.subnet import Subnet
+
+    subnet = Subnet.load(args.subnet)
+    space = load_space(args.space)
+    info = subnet_info(subnet, space)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_subnet_info(info, subnet, space)
+    return 0
+
+
+def cmd_subnet_import_noah(args: argparse.Namespace) -> int:
+    """``nas subnet import-noah FILE``: one of NOAH's released subnet configs, shown as
+    ``nas subnet show`` shows a subnet (``--out`` also writes it as this platform's YAML)."""
+    from pathlib import Path
+
+    from nas.errors import NasError
+    from nas.noah_import import import_noah
+
+    noah = import_noah(args.file)
+    space = load_space(args.space)
+    info = {**subnet_info(noah.subnet, space), "source": str(noah.source), "model": noah.model}
+    if args.out:
+        out = Path(args.out)
+        text = (
+            f"# imported from NOAH's {Path(noah.source).name} by nas subnet import-noah\n"
+            + noah.subnet.to_yaml()
+        )
+        if out.is_dir():
+            raise NasError(f"--out {out}: is a folder; expected a file path for the subnet YAML")
+        changed = out.is_file() and out.read_text(encoding="utf-8", errors="replace") != text
+        if changed and not args.force:
+            raise NasError(
+                f"--out {out}: already exists with other contents; remove it, choose "
+                "another path, or pass --force to overwrite it"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        info["written"] = str(out)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"source        {info['source']}" + (f"  ({noah.model})" if noah.model else ""))
+    print_subnet_info(info, noah.subnet, space)
+    if args.out:
+        print(f"written       {info['written']}")
     return 0

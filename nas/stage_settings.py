@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
+from nas.errors import ConfigError
 from nas.search import ALGORITHMS, option_problem
 from nas.space import SearchSpace
 from nas.subnet import Subnet
@@ -234,12 +236,15 @@ def _parse_baselines(
     ``full-finetune`` (the names of the latter are returned apart)."""
     baselines, full = {}, []
     for bname, value in (r.mapping(raw or {}, "stages.retrain.baselines", open_keys=True)).items():
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lower().endswith((".yaml", ".yml")):
+            subnet = _baseline_file(r, doc, value, f"stages.retrain.baselines.{bname}")
+        elif isinstance(value, str):
             if value not in (LINEAR_PROBE, FULL_FINETUNE):
                 r.fail(
                     f"stages.retrain.baselines.{bname}",
-                    f"{value!r} is not a subnet; expected a subnet mapping, "
-                    f"{LINEAR_PROBE!r} or {FULL_FINETUNE!r}",
+                    f"{value!r} is not a subnet; expected a subnet mapping, a subnet YAML "
+                    f"file (this platform's or one of NOAH's configs), {LINEAR_PROBE!r} or "
+                    f"{FULL_FINETUNE!r}",
                 )
             if space.backbone.classifies_by_name:
                 r.fail(
@@ -251,7 +256,8 @@ def _parse_baselines(
             if value == FULL_FINETUNE:
                 full.append(bname)
             continue
-        subnet = Subnet.from_data(value, doc, f"stages.retrain.baselines.{bname}")
+        else:
+            subnet = Subnet.from_data(value, doc, f"stages.retrain.baselines.{bname}")
         unknown = [kind for kind in subnet if kind not in space.modules]
         if unknown:
             r.fail(
@@ -260,6 +266,23 @@ def _parse_baselines(
             )
         baselines[bname] = subnet
     return baselines, full
+
+
+def _baseline_file(r: Reader, doc: Document, value: str, key: str) -> Subnet:
+    """A baseline named by file: a subnet YAML or one of NOAH's subnet configs, relative to
+    the spec's folder (its contents, not its path, enter the spec's hash)."""
+    from nas.noah_import import load_subnet_file
+
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (Path(doc.file).parent if doc.file else Path.cwd()) / path
+    if not path.is_file():
+        r.fail(key, f"subnet file not found: {path}")
+    try:
+        return load_subnet_file(path)
+    except ConfigError as exc:
+        r.fail(key, f"{value}: {exc}")
+    raise AssertionError  # r.fail raises
 
 
 def _stage(
