@@ -56,6 +56,22 @@ from nas.stage_settings import (
 from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
 
+#: A target's name: a results key, an MLflow metric suffix (test_acc/<name>) and a column.
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A domain-generalisation target: a test set in the source dataset's label space, on
+    which a retrained model is tested once, unchanged. ``list`` is a file of "path label"
+    lines with images under ``root``; without ``list`` it is the dataset folder's own
+    ``targets/<name>.txt`` (images relative to the dataset folder; a packaged task ships its
+    targets so)."""
+
+    name: str
+    list: str | None = None
+    root: str | None = None
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -65,6 +81,8 @@ class DatasetSpec:
     shots: int | None = None  # few-shot only
     split_seed: int | None = None  # few-shot only: which seed's split
     duplicates: str = "error"
+    #: domain-generalisation targets, each tested once after retraining (never chosen on)
+    targets: tuple[TargetSpec, ...] = ()
 
     @property
     def key(self) -> str:
@@ -84,6 +102,8 @@ class DatasetSpec:
         data = asdict(self)
         if self.retrain_split != "trainval":  # kept out otherwise: earlier hashes stay valid
             data["retrain_split"] = self.retrain_split
+        if not self.targets:  # kept out otherwise: earlier hashes stay valid
+            del data["targets"]
         return data
 
 
@@ -212,7 +232,9 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
     for i, item in enumerate(value):
         k = f"datasets[{i}]"
         keys = sorted({key for f in FORMATS.values() for key in f.keys})
-        d = r.mapping(item, k, required=["name", "format"], optional=["root", *keys, "duplicates"])
+        d = r.mapping(
+            item, k, required=["name", "format"], optional=["root", *keys, "duplicates", "targets"]
+        )
         fmt = r.string(d["format"], f"{k}.format", choices=list(FORMATS))
         form = dataset_format(fmt)
         ds_name = r.string(d["name"], f"{k}.name")
@@ -228,6 +250,10 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
         # A few-shot entry may list several shots and split seeds: one dataset per pair.
         variants = form.variants(r, d, k)
         form.check_name(r, f"{k}.name", ds_name)
+        targets = _parse_targets(r, d.get("targets"), f"{k}.targets", base)
+        for i_t, t in enumerate(targets):
+            if t.list is None:
+                form.check_target(r, f"{k}.targets[{i_t}]", ds_name, t.name)
         if form.needs_root and check_data:
             folder = Path(root) / ds_name
             if not folder.is_dir():
@@ -235,6 +261,12 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
             missing = form.missing(folder, variants)
             if missing:  # the files it reads (their contents are checked before a trial)
                 r.fail(f"{k}.root", f"{folder} lacks {', '.join(missing)} (the {fmt} layout)")
+            for i_t, t in enumerate(targets):
+                listed = Path(t.list) if t.list else folder / "targets" / f"{t.name}.txt"
+                if not listed.is_file():
+                    r.fail(f"{k}.targets[{i_t}]", f"target list not found: {listed}")
+                if t.root and not Path(t.root).is_dir():
+                    r.fail(f"{k}.targets[{i_t}].root", f"image folder not found: {t.root}")
         for shots_k, split_seed in variants:
             ds = DatasetSpec(
                 name=ds_name,
@@ -243,12 +275,49 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
                 shots=shots_k,
                 split_seed=split_seed,
                 duplicates=duplicates,
+                targets=targets,
             )
             if any(o.key == ds.key for o in datasets):
                 r.fail(f"{k}.name", f"dataset {ds.key!r} is listed twice")
             datasets.append(ds)
 
     return datasets
+
+
+def _parse_targets(r: Reader, value: Any, key: str, base: Path) -> tuple[TargetSpec, ...]:
+    """``targets``: each a name (the dataset folder's ``targets/<name>.txt``, or a target a
+    packaged task ships) or ``{name, list, root}`` (a list file of "path label" lines in the
+    source's label space; images under ``root``, by default the list's folder)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        r.fail(key, "expected a non-empty list of targets (names or {name, list, root})")
+    out: list[TargetSpec] = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if isinstance(item, str):
+            name, listed, root = item, None, None
+        else:
+            t = r.mapping(item, k, required=["name", "list"], optional=["root"])
+            name = r.string(t["name"], f"{k}.name")
+            listed = str(_spec_path(r.string(t["list"], f"{k}.list"), base))
+            root = str(_spec_path(r.string(t["root"], f"{k}.root"), base)) if "root" in t else None
+            root = root or str(Path(listed).parent)
+        if not TARGET_NAME.match(name):
+            r.fail(
+                k,
+                f"target name {name!r}: expected letters, digits, '_', '.', '-' (it names a "
+                "results column and the MLflow metric test_acc/<name>)",
+            )
+        if any(o.name == name for o in out):
+            r.fail(k, f"target {name!r} is listed twice")
+        out.append(TargetSpec(name, listed, root))
+    return tuple(out)
+
+
+def _spec_path(text: str, base: Path) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
 
 
 def _parse_output(r: Reader, data: dict[str, Any], name: str, output: str | Path | None) -> Path:

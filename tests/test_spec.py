@@ -129,7 +129,7 @@ BAD = [
     ),
     (
         {"stages": {"retrain": {"baselines": {"b": "full-fine-tuning"}}}},
-        r"stages\.retrain\.baselines\.b: 'full-fine-tuning' is not a subnet; expected a subnet mapping, 'linear-probe' or 'full-finetune'",
+        r"stages\.retrain\.baselines\.b: 'full-fine-tuning' is not a subnet; expected a subnet mapping, a subnet YAML file .*, 'linear-probe' or 'full-finetune'",
     ),
     (
         {"stages": {"retrain": {"full_finetune": ["b"]}}},

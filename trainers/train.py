@@ -356,3 +356,32 @@ def _scores(model: PromptedModel, subnet: Subnet, batches, total: int) -> dict[s
 
 def evaluate(model: PromptedModel, data: DecodedSplit, *, mean, std) -> float:
     return evaluate_candidates(model, [model.subnet], data, mean=mean, std=std)[0]
+
+
+@torch.no_grad()
+def evaluate_target(
+    model: PromptedModel,
+    data: DecodedSplit,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """A domain-generalisation target's accuracy: ``all`` over every class of the model, and
+    when the target holds only some of them (ImageNet-A and -R: 200 of 1,000), ``own``:
+    restricted to those (the other classes' logits masked), the usual protocol; ``classes``
+    counts the target's classes."""
+    device = next(model.parameters()).device
+    present = torch.zeros(data.num_classes, dtype=torch.bool, device=device)
+    present[data.labels.unique().to(device)] = True
+    model.eval()
+    right_all = torch.zeros((), dtype=torch.long, device=device)
+    right_own = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in TensorLoader(data, batch_size, mean, std, device=device):
+        with autocast(device):
+            logits = model(x).float()
+        right_all += (logits.argmax(1) == y).sum()
+        right_own += (logits.masked_fill(~present, float("-inf")).argmax(1) == y).sum()
+    n, classes = len(data), int(present.sum())
+    own = right_own.item() / n if classes < data.num_classes else None
+    return {"all": right_all.item() / n, "own": own, "classes": classes}

@@ -51,6 +51,10 @@ class DatasetFormat:
     def check_name(self, r: Reader, key: str, name: str) -> None:
         """Refuse a name the format cannot hold (a packaged format: one it does not ship)."""
 
+    def check_target(self, r: Reader, key: str, name: str, target: str) -> None:
+        """Refuse a target named without a list that the dataset cannot have (a packaged
+        format: one its task does not ship); a folder's ``targets/`` is checked on disk."""
+
     def missing(self, folder: Path, variants: Variants) -> list[str]:
         """The files or folders of the layout that ``folder`` lacks."""
         return [n for n in VTAB_SPLITS.values() if not (folder / n).is_file()]
@@ -101,6 +105,18 @@ class MiniVtabFormat(DatasetFormat):
 
         if name not in TASKS:
             r.fail(key, f"{name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}")
+
+    def check_target(self, r: Reader, key: str, name: str, target: str) -> None:
+        from nas.data.mini_vtab import TASK_TARGETS
+
+        shipped = TASK_TARGETS.get(name, ())
+        if target not in shipped:
+            known = f"it ships {', '.join(shipped)}" if shipped else "it ships none"
+            r.fail(
+                key,
+                f"mini-VTAB task {name!r} ships no target {target!r} ({known}); name your own "
+                "as {name: ..., list: FILE, root: FOLDER}",
+            )
 
     def default_root(self, output: Path) -> Path:
         return output / "data" / "mini-vtab"

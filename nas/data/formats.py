@@ -158,6 +158,31 @@ def _make_split(
     return Split(name, entries, source, num_classes or 0, class_names)
 
 
+def read_target(
+    path: str | Path,
+    root: str | Path,
+    name: str,
+    num_classes: int,
+    class_names: list[str] | None = None,
+    *,
+    duplicates: str = "error",
+) -> Split:
+    """A domain-generalisation target: a list file of "path label" lines (images under
+    ``root``, or its parent folder) whose labels are the source dataset's (``num_classes``);
+    the split is named ``target/<name>``."""
+    path, root = Path(path), Path(root)
+    rows = parse_list_file(path, [root, root.parent], duplicates=duplicates)
+    for _, label, src in rows:
+        if label >= num_classes:
+            raise DataError(
+                f"{src}: label {label} is out of range for the source dataset's {num_classes} "
+                "classes (a target's labels must be the source's: the same class, the same "
+                "number)"
+            )
+    return Split(f"target/{name}", [Entry(*row) for row in rows], str(path), num_classes,
+                 class_names)  # fmt: skip
+
+
 def _num_classes(folder: Path, class_names: list[str] | None) -> int | None:
     if class_names is not None:
         return len(class_names)

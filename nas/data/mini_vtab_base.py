@@ -3,7 +3,7 @@ how a pool of images becomes distinct train/val/test splits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,8 @@ class TaskData:
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     source: str
     licence: str
+    #: domain-generalisation test sets in the task's label space, written to targets/<name>.txt
+    targets: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def resize(images: np.ndarray, size: int = SIZE) -> np.ndarray:

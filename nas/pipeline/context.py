@@ -39,6 +39,35 @@ def read_splits(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Split]:
     )
 
 
+def target_splits(
+    spec: ExperimentSpec, ds: DatasetSpec, source: Split | DecodedSplit
+) -> dict[str, Split]:
+    """The dataset's domain-generalisation targets, read in the label space of ``source``
+    (a split of the dataset): a named list, or the dataset folder's ``targets/<name>.txt``."""
+    from nas.data.formats import DataError, read_target
+
+    folder = dataset_root(spec, ds) / ds.name
+    out = {}
+    for t in ds.targets:
+        listed = Path(t.list) if t.list else folder / "targets" / f"{t.name}.txt"
+        root = Path(t.root) if t.root else folder
+        if t.list is None and not listed.is_file():
+            hint = (
+                f"; prepared before mini-VTAB shipped targets: prepare it again (nas data "
+                f"prepare mini-vtab --out NEW_FOLDER --tasks {ds.name})"
+                if not dataset_format(ds.format).needs_root
+                else ""
+            )
+            raise DataError(
+                f"{listed}: target list not found (target {t.name!r} of dataset {ds.key} is "
+                f"named without a list: its folder's targets/{t.name}.txt{hint})"
+            )
+        out[t.name] = read_target(
+            listed, root, t.name, source.num_classes, source.class_names, duplicates=ds.duplicates
+        )
+    return out
+
+
 def load_splits(
     spec: ExperimentSpec, ds: DatasetSpec, names: tuple[str, ...]
 ) -> dict[str, DecodedSplit]:

@@ -15,6 +15,7 @@ from nas.jsonio import read_json
 from nas.pipeline.context import (
     dataset_root,
     read_splits,
+    target_splits,
 )
 from nas.pipeline.layout import run_layout
 from nas.pipeline.provenance import spec_diff
@@ -94,6 +95,8 @@ def check_inputs(spec: ExperimentSpec) -> None:
         if packaged and not (dataset_root(spec, ds) / ds.name).is_dir():
             continue  # prepared by this run, from packaged data
         splits = read_splits(spec, ds)
+        if ds.targets:  # read in the source's label space: a label out of range stops here
+            splits |= target_splits(spec, ds, splits["test"])
         for split in splits.values():
             n = len(split.entries)
             picks = sorted(

@@ -42,7 +42,52 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "group_means": group_means,
         "mean_of_groups": sum(group_means.values()) / len(group_means) if group_means else None,
         "flat_mean": sum(per_dataset.values()) / len(per_dataset) if per_dataset else None,
+        **target_summary(rows),
     }
+
+
+def target_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per source dataset, the reported subnet's accuracy on each domain-generalisation
+    target (mean over seeds; a subset target restricted to its own classes) and their mean."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["role"] == "searched" and r.get("targets"):
+            for name, value in r["targets"].items():
+                acc.setdefault(r["dataset"], {}).setdefault(name, []).append(value)
+    if not acc:
+        return {}
+    per = {ds: {t: sum(v) / len(v) for t, v in ts.items()} for ds, ts in acc.items()}
+    return {
+        "targets": per,
+        "targets_mean": {ds: sum(ts.values()) / len(ts) for ds, ts in per.items()},
+    }
+
+
+def target_columns(rows: list[dict[str, Any]]) -> tuple[list[str], set[str]]:
+    """The targets named by any row (in first-seen order), and those scored over a subset of
+    the source's classes (each also has an all-classes column)."""
+    names: dict[str, None] = {}
+    subset: set[str] = set()
+    for r in rows:
+        names |= dict.fromkeys(r.get("targets") or {})
+        subset |= set(r.get("targets_all_classes") or {})
+    return list(names), subset
+
+
+def rows_from_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """A results row's target fields rebuilt from its MLflow metrics (``test_acc/<target>``,
+    ``test_acc/<target>/all_classes``, ``target_classes/<target>``)."""
+    targets, every, classes = {}, {}, {}
+    for key, value in metrics.items():
+        if key.startswith("test_acc/") and key.endswith("/all_classes"):
+            every[key.removeprefix("test_acc/").removesuffix("/all_classes")] = value
+        elif key.startswith("test_acc/"):
+            targets[key.removeprefix("test_acc/")] = value
+        elif key.startswith("target_classes/"):
+            classes[key.removeprefix("target_classes/")] = int(value)
+    if not targets:
+        return {}
+    return {"targets": targets, "targets_all_classes": every, "target_classes": classes}
 
 
 def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, Any]:
@@ -86,16 +131,46 @@ def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, An
                 "added_flops": int(m.get("added_flops", 0)),
                 "train_split": p.get("train_split"),
                 "train_images": int(p["train_images"]) if "train_images" in p else None,
+                **rows_from_metrics(m),
             }
         )
     return summarise(rows)
 
 
+def _target_cells(r: dict[str, Any], names: list[str], subset: set[str]) -> str:
+    """A row's target columns: each target (its own classes where a subset), a subset target
+    also over all classes, then the mean of the targets."""
+    if not names:
+        return ""
+    got, every = r.get("targets") or {}, r.get("targets_all_classes") or {}
+    cells = []
+    for n in names:
+        cells.append(f"{got[n]:.4f}" if n in got else "—")
+        if n in subset:
+            cells.append(f"{every[n]:.4f}" if n in every else "—")
+    mean = f"{sum(got.values()) / len(got):.4f}" if got else "—"
+    return " | ".join([*cells, mean]) + " |"
+
+
+def _target_header(names: list[str], subset: set[str]) -> tuple[str, str]:
+    if not names:
+        return "", ""
+    heads = []
+    for n in names:
+        heads.append(f"{n} (own classes)" if n in subset else n)
+        if n in subset:
+            heads.append(f"{n} (all classes)")
+    heads.append("targets mean")
+    return " | ".join(heads) + " |", "---|" * len(heads)
+
+
 def results_markdown(results: dict[str, Any]) -> str:
+    names, subset = target_columns(results["rows"])
+    head, rule = _target_header(names, subset)
     lines = [
         "| dataset | seed | subnet | role | trained on | val acc | test acc | params "
-        "| added FLOPs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| added FLOPs | " + head,
+        "|---|---|---|---|---|---|---|---|---|" + rule,
     ]
     for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["seed"], r["label"])):
         val = f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "—"
@@ -103,7 +178,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         fit = f"{r['train_split']} ({r['train_images']:,})" if r.get("train_images") else "—"
         lines.append(
             f"| {r['dataset']} | {r['seed']} | {r['subnet_str']} | {r['role']} | {fit} | {val} "
-            f"| {r['test_acc']:.4f} | {r['params']:,} | {r['added_flops']:,} |"
+            f"| {r['test_acc']:.4f} | {r['params']:,} | {r['added_flops']:,} | "
+            + _target_cells(r, names, subset)
         )
     lines.append("")
     lines.append(
@@ -119,7 +195,22 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results["mean_of_groups"] is not None:
         lines.append(f"- mean of group means: {results['mean_of_groups']:.4f}")
         lines.append(f"- flat mean over datasets: {results['flat_mean']:.4f}")
+    for ds, accs in sorted(results.get("targets", {}).items()):
+        each = ", ".join(f"{t} {a:.4f}" for t, a in accs.items())
+        lines.append(f"- {ds} targets: {each}; mean {results['targets_mean'][ds]:.4f}")
+    if names:
+        lines += ["", TARGETS_NOTE]
     return "\n".join(lines) + "\n"
+
+
+#: What a report says about its target columns.
+TARGETS_NOTE = (
+    "Targets (domain generalisation): the retrained model tested once, unchanged, on each "
+    "target test set in the source's label space; nothing was chosen on them. A target "
+    "holding only some of the source's classes is scored restricted to its own classes "
+    "('own classes', the usual protocol for ImageNet-A and -R, and the one its mean uses) "
+    "and over all classes ('all classes')."
+)
 
 
 def method_of(row: dict[str, Any]) -> str | None:
@@ -199,4 +290,36 @@ def methods_markdown(results: dict[str, Any]) -> str:
         "search ranked first by validation accuracy, retrained and tested once. Trainable "
         "parameters count the modules (full fine-tuning: the backbone), not the head.",
     ]
+    lines += methods_targets_markdown(results["rows"], methods, fmt)
     return "\n".join(lines) + "\n"
+
+
+def methods_targets_markdown(rows: list[dict[str, Any]], methods: list[str], fmt) -> list[str]:
+    """Per source dataset with domain-generalisation targets: the methods as rows, the
+    source's test accuracy, a column per target and the targets' mean (each a mean ± sd over
+    seeds)."""
+    import statistics
+
+    out: list[str] = []
+    for ds in sorted({r["dataset"] for r in rows if r.get("targets")}):
+        mine = [r for r in rows if r["dataset"] == ds and method_of(r) is not None]
+        names, subset = target_columns(mine)
+        head, rule = _target_header(names, subset)
+        out += ["", f"Domain generalisation, source {ds}:", ""]
+        out += [f"| method | {ds} (source test) | " + head, "|---|---|" + rule]
+        for m in methods:
+            runs = [r for r in mine if method_of(r) == m]
+            if not runs:
+                continue
+            cells = [fmt([r["test_acc"] for r in runs])]
+            for n in names:
+                cells.append(fmt([r["targets"][n] for r in runs if n in r.get("targets", {})]))
+                if n in subset:
+                    every = [r.get("targets_all_classes", {}).get(n) for r in runs]
+                    cells.append(fmt([v for v in every if v is not None]))
+            means = [statistics.mean(r["targets"].values()) for r in runs if r.get("targets")]
+            cells.append(fmt(means))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    if out:
+        out += ["", TARGETS_NOTE]
+    return out

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from nas.cost import added_flops
+from nas.data.decode import DecodedSplit, decode_split
 from nas.jsonio import read_json
 from nas.pipeline.context import (
     base_tags,
@@ -19,6 +20,7 @@ from nas.pipeline.context import (
     finish,
     load_splits,
     split_params,
+    target_splits,
     task_context,
     tracker_for,
 )
@@ -35,6 +37,7 @@ from nas.subnet import Subnet
 from nas.tracking import subnet_params_flat
 from trainers.train import (
     evaluate,
+    evaluate_target,
     train,
 )
 
@@ -52,6 +55,7 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
     fit = ds.retrain_split
     data = load_splits(spec, ds, (fit, "test"))
     num_classes = data[fit].num_classes
+    targets = load_targets(spec, ds, data[fit])  # decoded before training: a bad one stops it
     torch.manual_seed(seed)
     model = spec.backbone.subnet_model(
         spec.space,
@@ -79,7 +83,8 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
             "subnet": "full fine-tuning" if task.full_finetune else str(subnet),
             "role": task.role,
             **split_params(data[fit], data["test"]),
-            **data_params(data[fit], data["test"]),
+            **data_params(data[fit], data["test"], *targets.values()),
+            **{f"target/{name}.images": len(split) for name, split in targets.items()},
         },
     )
     mean, std = spec.backbone.normalisation()
@@ -97,6 +102,7 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
     if model.trainable_parameters():  # an empty subnet on CLIP is zero-shot: nothing trains
         train(model, data[fit], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
+    scored = {n: evaluate_target(model, t, mean=mean, std=std) for n, t in targets.items()}
     model.save(out / "model")
     result = {
         "dataset": ds.key,
@@ -117,13 +123,50 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
         "added_flops": added_flops(subnet, g),
         "mlflow_run_id": run_id,
         "node": task.node,
+        **target_results(scored),
     }
     final = {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]}
+    final |= target_metrics(scored)
     if task.val_acc is not None:
         final["val_acc"] = task.val_acc
     tracker.log_metrics(run_id, final)
     tracker.log_artifact(run_id, out / "model", "model")
     return finish(tracker, run_id, out, result)
+
+
+def load_targets(spec: ExperimentSpec, ds, source) -> dict[str, DecodedSplit]:
+    """The dataset's domain-generalisation targets, decoded (cached under <output>/cache)."""
+    g = spec.backbone.geometry()
+    return {
+        name: decode_split(split, g.image_size, g.in_chans, spec.output / "cache")
+        for name, split in target_splits(spec, ds, source).items()
+    }
+
+
+def target_results(scored: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A results row's target fields: ``targets`` (name -> the usual protocol's accuracy:
+    restricted to the target's own classes where it holds only some of the source's, else
+    over all), ``targets_all_classes`` (those subset targets over every class) and
+    ``target_classes`` (how many classes each target holds)."""
+    if not scored:
+        return {}
+    return {
+        "targets": {n: s["all"] if s["own"] is None else s["own"] for n, s in scored.items()},
+        "targets_all_classes": {n: s["all"] for n, s in scored.items() if s["own"] is not None},
+        "target_classes": {n: s["classes"] for n, s in scored.items()},
+    }
+
+
+def target_metrics(scored: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics: ``test_acc/<target>`` (as in ``targets``), and for a target holding
+    only some classes also ``test_acc/<target>/all_classes``; ``target_classes/<target>``."""
+    out: dict[str, float] = {}
+    for name, s in scored.items():
+        out[f"test_acc/{name}"] = s["all"] if s["own"] is None else s["own"]
+        if s["own"] is not None:
+            out[f"test_acc/{name}/all_classes"] = s["all"]
+        out[f"target_classes/{name}"] = s["classes"]
+    return out
 
 
 def retrain_tasks(spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[RetrainTask]:

@@ -1,0 +1,282 @@
+"""Domain generalisation (issue 23): targets in specs, the mini targets shipped with mnist5k,
+the scoring over all classes and over a target's own, and a real run through Ray and MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from test_pipeline import run_to_end
+
+from nas.data.decode import decode_split
+from nas.data.formats import DataError, read_target, read_vtab
+from nas.data.hashing import image_fingerprints
+from nas.data.loader import TensorLoader
+from nas.data.mini_dg import SKETCH_CLASSES, sketch
+from nas.errors import ConfigError
+from nas.space import load_space
+from nas.spec import load_spec
+from nas.subnet import Subnet
+from trainers.train import evaluate_target
+
+REPO = Path(__file__).resolve().parents[1]
+
+TARGETS = ["uci_digits", "inverted", "noisy", "sketch"]
+
+
+@pytest.fixture(scope="module")
+def mnist_dg(tmp_path_factory):
+    """mnist5k with its four targets, prepared once (200 test images)."""
+    from nas.data.mini_vtab import prepare
+
+    out = tmp_path_factory.mktemp("dg")
+    manifest = prepare(out, ("mnist5k",), test_size=200, log=lambda *_: None)
+    return out, manifest["tasks"]["mnist5k"]
+
+
+def write_spec(tmp_path, datasets, name="dg") -> object:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "datasets": datasets, "space": "tiny_cpu"}))
+    return path
+
+
+# -- the data -------------------------------------------------------------------------------
+
+
+def test_mnist5k_ships_four_targets_disjoint_from_its_splits(mnist_dg):
+    root, entry = mnist_dg
+    folder = root / "mnist5k"
+    assert list(entry["targets"]) == TARGETS
+    counts = {t: e["count"] for t, e in entry["targets"].items()}
+    assert counts["uci_digits"] == 1797 and counts["inverted"] == counts["noisy"] == 500
+    assert 400 <= counts["sketch"] <= 500
+    assert {t: e["classes"] for t, e in entry["targets"].items()} == {
+        "uci_digits": 10,
+        "inverted": 10,
+        "noisy": 10,
+        "sketch": len(SKETCH_CLASSES),
+    }
+    splits = read_vtab(folder)
+    seen = set()
+    for split in splits.values():
+        seen |= set(image_fingerprints(decode_split(split, 28, 1).images[:, 0].numpy()).tolist())
+    for t in TARGETS:
+        target = read_target(folder / "targets" / f"{t}.txt", folder, t, 10)
+        decoded = decode_split(target, 28, 1)
+        assert decoded.content_hash() == entry["targets"][t]["sha256"]
+        prints = set(image_fingerprints(decoded.images[:, 0].numpy()).tolist())
+        assert not prints & seen, t  # no target image is an image of the source's splits
+    # the inverted target is MNIST digits the splits never held: inverting them back gives
+    # images none of which is in the splits either
+    inverted = decode_split(read_target(folder / "targets/inverted.txt", folder, "x", 10), 28, 1)
+    back = set(image_fingerprints(255 - inverted.images[:, 0].numpy()).tolist())
+    assert not back & seen
+
+
+def test_sketch_is_the_outline_of_the_ink():
+    digit = np.zeros((1, 7, 7), dtype=np.uint8)
+    digit[0, 2:5, 2:5] = 255  # a 3x3 square of ink
+    out = sketch(digit)[0]
+    ring = np.zeros((7, 7), dtype=bool)
+    ring[1:6, 1:6] = True
+    ring[3, 3] = False  # dilation minus erosion: the ring around and on the square's border
+    assert ((out == 255) == ring).all()
+
+
+def test_target_labels_outside_the_source_are_refused(tmp_path):
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("L", (28, 28)).save(tmp_path / name)
+    (tmp_path / "list.txt").write_text("a.png 3\nb.png 954\n")
+    with pytest.raises(DataError, match=r"list.txt:2: label 954 is out of range .* 10 classes"):
+        read_target(tmp_path / "list.txt", tmp_path, "t", 10)
+
+
+# -- the spec -------------------------------------------------------------------------------
+
+
+def test_targets_in_a_spec(tmp_path, mnist_dg):
+    root, _ = mnist_dg
+    listed = tmp_path / "v2" / "list.txt"
+    listed.parent.mkdir()
+    listed.write_text("x.png 1\n")
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            [
+                {
+                    "name": "mnist5k",
+                    "format": "mini-vtab",
+                    "root": str(root),
+                    "targets": ["sketch", {"name": "v2", "list": "v2/list.txt"}],
+                }
+            ],
+        )
+    )
+    (ds,) = spec.datasets
+    assert [t.name for t in ds.targets] == ["sketch", "v2"]
+    assert ds.targets[0].list is None  # the dataset folder's targets/sketch.txt
+    assert ds.targets[1].list == str(listed) and ds.targets[1].root == str(listed.parent)
+    # a spec without targets keeps the hash it had before targets existed
+    plain = load_spec(write_spec(tmp_path, [{"name": "mnist5k", "format": "mini-vtab"}], "p"))
+    assert "targets" not in plain.datasets[0].to_data()
+    assert "targets" in ds.to_data()
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (["imagenet_r"], "datasets[0].targets[0]: mini-VTAB task 'mnist5k' ships no target"),
+        (["sketch", "sketch"], "targets[1]: target 'sketch' is listed twice"),
+        (["bad name"], "target name 'bad name'"),
+        ([{"name": "v2"}], "targets[0]: missing required key 'list'"),
+        ([], "expected a non-empty list of targets"),
+        ("sketch", "expected a non-empty list of targets"),
+    ],
+)
+def test_bad_targets_are_one_clear_error(tmp_path, targets, message):
+    path = write_spec(tmp_path, [{"name": "mnist5k", "format": "mini-vtab", "targets": targets}])
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_missing_target_list_is_found_before_anything_runs(tmp_path, mini_vtab_data):
+    folder = tmp_path / "vtab"
+    path = write_spec(
+        tmp_path,
+        [
+            {
+                "name": "digits",
+                "format": "vtab",
+                "root": str(mini_vtab_data),
+                "targets": [{"name": "v2", "list": str(folder / "nowhere.txt")}],
+            }
+        ],
+    )
+    with pytest.raises(ConfigError, match="targets\\[0\\]: target list not found"):
+        load_spec(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "nas", "run", str(path), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "target list not found" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# -- the scoring ----------------------------------------------------------------------------
+
+
+def test_evaluate_target_scores_over_all_classes_and_over_its_own(mnist_dg):
+    root, _ = mnist_dg
+    folder = root / "mnist5k"
+    space = load_space("tiny_cpu")
+    target = decode_split(read_target(folder / "targets/sketch.txt", folder, "s", 10), 28, 1)
+    torch.manual_seed(3)
+    model = space.backbone.subnet_model(space, Subnet(), target)
+    for p in model.parameters():
+        if p.requires_grad:  # the head: random, so that it errs often, both ways
+            torch.nn.init.normal_(p, std=1.0)
+    mean, std = space.backbone.normalisation()
+    got = evaluate_target(model, target, mean=mean, std=std)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in TensorLoader(target, 256, mean, std)])
+    y = target.labels
+    own = torch.tensor(SKETCH_CLASSES)
+    expected_all = (logits.argmax(1) == y).sum().item() / len(y)
+    expected_own = (own[logits[:, own].argmax(1)] == y).sum().item() / len(y)
+    assert got["classes"] == len(SKETCH_CLASSES)
+    assert got["all"] == pytest.approx(expected_all, abs=1e-9)
+    assert got["own"] == pytest.approx(expected_own, abs=1e-9)
+    assert got["own"] > got["all"]  # five wrong classes fewer to pick
+    full = decode_split(read_target(folder / "targets/noisy.txt", folder, "n", 10), 28, 1)
+    assert evaluate_target(model, full, mean=mean, std=std)["own"] is None
+
+
+# -- a run ----------------------------------------------------------------------------------
+
+
+def test_a_dg_run_reports_every_target_in_results_mlflow_and_report(tmp_path, mnist_dg):
+    root, _ = mnist_dg
+    spec = {
+        "name": "dg",
+        "datasets": [
+            {"name": "mnist5k", "format": "mini-vtab", "root": str(root), "targets": TARGETS}
+        ],
+        "backbone": "vit_fmnist",
+        "space": "tiny_cpu",
+        "seeds": [0],
+        "stages": {
+            "supernet": {"epochs": 1, "warmup_epochs": 0},
+            "search": {"algorithm": "random", "options": {"num_candidates": 4, "batch_size": 4}},
+            "retrain": {
+                "epochs": 1,
+                "warmup_epochs": 0,
+                "baselines": {"lora4": {"lora": {"depth": 6, "dims": 4}}},
+            },
+        },
+    }
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    run_to_end(path, out, root)
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["label"]: r for r in results["rows"]}
+    assert set(rows) == {"rank1", "baseline-lora4"}
+    for r in rows.values():
+        assert list(r["targets"]) == TARGETS
+        assert list(r["targets_all_classes"]) == ["sketch"]  # the one subset target
+        assert r["target_classes"] == {"uci_digits": 10, "inverted": 10, "noisy": 10, "sketch": 5}
+        assert r["targets"]["sketch"] >= r["targets_all_classes"]["sketch"]
+    assert results["targets"]["mnist5k"] == rows["rank1"]["targets"]
+    # MLflow: test_acc/<target> on the retrain runs, and nowhere else
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dg")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    for run in runs:
+        m, p = run.data.metrics, run.data.params
+        stage = run.data.tags.get("nas.stage")
+        has = {k for k in m if k.startswith("test_acc/")}
+        if stage == "retrain" and "mlflow.parentRunId" not in run.data.tags:
+            label = run.data.tags["nas.label"]
+            assert {k.removeprefix("test_acc/") for k in has} == {*TARGETS, "sketch/all_classes"}
+            assert m["test_acc/sketch"] == rows[label]["targets"]["sketch"]
+            assert m["test_acc/sketch/all_classes"] == rows[label]["targets_all_classes"]["sketch"]
+            assert {f"data.target/{t}.sha256" for t in TARGETS} <= set(p)
+        else:  # the supernet, the search and its candidates never see a target
+            assert not has and not any(k.startswith("data.target/") for k in p), stage
+    # the report: a column per target (sketch twice) and their mean, from the folder and from
+    # the MLflow store alone
+    from nas.pipeline.reports import methods_markdown, results_from_mlflow, results_markdown
+
+    rebuilt = results_from_mlflow(f"sqlite:///{out / 'mlflow.db'}", "dg")
+    assert rebuilt["targets"] == results["targets"]
+    for text in (results_markdown(results), results_markdown(rebuilt)):
+        assert "| sketch (own classes) | sketch (all classes) | targets mean |" in text
+    by_method = methods_markdown(rebuilt)
+    assert "Domain generalisation, source mnist5k:" in by_method
+    header = next(line for line in by_method.splitlines() if line.startswith("| method |"))
+    assert header == (
+        "| method | mnist5k (source test) | uci_digits | inverted | noisy | "
+        "sketch (own classes) | sketch (all classes) | targets mean |"
+    )
+    assert sum(line.startswith(("| searched |", "| lora4 |")) for line in by_method.splitlines())
+    cli = subprocess.run(
+        [sys.executable, "-m", "nas", "report", str(out), "--by-method"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert cli.returncode == 0 and "uci_digits" in cli.stdout and "targets mean" in cli.stdout
