@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from test_pipeline import run_to_end
 
 from nas.data.decode import decode_split
 from nas.data.formats import DataError, read_target, read_vtab
@@ -24,6 +23,7 @@ from nas.errors import ConfigError
 from nas.space import load_space
 from nas.spec import load_spec
 from nas.subnet import Subnet
+from tests.test_pipeline import run_to_end
 from trainers.train import evaluate_target
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ import torch
 from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
     base_tags,
+    data_params,
     device_for,
     eta_s,
     load_splits,
-    read_splits,
     supernet_steps,
     task_context,
     tracker_for,
@@ -310,13 +310,16 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     h, ds = spec.hparams, sweep.ds
     out = run_layout(spec).hparams(ds.key, sweep.method)
     best = read_json(out / "done.json")
+    data = load_splits(spec, ds, ("train", "val"))  # decoded by the sweep's points: cached
     params: dict[str, Any] = {
         "lrs": list(h.lrs),
         "weight_decays": list(h.weight_decays),
         "epochs": h.epochs,
         "train_split": "train",
-        "train_images": len(read_splits(spec, ds)["train"].entries),
+        "train_images": len(data["train"]),
         "eval_split": "val",
+        "eval_images": len(data["val"]),
+        **data_params(data["train"], data["val"]),
         "chosen_lr": best["lr"],
         "chosen_weight_decay": best["weight_decay"],
         **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items() if sweep.multipliers},
