@@ -3,6 +3,7 @@ output folder, with how the wall time splits between set-up (spec checks, data p
 starting Ray) and the stages (from the run's own ``timings.json``).
 
 Run: python benchmarks/quickstart_time.py [--runs 2] [--json OUT.json]
+     [--spec experiments/dg_quickstart.yaml]   (another quickstart: the same measurement)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one_run(output: Path) -> dict:
+def one_run(output: Path, spec: str = "experiments/quickstart.yaml") -> dict:
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -35,7 +36,7 @@ def one_run(output: Path) -> dict:
             "-m",
             "nas",
             "run",
-            "experiments/quickstart.yaml",
+            spec,
             "--output",
             str(output),
         ],
@@ -55,6 +56,7 @@ def one_run(output: Path) -> dict:
         "stages_s": stages,
         "setup_and_teardown_s": wall - sum(stages.values()),
         "test_acc": results["per_dataset"],
+        **({"targets": results["targets"]} if "targets" in results else {}),
     }
 
 
@@ -62,13 +64,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--spec", default="experiments/quickstart.yaml", help="the spec to time")
     args = parser.parse_args()
     runs = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(one_run(Path(tmp) / "quickstart"))
+            runs.append(one_run(Path(tmp) / "quickstart", args.spec))
         print(json.dumps(runs[-1]), flush=True)
     results = {
+        "spec": args.spec,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "runs": runs,

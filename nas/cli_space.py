@@ -204,9 +204,16 @@ def cmd_subnet_import_noah(args: argparse.Namespace) -> int:
 
     from nas.errors import NasError
     from nas.noah_import import import_noah
+    from nas.subnet import too_deep
 
     noah = import_noah(args.file)
     space = load_space(args.space)
+    deep = too_deep(noah.subnet, space.geometry.depth)
+    if deep:
+        raise NasError(
+            f"{args.file}: not a subnet of --space {args.space}: {deep}; NOAH's subnets are "
+            "for ViT-B/16 (--space noah_vtab, the default)"
+        )
     info = {**subnet_info(noah.subnet, space), "source": str(noah.source), "model": noah.model}
     if args.out:
         out = Path(args.out)

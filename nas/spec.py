@@ -57,7 +57,7 @@ from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
 
 #: A target's name: a results key, an MLflow metric suffix (test_acc/<name>) and a column.
-TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -262,11 +262,14 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
             if missing:  # the files it reads (their contents are checked before a trial)
                 r.fail(f"{k}.root", f"{folder} lacks {', '.join(missing)} (the {fmt} layout)")
             for i_t, t in enumerate(targets):
-                listed = Path(t.list) if t.list else folder / "targets" / f"{t.name}.txt"
-                if not listed.is_file():
+                listed = folder / "targets" / f"{t.name}.txt"
+                if t.list is None and not listed.is_file():
                     r.fail(f"{k}.targets[{i_t}]", f"target list not found: {listed}")
-                if t.root and not Path(t.root).is_dir():
-                    r.fail(f"{k}.targets[{i_t}].root", f"image folder not found: {t.root}")
+        for i_t, t in enumerate(targets if check_data else ()):
+            if t.list is not None and not Path(t.list).is_file():
+                r.fail(f"{k}.targets[{i_t}].list", f"target list not found: {t.list}")
+            if t.root is not None and not Path(t.root).is_dir():
+                r.fail(f"{k}.targets[{i_t}].root", f"image folder not found: {t.root}")
         for shots_k, split_seed in variants:
             ds = DatasetSpec(
                 name=ds_name,
@@ -303,11 +306,11 @@ def _parse_targets(r: Reader, value: Any, key: str, base: Path) -> tuple[TargetS
             listed = str(_spec_path(r.string(t["list"], f"{k}.list"), base))
             root = str(_spec_path(r.string(t["root"], f"{k}.root"), base)) if "root" in t else None
             root = root or str(Path(listed).parent)
-        if not TARGET_NAME.match(name):
+        if not TARGET_NAME.fullmatch(name) or len(name) > 100:
             r.fail(
                 k,
-                f"target name {name!r}: expected letters, digits, '_', '.', '-' (it names a "
-                "results column and the MLflow metric test_acc/<name>)",
+                f"target name {name!r}: expected up to 100 letters, digits, '_', '.', '-' (it "
+                "names a results column and the MLflow metric test_acc/<name>)",
             )
         if any(o.name == name for o in out):
             r.fail(k, f"target {name!r} is listed twice")

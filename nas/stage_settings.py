@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from nas.errors import ConfigError
 from nas.search import ALGORITHMS, option_problem
 from nas.space import SearchSpace
-from nas.subnet import Subnet
+from nas.subnet import Subnet, too_deep
 from nas.validate import Reader
 from nas.yamlio import Document
 from trainers.train import Schedule, TrainConfig
@@ -264,6 +264,9 @@ def _parse_baselines(
                 f"stages.retrain.baselines.{bname}",
                 f"uses {unknown}, which the space does not hold",
             )
+        deep = too_deep(subnet, space.geometry.depth)
+        if deep:
+            r.fail(f"stages.retrain.baselines.{bname}", deep)
         baselines[bname] = subnet
     return baselines, full
 

@@ -112,3 +112,13 @@ class Subnet(Mapping[str, Any]):
     def load(cls, path: str | Path) -> Subnet:
         doc = load_yaml(path)
         return cls.from_data(doc.data, doc)
+
+
+def too_deep(subnet: Subnet, depth: int) -> str | None:
+    """What of ``subnet`` spans more blocks than a backbone of ``depth`` blocks has (layered
+    kinds: their per-layer dims), said in words; None when it fits."""
+    deep = {k: len(c) for k, c in subnet.items() if isinstance(c, tuple) and len(c) > depth}
+    if not deep:
+        return None
+    spans = ", ".join(f"{k} {n}" for k, n in deep.items())
+    return f"its modules span more blocks ({spans}) than the space's backbone has ({depth})"

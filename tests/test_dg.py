@@ -137,6 +137,8 @@ def test_targets_in_a_spec(tmp_path, mnist_dg):
         (["imagenet_r"], "datasets[0].targets[0]: mini-VTAB task 'mnist5k' ships no target"),
         (["sketch", "sketch"], "targets[1]: target 'sketch' is listed twice"),
         (["bad name"], "target name 'bad name'"),
+        (["v2\n"], "target name 'v2\\n'"),
+        (["x" * 101], "expected up to 100 letters"),
         ([{"name": "v2"}], "targets[0]: missing required key 'list'"),
         ([], "expected a non-empty list of targets"),
         ("sketch", "expected a non-empty list of targets"),
@@ -162,7 +164,7 @@ def test_a_missing_target_list_is_found_before_anything_runs(tmp_path, mini_vtab
             }
         ],
     )
-    with pytest.raises(ConfigError, match="targets\\[0\\]: target list not found"):
+    with pytest.raises(ConfigError, match="targets\\[0\\]\\.list: target list not found"):
         load_spec(path)
     result = subprocess.run(
         [sys.executable, "-m", "nas", "run", str(path), "--output", str(tmp_path / "o")],
@@ -173,6 +175,33 @@ def test_a_missing_target_list_is_found_before_anything_runs(tmp_path, mini_vtab
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "target list not found" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_target_of_a_task_the_run_prepares_stops_before_any_trial(tmp_path):
+    """mnist5k without a root is prepared by the run: its targets are read right after, in
+    its label space, before the first trial."""
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(tmp_path / "a.png")
+    Image.new("L", (28, 28)).save(tmp_path / "b.png")
+    (tmp_path / "bad.txt").write_text("a.png 3\nb.png 12\n")
+    path = write_spec(
+        tmp_path,
+        [{"name": "mnist5k", "format": "mini-vtab", "targets": [{"name": "x", "list": "bad.txt"}]}],
+    )
+    out = tmp_path / "o"
+    result = subprocess.run(
+        [sys.executable, "-m", "nas", "run", str(path), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "bad.txt:2: label 12 is out of range for the source dataset's 10 classes" in (
+        result.stderr
+    )
+    assert (out / "data" / "mini-vtab" / "mnist5k" / "test.txt").is_file()  # prepared, then
+    assert not (out / "supernet").exists() and not (out / "hparams").exists()  # nothing ran
 
 
 # -- the scoring ----------------------------------------------------------------------------
@@ -272,7 +301,9 @@ def test_a_dg_run_reports_every_target_in_results_mlflow_and_report(tmp_path, mn
         "| method | mnist5k (source test) | uci_digits | inverted | noisy | "
         "sketch (own classes) | sketch (all classes) | targets mean |"
     )
-    assert sum(line.startswith(("| searched |", "| lora4 |")) for line in by_method.splitlines())
+    assert (
+        sum(line.startswith(("| searched |", "| lora4 |")) for line in by_method.splitlines()) == 2
+    )
     cli = subprocess.run(
         [sys.executable, "-m", "nas", "report", str(out), "--by-method"],
         capture_output=True,

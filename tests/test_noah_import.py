@@ -176,3 +176,21 @@ def test_a_bad_baseline_file_names_the_spec_key_and_the_file(tmp_path):
     text = str(err.value)
     assert "stages.retrain.baselines.a" in text and "broken.yaml" in text
     assert "has 2 dims" in text
+    (tmp_path / "broken.yaml").write_text(noah_config(CLEVR))
+    with pytest.raises(ConfigError, match=r"baselines\.b: subnet file not found: .*missing.yaml"):
+        load_spec(tmp_path / "spec.yaml", check_data=False)
+
+
+def test_a_noah_subnet_is_refused_for_a_shallower_backbone(tmp_path, capsys):
+    """NOAH's subnets span ViT-B/16's 12 blocks: a 6-block space cannot hold them."""
+    src = tmp_path / "clevr.yaml"
+    src.write_text(noah_config(CLEVR))
+    assert main(["subnet", "import-noah", str(src), "--space", "tiny_cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not a subnet of --space tiny_cpu" in err and "(6)" in err and "Traceback" not in err
+    (tmp_path / "spec.yaml").write_text(
+        "datasets: [{name: digits, format: mini-vtab}]\nspace: tiny_cpu\n"
+        "stages: {search: {enabled: false}, retrain: {baselines: {noah: clevr.yaml}}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"baselines\.noah: its modules span more blocks"):
+        load_spec(tmp_path / "spec.yaml")

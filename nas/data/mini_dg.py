@@ -17,7 +17,6 @@ import numpy as np
 
 from nas.data.hashing import image_fingerprints
 from nas.data.mini_vtab_base import dedupe, resize
-from nas.errors import NasError
 
 #: Each MNIST-derived target's size (at most; the pool left after the splits is shared).
 TARGET_SIZE = 500
@@ -68,18 +67,16 @@ def mnist_targets(
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
     rng: np.random.Generator,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The four targets of ``mnist5k``, from the MNIST images its splits did not take."""
+    """The four targets of ``mnist5k``, from the MNIST images its splits did not take (none
+    when a test split above about 3,500 images leaves fewer than 300)."""
     images, labels = dedupe(images, labels)
     used = np.concatenate([image_fingerprints(x) for x, _ in splits.values()])
     free = ~np.isin(image_fingerprints(images), used)
     pool, pool_labels = images[free], labels[free]
     order = rng.permutation(len(pool))
     per = min(TARGET_SIZE, len(order) // 3)
-    if per < 100:
-        raise NasError(
-            f"mini-vtab/mnist5k: only {len(order)} MNIST images are left after the splits for "
-            "the domain-generalisation targets; prepare with a smaller --test-size"
-        )
+    if per < 100:  # a test split this large leaves too few: the task ships no targets
+        return {}
     parts = [order[:per], order[per : 2 * per], order[2 * per :]]
     sketch_part = [i for i in parts[2] if pool_labels[i] in SKETCH_CLASSES][:per]
     return {

@@ -53,8 +53,9 @@ def target_splits(
         root = Path(t.root) if t.root else folder
         if t.list is None and not listed.is_file():
             hint = (
-                f"; prepared before mini-VTAB shipped targets: prepare it again (nas data "
-                f"prepare mini-vtab --out NEW_FOLDER --tasks {ds.name})"
+                f"; prepared before mini-VTAB shipped targets, or with a --test-size that left "
+                f"no images for them: prepare it again (nas data prepare mini-vtab --out "
+                f"NEW_FOLDER --tasks {ds.name})"
                 if not dataset_format(ds.format).needs_root
                 else ""
             )

@@ -30,6 +30,7 @@ from nas.pipeline.preflight import (
     check_cluster,
     check_inputs,
     check_output,
+    check_packaged_targets,
     check_resources,
     check_resume_state,
     probe_tracking,
@@ -73,6 +74,7 @@ def run_experiment(
         tracker_for(spec)
         data_hashes = prepare_data(spec)
         check_class_names(spec)
+        check_packaged_targets(spec)
         prov = read_json(run_layout(spec).provenance)
         prov["data_sha256"] = data_hashes
         write_json(run_layout(spec).provenance, prov)

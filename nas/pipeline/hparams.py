@@ -310,16 +310,21 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     h, ds = spec.hparams, sweep.ds
     out = run_layout(spec).hparams(ds.key, sweep.method)
     best = read_json(out / "done.json")
-    data = load_splits(spec, ds, ("train", "val"))  # decoded by the sweep's points: cached
+    # the splits' content hashes, one split in memory at a time (cached by the sweep's points)
+    seen: dict[str, Any] = {}
+    for name in ("train", "val"):
+        split = load_splits(spec, ds, (name,))[name]
+        seen |= {f"{name}_images": len(split), **data_params(split)}
+        del split
     params: dict[str, Any] = {
         "lrs": list(h.lrs),
         "weight_decays": list(h.weight_decays),
         "epochs": h.epochs,
         "train_split": "train",
-        "train_images": len(data["train"]),
+        "train_images": seen.pop("train_images"),
         "eval_split": "val",
-        "eval_images": len(data["val"]),
-        **data_params(data["train"], data["val"]),
+        "eval_images": seen.pop("val_images"),
+        **seen,
         "chosen_lr": best["lr"],
         "chosen_weight_decay": best["weight_decay"],
         **{f"module_lrs.{k}": list(v) for k, v in h.module_lrs.items() if sweep.multipliers},

@@ -107,6 +107,23 @@ def check_inputs(spec: ExperimentSpec) -> None:
     spec.backbone.check_weights()  # reads and fits the weights file: one clear error if not
 
 
+def check_packaged_targets(spec: ExperimentSpec) -> None:
+    """After a run prepared its packaged datasets (``check_inputs`` skipped them): their
+    targets' lists read in the source's label space and a sample of each decoded, before any
+    trial starts."""
+    from nas.data.decode import decode_image
+
+    g = spec.backbone.geometry()
+    for ds in spec.datasets:
+        if not ds.targets or dataset_format(ds.format).needs_root:
+            continue
+        for split in target_splits(spec, ds, read_splits(spec, ds)["test"]).values():
+            n = len(split.entries)
+            picks = {round(i * (n - 1) / max(SAMPLED_IMAGES - 1, 1)) for i in range(SAMPLED_IMAGES)}
+            for i in sorted(picks):
+                decode_image(split.entries[i], (g.image_size, g.image_size), g.in_chans)
+
+
 def check_writable(folder: Path) -> None:
     """The output folder can be made and written, said before anything is created."""
     if folder.exists() and not folder.is_dir():

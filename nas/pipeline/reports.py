@@ -169,7 +169,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     head, rule = _target_header(names, subset)
     lines = [
         "| dataset | seed | subnet | role | trained on | val acc | test acc | params "
-        "| added FLOPs | " + head,
+        "| added FLOPs |" + (f" {head}" if head else ""),
         "|---|---|---|---|---|---|---|---|---|" + rule,
     ]
     for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["seed"], r["label"])):
@@ -178,8 +178,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         fit = f"{r['train_split']} ({r['train_images']:,})" if r.get("train_images") else "—"
         lines.append(
             f"| {r['dataset']} | {r['seed']} | {r['subnet_str']} | {r['role']} | {fit} | {val} "
-            f"| {r['test_acc']:.4f} | {r['params']:,} | {r['added_flops']:,} | "
-            + _target_cells(r, names, subset)
+            f"| {r['test_acc']:.4f} | {r['params']:,} | {r['added_flops']:,} |"
+            + (f" {_target_cells(r, names, subset)}" if names else "")
         )
     lines.append("")
     lines.append(
