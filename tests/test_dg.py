@@ -3,7 +3,6 @@ the scoring over all classes and over a target's own, and a real run through Ray
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 
 from nas.data.decode import decode_split
 from nas.data.formats import DataError, read_target, read_vtab
@@ -23,7 +21,6 @@ from nas.errors import ConfigError
 from nas.space import load_space
 from nas.spec import load_spec
 from nas.subnet import Subnet
-from tests.test_pipeline import run_to_end
 from trainers.train import evaluate_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,82 +229,3 @@ def test_evaluate_target_scores_over_all_classes_and_over_its_own(mnist_dg):
     assert got["own"] > got["all"]  # five wrong classes fewer to pick
     full = decode_split(read_target(folder / "targets/noisy.txt", folder, "n", 10), 28, 1)
     assert evaluate_target(model, full, mean=mean, std=std)["own"] is None
-
-
-# -- a run ----------------------------------------------------------------------------------
-
-
-def test_a_dg_run_reports_every_target_in_results_mlflow_and_report(tmp_path, mnist_dg):
-    root, _ = mnist_dg
-    spec = {
-        "name": "dg",
-        "datasets": [
-            {"name": "mnist5k", "format": "mini-vtab", "root": str(root), "targets": TARGETS}
-        ],
-        "backbone": "vit_fmnist",
-        "space": "tiny_cpu",
-        "seeds": [0],
-        "stages": {
-            "supernet": {"epochs": 1, "warmup_epochs": 0},
-            "search": {"algorithm": "random", "options": {"num_candidates": 4, "batch_size": 4}},
-            "retrain": {
-                "epochs": 1,
-                "warmup_epochs": 0,
-                "baselines": {"lora4": {"lora": {"depth": 6, "dims": 4}}},
-            },
-        },
-    }
-    path = tmp_path / "dg.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    out = tmp_path / "out"
-    run_to_end(path, out, root)
-    results = json.loads((out / "results.json").read_text())
-    rows = {r["label"]: r for r in results["rows"]}
-    assert set(rows) == {"rank1", "baseline-lora4"}
-    for r in rows.values():
-        assert list(r["targets"]) == TARGETS
-        assert list(r["targets_all_classes"]) == ["sketch"]  # the one subset target
-        assert r["target_classes"] == {"uci_digits": 10, "inverted": 10, "noisy": 10, "sketch": 5}
-        assert r["targets"]["sketch"] >= r["targets_all_classes"]["sketch"]
-    assert results["targets"]["mnist5k"] == rows["rank1"]["targets"]
-    # MLflow: test_acc/<target> on the retrain runs, and nowhere else
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("dg")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    for run in runs:
-        m, p = run.data.metrics, run.data.params
-        stage = run.data.tags.get("nas.stage")
-        has = {k for k in m if k.startswith("test_acc/")}
-        if stage == "retrain" and "mlflow.parentRunId" not in run.data.tags:
-            label = run.data.tags["nas.label"]
-            assert {k.removeprefix("test_acc/") for k in has} == {*TARGETS, "sketch/all_classes"}
-            assert m["test_acc/sketch"] == rows[label]["targets"]["sketch"]
-            assert m["test_acc/sketch/all_classes"] == rows[label]["targets_all_classes"]["sketch"]
-            assert {f"data.target/{t}.sha256" for t in TARGETS} <= set(p)
-        else:  # the supernet, the search and its candidates never see a target
-            assert not has and not any(k.startswith("data.target/") for k in p), stage
-    # the report: a column per target (sketch twice) and their mean, from the folder and from
-    # the MLflow store alone
-    from nas.pipeline.reports import methods_markdown, results_from_mlflow, results_markdown
-
-    rebuilt = results_from_mlflow(f"sqlite:///{out / 'mlflow.db'}", "dg")
-    assert rebuilt["targets"] == results["targets"]
-    for text in (results_markdown(results), results_markdown(rebuilt)):
-        assert "| sketch (own classes) | sketch (all classes) | targets mean |" in text
-    by_method = methods_markdown(rebuilt)
-    assert "Domain generalisation, source mnist5k:" in by_method
-    header = next(line for line in by_method.splitlines() if line.startswith("| method |"))
-    assert header == (
-        "| method | mnist5k (source test) | uci_digits | inverted | noisy | "
-        "sketch (own classes) | sketch (all classes) | targets mean |"
-    )
-    assert (
-        sum(line.startswith(("| searched |", "| lora4 |")) for line in by_method.splitlines()) == 2
-    )
-    cli = subprocess.run(
-        [sys.executable, "-m", "nas", "report", str(out), "--by-method"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert cli.returncode == 0 and "uci_digits" in cli.stdout and "targets mean" in cli.stdout

@@ -4,11 +4,15 @@ the splits the table gives that stage, and each hash is that split's decoded con
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from nas.pipeline import context
 from nas.spec import load_spec
@@ -109,6 +113,7 @@ def check(spec_path: Path, out: Path, protocols: dict[str, str], retrained: int)
                 assert all(one[n] == hashes[n] for n in names), (ds.key, stage)
 
 
+LORA4 = {"lora": {"depth": 6, "dims": 4}}
 COOP = {"upt": {"mode": "text", "n_ctx": 4}}  # CoOp: 4 learned text-context tokens
 STAGES = {
     "hparams": {
@@ -124,10 +129,14 @@ STAGES = {
 }
 
 
-def test_vit_protocols_read_the_splits_the_table_states(tmp_path, three_formats):  # noqa: F811
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory, three_formats):  # noqa: F811
+    """One run through Ray of every classifier protocol: digits as VTAB-1k, as 2-shot
+    few-shot lists and as an ImageFolder, and mnist5k with its four targets (DG)."""
     from nas.data.mini_vtab import prepare
 
-    dg_root = tmp_path / "dg"
+    tmp = tmp_path_factory.mktemp("protocols")
+    dg_root = tmp / "dg"
     prepare(dg_root, ("mnist5k",), test_size=200, log=lambda *_: None)
     folders = Path(three_formats["imagefolder"]["root"])
     # a name apart from the VTAB copy (the few-shot lists point into folders/digits)
@@ -144,19 +153,83 @@ def test_vit_protocols_read_the_splits_the_table_states(tmp_path, three_formats)
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
         "seeds": [0],
-        "stages": STAGES,
+        "stages": {
+            **STAGES,
+            "retrain": {**STAGES["retrain"], "baselines": {"lora4": LORA4}},
+        },
     }
-    path = tmp_path / "protocols.yaml"
+    path = tmp / "protocols.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = tmp_path / "out"
+    out = tmp / "out"
     run_to_end(path, out, dg_root)
+    return path, out
+
+
+def test_vit_protocols_read_the_splits_the_table_states(vit_run):
+    path, out = vit_run
     protocols = {
         "digits": "vtab",
         f"digits-{SHOTS}shot-s0": "few-shot",
         "digits_folders": "imagefolder",
         "mnist5k": "dg",
     }
-    check(path, out, protocols, retrained=1)
+    # the supernet's sweep and the baseline's; the winner and the baseline retrained
+    check(path, out, protocols, retrained=2)
+
+
+def test_a_dg_run_reports_every_target_in_results_mlflow_and_report(vit_run):
+    _, out = vit_run
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["label"]: r for r in results["rows"] if r["dataset"] == "mnist5k"}
+    assert set(rows) == {"rank1", "baseline-lora4"}
+    for r in rows.values():
+        assert list(r["targets"]) == TARGETS
+        assert list(r["targets_all_classes"]) == ["sketch"]  # the one subset target
+        assert r["target_classes"] == {"uci_digits": 10, "inverted": 10, "noisy": 10, "sketch": 5}
+        assert r["targets"]["sketch"] >= r["targets_all_classes"]["sketch"]
+    assert results["targets"]["mnist5k"] == rows["rank1"]["targets"]
+    # MLflow: test_acc/<target> on the retrain runs, and nowhere else
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("protocols")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    for run in runs:
+        m, p = run.data.metrics, run.data.params
+        stage = run.data.tags.get("nas.stage")
+        has = {k for k in m if k.startswith("test_acc/")}
+        source = run.data.tags.get("nas.dataset") == "mnist5k"
+        if stage == "retrain" and source and "mlflow.parentRunId" not in run.data.tags:
+            label = run.data.tags["nas.label"]
+            assert {k.removeprefix("test_acc/") for k in has} == {*TARGETS, "sketch/all_classes"}
+            assert m["test_acc/sketch"] == rows[label]["targets"]["sketch"]
+            assert m["test_acc/sketch/all_classes"] == rows[label]["targets_all_classes"]["sketch"]
+            assert {f"data.target/{t}.sha256" for t in TARGETS} <= set(p)
+        else:  # the sweeps, supernet, search, candidates, datasets without targets: none
+            assert not has and not any(k.startswith("data.target/") for k in p), stage
+    # the report: a column per target (sketch twice) and their mean, from the folder and from
+    # the MLflow store alone
+    from nas.pipeline.reports import methods_markdown, results_from_mlflow, results_markdown
+
+    rebuilt = results_from_mlflow(f"sqlite:///{out / 'mlflow.db'}", "protocols")
+    assert rebuilt["targets"] == results["targets"]
+    for text in (results_markdown(results), results_markdown(rebuilt)):
+        assert "| sketch (own classes) | sketch (all classes) | targets mean |" in text
+    by_method = methods_markdown(rebuilt)
+    assert "Domain generalisation, source mnist5k:" in by_method
+    header = next(line for line in by_method.splitlines() if line.startswith("| method |"))
+    assert header == (
+        "| method | mnist5k (source test) | uci_digits | inverted | noisy | "
+        "sketch (own classes) | sketch (all classes) | targets mean |"
+    )
+    assert (
+        sum(line.startswith(("| searched |", "| lora4 |")) for line in by_method.splitlines()) == 2
+    )
+    cli = subprocess.run(
+        [sys.executable, "-m", "nas", "report", str(out), "--by-method"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert cli.returncode == 0 and "uci_digits" in cli.stdout and "targets mean" in cli.stdout
 
 
 @pytest.mark.parametrize("space", ["clip_cpu"])
