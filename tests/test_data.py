@@ -84,6 +84,9 @@ def test_prepare_is_deterministic(tmp_path):
     c = prepare(tmp_path / "c", ("clevr_count",), seed=4, test_size=50, log=lambda *_: None)
     assert a["tasks"] == b["tasks"]
     assert c["tasks"]["clevr_count"] != a["tasks"]["clevr_count"]
+    # a task prepared alone (as a run prepares it) equals the same task prepared with others
+    d = prepare(tmp_path / "d", ("clevr_count",), seed=3, test_size=50, log=lambda *_: None)
+    assert d["tasks"]["clevr_count"] == a["tasks"]["clevr_count"]
 
 
 # -- bad input -----------------------------------------------------------------------------

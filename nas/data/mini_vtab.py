@@ -285,8 +285,11 @@ def prepare(
                 f"--seed {old.get('seed')} here, or into another folder"
             )
         manifest["tasks"] = {k: v for k, v in old.get("tasks", {}).items() if k not in tasks}
-    for index, name in enumerate(tasks):
-        rng = np.random.default_rng([seed, index, 7919])
+    for name in tasks:
+        # A task's images depend on its name and the seed only, not on which tasks are
+        # prepared with it: every task draws from the generator a run uses when it prepares
+        # that task alone (the first of its list), so `nas data prepare` writes the same data.
+        rng = np.random.default_rng([seed, 0, 7919])
         data = TASKS[name](rng, test_size)
         _check_disjoint(name, data, pretrain)
         folder = out / name
