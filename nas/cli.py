@@ -205,6 +205,36 @@ def _folder_out(path, option: str = "--out") -> None:
         raise NasError(f"{option} {path}: {first} is a file, not a folder")
 
 
+def add_subnet_commands(commands) -> None:
+    """`nas subnet show` and `nas subnet import-noah`."""
+    subnet = commands.add_parser("subnet", help="inspect a subnet written in YAML")
+    subnet_cmds = subnet.add_subparsers(dest="subnet_command", required=True, metavar="ACTION")
+    sub_show = subnet_cmds.add_parser("show", help="costs of a subnet and whether a space has it")
+    sub_show.add_argument("subnet", help="a subnet YAML file")
+    sub_show.add_argument(
+        "--space",
+        default=DEFAULT_SPACE,
+        help=f"the search space it belongs to (default: {DEFAULT_SPACE})",
+    )
+    sub_show.add_argument("--json", action="store_true", help="print as JSON")
+    sub_show.set_defaults(func=cmd_subnet_show)
+    noah = subnet_cmds.add_parser(
+        "import-noah",
+        help="read one of NOAH's released subnet configs (its RETRAIN section)",
+        description="Read a NOAH subnet config (experiments/NOAH/subnet/*/*.yaml in NOAH's "
+        "code) and show it as 'nas subnet show' does; --out writes it as a subnet YAML that "
+        "specs (stages.retrain.baselines) and 'nas subnet show' read.",
+    )
+    noah.add_argument("file", help="a NOAH subnet config (YAML with a RETRAIN section)")
+    noah.add_argument("--out", help="also write the subnet here as this platform's YAML")
+    noah.add_argument("--force", action="store_true", help="overwrite --out if it differs")
+    noah.add_argument(
+        "--space", default="noah_vtab", help="the space to check it against (default: noah_vtab)"
+    )
+    noah.add_argument("--json", action="store_true", help="print as JSON")
+    noah.set_defaults(func=cmd_subnet_import_noah)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas", description="Search prompt modules for frozen vision transformers."
@@ -247,32 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", help="YAML files or shipped space names")
     validate.set_defaults(func=cmd_space_validate)
 
-    subnet = commands.add_parser("subnet", help="inspect a subnet written in YAML")
-    subnet_cmds = subnet.add_subparsers(dest="subnet_command", required=True, metavar="ACTION")
-    sub_show = subnet_cmds.add_parser("show", help="costs of a subnet and whether a space has it")
-    sub_show.add_argument("subnet", help="a subnet YAML file")
-    sub_show.add_argument(
-        "--space",
-        default=DEFAULT_SPACE,
-        help=f"the search space it belongs to (default: {DEFAULT_SPACE})",
-    )
-    sub_show.add_argument("--json", action="store_true", help="print as JSON")
-    sub_show.set_defaults(func=cmd_subnet_show)
-    noah = subnet_cmds.add_parser(
-        "import-noah",
-        help="read one of NOAH's released subnet configs (its RETRAIN section)",
-        description="Read a NOAH subnet config (experiments/NOAH/subnet/*/*.yaml in NOAH's "
-        "code) and show it as 'nas subnet show' does; --out writes it as a subnet YAML that "
-        "specs (stages.retrain.baselines) and 'nas subnet show' read.",
-    )
-    noah.add_argument("file", help="a NOAH subnet config (YAML with a RETRAIN section)")
-    noah.add_argument("--out", help="also write the subnet here as this platform's YAML")
-    noah.add_argument("--force", action="store_true", help="overwrite --out if it differs")
-    noah.add_argument(
-        "--space", default="noah_vtab", help="the space to check it against (default: noah_vtab)"
-    )
-    noah.add_argument("--json", action="store_true", help="print as JSON")
-    noah.set_defaults(func=cmd_subnet_import_noah)
+    add_subnet_commands(commands)
 
     data = commands.add_parser("data", help="prepare and check datasets")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

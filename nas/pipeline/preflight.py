@@ -81,15 +81,23 @@ def check_resume_state(spec: ExperimentSpec) -> None:
 SAMPLED_IMAGES = 16
 
 
+def decode_sample(split, g) -> None:
+    """Decode ``SAMPLED_IMAGES`` of a split's images (first, last and a spread between) at
+    the backbone's input: a missing or corrupt one is a DataError naming its list line."""
+    from nas.data.decode import decode_image
+
+    n = len(split.entries)
+    picks = {round(i * (n - 1) / max(SAMPLED_IMAGES - 1, 1)) for i in range(SAMPLED_IMAGES)}
+    for i in sorted(picks) if n else []:
+        decode_image(split.entries[i], (g.image_size, g.image_size), g.in_chans)
+
+
 def check_inputs(spec: ExperimentSpec) -> None:
     """Before Ray starts: every dataset's lists read (labels, duplicates, missing images,
     splits), a sample of each split's images decoded, and the backbone's weights loaded. What
     fails here would otherwise fail inside every trial, after retries. `nas data check`
     decodes every image."""
-    from nas.data.decode import decode_image
-
     g = spec.backbone.geometry()
-    size = g.image_size
     for ds in spec.datasets:
         packaged = not dataset_format(ds.format).needs_root
         if packaged and not (dataset_root(spec, ds) / ds.name).is_dir():
@@ -98,12 +106,7 @@ def check_inputs(spec: ExperimentSpec) -> None:
         if ds.targets:  # read in the source's label space: a label out of range stops here
             splits |= target_splits(spec, ds, splits["test"])
         for split in splits.values():
-            n = len(split.entries)
-            picks = sorted(
-                {round(i * (n - 1) / max(SAMPLED_IMAGES - 1, 1)) for i in range(SAMPLED_IMAGES)}
-            )
-            for i in picks if n else []:
-                decode_image(split.entries[i], (size, size), g.in_chans)
+            decode_sample(split, g)
     spec.backbone.check_weights()  # reads and fits the weights file: one clear error if not
 
 
@@ -111,17 +114,12 @@ def check_packaged_targets(spec: ExperimentSpec) -> None:
     """After a run prepared its packaged datasets (``check_inputs`` skipped them): their
     targets' lists read in the source's label space and a sample of each decoded, before any
     trial starts."""
-    from nas.data.decode import decode_image
-
     g = spec.backbone.geometry()
     for ds in spec.datasets:
         if not ds.targets or dataset_format(ds.format).needs_root:
             continue
         for split in target_splits(spec, ds, read_splits(spec, ds)["test"]).values():
-            n = len(split.entries)
-            picks = {round(i * (n - 1) / max(SAMPLED_IMAGES - 1, 1)) for i in range(SAMPLED_IMAGES)}
-            for i in sorted(picks):
-                decode_image(split.entries[i], (g.image_size, g.image_size), g.in_chans)
+            decode_sample(split, g)
 
 
 def check_writable(folder: Path) -> None:
