@@ -8,4 +8,7 @@ venv="${NAS_VENV:-.venv}"
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
-"$venv/bin/python" -m pytest "$@"
+# Two workers (NAS_TEST_WORKERS): half the suite's time is Ray and MLflow starting up and
+# waiting, which the other worker's tests fill. Tests sharing a costly fixture (an end-to-end
+# run) carry one xdist_group, so it runs once, on one worker.
+"$venv/bin/python" -m pytest -n "${NAS_TEST_WORKERS:-2}" --dist loadgroup "$@"

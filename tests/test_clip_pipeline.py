@@ -19,6 +19,9 @@ from nas.spec import load_spec
 from tests.test_pipeline import mlflow_runs, parent_run, run_to_end
 from trainers.train import evaluate
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("clip_pipeline")
+
 SPEC = {
     "name": "clip-ci",
     "datasets": [

@@ -23,6 +23,9 @@ from nas.spec import load_spec
 from nas.subnet import Subnet
 from trainers.train import evaluate_target
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("dg")
+
 REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = ["uci_digits", "inverted", "noisy", "sketch"]

@@ -19,6 +19,9 @@ from nas.subnet import Subnet
 from nas.towers import OpenClipViTTower
 from nas.yamlio import parse_yaml
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("open_clip_tower")
+
 NAMES = ["cat", "dog", "car"]
 TINY = {
     "embed_dim": 32,

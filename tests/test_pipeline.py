@@ -121,7 +121,9 @@ def kill_when(spec_path: Path, output: Path, data: Path, ready) -> None:
         stop(proc, tmpdir)
 
 
-@pytest.fixture(scope="module")
+# Session-scoped, so that under pytest-xdist the one worker of the "pipeline" group keeps them
+# however its items interleave with other modules'.
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory, mini_vtab_data) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     spec = {**SPEC, "datasets": [{**d, "root": str(mini_vtab_data)} for d in SPEC["datasets"]]}
@@ -129,7 +131,7 @@ def workdir(tmp_path_factory, mini_vtab_data) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(workdir, mini_vtab_data) -> Path:
     out = workdir / "uninterrupted"
     run_to_end(workdir / "spec.yaml", out, mini_vtab_data)
@@ -154,6 +156,7 @@ def parent_run(runs, stage: str, **tags: str):
     )
 
 
+@pytest.mark.xdist_group("pipeline")  # one uninterrupted run
 def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     client, runs = mlflow_runs(uninterrupted)
     kinds = Counter(
@@ -228,6 +231,7 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     assert supernet.data.params["data.train.sha256"] == prov["data_sha256"]["digits"]["train"]
 
 
+@pytest.mark.xdist_group("pipeline")  # one uninterrupted run
 def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, mini_vtab_data):
     out = workdir / "killed"
     spec = workdir / "spec.yaml"
@@ -259,6 +263,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, mi
     assert all(r.info.status == "FINISHED" for r in runs_b)
 
 
+@pytest.mark.xdist_group("pipeline")  # one uninterrupted run
 def test_another_spec_in_the_same_output_is_refused(workdir, uninterrupted):
     changed = yaml.safe_load((workdir / "spec.yaml").read_text())
     changed["stages"]["search"]["options"]["generations"] = 4
@@ -448,6 +453,7 @@ def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_da
     assert not (tmp_path / "out" / "supernet" / "digits-seed0" / "done.json").exists()
 
 
+@pytest.mark.xdist_group("pipeline")  # one uninterrupted run
 def test_nas_report_command(uninterrupted, tmp_path):
     """`nas report` on the output folder and on the MLflow store print the same table, and
     --markdown writes it; a folder without results gets one clear line."""

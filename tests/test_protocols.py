@@ -20,6 +20,9 @@ from tests.test_dg import TARGETS
 from tests.test_pipeline import mlflow_runs, run_to_end
 from tests.test_splits import SHOTS, three_formats  # noqa: F401  (a fixture)
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("protocols")
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: README's protocol table, row by row, with the splits each row names per stage as the runs

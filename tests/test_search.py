@@ -13,6 +13,9 @@ from nas.space import parse_space
 from nas.yamlio import parse_yaml
 from tests.conftest import small_space_yaml
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("search")
+
 OPTIONS = {
     "evolution": {"generations": 4, "population": 16, "top_k": 4, "mutations": 6, "crossovers": 6},
     "optuna-tpe": {"num_candidates": 48, "batch_size": 8},

@@ -17,6 +17,9 @@ from nas.pipeline import context, retrain, search
 from nas.pipeline.tasks import RetrainTask
 from nas.spec import load_spec
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("splits")
+
 SHOTS = 2
 CLASSES = 10  # digits
 

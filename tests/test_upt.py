@@ -22,6 +22,9 @@ from nas.subnet import Subnet
 from nas.yamlio import parse_yaml
 from trainers.optim import build_optimizer, train_step
 
+# Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
+pytestmark = pytest.mark.xdist_group("upt")
+
 NAMES = ["circle", "square", "triangle", "cross"]
 CLIP_YAML = (
     "image_tower: vit_fmnist\nembed_dim: 32\n"
