@@ -93,9 +93,15 @@ class Cache:
     def __init__(self, task: str, folder: Path = RESULTS) -> None:
         self.path = folder / f"{task}.json"
         self.task = task
+        self.entries: dict[str, dict] = {}
+        self.recipes: dict[str, dict] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take in what other processes wrote since (they fill the same file)."""
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.entries: dict[str, dict] = data.get("entries", {})
-        self.recipes: dict[str, dict] = data.get("recipes", {})
+        self.entries = {**data.get("entries", {}), **self.entries}
+        self.recipes = {**data.get("recipes", {}), **self.recipes}
 
     @staticmethod
     def key(subnet: Subnet, recipe: str, seed: int) -> str:
@@ -163,15 +169,22 @@ def measure(
     seeds: list[int],
     data_root: Path,
     log=print,
+    reverse: bool = False,
 ) -> dict[Subnet, list[float]]:
-    """Every (subnet, seed) pair's test accuracy, from the cache or trained now."""
+    """Every (subnet, seed) pair's test accuracy, from the cache or trained now. ``reverse``
+    walks the subnets from the last, so that a second process on the same task and seeds meets
+    the first in the middle instead of training what it trains."""
     cache = Cache(task)
     recipe = recipe_key()
     data = None
     out: dict[Subnet, list[float]] = {s: [] for s in subnets}
     for seed in seeds:  # seed by seed: a partial run already ranks every subnet
-        for i, subnet in enumerate(subnets):
+        order = list(enumerate(subnets))
+        for i, subnet in reversed(order) if reverse else order:
             acc = cache.get(subnet, recipe, seed)
+            if acc is None:
+                cache.refresh()
+                acc = cache.get(subnet, recipe, seed)
             if acc is None:
                 data = data or task_data(task, data_root, space)
                 started = time.time()
@@ -201,6 +214,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", default="/tmp/nas-mini-vtab", help="prepared tasks go here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--reverse", action="store_true", help="last subnet first (a second process's order)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,7 +224,7 @@ def main() -> int:
     subnets = ground_truth_subnets(space, args.subnets)
     Path(args.data).mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
-        truth = measure(task, space, subnets, args.seeds, Path(args.data))
+        truth = measure(task, space, subnets, args.seeds, Path(args.data), reverse=args.reverse)
         means = seed_mean(truth)
         print(
             f"{task}: {len(truth)} subnets x {len(args.seeds)} seeds; test acc "
