@@ -235,6 +235,33 @@ def add_subnet_commands(commands) -> None:
     noah.set_defaults(func=cmd_subnet_import_noah)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nas.export import export
+
+    for path in export(args.model, args.format, args.out, force=args.force):
+        print(path)
+    return 0
+
+
+def add_export_command(commands) -> None:
+    """`nas export`: a saved subnet as a PEFT adapter or a timm checkpoint."""
+    exp = commands.add_parser(
+        "export",
+        help="write a trained subnet as a PEFT LoRA adapter or a timm checkpoint",
+        description="Write a saved subnet folder (a retrained model: retrain/<run>/<label>/"
+        "model, or its 'model' artifact in MLflow) for other tools: --format peft writes a "
+        "LoRA adapter folder that peft.PeftModel.from_pretrained loads onto the timm model; "
+        "--format timm folds LoRA into the qkv weights and writes config.json + "
+        "model.safetensors (timm.create_model('local-dir:OUT', pretrained=True)). Subnets "
+        "with VPT, Adapter, PGN or UPT layers cannot be expressed in either.",
+    )
+    exp.add_argument("model", help="a saved subnet folder (subnet.yaml + weights.safetensors)")
+    exp.add_argument("--format", required=True, choices=["peft", "timm"])
+    exp.add_argument("--out", required=True, help="the folder to write")
+    exp.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    exp.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas", description="Search prompt modules for frozen vision transformers."
@@ -278,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_space_validate)
 
     add_subnet_commands(commands)
+    add_export_command(commands)
 
     data = commands.add_parser("data", help="prepare and check datasets")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

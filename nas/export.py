@@ -1,0 +1,211 @@
+"""Taking a trained subnet into other tools: a PEFT LoRA adapter, or a plain timm checkpoint.
+
+``nas export MODEL_DIR --format peft --out DIR`` writes what ``peft.PeftModel.from_pretrained``
+reads onto the timm model the subnet was trained on: ``adapter_config.json`` (LoRA on each
+block's fused ``attn.qkv``, the per-layer ranks as ``rank_pattern``, ``lora_alpha`` equal to
+the rank so that PEFT's ``alpha / r`` scaling is 1, as this project's LoRA has none) and
+``adapter_model.safetensors`` (``lora_A``/``lora_B`` per layer, the classification head as a
+module to save). ``--format timm`` folds LoRA into the qkv weights and writes timm's own
+``config.json`` + ``model.safetensors`` (``timm.models.save_for_hf``), which
+``timm.create_model("local-dir:DIR", pretrained=True)`` loads, as does ``create_model(NAME,
+checkpoint_path=DIR/model.safetensors, num_classes=..., **overrides)``.
+
+Only what a format can express is exported: PEFT's and timm's ViTs have no prompt tokens or
+adapters, so a subnet with VPT, Adapter, PGN or UPT layers gets one error naming them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from nas.errors import NasError
+from nas.model import PromptedViT
+from nas.prompted import load
+
+FORMATS = ("peft", "timm")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: The key prefix of a base model's weights inside a PEFT adapter file.
+PEFT_PREFIX = "base_model.model."
+
+
+def load_vit(model_dir: str | Path) -> PromptedViT:
+    """A saved subnet folder that holds a timm ViT classifier; one NasError otherwise."""
+    model = load(model_dir)
+    if not isinstance(model, PromptedViT):
+        raise NasError(
+            f"{model_dir}: a {type(model).__name__} (a CLIP classifies through its text tower); "
+            "`nas export` writes timm ViT classifiers"
+        )
+    if model.full_finetune:
+        raise NasError(
+            f"{model_dir}: a fully fine-tuned model; every weight trained, so there is no "
+            "adapter to export (its weights.safetensors is already the whole model)"
+        )
+    return model
+
+
+def check_expressible(model: PromptedViT, fmt: str, where: str) -> None:
+    """One NasError naming every module of the subnet that ``fmt`` cannot express."""
+    others = {k: v for k, v in model.subnet.items() if k != "lora" and any(v)}
+    if others:
+        listed = ", ".join(
+            f"{kind} on {sum(1 for d in choice if d)} layer(s)" for kind, choice in others.items()
+        )
+        raise NasError(
+            f"{where}: subnet {model.subnet} uses {listed}; --format {fmt} expresses LoRA on "
+            "the fused qkv and the head only (export a LoRA-only subnet, or load this one with "
+            "nas.prompted.load)"
+        )
+    if fmt == "peft" and not any(model.subnet.get("lora", ())):
+        raise NasError(
+            f"{where}: subnet {model.subnet} has no LoRA layer, so there is no PEFT adapter to "
+            "write; --format timm writes its head into a timm checkpoint"
+        )
+
+
+def _names(model: PromptedViT) -> dict[int, str]:
+    """Module id -> its qualified name in the timm model."""
+    return {id(m): name for name, m in model.backbone.named_modules()}
+
+
+def lora_ranks(model: PromptedViT) -> dict[str, int]:
+    """The qualified name of each qkv projection that carries LoRA, to its rank."""
+    names = _names(model)
+    choice = model.subnet.get("lora", ())
+    return {
+        names[id(model.tower.qkv_linear(layer))]: rank for layer, rank in enumerate(choice) if rank
+    }
+
+
+def head_names(model: PromptedViT) -> list[str]:
+    names = _names(model)
+    return [names[id(h)] for h in model.tower.head_modules()]
+
+
+def peft_config(model: PromptedViT) -> dict[str, Any]:
+    """PEFT's LoraConfig, as ``adapter_config.json`` holds it."""
+    ranks = lora_ranks(model)
+    top = max(ranks.values())
+    spec = model.backbone_spec
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": spec.model if spec else None,
+        "r": top,
+        "lora_alpha": top,
+        "target_modules": sorted(ranks),
+        "rank_pattern": dict(sorted(ranks.items())),
+        # PEFT scales B A by lora_alpha / r; this project's LoRA is unscaled.
+        "alpha_pattern": dict(sorted(ranks.items())),
+        "lora_dropout": float(model.prompt_modules["lora"].config["dropout"]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": head_names(model),
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def peft_tensors(model: PromptedViT) -> dict[str, torch.Tensor]:
+    lora = model.prompt_modules["lora"]
+    out: dict[str, torch.Tensor] = {}
+    for layer, rank in enumerate(model.subnet["lora"]):
+        if not rank:
+            continue
+        name = _names(model)[id(model.tower.qkv_linear(layer))]
+        w = lora.sliced(layer, rank)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = w["A"].detach().contiguous().clone()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = w["B"].detach().contiguous().clone()
+    for head in head_names(model):
+        module = model.backbone.get_submodule(head)
+        for key, tensor in module.state_dict().items():
+            out[f"{PEFT_PREFIX}{head}.{key}"] = tensor.detach().contiguous().clone()
+    return out
+
+
+def base_model_code(model: PromptedViT) -> str:
+    """The Python that builds the timm model an export goes onto."""
+    spec = model.backbone_spec
+    if spec is None:
+        return "the timm model it was trained on"
+    args = [repr(spec.model), f"num_classes={int(model.backbone.num_classes)}"]
+    args += [f"{k}={v!r}" for k, v in spec.overrides.items()]
+    if spec.weights == "hub":
+        args.insert(1, "pretrained=True")
+    elif spec.weights:
+        args.append(f"checkpoint_path={spec.weights!r}  # the pretrained backbone; head refit")
+    return f"timm.create_model({', '.join(args)})"
+
+
+def write_peft(model: PromptedViT, out: Path) -> list[Path]:
+    tensors = peft_tensors(model)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = peft_config(model)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    mean, std = model.backbone_spec.normalisation() if model.backbone_spec else (None, None)
+    readme = f"""# LoRA adapter exported by `nas export`
+
+Subnet {model.subnet}: LoRA on {len(config["target_modules"])} qkv projection(s), ranks
+{sorted(set(config["rank_pattern"].values()))}; the head ({", ".join(config["modules_to_save"])})
+saved whole. Inputs normalised with mean {mean} and std {std}.
+
+```python
+import timm
+from peft import PeftModel
+
+base = {base_model_code(model)}
+model = PeftModel.from_pretrained(base, "{out.name}").eval()
+```
+"""
+    (out / "README.md").write_text(readme)
+    return [out / ADAPTER_CONFIG, out / ADAPTER_WEIGHTS, out / "README.md"]
+
+
+def write_timm(model: PromptedViT, out: Path) -> list[Path]:
+    from timm.models import save_for_hf
+
+    merged = model.export(merge_lora=True) if "lora" in model.prompt_modules else model
+    backbone = merged.backbone
+    config: dict[str, Any] = {}
+    if model.backbone_spec is not None:
+        mean, std = model.backbone_spec.normalisation()
+        config["pretrained_cfg"] = {"mean": list(mean), "std": list(std)}
+    spec_args = dict(model.backbone_spec.overrides) if model.backbone_spec else {}
+    merged.tower.detach()  # timm's save reads state_dict(); no hooks needed, none saved
+    try:
+        save_for_hf(
+            backbone,
+            str(out),
+            model_config=config,
+            model_args=spec_args or None,
+            safe_serialization=True,
+        )
+    finally:
+        merged.tower.attach()
+    return [out / "config.json", out / "model.safetensors"]
+
+
+def export(model_dir: str | Path, fmt: str, out: str | Path, *, force: bool = False) -> list[Path]:
+    """Export the saved subnet in ``model_dir`` as ``fmt`` into the folder ``out``; returns the
+    files written. An ``out`` holding files is refused unless ``force``."""
+    if fmt not in FORMATS:
+        raise NasError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    model = load_vit(model_dir)
+    check_expressible(model, fmt, str(model_dir))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NasError(f"--out {out}: a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise NasError(f"--out {out}: the folder is not empty (--force writes into it)")
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with torch.no_grad():
+        return write_peft(model, out) if fmt == "peft" else write_timm(model, out)

@@ -1,0 +1,198 @@
+"""`nas export`: a LoRA subnet round-trips through PEFT and timm with the same logits; what the
+formats cannot express is refused with one message naming it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+
+from nas.backbone import BackboneSpec
+from nas.cli import main
+from nas.model import PromptedViT
+from nas.subnet import Subnet
+from tests.conftest import REPO, VARIANTS
+
+NAS = [sys.executable, "-m", "nas"]
+LORA = Subnet({"lora": [4, 0, 2, 4]})  # ranks differ per layer, one layer without LoRA
+
+
+def saved(tmp_path: Path, spec: BackboneSpec, subnet: Subnet, classes: int = 5) -> PromptedViT:
+    """A trained-looking subnet on a backbone whose pretrained weights sit in a file (as the
+    shipped backbones do), saved to tmp_path/model; returned in eval mode."""
+    torch.manual_seed(0)
+    backbone = spec.create(classes)
+    weights = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    spec = BackboneSpec(spec.model, spec.overrides, weights=str(weights))
+    model = PromptedViT.for_subnet(spec.create(classes), subnet, None, spec)
+    with torch.no_grad():  # every module weight and the head away from their initialisation
+        for p in model.trainable_parameters():
+            p.normal_(0.0, 0.2)
+    model.save(tmp_path / "model")
+    return model.eval()
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def nas(capsys):
+    """`nas ARGS` in this process (its main(), as the console script calls it)."""
+
+    def call(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return call
+
+
+def test_the_command_line_prints_one_error_line_and_no_traceback(tmp_path):
+    saved(tmp_path, VARIANTS["cls-token"], Subnet({"vpt": [2, 0, 0, 0]}))
+    result = subprocess.run(
+        [*NAS, "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("nas: error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("variant", ["cls-token", "registers", "deit-distilled"])
+def test_a_lora_subnet_round_trips_through_peft_with_equal_logits(tmp_path, variant, nas):
+    model = saved(tmp_path, VARIANTS[variant], LORA)
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {
+        "blocks.0.attn.qkv": 4,
+        "blocks.2.attn.qkv": 2,
+        "blocks.3.attn.qkv": 4,
+    }
+    assert config["alpha_pattern"] == config["rank_pattern"]  # PEFT's scaling alpha / r = 1
+    heads = ["head", "head_dist"] if variant == "deit-distilled" else ["head"]
+    assert config["modules_to_save"] == heads
+
+    x = torch.randn(4, 3, 32, 32)
+    base = model.backbone_spec.create(5)
+    with torch.no_grad():
+        plain = base(x)
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "p")).eval()
+        got = peft_model(x)
+        want = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (plain - want).abs().max() > 1e-2  # the adapter and head were loaded, not ignored
+    # LoRA sits on exactly the three layers with a rank, at that rank
+    ranks = {
+        name.removesuffix(".lora_A.default"): m.weight.shape[0]
+        for name, m in peft_model.named_modules()
+        if name.endswith("lora_A.default")
+    }
+    assert ranks == {
+        f"base_model.model.blocks.{i}.attn.qkv": r for i, r in ((0, 4), (2, 2), (3, 4))
+    }
+
+
+def test_a_lora_subnet_becomes_a_timm_checkpoint_with_equal_logits(tmp_path, nas):
+    model = saved(tmp_path, VARIANTS["cls-token"], LORA)
+    out = tmp_path / "t"
+    result = nas("export", str(tmp_path / "model"), "--format", "timm", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(out / "config.json"), str(out / "model.safetensors")]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        checkpoint = timm.create_model(
+            model.backbone_spec.model,
+            checkpoint_path=str(out / "model.safetensors"),
+            num_classes=5,
+            **model.backbone_spec.overrides,
+        ).eval()
+        torch.testing.assert_close(folder(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(checkpoint(x), want, atol=1e-5, rtol=1e-5)
+    # timm's own config records the architecture and the inputs the model was trained with
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224"
+    assert config["model_args"]["depth"] == 4 and config["num_classes"] == 5
+    mean, std = model.backbone_spec.normalisation()
+    assert config["pretrained_cfg"]["mean"] == list(mean)
+    assert config["pretrained_cfg"]["std"] == list(std)
+
+
+def test_a_head_only_subnet_goes_to_timm_not_peft(tmp_path, nas):
+    model = saved(tmp_path, VARIANTS["cls-token"], Subnet())
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has no LoRA layer" in result.stderr and "--format timm" in result.stderr
+    assert not (tmp_path / "p").exists()  # refused before anything was written
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "timm", "--out", str(tmp_path / "t")
+    )
+    assert result.returncode == 0, result.stderr
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loaded = timm.create_model(f"local-dir:{tmp_path / 't'}", pretrained=True).eval()
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "timm"])
+def test_modules_a_format_cannot_express_are_named(tmp_path, fmt, nas):
+    subnet = Subnet({"vpt": [2, 2, 0, 0], "lora": [4, 4, 4, 4], "adapter": [0, 8, 8, 8]})
+    saved(tmp_path, VARIANTS["cls-token"], subnet)
+    result = nas("export", str(tmp_path / "model"), "--format", fmt, "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"--format {fmt} expresses LoRA on the fused qkv and the head only" in lines[0]
+    assert "vpt on 2 layer(s)" in lines[0] and "adapter on 3 layer(s)" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_export_arguments_get_one_line(tmp_path, nas):
+    saved(tmp_path, VARIANTS["cls-token"], LORA)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "file").write_text("x")
+    cases = {
+        (str(tmp_path / "nowhere"), str(tmp_path / "o")): "subnet.yaml: missing",
+        (str(tmp_path / "model"), str(tmp_path / "full")): "not empty (--force writes into it)",
+        (str(tmp_path / "model"), str(tmp_path / "file")): "a file, not a folder",
+    }
+    for (model, out), message in cases.items():
+        result = nas("export", model, "--format", "peft", "--out", out)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr
+    result = nas(
+        "export",
+        str(tmp_path / "model"),
+        "--format",
+        "peft",
+        "--out",
+        str(tmp_path / "full"),
+        "--force",
+    )
+    assert result.returncode == 0, result.stderr
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "onnx", "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "invalid choice: 'onnx'" in result.stderr
