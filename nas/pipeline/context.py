@@ -4,6 +4,7 @@ reports progress through a ``Report`` callback."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,31 @@ def data_params(*splits: DecodedSplit) -> dict[str, str]:
     """The content hashes of the decoded splits a run trains or scores on, as MLflow params
     (``data.<split>.sha256``): every run records exactly which pixels and labels it saw."""
     return {f"data.{split.name}.sha256": split.content_hash() for split in splits}
+
+
+def dataset_input(dataset: str, split: DecodedSplit, digest: str | None = None):
+    """The split as an MLflow dataset input (the runs table's Datasets column): named
+    ``<dataset>/<split>``, its content hash as digest, its list file as source, the split as
+    context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    digest = digest or split.content_hash()
+    profile = {"num_rows": len(split), "num_classes": split.num_classes}
+    return DatasetInput(
+        Dataset(
+            name=f"{dataset}/{split.name}",
+            digest=digest[:16],
+            source_type="local",
+            source=json.dumps({"uri": str(split.source)}),
+            profile=json.dumps(profile),
+        ),
+        tags=[InputTag("mlflow.data.context", split.name)],
+    )
+
+
+def log_datasets(tracker: Tracker, run_id: str, dataset: str, *splits: DecodedSplit) -> None:
+    """Record the splits a run trained or scored on as its MLflow dataset inputs."""
+    tracker.client.log_inputs(run_id, datasets=[dataset_input(dataset, s) for s in splits])
 
 
 def split_params(fit: DecodedSplit, scored: DecodedSplit) -> dict[str, Any]:

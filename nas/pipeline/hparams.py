@@ -17,6 +17,7 @@ from nas.jsonio import read_json, write_json
 from nas.pipeline.context import (
     base_tags,
     data_params,
+    dataset_input,
     device_for,
     eta_s,
     load_splits,
@@ -312,9 +313,11 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     best = read_json(out / "done.json")
     # the splits' content hashes, one split in memory at a time (cached by the sweep's points)
     seen: dict[str, Any] = {}
+    inputs = []
     for name in ("train", "val"):
         split = load_splits(spec, ds, (name,))[name]
         seen |= {f"{name}_images": len(split), **data_params(split)}
+        inputs.append(dataset_input(ds.key, split, seen[f"data.{name}.sha256"]))
         del split
     params: dict[str, Any] = {
         "lrs": list(h.lrs),
@@ -333,6 +336,7 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     if sweep.subnet is not None:
         params["subnet"] = str(Subnet.from_data(sweep.subnet))
     run_id = tracker.run(f"hparams {ds.key} {sweep.method}", sweep_tags(spec, sweep), params=params)
+    tracker.client.log_inputs(run_id, datasets=inputs)
     tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
     tracker.log_artifact(run_id, out / "done.json")
     tracker.finish(run_id)

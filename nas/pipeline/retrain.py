@@ -11,6 +11,7 @@ import torch
 from nas.cost import added_flops
 from nas.data.decode import DecodedSplit, decode_split
 from nas.jsonio import read_json
+from nas.mlflow_model import inputs_record, log_retrained
 from nas.pipeline.context import (
     base_tags,
     data_params,
@@ -19,6 +20,7 @@ from nas.pipeline.context import (
     epoch_hook,
     finish,
     load_splits,
+    log_datasets,
     split_params,
     target_splits,
     task_context,
@@ -87,6 +89,7 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
             **{f"target/{name}.images": len(split) for name, split in targets.items()},
         },
     )
+    log_datasets(tracker, run_id, ds.key, data[fit], data["test"], *targets.values())
     mean, std = spec.backbone.normalisation()
     on_epoch = epoch_hook(
         task,
@@ -131,7 +134,25 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
         final["val_acc"] = task.val_acc
     tracker.log_metrics(run_id, final)
     tracker.log_artifact(run_id, out / "model", "model")
+    # the same model as a LoggedModel (MLflow 3's Models view; mlflow.pyfunc.load_model)
+    inputs = inputs_record(g.image_size, g.in_chans, mean, std, data[fit].class_names)
+    result["mlflow_model_id"] = logged_model(tracker, spec, run_id, out / "model", inputs, tags)
     return finish(tracker, run_id, out, result)
+
+
+def logged_model(
+    tracker, spec: ExperimentSpec, run_id: str, folder: Path, inputs: dict, tags: dict
+) -> str:
+    """The retrain run's LoggedModel (params: the run's; metrics: its final ones)."""
+    return log_retrained(
+        spec.tracking_uri,
+        tracker.experiment_id,
+        run_id,
+        folder,
+        inputs,
+        name=f"{tags['dataset']}-seed{tags['seed']}-{tags['label']}",
+        tags={f"nas.{k}": str(tags[k]) for k in ("dataset", "seed", "label")},
+    )
 
 
 def load_targets(spec: ExperimentSpec, ds, source) -> dict[str, DecodedSplit]:

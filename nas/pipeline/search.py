@@ -22,6 +22,7 @@ from nas.pipeline.context import (
     device_for,
     finish,
     load_splits,
+    log_datasets,
     task_context,
     tracker_for,
 )
@@ -92,6 +93,7 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     params = {"algorithm": s.algorithm, "cost": s.cost, **s.options}
     params |= {"eval_split": val.name, "eval_images": len(val), **data_params(val)}
     parent = tracker.run(f"search {ds.key} seed {seed}", tags, params=params)
+    log_datasets(tracker, parent, ds.key, val)
     # The loggers start (import MLflow) while the model is built.
     logger = CandidateLogger(
         tracker, parent, tags, logging_processes(spec.cpus), lock=out / LOGGERS_LOCK

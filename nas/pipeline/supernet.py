@@ -17,6 +17,7 @@ from nas.pipeline.context import (
     epoch_hook,
     finish,
     load_splits,
+    log_datasets,
     supernet_steps,
     task_context,
     tracker_for,
@@ -60,6 +61,7 @@ def run_supernet(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
             **data_params(data),
         },
     )
+    log_datasets(tracker, run_id, ds.key, data)
     mean, std = spec.backbone.normalisation()
     on_epoch = epoch_hook(
         task,

@@ -1,0 +1,178 @@
+"""A retrained model as an MLflow 3 LoggedModel: a pyfunc that classifies images.
+
+``log_retrained`` logs a saved subnet folder (``model.save``) as a LoggedModel of its retrain
+run, with the subnet, its costs and its scores as the model's params and metrics, so that
+MLflow's Models view compares them, and
+``mlflow.pyfunc.load_model("models:/<model_id>")`` loads it from the tracking store (onto the
+backbone the folder records, which must be where it says or on the hub). ``predict`` takes a
+batch of images as an integer array (N, H, W, C) or (N, H, W) with values 0-255 (any size: each
+image is resized as training decoded it), or image file paths (a list, a Series or a one-column
+DataFrame), and returns a DataFrame: ``class`` (the predicted index), ``class_name`` (its name
+where known) and ``probabilities`` (softmax over the classes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+INPUTS_FILE = "inputs.json"
+#: What the pyfunc needs besides this package (installed where the model is loaded).
+REQUIREMENTS = ("torch", "timm", "mlflow", "safetensors", "pillow", "numpy", "pandas", "pyyaml")
+
+
+class PromptedClassifier(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: images in, predicted class, its name and probabilities out."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from nas.prompted import load
+
+        self.model = load(context.artifacts["model"]).eval()
+        self.inputs = json.loads(Path(context.artifacts["inputs"]).read_text())
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input,  # no type hint: MLflow would validate inputs against it
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        from nas.data.loader import normalise
+
+        images = to_tensor(model_input, self.inputs["image_size"], self.inputs["channels"])
+        with torch.no_grad():
+            logits = self.model(normalise(images, self.inputs["mean"], self.inputs["std"]))
+            probs = logits.float().softmax(dim=1)
+        names = self.inputs.get("class_names") or []
+        classes = probs.argmax(dim=1).tolist()
+        return pd.DataFrame(
+            {
+                "class": classes,
+                "class_name": [names[c] if c < len(names) else str(c) for c in classes],
+                "probabilities": [row for row in probs.tolist()],
+            }
+        )
+
+
+def _paths(model_input: Any) -> list[str] | None:
+    """Image file paths, if that is what the input holds."""
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] != 1 or not model_input.iloc[:, 0].map(type).eq(str).all():
+            return None
+        return model_input.iloc[:, 0].tolist()
+    if isinstance(model_input, pd.Series | list | tuple):
+        values = list(model_input)
+        return values if values and all(isinstance(v, str) for v in values) else None
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "UO":
+        values = model_input.reshape(-1).tolist()
+        return values if all(isinstance(v, str) for v in values) else None
+    return None
+
+
+def _resize(img: Image.Image, size: Sequence[int], channels: int) -> np.ndarray:
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Tensor:
+    """The model's uint8 input (N, C, H, W), decoded as training decoded its images; a
+    ValueError saying what was expected otherwise."""
+    paths = _paths(model_input)
+    if paths is not None:
+        out = []
+        for p in paths:
+            with Image.open(p) as img:
+                out.append(_resize(img, size, channels))
+        return torch.from_numpy(np.stack(out))
+    array = np.asarray(model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input)
+    if array.ndim not in (3, 4) or array.dtype.kind not in "iuf":
+        raise ValueError(
+            "expected images as an integer array (N, H, W, C) or (N, H, W) with values 0-255, "
+            f"or image file paths; got an array of shape {array.shape} and dtype {array.dtype}"
+        )
+    if array.size and (array.min() < 0 or array.max() > 255 or np.any(array != np.round(array))):
+        raise ValueError("expected pixel values that are whole numbers from 0 to 255")
+    array = array.astype(np.uint8)
+    if array.ndim == 4 and array.shape[-1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels last (N, H, W, C); got shape {array.shape}")
+    out = []
+    for image in array:
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]  # (H, W): PIL's greyscale
+        out.append(_resize(Image.fromarray(image), size, channels))
+    return torch.from_numpy(np.stack(out))
+
+
+def inputs_record(
+    image_size: int | Sequence[int],
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str] | None,
+) -> dict[str, Any]:
+    return {
+        "image_size": [image_size] * 2 if isinstance(image_size, int) else list(image_size),
+        "channels": int(channels),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "class_names": list(class_names) if class_names else None,
+    }
+
+
+def log_retrained(
+    tracking_uri: str,
+    experiment_id: str,
+    run_id: str,
+    model_dir: Path,
+    inputs: Mapping[str, Any],
+    *,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log ``model_dir`` as a LoggedModel of run ``run_id`` in ``experiment_id`` (its params:
+    the run's; its metrics: the run's final ones at step 0, so log those first); the model's
+    ID. A model an earlier attempt logged completely for this run is reused, not duplicated."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for model in client.search_logged_models([experiment_id]):
+        if model.source_run_id == run_id and model.status == LoggedModelStatus.READY:
+            return model.model_id
+    (model_dir.parent / INPUTS_FILE).write_text(json.dumps(dict(inputs), indent=1))
+    model = client.create_logged_model(
+        experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags=dict(tags or {}),
+        params=client.get_run(run_id).data.params,
+        model_type="prompted-classifier",
+    )
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # Model.log links the run's metrics through it
+    try:
+        Model.log(
+            None,  # artifact_path, which MLflow 3 replaced by name
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
+            artifacts={"model": str(model_dir), "inputs": str(model_dir.parent / INPUTS_FILE)},
+            pip_requirements=list(REQUIREMENTS),
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return model.model_id
