@@ -13,9 +13,11 @@ where known) and ``probabilities`` (softmax over the classes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ import torch
 from PIL import Image
 
 INPUTS_FILE = "inputs.json"
+#: The registry alias of the winner the search ranked best.
+ALIAS = "champion"
 #: What the pyfunc needs besides this package (installed where the model is loaded).
 REQUIREMENTS = ("torch", "timm", "mlflow", "safetensors", "pillow", "numpy", "pandas", "pyyaml")
 
@@ -160,9 +164,7 @@ def log_retrained(
         model_type="prompted-classifier",
     )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)  # Model.log links the run's metrics through it
-    try:
+    with global_tracking_uri(tracking_uri):  # Model.log links the run's metrics through it
         Model.log(
             None,  # artifact_path, which MLflow 3 replaced by name
             name=name,
@@ -173,6 +175,85 @@ def log_retrained(
             artifacts={"model": str(model_dir), "inputs": str(model_dir.parent / INPUTS_FILE)},
             pip_requirements=list(REQUIREMENTS),
         )
+    return model.model_id
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for a while: parts of MLflow that
+    take no client (``Model.log``'s metric links, the registry resolving ``models:/<id>``)
+    read it, and would otherwise open ./mlflow.db in the working directory."""
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
     finally:
         mlflow.set_tracking_uri(previous)
-    return model.model_id
+
+
+def registered_name(experiment: str, dataset: str) -> str:
+    """The Model Registry name of a dataset's winners: ``<experiment>-<dataset>``, with any
+    character the registry's names avoid replaced by ``-``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{experiment}-{dataset}")
+
+
+def register_winners(
+    tracking_uri: str,
+    experiment: str,
+    rows: Sequence[Mapping[str, Any]],
+    alias: str = ALIAS,
+) -> dict[str, str]:
+    """Each dataset's searched winners (one per seed) as versions of the registered model
+    ``registered_name(experiment, dataset)``, and ``alias`` on the one the search ranked best
+    (highest validation accuracy, then fewer parameters, then the lower seed; never the test
+    accuracy). A LoggedModel registered before is not registered again. Returns dataset ->
+    the champion's URI (``models:/<name>@<alias>``)."""
+    with global_tracking_uri(tracking_uri):
+        return _register(mlflow.MlflowClient(tracking_uri), experiment, rows, alias)
+
+
+def _register(
+    client: mlflow.MlflowClient,
+    experiment: str,
+    rows: Sequence[Mapping[str, Any]],
+    alias: str,
+) -> dict[str, str]:
+    winners: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("role") == "searched" and row.get("mlflow_model_id"):
+            winners.setdefault(row["dataset"], []).append(row)
+    out: dict[str, str] = {}
+    for dataset, found in sorted(winners.items()):
+        name = registered_name(experiment, dataset)
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(
+                name,
+                tags={"nas.experiment": experiment, "nas.dataset": dataset},
+                description=f"The searched prompt module for {dataset} (experiment "
+                f"{experiment}), one version per seed; @{alias} is the one the search ranked best.",
+            )
+        versions = {
+            v.tags.get("nas.model_id"): v.version
+            for v in client.search_model_versions(f"name = '{name}'")
+        }
+        for row in sorted(found, key=lambda r: r["seed"]):
+            if row["mlflow_model_id"] in versions:
+                continue
+            version = client.create_model_version(
+                name,
+                source=f"models:/{row['mlflow_model_id']}",
+                run_id=row["mlflow_run_id"],
+                model_id=row["mlflow_model_id"],
+                tags={
+                    "nas.model_id": row["mlflow_model_id"],
+                    "nas.seed": str(row["seed"]),
+                    "nas.subnet": str(row.get("subnet_str", "")),
+                    "val_acc": str(row.get("val_acc")),
+                    "test_acc": str(row.get("test_acc")),
+                },
+            )
+            versions[row["mlflow_model_id"]] = version.version
+        best = min(found, key=lambda r: (-(r.get("val_acc") or 0.0), r["params"], r["seed"]))
+        client.set_registered_model_alias(name, alias, versions[best["mlflow_model_id"]])
+        out[dataset] = f"models:/{name}@{alias}"
+    return out

@@ -127,6 +127,9 @@ class ExperimentSpec:
     retrain: RetrainStage
 
     mlflow_artifacts: str | None = None  # where a new experiment's artifacts go
+    #: register each dataset's searched winners in MLflow's Model Registry (alias champion)
+    mlflow_register: bool = False
+    description: str | None = None  # the MLflow experiment's description
 
     @property
     def tracking_uri(self) -> str:
@@ -383,8 +386,14 @@ def parse_spec(
     ml = r.mapping(
         data.get("mlflow") or {},
         "mlflow",
-        optional=["tracking_uri", "experiment", "artifact_location"],
+        optional=["tracking_uri", "experiment", "artifact_location", "register"],
     )
+    register = ml.get("register", False)
+    if not isinstance(register, bool):
+        r.fail("mlflow.register", f"expected true or false, got {register!r}")
+    description = data.get("description")
+    if description is not None:
+        description = r.string(description, "description")
     uri = ml.get("tracking_uri")
     if uri is not None:
         uri = _tracking_uri(r, r.string(uri, "mlflow.tracking_uri"))
@@ -417,6 +426,8 @@ def parse_spec(
         search=stages.search,
         retrain=stages.retrain,
         mlflow_artifacts=artifacts,
+        mlflow_register=register,
+        description=description,
     )
 
 

@@ -120,9 +120,23 @@ class Tracker:
         tags: Mapping[str, Any],
         parent: str | None = None,
         params: Mapping[str, Any] | None = None,
+        description: str | None = None,
     ) -> str:
         """The run with these tags (reopened if it exists), else a new one. A reopened run
-        gets whichever of ``params`` it lacks (a stop between creating it and logging them)."""
+        gets whichever of ``params`` it lacks (a stop between creating it and logging them).
+        ``description``: the one line the UI shows as the run's description."""
+        run_id = self._run(name, tags, parent, params)
+        if description:
+            self.client.set_tag(run_id, "mlflow.note.content", description)
+        return run_id
+
+    def _run(
+        self,
+        name: str,
+        tags: Mapping[str, Any],
+        parent: str | None,
+        params: Mapping[str, Any] | None,
+    ) -> str:
         run_id = self.find_run(tags, parent)
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")

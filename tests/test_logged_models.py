@@ -4,46 +4,72 @@ tracking store, classifying a uint8 batch (and image files) as the run scored it
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
 import yaml
 
 from nas.data.decode import decode_split
+from nas.mlflow_model import register_winners
 from nas.pipeline import context, retrain
 from nas.pipeline.tasks import RetrainTask
 from nas.spec import load_spec
+from tests.conftest import ENV, free_port
 
 # One retraining shared by every test here: under pytest-xdist they go to one worker.
 pytestmark = pytest.mark.xdist_group("logged_models")
 
 
+def retrain_task(path, spec, seed: int, label: str, role: str, subnet, val_acc=None):
+    return RetrainTask(
+        spec=str(path),
+        spec_abs=str(path),
+        output=str(spec.output),
+        dataset="digits",
+        seed=seed,
+        label=label,
+        subnet=subnet,
+        role=role,
+        val_acc=val_acc,
+    )
+
+
 @pytest.fixture(scope="module")
 def retrained(tmp_path_factory, mini_vtab_data):
-    """One LoRA baseline on digits retrained (1 epoch) by the retrain stage's own code."""
+    """One LoRA baseline on digits retrained (1 epoch) by the retrain stage's own code; the
+    path and spec, for more."""
     tmp = tmp_path_factory.mktemp("logged")
     spec_doc = {
         "name": "logged",
         "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
+        "seeds": [0, 1],
         "output": str(tmp / "out"),
         "stages": {"retrain": {"epochs": 1, "warmup_epochs": 0, "lr": 5.0e-3}},
     }
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(spec_doc))
     spec = load_spec(path)
-    task = RetrainTask(
-        spec=str(path),
-        spec_abs=str(path),
-        output=str(spec.output),
-        dataset="digits",
-        seed=0,
-        label="baseline-lora2",
-        subnet={"lora": {"depth": 2, "dims": 2}},
-        role="baseline",
-    )
-    return spec, task, retrain.run_retrain(task)
+    lora2 = {"lora": {"depth": 2, "dims": 2}}
+    task = retrain_task(path, spec, 0, "baseline-lora2", "baseline", lora2)
+    # system metrics every second (default 5 s: longer than this 1-epoch training)
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    try:
+        row = retrain.run_retrain(task)
+    finally:
+        del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+    return spec, task, row
 
 
 def test_a_retrained_model_is_a_logged_model_of_its_run(retrained):
@@ -58,6 +84,10 @@ def test_a_retrained_model_is_a_logged_model_of_its_run(retrained):
     metrics = {m.key: m.value for m in model.metrics}
     assert metrics["test_acc"] == row["test_acc"]
     assert metrics["params"] == row["params"] and metrics["added_flops"] == row["added_flops"]
+    # MLflow's own system metrics, sampled while it trained
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
     # the run lists it among its outputs (the runs table's Models column)
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
     # run again (a stopped trial's rerun after its done.json is lost): no second model
@@ -65,7 +95,7 @@ def test_a_retrained_model_is_a_logged_model_of_its_run(retrained):
     again = retrain.run_retrain(task)
     assert again["mlflow_model_id"] == model.model_id
     experiment = client.get_experiment_by_name("logged").experiment_id
-    assert len(client.search_logged_models([experiment])) == 1
+    assert [m.model_id for m in client.search_logged_models([experiment])] == [model.model_id]
 
 
 def test_a_run_lists_the_splits_it_saw_as_dataset_inputs(retrained):
@@ -115,3 +145,100 @@ def test_pyfunc_loads_from_the_store_and_classifies_images(retrained, mini_vtab_
         model.predict(batch[:2].astype(np.float32) / 255.5)
     with pytest.raises(Exception, match=r"integer array \(N, H, W, C\)"):
         model.predict(np.zeros((2, 3), dtype=np.uint8))
+
+
+def test_winners_are_registered_with_the_best_validated_as_champion_and_served(
+    retrained, tmp_path, monkeypatch
+):
+    """Two seeds' searched winners become versions of `<experiment>-digits`; the alias
+    `champion` goes to the one with the higher validation accuracy; registering again adds
+    nothing; `mlflow models serve` serves the champion on 127.0.0.1 and answers a REST call
+    with the same classes as the model loaded in this process."""
+    spec, task, _ = retrained
+    path = Path(task.spec)
+    lora = {"lora": {"depth": 6, "dims": 2}}
+    rows = [
+        retrain.run_retrain(retrain_task(path, spec, seed, "rank1", "searched", lora, val))
+        for seed, val in ((0, 0.5), (1, 0.7))
+    ]
+    # as in `nas run`'s driver: no process-wide tracking URI, whatever the working directory
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)
+    uris = register_winners(spec.tracking_uri, "logged", rows)
+    assert uris == {"digits": "models:/logged-digits@champion"}
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    client = mlflow.MlflowClient(spec.tracking_uri)
+    versions = client.search_model_versions("name = 'logged-digits'")
+    assert sorted(v.tags["nas.seed"] for v in versions) == ["0", "1"]
+    champion = client.get_model_version_by_alias("logged-digits", "champion")
+    assert champion.tags["nas.model_id"] == rows[1]["mlflow_model_id"]  # val 0.7, not test
+    register_winners(spec.tracking_uri, "logged", rows)
+    assert len(client.search_model_versions("name = 'logged-digits'")) == 2
+
+    splits = context.read_splits(spec, spec.datasets[0])
+    g = spec.backbone.geometry()
+    test = decode_split(splits["test"], g.image_size, g.in_chans)
+    batch = test.images[:16].numpy().transpose(0, 2, 3, 1)
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    want = mlflow.pyfunc.load_model(uris["digits"]).predict(batch)["class"].tolist()
+    port = free_port()
+    env = {**os.environ, **ENV, "MLFLOW_TRACKING_URI": spec.tracking_uri}
+    # the server runs `uvicorn` from PATH: this venv's, as an activated venv would give it
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uris["digits"]]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=(tmp_path / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                assert time.time() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": batch.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    predictions = answer["predictions"]
+    assert [p["class"] for p in predictions] == want
+    assert all(len(p["probabilities"]) == 10 for p in predictions)
+
+
+def test_the_chosen_candidate_is_tagged_with_why_it_won_a_tie(tmp_path):
+    from nas.pipeline.search import tag_chosen
+    from nas.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "ties")
+    parent = tracker.run("search", {"stage": "search"})
+    scores = {"a": 0.93, "b": 0.93, "c": 0.90}  # a ranked before b: the cheaper
+    runs = {k: tracker.run(f"cand {k}", {"candidate": k}, parent=parent) for k in scores}
+    ranking = [{"key": k, "score": v} for k, v in scores.items()]
+    found = tag_chosen(tracker, parent, ranking, top_k=2, cost="params")
+    assert found == runs
+    tags = {k: tracker.client.get_run(r).data.tags for k, r in runs.items()}
+    assert tags["a"]["nas.chosen"] == "rank1" and tags["b"]["nas.chosen"] == "rank2"
+    assert "nas.chosen" not in tags["c"]
+    assert tags["a"]["nas.chosen_why"] == (
+        "tied at val_acc 0.9300 with 1 other candidate(s); ranked first for the lowest params "
+        "among them (then the earliest evaluated)"
+    )
+    assert "nas.chosen_why" not in tags["b"]
+    # no tie, no explanation
+    tag_chosen(tracker, parent, ranking[1:], top_k=1, cost="params")
+    assert "nas.chosen_why" not in tracker.client.get_run(runs["b"]).data.tags

@@ -32,6 +32,8 @@ from trainers.train import evaluate
 
 SPEC = {
     "name": "ci",
+    "description": "The CI's end-to-end run: two mini-VTAB tasks on the offline ViT.",
+    "mlflow": {"register": True},
     "datasets": [
         {"name": "digits", "format": "mini-vtab"},
         {"name": "dsprites_loc", "format": "mini-vtab"},
@@ -230,6 +232,32 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     )
     assert supernet.data.params["data.train.sha256"] == prov["data_sha256"]["digits"]["train"]
 
+    # MLflow 3's views: the experiment's description, a LoggedModel per retrained model (the
+    # Models column), each dataset's winner registered with the alias champion.
+    experiment = client.get_experiment_by_name("ci")
+    assert experiment.tags["mlflow.note.content"] == SPEC["description"]
+    models = client.search_logged_models([experiment.experiment_id])
+    by_run = {m.source_run_id: m.model_id for m in models}
+    retrained = results["rows"]
+    assert len(models) == len(retrained) == 6
+    assert all(by_run[r["mlflow_run_id"]] == r["mlflow_model_id"] for r in retrained)
+    by_id = {r.info.run_id: r for r in runs}
+    for dataset in ("digits", "dsprites_loc"):
+        champion = client.get_model_version_by_alias(f"ci-{dataset}", "champion")
+        (row,) = [r for r in retrained if r["dataset"] == dataset and r["role"] == "searched"]
+        assert champion.tags["nas.model_id"] == row["mlflow_model_id"]
+        # the retrain run links to its candidate run (tagged chosen) and its search run
+        tags = by_id[row["mlflow_run_id"]].data.tags
+        candidate = by_id[tags["nas.candidate_run_id"]]
+        assert candidate.data.tags["nas.chosen"] == "rank1"
+        assert candidate.data.tags["mlflow.parentRunId"] == tags["nas.search_run_id"]
+        assert float(candidate.data.metrics["val_acc"]) == row["val_acc"]
+    chosen = Counter(r.data.tags.get("nas.chosen") for r in runs if "nas.chosen" in r.data.tags)
+    assert chosen == {"rank1": 2, "rank2": 2}  # top_k 2 per dataset
+    # every parent run says in one line what it is
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert all(r.data.tags.get("mlflow.note.content") for r in parents)
+
 
 @pytest.mark.xdist_group("pipeline")  # one uninterrupted run
 def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, mini_vtab_data):
@@ -260,6 +288,10 @@ def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, mi
     _, runs_b = mlflow_runs(out)
     key = lambda r: (r.data.tags.get("nas.stage"), "mlflow.parentRunId" in r.data.tags)  # noqa: E731
     assert Counter(map(key, runs_a)) == Counter(map(key, runs_b))  # no duplicated runs
+    client_b, _ = mlflow_runs(out)
+    experiment = client_b.get_experiment_by_name("ci").experiment_id
+    assert len(client_b.search_logged_models([experiment])) == 6  # nor models
+    assert len(client_b.search_model_versions("name = 'ci-digits'")) == 1  # nor versions
     assert all(r.info.status == "FINISHED" for r in runs_b)
 
 

@@ -275,6 +275,8 @@ BAD = [
         {"mlflow": {"artifact_location": 3}},
         r"mlflow\.artifact_location: expected a non-empty string, got an integer \(3\)",
     ),
+    ({"mlflow": {"register": "yes"}}, r"mlflow\.register: expected true or false, got 'yes'"),
+    ({"description": ["a", "b"]}, r"description: expected a non-empty string"),
 ]
 
 

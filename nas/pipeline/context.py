@@ -4,9 +4,10 @@ reports progress through a ``Report`` callback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,25 @@ def dataset_input(dataset: str, split: DecodedSplit, digest: str | None = None):
 def log_datasets(tracker: Tracker, run_id: str, dataset: str, *splits: DecodedSplit) -> None:
     """Record the splits a run trained or scored on as its MLflow dataset inputs."""
     tracker.client.log_inputs(run_id, datasets=[dataset_input(dataset, s) for s in splits])
+
+
+@contextlib.contextmanager
+def system_metrics(spec: ExperimentSpec, run_id: str, interval_s: float = 5.0) -> Iterator[None]:
+    """MLflow's own system metrics logged to ``run_id`` while the block runs (``system/...``:
+    CPU, memory, disk, network, and each GPU where ``nvidia-ml-py`` is installed)."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=spec.tracking_uri
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def split_params(fit: DecodedSplit, scored: DecodedSplit) -> dict[str, Any]:

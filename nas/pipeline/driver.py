@@ -71,7 +71,11 @@ def run_experiment(
         check_cluster(spec)
         # Create the MLflow store's tables and the experiment here, once: trials that start
         # together would otherwise race to migrate a new sqlite database (and deadlock).
-        tracker_for(spec)
+        tracker = tracker_for(spec)
+        if spec.description:  # the experiment page's description
+            tracker.client.set_experiment_tag(
+                tracker.experiment_id, "mlflow.note.content", spec.description
+            )
         data_hashes = prepare_data(spec)
         check_class_names(spec)
         check_packaged_targets(spec)
@@ -80,6 +84,8 @@ def run_experiment(
         write_json(run_layout(spec).provenance, prov)
         with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
             run_stages(spec)
+        if spec.mlflow_register:
+            register(spec)
     except KeyboardInterrupt:
         stop_tracking(spec)
         raise
@@ -89,6 +95,15 @@ def run_experiment(
 
             ray.shutdown()
     return collect_results(spec)
+
+
+def register(spec: ExperimentSpec) -> None:
+    """``mlflow.register``: each dataset's searched winners in the Model Registry."""
+    from nas.mlflow_model import register_winners
+
+    rows = [read_json(p) for p in sorted((spec.output / "retrain").glob("*/*/done.json"))]
+    for dataset, uri in register_winners(spec.tracking_uri, spec.mlflow_experiment, rows).items():
+        print(f"== registered {dataset}: {uri}", flush=True)
 
 
 def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:

@@ -335,7 +335,13 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     }
     if sweep.subnet is not None:
         params["subnet"] = str(Subnet.from_data(sweep.subnet))
-    run_id = tracker.run(f"hparams {ds.key} {sweep.method}", sweep_tags(spec, sweep), params=params)
+    run_id = tracker.run(
+        f"hparams {ds.key} {sweep.method}",
+        sweep_tags(spec, sweep),
+        params=params,
+        description=f"Learning-rate sweep of {sweep.method} on {ds.key}: {len(best['grid'])} "
+        f"points, {h.epochs} epochs on train, scored on val; chose lr {best['lr']:g}",
+    )
     tracker.client.log_inputs(run_id, datasets=inputs)
     tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
     tracker.log_artifact(run_id, out / "done.json")

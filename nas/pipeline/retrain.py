@@ -22,6 +22,7 @@ from nas.pipeline.context import (
     load_splits,
     log_datasets,
     split_params,
+    system_metrics,
     target_splits,
     task_context,
     tracker_for,
@@ -88,8 +89,13 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
             **data_params(data[fit], data["test"], *targets.values()),
             **{f"target/{name}.images": len(split) for name, split in targets.items()},
         },
+        description=f"{label} ({task.role}): {subnet_text(task, subnet)} retrained on {fit}, "
+        "tested once on test",
     )
     log_datasets(tracker, run_id, ds.key, data[fit], data["test"], *targets.values())
+    for key, value in (("candidate", task.candidate_run_id), ("search", task.search_run_id)):
+        if value:  # the runs this model came from, a click away in the UI
+            tracker.client.set_tag(run_id, f"nas.{key}_run_id", value)
     mean, std = spec.backbone.normalisation()
     on_epoch = epoch_hook(
         task,
@@ -103,7 +109,8 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
         label=label,
     )
     if model.trainable_parameters():  # an empty subnet on CLIP is zero-shot: nothing trains
-        train(model, data[fit], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
+        with system_metrics(spec, run_id):
+            train(model, data[fit], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
     scored = {n: evaluate_target(model, t, mean=mean, std=std) for n, t in targets.items()}
     model.save(out / "model")
@@ -153,6 +160,10 @@ def logged_model(
         name=f"{tags['dataset']}-seed{tags['seed']}-{tags['label']}",
         tags={f"nas.{k}": str(tags[k]) for k in ("dataset", "seed", "label")},
     )
+
+
+def subnet_text(task: RetrainTask, subnet: Subnet) -> str:
+    return "full fine-tuning" if task.full_finetune else str(subnet) or "the head alone"
 
 
 def load_targets(spec: ExperimentSpec, ds, source) -> dict[str, DecodedSplit]:
@@ -207,6 +218,8 @@ def retrain_tasks(spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> l
                     role="searched" if rank == 1 else "searched (not reported)",
                     subnet=cand["subnet"],
                     val_acc=cand["score"],
+                    candidate_run_id=cand.get("mlflow_run_id"),
+                    search_run_id=found.get("mlflow_run_id"),
                 )
             )
         for name, subnet in spec.retrain.baselines.items():

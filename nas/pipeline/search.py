@@ -92,7 +92,13 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     tags = base_tags(spec, "search", ds, seed)
     params = {"algorithm": s.algorithm, "cost": s.cost, **s.options}
     params |= {"eval_split": val.name, "eval_images": len(val), **data_params(val)}
-    parent = tracker.run(f"search {ds.key} seed {seed}", tags, params=params)
+    parent = tracker.run(
+        f"search {ds.key} seed {seed}",
+        tags,
+        params=params,
+        description=f"{s.algorithm} search of {spec.space.name} on {ds.key} (seed {seed}): "
+        f"candidates scored with the supernet's weights on {val.name}, cost {s.cost}",
+    )
     log_datasets(tracker, parent, ds.key, val)
     # The loggers start (import MLflow) while the model is built.
     logger = CandidateLogger(
@@ -166,6 +172,9 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     ]
     title = f"{ds.key} seed {seed}"
     _log_artifacts(spec, tracker, parent, out, algo.history, algo.best(1)[0].subnet, title)
+    candidate_runs = tag_chosen(tracker, parent, ranking, max(1, spec.retrain.top_k), s.cost)
+    for entry in ranking[: max(1, spec.retrain.top_k)]:
+        entry["mlflow_run_id"] = candidate_runs.get(entry["key"])
     result = {
         "dataset": ds.key,
         "seed": seed,
@@ -175,6 +184,32 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
         "mlflow_run_id": parent,
     }
     return finish(tracker, parent, out, result)
+
+
+def tag_chosen(
+    tracker: Tracker, parent: str, ranking: list[dict[str, Any]], top_k: int, cost: str
+) -> dict[str, str]:
+    """Tag the candidate runs the search hands to retraining, the first ``top_k`` of
+    ``ranking`` (``nas.chosen``: rank1, rank2, ...), saying why the winner won where others
+    tied with it on validation accuracy; every candidate's run ID by its key."""
+    runs = {key: run_id for key, (run_id, _) in tracker.children(parent).items()}
+    if not ranking:
+        return runs
+    best = ranking[0]["score"]
+    tied = sum(1 for e in ranking if e["score"] == best)
+    for rank, entry in enumerate(ranking[:top_k], 1):
+        run_id = runs.get(entry["key"])
+        if run_id is None:  # its logger failed; the failure was reported
+            continue
+        tags = {"nas.chosen": f"rank{rank}"}
+        if rank == 1 and tied > 1:
+            tags["nas.chosen_why"] = (
+                f"tied at val_acc {best:.4f} with {tied - 1} other candidate(s); ranked "
+                f"first for the lowest {cost} among them (then the earliest evaluated)"
+            )
+        for key, value in tags.items():
+            tracker.client.set_tag(run_id, key, value)
+    return runs
 
 
 def _log_artifacts(

@@ -19,6 +19,7 @@ from nas.pipeline.context import (
     load_splits,
     log_datasets,
     supernet_steps,
+    system_metrics,
     task_context,
     tracker_for,
 )
@@ -60,6 +61,8 @@ def run_supernet(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
             "train_images": len(data),
             **data_params(data),
         },
+        description=f"Supernet of {spec.space.name} on {ds.key} (seed {seed}): "
+        f"{cfg.epochs} epochs on {data.name}",
     )
     log_datasets(tracker, run_id, ds.key, data)
     mean, std = spec.backbone.normalisation()
@@ -74,16 +77,17 @@ def run_supernet(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
         report=report,
         checkpoint_every=st.checkpoint_every,
     )
-    train(
-        model,
-        data,
-        cfg,
-        mean=mean,
-        std=std,
-        sample_subnet=supernet_steps(spec),
-        state=state,
-        on_epoch=on_epoch,
-    )
+    with system_metrics(spec, run_id):
+        train(
+            model,
+            data,
+            cfg,
+            mean=mean,
+            std=std,
+            sample_subnet=supernet_steps(spec),
+            state=state,
+            on_epoch=on_epoch,
+        )
     save_file(
         {k: v.contiguous() for k, v in model.trainable_state_dict().items()},
         str(out / "supernet.safetensors"),

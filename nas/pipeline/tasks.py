@@ -58,6 +58,8 @@ class RetrainTask(Task):
     subnet: dict[str, Any]
     full_finetune: bool = False
     val_acc: float | None = None  # the search's score of a searched subnet
+    candidate_run_id: str | None = None  # a searched subnet's candidate run in MLflow
+    search_run_id: str | None = None  # ... and its search's run
 
     def describe(self) -> str:
         return f"{super().describe()} {self.label}"
