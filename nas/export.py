@@ -116,11 +116,12 @@ def peft_config(model: PromptedViT) -> dict[str, Any]:
 
 def peft_tensors(model: PromptedViT) -> dict[str, torch.Tensor]:
     lora = model.prompt_modules["lora"]
+    names = _names(model)
     out: dict[str, torch.Tensor] = {}
     for layer, rank in enumerate(model.subnet["lora"]):
         if not rank:
             continue
-        name = _names(model)[id(model.tower.qkv_linear(layer))]
+        name = names[id(model.tower.qkv_linear(layer))]
         w = lora.sliced(layer, rank)
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = w["A"].detach().contiguous().clone()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = w["B"].detach().contiguous().clone()

@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from nas.data.decode import model_array
+
 INPUTS_FILE = "inputs.json"
 #: The registry alias of the winner the search ranked best.
 ALIAS = "champion"
@@ -81,14 +83,6 @@ def _paths(model_input: Any) -> list[str] | None:
     return None
 
 
-def _resize(img: Image.Image, size: Sequence[int], channels: int) -> np.ndarray:
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    array = np.asarray(img, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
 def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Tensor:
     """The model's uint8 input (N, C, H, W), decoded as training decoded its images; a
     ValueError saying what was expected otherwise."""
@@ -97,7 +91,7 @@ def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Ten
         out = []
         for p in paths:
             with Image.open(p) as img:
-                out.append(_resize(img, size, channels))
+                out.append(model_array(img, size, channels))
         return torch.from_numpy(np.stack(out))
     array = np.asarray(model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input)
     if array.ndim not in (3, 4) or array.dtype.kind not in "iuf":
@@ -114,7 +108,7 @@ def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Ten
     for image in array:
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]  # (H, W): PIL's greyscale
-        out.append(_resize(Image.fromarray(image), size, channels))
+        out.append(model_array(Image.fromarray(image), size, channels))
     return torch.from_numpy(np.stack(out))
 
 

@@ -52,12 +52,18 @@ def decode_image(entry: Entry, size: tuple[int, int], channels: int) -> np.ndarr
     try:
         with Image.open(entry.path) as img:
             img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.uint8)
+            return model_array(img, size, channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{entry.source}: cannot decode image {entry.path}: {exc}") from None
+
+
+def model_array(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """A PIL image as the model's uint8 (C, H, W): ``channels`` (greyscale or RGB), resized
+    bicubic to ``size`` (H, W)."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
     if channels == 1:
         return array[None]
     return np.ascontiguousarray(array.transpose(2, 0, 1))

@@ -83,14 +83,14 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
         params={
             **cfg.to_dict(),
             **subnet_params_flat(subnet.to_data()),
-            "subnet": "full fine-tuning" if task.full_finetune else str(subnet),
+            "subnet": subnet_text(task, subnet),
             "role": task.role,
             **split_params(data[fit], data["test"]),
             **data_params(data[fit], data["test"], *targets.values()),
             **{f"target/{name}.images": len(split) for name, split in targets.items()},
         },
-        description=f"{label} ({task.role}): {subnet_text(task, subnet)} retrained on {fit}, "
-        "tested once on test",
+        description=f"{label} ({task.role}): {subnet_text(task, subnet) or 'the head alone'} "
+        f"retrained on {fit}, tested once on test",
     )
     log_datasets(tracker, run_id, ds.key, data[fit], data["test"], *targets.values())
     for key, value in (("candidate", task.candidate_run_id), ("search", task.search_run_id)):
@@ -121,7 +121,7 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
         "group": group,
         "role": task.role,
         "subnet": subnet.to_data(),
-        "subnet_str": "full fine-tuning" if task.full_finetune else str(subnet),
+        "subnet_str": subnet_text(task, subnet),
         "val_acc": task.val_acc,
         "test_acc": test_acc,
         "lr": cfg.lr,
@@ -163,7 +163,7 @@ def logged_model(
 
 
 def subnet_text(task: RetrainTask, subnet: Subnet) -> str:
-    return "full fine-tuning" if task.full_finetune else str(subnet) or "the head alone"
+    return "full fine-tuning" if task.full_finetune else str(subnet)
 
 
 def load_targets(spec: ExperimentSpec, ds, source) -> dict[str, DecodedSplit]:

@@ -166,24 +166,28 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
 
         algo.run(score, known, on_scored, on_round)
     logger.close()
-    ranking = [
-        e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)}
-        for e in algo.best(len(algo.history))
-    ]
     title = f"{ds.key} seed {seed}"
     _log_artifacts(spec, tracker, parent, out, algo.history, algo.best(1)[0].subnet, title)
-    candidate_runs = tag_chosen(tracker, parent, ranking, max(1, spec.retrain.top_k), s.cost)
-    for entry in ranking[: max(1, spec.retrain.top_k)]:
-        entry["mlflow_run_id"] = candidate_runs.get(entry["key"])
     result = {
         "dataset": ds.key,
         "seed": seed,
         "evaluated": len(algo.history),
         "evaluated_this_run": evaluated_now,
-        "top": ranking[: max(1, spec.retrain.top_k)],
+        "top": chosen(tracker, parent, algo.best(len(algo.history)), spec),
         "mlflow_run_id": parent,
     }
     return finish(tracker, parent, out, result)
+
+
+def chosen(
+    tracker: Tracker, parent: str, ranked: list[Evaluated], spec: ExperimentSpec
+) -> list[dict[str, Any]]:
+    """The candidates handed to retraining (the first ``top_k`` of ``ranked``), each with its
+    candidate run's ID; their runs tagged (``tag_chosen``)."""
+    ranking = [e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)} for e in ranked]
+    top_k = max(1, spec.retrain.top_k)
+    runs = tag_chosen(tracker, parent, ranking, top_k, spec.search.cost)
+    return [entry | {"mlflow_run_id": runs.get(entry["key"])} for entry in ranking[:top_k]]
 
 
 def tag_chosen(
