@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from nas.cli_space import (
 )
 from nas.data.dataset_formats import FORMATS
 from nas.errors import NasError
+from nas.pipeline.console import MODES
 from nas.space import DEFAULT_SPACE
 
 
@@ -70,6 +72,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from nas.pipeline.console import choose_mode, quiet_environment
+
+    # Before Ray is imported: its worker prefix is read then (nas.pipeline.console).
+    quiet_environment()
+    if args.progress:
+        os.environ["NAS_PROGRESS"] = args.progress
+    choose_mode()  # a bad NAS_PROGRESS is told now, not when the first stage starts
+
     from nas.pipeline.driver import run_experiment
     from nas.pipeline.reports import results_markdown
 
@@ -276,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if the output folder holds another spec's run, run in OUTPUT-<spec hash> beside "
         "it (the same command again continues there)",
+    )
+    run.add_argument(
+        "--progress",
+        choices=MODES,
+        help="live: one view redrawn in place; plain: a timestamped line per event; "
+        "auto (default, or NAS_PROGRESS): live in a terminal, plain otherwise",
     )
     run.set_defaults(func=cmd_run)
     report = commands.add_parser("report", help="print the results table of a run")

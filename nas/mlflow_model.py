@@ -48,7 +48,9 @@ class PromptedClassifier(mlflow.pyfunc.PythonModel):
     def predict(
         self,
         context: mlflow.pyfunc.PythonModelContext,
-        model_input,  # no type hint: MLflow would validate inputs against it
+        # np.ndarray is one of the hints MLflow does not validate against (nor warn about a
+        # missing one): the input may also be a DataFrame, or image paths (to_tensor).
+        model_input: np.ndarray,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         from nas.data.loader import normalise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,20 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
             job.stdout[-4000:] + job.stderr[-2000:]
         )
         assert "retrying:" not in job.stdout and "failed" not in job.stdout, job.stdout[-4000:]
+        # `ray job logs` is not a terminal: a timestamped line per progress and per trial's
+        # end, and none of Ray Tune's tables, Ray's worker prefixes or MLflow's run links.
+        stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+        assert re.search(
+            stamp + r"\[retrain digits seed 0 \w+\] epoch \d+/\d+: loss", job.stdout, re.M
+        )
+        assert re.search(stamp + r"\[search \w+ seed 0\] done after \d+ s; ", job.stdout, re.M)
+        for noise in (
+            "(_trainable pid=",
+            "Configuration for experiment",
+            "tensorboard",
+            "View run",
+        ):
+            assert noise.lower() not in job.stdout.lower(), (noise, job.stdout[-4000:])
     finally:
         kill_matching(temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -111,6 +113,47 @@ def run_to_end(spec_path: Path, output: Path, data: Path) -> str:
     return out
 
 
+def run_in_terminal(spec_path: Path, output: Path, data: Path) -> str:
+    """``nas run`` to the end with a terminal (a pty) as its stdout and stderr, as a person
+    runs it: everything the terminal received, escape codes included."""
+    tmpdir = tempfile.mkdtemp(prefix="nr", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": tmpdir, "COLUMNS": "160", "LINES": "40"}
+    env.pop("NAS_PROGRESS", None)
+    main, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nas", "run", str(spec_path), "--output", str(output)],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    received = bytearray()
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([main], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the terminal closed: every writer has exited
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=60)
+    finally:
+        os.close(main)
+        stop(proc, tmpdir)
+    screen = received.decode(errors="replace")
+    assert proc.returncode == 0, screen[-3000:]
+    return screen
+
+
 def kill_when(spec_path: Path, output: Path, data: Path, ready) -> None:
     proc, tmpdir = start(spec_path, output, data)
     try:
@@ -135,9 +178,34 @@ def workdir(tmp_path_factory, mini_vtab_data) -> Path:
 
 @pytest.fixture(scope="session")
 def uninterrupted(workdir, mini_vtab_data) -> Path:
+    """The spec run to the end in a terminal; what the terminal showed is beside it."""
     out = workdir / "uninterrupted"
-    run_to_end(workdir / "spec.yaml", out, mini_vtab_data)
+    screen = run_in_terminal(workdir / "spec.yaml", out, mini_vtab_data)
+    (workdir / "uninterrupted.screen").write_text(screen)
     return out
+
+
+@pytest.mark.xdist_group("pipeline")
+def test_terminal_shows_one_live_view_and_nothing_of_ray_or_mlflow(uninterrupted, workdir):
+    screen = (workdir / "uninterrupted.screen").read_text()
+    # the live view, redrawn in place: a line per running trial and the stage's totals
+    assert re.search(r"\[supernet digits seed 0\] epoch \d+/\d+: loss [\d.]+, train acc", screen)
+    assert re.search(r"\[search \w+ seed 0\] round \d+: \d+/\d+ candidates, best val", screen)
+    assert re.search(r"retrain: 6 trials, \d+ done, \d+ running, \d+ waiting", screen)
+    assert "\x1b[2K" in screen and "\x1b[1A" in screen  # erased and redrawn, not scrolled
+    assert "== retrain: " in screen and "| dataset " in screen  # the stages and the results
+    for noise in (
+        "(_trainable pid=",  # Ray's worker prefix
+        "Configuration for experiment",  # Tune's tables and hints
+        "View detailed results",
+        "tensorboard",
+        "Trial status",
+        "INFO worker.py",  # "Started a local Ray instance"
+        "INFO tune.py",
+        "View run",  # MLflow's run links
+        "Add type hints",  # MLflow's advice on PythonModel
+    ):
+        assert noise.lower() not in screen.lower(), noise
 
 
 def mlflow_runs(output: Path, experiment: str = "ci"):

@@ -19,6 +19,7 @@ from typing import Any
 from nas.data.dataset_formats import dataset_format, manifest_entry
 from nas.errors import NasError
 from nas.jsonio import read_json, write_json
+from nas.pipeline.console import say
 from nas.pipeline.context import (
     dataset_root,
     tracker_for,
@@ -103,7 +104,7 @@ def register(spec: ExperimentSpec) -> None:
 
     rows = [read_json(p) for p in sorted((spec.output / "retrain").glob("*/*/done.json"))]
     for dataset, uri in register_winners(spec.tracking_uri, spec.mlflow_experiment, rows).items():
-        print(f"== registered {dataset}: {uri}", flush=True)
+        say(f"== registered {dataset}: {uri}")
 
 
 def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:
@@ -194,7 +195,7 @@ class StageTimer:
             seconds = time.perf_counter() - start
             self.entry["stages"][stage] = round(seconds, 2)
             write_json(self.path, self.history)
-            print(f"== {stage}: {seconds:.1f} s", flush=True)
+            say(f"== {stage}: {seconds:.1f} s")
 
 
 def spec_reference(spec: ExperimentSpec) -> dict[str, str]:
@@ -227,7 +228,7 @@ def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
                 "prepared under the output folder"
             )
         if entry is None:
-            print(f"preparing mini-VTAB task {ds.name} in {root}", flush=True)
+            say(f"preparing mini-VTAB task {ds.name} in {root}")
             staging = root / ".staging"
             manifest = prepare(staging / ds.name, (ds.name,), log=lambda *_: None)
             shutil.rmtree(root / ds.name, ignore_errors=True)  # left by an interrupted run

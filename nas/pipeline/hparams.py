@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from nas.jsonio import read_json, write_json
+from nas.pipeline.console import say
 from nas.pipeline.context import (
     base_tags,
     data_params,
@@ -215,10 +216,9 @@ def run_hparams_stage(
         if not (run_layout(spec).hparams(s.ds.key, s.method) / "done.json").is_file()
     }
     size = {s.group: len(sweep_points(spec, s, base)) for s in sweeps}
-    print(
+    say(
         f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
-        f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
-        flush=True,
+        f"{', '.join(str(n) for n in sorted(set(size.values())))} points each"
     )
     tracker = tracker_for(spec)
     # A sweep finished before a stop may have lost its MLflow run (stopped between writing
@@ -303,7 +303,7 @@ def finish_sweep(
     track_sweep(spec, tracker, sweep)
     note = grid_edge_note(best["lr"], spec.hparams.lrs)
     if note:
-        print(f"hparams {sweep.ds.key} {sweep.method}: {note}", flush=True)
+        say(f"hparams {sweep.ds.key} {sweep.method}: {note}")
 
 
 def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:

@@ -9,6 +9,7 @@ its error, never dropped.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -23,6 +24,14 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from nas.errors import NasError
+from nas.pipeline.console import (
+    Console,
+    choose_mode,
+    quiet_worker,
+    say,
+    to_result,
+    tune_callback,
+)
 from nas.pipeline.progress import Progress
 from nas.pipeline.tasks import Task, task_from_config
 
@@ -67,7 +76,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         where = "ray.address" if address else "RAY_ADDRESS"
         probe_ray(target, where)
         try:
-            ray.init(address=target, log_to_driver=True)
+            ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING)
         except (ConnectionError, ValueError) as exc:
             raise NasError(
                 f"{where} {target!r}: {str(exc).splitlines()[0]} (start one with `ray start "
@@ -79,6 +88,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=True,
+        logging_level=logging.WARNING,  # not "Started a local Ray instance"
         runtime_env={"env_vars": dict(RAY_ENV)},
     )
     return True
@@ -87,13 +97,14 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
 def _trainable(config: dict[str, Any]) -> None:
     from nas.pipeline.stage import stage
 
+    quiet_worker()
     fn = stage(config["stage"]).run
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
     task = replace(task_from_config(config["task"]), node=ray.get_runtime_context().get_node_id())
 
     def report(progress: Progress) -> None:
-        tune.report(progress.numbers())
-        print(progress.line(), flush=True)
+        # The driver's console shows it (nas.pipeline.console): nothing printed here.
+        tune.report(to_result(progress))
 
     result = fn(task, report)
     tune.report(
@@ -180,11 +191,10 @@ class RetryReport(Callback):
         if path is not None and path.is_file():
             lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
             error = lines[-1][:300] if lines else ""
-        print(
+        say(
             f"nas: {self.stage} trial {describe_task(trial.config['task'])} failed "
             f"(attempt {trial.run_metadata.num_failures} of {self.max_failures + 1}), "
-            f"retrying: {error}",
-            flush=True,
+            f"retrying: {error}"
         )
 
 
@@ -204,6 +214,7 @@ def run_stage(
     if not tasks:
         return []
     trainable = tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus})
+    console = Console(stage, len(tasks), choose_mode())
     tuner = tune.Tuner(
         trainable,
         param_space={"stage": stage, "task": tune.grid_search([t.to_config() for t in tasks])},
@@ -213,10 +224,13 @@ def run_stage(
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
-            callbacks=[RetryReport(stage, max_failures), *callbacks],
+            callbacks=[RetryReport(stage, max_failures), tune_callback(console), *callbacks],
         ),
     )
-    results = tuner.fit()
+    # Tune's INFO lines ("Wrote the latest version of all result files ...") are not news.
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    with console.showing():
+        results = tuner.fit()
     failed = [(r.config["task"], r.error) for r in results if r.error is not None]
     if failed:
         lines = [

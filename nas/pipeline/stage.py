@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from nas.pipeline.console import say
 from nas.pipeline.progress import Report
 from nas.pipeline.tasks import Task
 
@@ -51,7 +52,7 @@ class Stage:
         tasks = self.tasks(spec, base, pairs)
         todo = [t for t in tasks if not self.done_marker(spec, t).is_file()]
         title = self.title or self.name
-        print(f"== {title}: {len(todo)} of {len(tasks)} trials to run", flush=True)
+        say(f"== {title}: {len(todo)} of {len(tasks)} trials to run")
         run_stage(self.name, todo, storage=run_layout(spec).ray, cpus=spec.cpus, gpus=spec.gpus)
 
 
