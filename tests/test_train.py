@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,13 @@ from nas.model import PromptedViT
 from nas.space import load_space
 from nas.subnet import Subnet
 from tests.test_data import mini_vtab  # noqa: F401 - session fixture
-from trainers.train import TrainConfig, evaluate, evaluate_candidates, lr_at, train
+from trainers.train import (
+    TrainConfig,
+    evaluate,
+    evaluate_candidates,
+    lr_scheduler,
+    train,
+)
 
 
 def setup(folder):
@@ -22,12 +30,32 @@ def setup(folder):
     return space, data, mean, std
 
 
-def test_lr_schedule():
-    cfg = TrainConfig(epochs=10, lr=1e-3, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
-    assert lr_at(cfg, 0, 5) == 1e-6
-    assert abs(lr_at(cfg, 10, 5) - 1e-3) < 1e-12
-    assert abs(lr_at(cfg, 50, 5) - 1e-5) < 1e-12
-    assert lr_at(cfg, 30, 5) < lr_at(cfg, 20, 5)
+def reference_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The schedule the loop had before timm's (our own code, kept here as the reference):
+    linear warm-up from warmup_lr to lr, then cosine decay to min_lr."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
+    total = max(1, cfg.epochs * steps_per_epoch - warmup)
+    progress = min(1.0, (step - warmup) / total)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+def test_timm_schedule_is_the_old_one_at_every_step_and_scales_each_group(warmup_epochs):
+    cfg = TrainConfig(epochs=10, lr=1e-3, warmup_epochs=warmup_epochs, warmup_lr=1e-6, min_lr=1e-5)
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr_scale": 1.0},
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr_scale": 4.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    schedule = lr_scheduler(optimizer, cfg, steps_per_epoch=5)
+    for step in range(10 * 5 + 3):  # and past the end: min_lr
+        schedule.step_update(step)
+        want = reference_lr(cfg, step, 5)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-18)
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(4 * want, rel=1e-12, abs=1e-18)
+    assert reference_lr(cfg, 0, 5) == (1e-6 if warmup_epochs else 1e-3)
 
 
 def test_supernet_training_learns_and_resumes_exactly(mini_vtab):  # noqa: F811

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.optim import create_optimizer_v2
 from torch import nn
 
 
@@ -14,7 +15,8 @@ def build_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # timm's factory, handed the parameters (not the model): no bias/norm exclusion
+    return create_optimizer_v2(params, opt="adamw", lr=lr, weight_decay=weight_decay)
 
 
 def train_step(

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from nas.data.decode import DecodedSplit
@@ -151,14 +153,23 @@ def parameter_groups(model: PromptedModel, cfg: TrainConfig) -> list[dict[str, A
     ]
 
 
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine decay to ``min_lr``."""
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> CosineLRScheduler:
+    """timm's cosine schedule, stepped per optimizer step: linear warm-up from ``warmup_lr``
+    to ``lr`` over ``warmup_epochs``, then cosine decay to ``min_lr`` at the last step; each
+    parameter group's ``lr_scale`` (the per-module multipliers) applied by timm."""
     warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
-    total = max(1, cfg.epochs * steps_per_epoch - warmup)
-    progress = min(1.0, (step - warmup) / total)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, cfg.epochs * steps_per_epoch - warmup),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,  # the cosine starts where the warm-up ends
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
 
 
 def autocast(device: torch.device):
@@ -187,8 +198,8 @@ def train(
         on_epoch: called after every epoch with (epoch number from 1, metrics, get_state).
     """
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
+    optimizer = create_optimizer_v2(
+        parameter_groups(model, cfg), opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     steps = SupernetSteps(sample_subnet) if callable(sample_subnet) else sample_subnet
     loader = TensorLoader(
@@ -207,6 +218,9 @@ def train(
         load_trainable(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
+    for group in optimizer.param_groups:  # timm's base rate: the spec's, whatever was saved
+        group["initial_lr"] = cfg.lr
+    schedule = lr_scheduler(optimizer, cfg, len(loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     fixed = model.subnet
     metrics: dict[str, float] = {}
@@ -220,9 +234,9 @@ def train(
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         for i, (x, y) in enumerate(loader):
-            lr = lr_at(cfg, epoch * len(loader) + i, len(loader))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # absent: an old checkpoint
+            schedule.step_update(epoch * len(loader) + i)  # a group without lr_scale: 1
+            first = optimizer.param_groups[0]
+            lr = first["lr"] / first.get("lr_scale", 1.0)  # the schedule's own value
             draws = steps.draws(rng) if steps else [fixed]
             teacher = None
             if steps and steps.distill and not steps.sandwich:
