@@ -170,7 +170,7 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
     command += ["--output", str(out)]
 
     def submit(*flags: str) -> subprocess.CompletedProcess:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine: the agent took over 120 s
         while True:  # the job agent comes up a little after `ray start` returns
             job = ray_cli(
                 "job",
