@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -50,8 +51,6 @@ def quiet_environment() -> None:
 def quiet_worker() -> None:
     """In a trial's process (which a cluster's raylet started, without the driver's
     environment): MLflow's run links and INFO lines stay out of the job's log."""
-    import logging
-
     for key in ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_LOGGING_LEVEL"):
         os.environ.setdefault(key, QUIET_ENV[key])  # read per call; and by processes it starts
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -73,10 +72,10 @@ def stamp(now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
 
 
-def say(text: str, mode: str | None = None) -> None:
+def say(text: str) -> None:
     """A line of the run's own (a stage starts, a stage took so long): timestamped in plain
     mode, as it is in a terminal (where the live view shows the time)."""
-    line = f"{stamp()} {text}" if choose_mode(mode) == "plain" else text
+    line = f"{stamp()} {text}" if choose_mode() == "plain" else text
     print(line, flush=True)
 
 
@@ -105,6 +104,12 @@ class TrialState:
     progress: Progress | None = None
     at: float = 0.0  # when the progress came
     ended: str | None = None  # "done" or "failed"
+
+    def eta(self, now: float) -> float | None:
+        """The seconds left as of ``now`` (the report's estimate, counted down since)."""
+        if self.progress is None or self.progress.eta_s is None:
+            return None
+        return max(0.0, self.progress.eta_s - (now - self.at))
 
 
 class ConsoleView:
@@ -138,11 +143,7 @@ class ConsoleView:
         """The longest time left of a running trial, plus the waiting trials' share of the
         workers at the mean duration of those done; None until it can be told."""
         running = self.running()
-        etas = [
-            max(0.0, s.progress.eta_s - (now - s.at))
-            for s in running
-            if s.progress is not None and s.progress.eta_s is not None
-        ]
+        etas = [eta for s in running if (eta := s.eta(now)) is not None]
         waiting = self.total - len(self.trials)
         if waiting > 0:
             if not self.durations:
@@ -168,11 +169,7 @@ class ConsoleView:
     def line(self, state: TrialState, now: float) -> str:
         if state.progress is None:
             return f"[{state.name}] starting ({now - state.started:.0f} s)"
-        if state.progress.eta_s is None:
-            return state.progress.line()
-        # the time left as of now, not as of the report
-        eta = max(0.0, state.progress.eta_s - (now - state.at))
-        return dataclasses.replace(state.progress, eta_s=eta).line()
+        return dataclasses.replace(state.progress, eta_s=state.eta(now)).line()
 
     def render(self, now: float) -> list[str]:
         """A line per running trial, then the stage's totals."""
@@ -237,7 +234,9 @@ class Console:
         from rich.console import Console as RichConsole
         from rich.live import Live
 
-        console = RichConsole(file=self.out(), force_terminal=self.stream is not None or None)
+        # a stream handed in (a test's) is drawn on as a terminal; stdout as rich finds it
+        force = True if self.stream is not None else None
+        console = RichConsole(file=self.out(), force_terminal=force)
         with Live(
             self.renderable(),
             console=console,
