@@ -701,6 +701,12 @@ def value_main(argv: list[str]) -> int:
         choices=OWN_LR_ROLES,
         help="also retrain these at their own swept rate (as the single modules are)",
     )
+    parser.add_argument(
+        "--pgn-store",
+        default=None,
+        help="the MLflow store of `nas run experiments/benchmark_mini_vtab_pgn.yaml`: "
+        "its NOAH+PGN winner against PGN alone gives noah_pgn_minus_pgn_points",
+    )
     args = parser.parse_args(argv)
     RESULTS = args.results
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -728,11 +734,15 @@ def value_main(argv: list[str]) -> int:
         print(line)
     if args.markdown:
         Path(args.markdown).write_text(value_table(rows, summary))
+    pgn = noah_pgn_versus_pgn(args.pgn_store) if args.pgn_store else None
+    if pgn:
+        print(pgn["line"])
     if args.json:
         doc = {
             "tasks": rows,
             "summary": {k: v for k, v in summary.items() if k != "lines"},
-            "noah_pgn_minus_pgn_points": None,  # the PGN budget's run: not measured here
+            # the PGN budget's run (nas run, read from its MLflow store): None if not given
+            "noah_pgn_minus_pgn_points": pgn["minus_points"] if pgn else None,
             "settings": {
                 "variant": args.variant,
                 "supernet_epochs": args.epochs,
@@ -747,6 +757,7 @@ def value_main(argv: list[str]) -> int:
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                 f"{torch.get_num_threads()} torch thread(s) per process",
                 "pairs_measured": len(rows),
+                "noah_pgn": {k: v for k, v in pgn.items() if k != "line"} if pgn else None,
             },
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
@@ -755,6 +766,44 @@ def value_main(argv: list[str]) -> int:
 
 #: The controls the searched winner is compared with, as named in the issue's JSON.
 CONTROLS = ("random_subnet", "random_search", "largest_in_budget", "best_single_module")
+
+
+def noah_pgn_versus_pgn(uri: str) -> dict:
+    """NOAH+PGN's searched winner against the ``pgn`` baseline (PGN alone), both retrained and
+    tested once in one run of ``experiments/benchmark_mini_vtab_pgn.yaml``, read back from its
+    MLflow store: the flat-mean difference over tasks (seed means) in points, and the paired
+    (task, seed) differences with their 95% interval."""
+    from nas.pipeline.reports import method_of, results_from_mlflow
+
+    acc: dict[tuple[str, int], dict[str, float]] = {}
+    for r in results_from_mlflow(uri)["rows"]:
+        method = method_of(r)
+        if method in ("searched", "pgn"):
+            acc.setdefault((r["dataset"], r["seed"]), {})[method] = r["test_acc"]
+    both = {k: v for k, v in acc.items() if len(v) == 2}
+    if not both:
+        raise SystemExit(f"{uri}: no (task, seed) with both the searched winner and PGN alone")
+    tasks = sorted({task for task, _ in both})
+    per_task = {
+        t: {
+            m: statistics.mean(v[m] for (tt, _), v in both.items() if tt == t)
+            for m in ("searched", "pgn")
+        }
+        for t in tasks
+    }
+    flat = {m: statistics.mean(v[m] for v in per_task.values()) for m in ("searched", "pgn")}
+    diffs = paired([100 * (v["searched"] - v["pgn"]) for v in both.values()])
+    minus = 100 * (flat["searched"] - flat["pgn"])
+    return {
+        "minus_points": minus,
+        "paired": diffs,
+        "flat_mean": flat,
+        "per_task": per_task,
+        "pairs": len(both),
+        "store": uri,
+        "line": f"NOAH+PGN - PGN alone: {minus:+.2f} points flat over {len(tasks)} tasks "
+        f"({len(both)} pairs, 95% interval {diffs['low']:+.2f} to {diffs['high']:+.2f})",
+    }
 
 
 def paired(diffs: list[float]) -> dict:
