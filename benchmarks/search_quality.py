@@ -713,6 +713,8 @@ def value_main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     Path(args.data).mkdir(parents=True, exist_ok=True)
+    # read first: a wrong store fails before the (long) runs, not after them
+    pgn = noah_pgn_versus_pgn(args.pgn_store) if args.pgn_store else None
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
@@ -734,7 +736,6 @@ def value_main(argv: list[str]) -> int:
         print(line)
     if args.markdown:
         Path(args.markdown).write_text(value_table(rows, summary))
-    pgn = noah_pgn_versus_pgn(args.pgn_store) if args.pgn_store else None
     if pgn:
         print(pgn["line"])
     if args.json:
@@ -773,10 +774,17 @@ def noah_pgn_versus_pgn(uri: str) -> dict:
     tested once in one run of ``experiments/benchmark_mini_vtab_pgn.yaml``, read back from its
     MLflow store: the flat-mean difference over tasks (seed means) in points, and the paired
     (task, seed) differences with their 95% interval."""
+    from nas.errors import NasError
     from nas.pipeline.reports import method_of, results_from_mlflow
 
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise SystemExit(f"--pgn-store {uri}: no such MLflow database")
+    try:
+        rows = results_from_mlflow(uri)["rows"]
+    except NasError as exc:
+        raise SystemExit(f"--pgn-store {exc}") from None
     acc: dict[tuple[str, int], dict[str, float]] = {}
-    for r in results_from_mlflow(uri)["rows"]:
+    for r in rows:
         method = method_of(r)
         if method in ("searched", "pgn"):
             acc.setdefault((r["dataset"], r["seed"]), {})[method] = r["test_acc"]
