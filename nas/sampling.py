@@ -8,7 +8,10 @@ outside a tight budget, so the supernet trains subnets the search never consider
   trains the subnets a user searches;
 - ``balanced``: draws are spread evenly over subnet *sizes* (trainable parameters): a size bin
   is picked uniformly, then subnets are drawn from NOAH's sampler leaned towards larger or
-  smaller choices until one lands in the bin (after 64 tries, the nearest one drawn).
+  smaller choices until one lands in the bin (after 64 tries, the nearest one drawn);
+- ``anchor_share``: that share of the draws is one of the search's anchors (each module alone
+  at its largest size in budget, the largest subnets along each module: ``nas.search.anchors``),
+  so that the subnets a search evaluates first are trained as such.
 
 A sampler is a plain function ``rng -> Subnet``, as ``trainers.train`` takes it. With
 ``in_budget``, the sandwich rule's ends and the distillation teacher are the largest and the
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nas.cost import subnet_params
 from nas.errors import NasError
+from nas.search.anchors import anchors
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -137,14 +141,32 @@ def sandwich_ends(space: SearchSpace, in_budget: bool) -> tuple[Subnet, Subnet]:
     return admitted[-1], admitted[0]
 
 
-def supernet_steps(space: SearchSpace, stage: Any) -> SupernetSteps:
+def with_anchors(draw: Sampler, anchors: Sequence[Subnet], share: float) -> Sampler:
+    """``draw``, except that a ``share`` of the draws is one of ``anchors`` (uniformly): the
+    subnets the search evaluates first (``nas.search.anchors``) are trained as such. A share
+    of 0 is ``draw`` itself (the same draws from the same random stream)."""
+    if share <= 0 or not anchors:
+        return draw
+    anchors = list(anchors)
+
+    def sample(rng: random.Random) -> Subnet:
+        return rng.choice(anchors) if rng.random() < share else draw(rng)
+
+    return sample
+
+
+def supernet_steps(space: SearchSpace, stage: Any, named: Iterable[Subnet] = ()) -> SupernetSteps:
     """What each supernet training step trains, as a ``SupernetStage``'s sampling settings
-    (``sampling``, ``in_budget``, ``subnets_per_step``, ``sandwich``, ``distill``) say."""
+    (``sampling``, ``in_budget``, ``subnets_per_step``, ``sandwich``, ``distill``,
+    ``anchor_share``) say; ``named``: the spec's own subnets, anchors with the space's."""
     from trainers.train import SupernetSteps  # trainers.train imports the model, not this
 
     largest, smallest = sandwich_ends(space, stage.in_budget)
+    draw = make_sampler(space, stage.sampling, stage.in_budget)
+    if stage.anchor_share > 0:
+        draw = with_anchors(draw, anchors(space, named), stage.anchor_share)
     return SupernetSteps(
-        make_sampler(space, stage.sampling, stage.in_budget),
+        draw,
         per_step=stage.subnets_per_step,
         sandwich=stage.sandwich,
         largest=largest,

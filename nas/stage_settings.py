@@ -90,6 +90,7 @@ class SupernetStage(TrainingStage):
     subnets_per_step: int = 1  # random subnets per mini-batch, gradients averaged
     sandwich: bool = False  # the largest and smallest subnets also train every step
     distill: float = 0.0  # weight of the KL to the largest subnet's detached predictions
+    anchor_share: float = 0.0  # share of the random draws that are the search's anchors
 
 
 #: ``in_budget`` redraws until a subnet fits: it needs this share of draws to fit (2,000 tried
@@ -108,6 +109,7 @@ LATER_FIELDS = {
     "sandwich": False,
     "distill": 0.0,
     "sweep_searched": False,
+    "anchor_share": 0.0,
 }
 
 
@@ -416,6 +418,8 @@ def _check_sampling(r: Reader, st: SupernetStage, space: SearchSpace) -> None:
     r.string(st.sampling, "stages.supernet.sampling", choices=STRATEGIES)
     if not 0 <= st.distill <= 1:  # NaN too
         r.fail("stages.supernet.distill", f"{st.distill} is not a weight in [0, 1]")
+    if not 0 <= st.anchor_share <= 1:
+        r.fail("stages.supernet.anchor_share", f"{st.anchor_share} is not a share in [0, 1]")
     if st.subnets_per_step < 1 and not st.sandwich:
         r.fail(
             "stages.supernet.subnets_per_step",

@@ -99,6 +99,27 @@ class ModuleSpace:
     def to_data(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def ladder(self, geometry: TowerGeometry) -> list[Choice]:
+        """The choices a budget move sets this kind to (``nas.search.anchors``), smallest
+        first: its empty choice when the space holds one, then every choice by size (a kind
+        with more than ``LADDER_LIMIT`` choices: its smallest and largest)."""
+        empty = self.module.empty_choice()
+        if self.count() <= LADDER_LIMIT:
+            steps = list(self.choices())
+        else:
+            steps = [self.smallest(geometry), self.largest(geometry)]
+        return _by_size(self.module, geometry, [empty, *steps] if self.contains(empty) else steps)
+
+
+#: Kinds with at most this many choices list them all on their ladder.
+LADDER_LIMIT = 4096
+
+
+def _by_size(module: type[PromptModule], geometry: TowerGeometry, choices: list) -> list:
+    """Distinct choices, fewest trainable parameters first (ties in a fixed order)."""
+    unique = {module.canonical(c): None for c in choices}
+    return sorted(unique, key=lambda c: (module.params(c, geometry), repr(c)))
+
 
 def trim(dims: Sequence[int] | None) -> tuple[int, ...]:
     """Canonical per-layer dims: a tuple without trailing zeros."""
@@ -213,6 +234,12 @@ class LayeredSpace(ModuleSpace):
 
     def largest(self, geometry: TowerGeometry) -> tuple[int, ...]:
         return trim((max(self.dims),) * max(self.depths))
+
+    def ladder(self, geometry: TowerGeometry) -> list[tuple[int, ...]]:
+        """The uniform choices, smallest first: one dim on every layer of a depth (and the
+        empty choice when a dim of 0 or a depth of 0 allows it)."""
+        steps = [(d,) * depth for depth in self.depths for d in self.dims]
+        return _by_size(self.module, geometry, [s for s in steps if self.contains(s)])
 
     def to_data(self) -> dict[str, Any]:
         return {

@@ -108,7 +108,10 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     model = spec.backbone.supernet(spec.space, val, ds.key).to(device)
     load_trainable(model, weights)
     mean, std = spec.backbone.normalisation()
-    algo = make_search(s.algorithm, spec.space, seed=seed, cost=s.cost, **s.options)
+    named = tuple(spec.retrain.baselines.values())  # anchors where the algorithm uses them
+    algo = make_search(
+        s.algorithm, spec.space, seed=seed, cost=s.cost, named_anchors=named, **s.options
+    )
     log_path = out / "candidates.jsonl"
     known = {e.subnet: e for e in read_candidates_log(log_path)}
     algo.restore(list(known.values()))

@@ -28,7 +28,7 @@ def register_algorithm(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
 
 
 #: options the pipeline sets itself, not the spec
-_SET_BY_PIPELINE = {"self", "space", "seed", "cost"}
+_SET_BY_PIPELINE = {"self", "space", "seed", "cost", "named_anchors"}
 #: counts that may be 0 (an evolution of crossovers only, or of mutations only)
 _MAY_BE_ZERO = {"mutations", "crossovers"}
 
@@ -53,7 +53,10 @@ def option_problem(name: str, key: str, value: Any) -> str | None:
     if key not in known:
         return f"not an option of {name}; its options: {', '.join(sorted(known))}"
     default = known[key]
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            return f"expected true or false, got {value!r}"
+    elif isinstance(default, int):
         least = 0 if key in _MAY_BE_ZERO else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             return f"expected an integer >= {least}, got {value!r}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from nas.cost import added_flops, subnet_params
+from nas.search.anchors import anchors
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -56,6 +57,8 @@ class SearchAlgorithm(ABC):
         cost: ``"params"`` (trainable module parameters) or ``"flops"`` (added FLOPs), the
             cost recorded with each candidate and traded against accuracy by multi-objective
             algorithms.
+        named_anchors: subnets the spec names (its baselines), which the algorithms that
+            use anchors evaluate first with the space's own (set by the pipeline).
     """
 
     name: ClassVar[str]
@@ -65,10 +68,19 @@ class SearchAlgorithm(ABC):
     #: candidates the algorithm expects to evaluate in all (for progress and time estimates)
     planned: int = 0
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, cost: str = "params") -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        seed: int = 0,
+        cost: str = "params",
+        named_anchors: Sequence[Subnet] = (),
+    ) -> None:
         if cost not in ("params", "flops"):
             raise ValueError(f"cost must be 'params' or 'flops', not {cost!r}")
         self.space = space
+        #: subnets the spec names (baselines, imported configs): anchors where one is used
+        self.named_anchors = tuple(named_anchors)
         self.seed = seed
         self.cost_metric = cost
         self.history: list[Evaluated] = []
@@ -123,6 +135,11 @@ class SearchAlgorithm(ABC):
         """The ``k`` best evaluated candidates by score (ties: the cheaper, then the earlier)."""
         order = sorted(enumerate(self.history), key=lambda t: (-t[1].score, t[1].cost, t[0]))
         return [e for _, e in order[:k]]
+
+    def anchors(self) -> list[Subnet]:
+        """The space's anchors and the spec's named subnets (``nas.search.anchors``), the
+        legal unseen ones, in order."""
+        return [s for s in anchors(self.space, self.named_anchors) if not self.seen(s)]
 
     def random_legal(self, rng: random.Random, exclude: set[Subnet], attempts: int = 200):
         """A random legal unseen subnet not in ``exclude`` (None after ``attempts`` tries)."""

@@ -1,18 +1,25 @@
 """Evolutionary search as NOAH runs it (from AutoFormer).
 
-Generation 0 is up to ``population`` random legal candidates. After each generation the
-``top_k`` best of everything evaluated are the parents of ``mutations`` mutants (per module:
-depth resampled with ``s_prob``, each layer's dim with ``m_prob``) and ``crossovers`` children
-(each module's setting from one of two parents); random legal candidates fill the generation up
-to ``population``. Illegal (out of space or budget) and already-evaluated candidates are
-rejected before evaluation. NOAH's defaults: 50 / 10 / 25 / 25, m_prob 0.2, s_prob 0.4.
+Generation 0 is the space's anchors (``nas.search.anchors``: each module alone at the largest
+size in budget, the largest subnet grown along each module, the spec's baselines; with
+``anchors``), then random legal candidates up to ``population``. After each generation the
+``top_k`` best of everything evaluated are the parents of ``mutations`` mutants and
+``crossovers`` children (each module's setting from one of two parents); random legal
+candidates fill the generation up to ``population``. A mutant is, with probability ``moves``, a
+budget move of its parent (drop a module, grow one to the largest size that fits, move budget
+from one to another), else NOAH's mutation (per module: depth resampled with ``s_prob``, each
+layer's dim with ``m_prob``). Illegal (out of space or budget) and already-evaluated candidates
+are rejected before evaluation. NOAH's own evolution: ``anchors: false, moves: 0`` with
+50 / 10 / 25 / 25, m_prob 0.2, s_prob 0.4.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import ClassVar
 
+from nas.search.anchors import move
 from nas.search.base import SearchAlgorithm
 from nas.search.operators import mutate
 from nas.space import SearchSpace
@@ -24,6 +31,7 @@ class Evolution(SearchAlgorithm):
     option_ranges: ClassVar[dict[str, tuple[float, float]]] = {
         "m_prob": (0.0, 1.0),  # probabilities
         "s_prob": (0.0, 1.0),
+        "moves": (0.0, 1.0),
     }
 
     def __init__(
@@ -40,8 +48,12 @@ class Evolution(SearchAlgorithm):
         seed: int = 0,
         cost: str = "params",
         max_attempts: int = 50,
+        anchors: bool = True,
+        moves: float = 0.5,
+        named_anchors: Sequence[Subnet] = (),
     ) -> None:
-        super().__init__(space, seed=seed, cost=cost)
+        super().__init__(space, seed=seed, cost=cost, named_anchors=named_anchors)
+        self.use_anchors, self.moves = anchors, moves
         self.generations, self.population, self.top_k = generations, population, top_k
         self.mutations, self.crossovers = mutations, crossovers
         self.m_prob, self.s_prob = m_prob, s_prob
@@ -53,7 +65,9 @@ class Evolution(SearchAlgorithm):
     def finished(self) -> bool:
         return self.round >= self.generations
 
-    def mutate(self, parent: Subnet) -> Subnet:
+    def mutate(self, parent: Subnet) -> Subnet | None:
+        if self.moves and self.rng.random() < self.moves:
+            return move(self.space, parent, self.rng)
         return Subnet(
             {
                 kind: mutate(space, parent[kind], self.rng, self.m_prob, self.s_prob)
@@ -72,7 +86,12 @@ class Evolution(SearchAlgorithm):
             if len(out) == count:
                 break
             child = make()
-            if child not in taken and not self.seen(child) and self.legal(child):
+            if (
+                child is not None
+                and child not in taken
+                and not self.seen(child)
+                and self.legal(child)
+            ):
                 out.append(child)
                 taken.add(child)
         return out
@@ -82,6 +101,9 @@ class Evolution(SearchAlgorithm):
             return []
         taken: set[Subnet] = set()
         candidates: list[Subnet] = []
+        if not self.history and self.use_anchors:
+            candidates += self.anchors()[: self.population]
+            taken.update(candidates)
         if self.history:
             parents = [e.subnet for e in self.best(self.top_k)]
             candidates += self._children(

@@ -4,13 +4,21 @@ The depth-then-dims space becomes conditional parameters (``lora.depth``, then `
 for the active layers only). A proposal outside the budget is not evaluated: it is told to the
 study as infeasible through Optuna's constraints (``constraint > 0``), so the sampler learns to
 avoid that region; a proposal already evaluated is told its known result again without being
-evaluated. Only legal, unseen proposals are returned, ``batch_size`` a round.
+evaluated. Only legal, unseen proposals are returned, ``batch_size`` a round. With ``anchors``
+the space's anchors (``nas.search.anchors``) are the study's first trials (enqueued); after
+that, a ``moves`` share of each round is budget moves of the ``top_k`` best so far (enqueued
+before the sampler's own proposals), so that the study reaches what its sampler alone would not.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+from typing import ClassVar
+
 import optuna
 
+from nas.search.anchors import move
 from nas.search.base import Evaluated, SearchAlgorithm, pareto_front
 from nas.search.operators import suggest
 from nas.space import SearchSpace
@@ -23,6 +31,7 @@ class OptunaSearch(SearchAlgorithm):
     """Base of the Optuna-backed searches; ``multi_objective`` picks NSGA-II."""
 
     multi_objective = False
+    option_ranges: ClassVar[dict[str, tuple[float, float]]] = {"moves": (0.0, 1.0)}
 
     def __init__(
         self,
@@ -33,8 +42,14 @@ class OptunaSearch(SearchAlgorithm):
         seed: int = 0,
         cost: str = "params",
         max_attempts: int = 50,
+        anchors: bool = True,
+        moves: float = 0.5,
+        top_k: int = 5,
+        named_anchors: Sequence[Subnet] = (),
     ) -> None:
-        super().__init__(space, seed=seed, cost=cost)
+        super().__init__(space, seed=seed, cost=cost, named_anchors=named_anchors)
+        self.moves, self.top_k = moves, top_k
+        self.rng = random.Random(seed)
         self.planned = num_candidates
         self.batch_size = batch_size
         self.max_attempts = max_attempts
@@ -45,6 +60,17 @@ class OptunaSearch(SearchAlgorithm):
         )
         self._open: dict[Subnet, list[optuna.trial.Trial]] = {}
         self._known: dict[Subnet, Evaluated] = {}
+        if anchors:  # the study's first trials (``nas.search.anchors``)
+            for subnet in self.anchors()[:num_candidates]:
+                self.study.enqueue_trial(self._params(subnet))
+
+    def _params(self, subnet: Subnet) -> dict[str, object]:
+        """A subnet as the study's parameters (the active ones)."""
+        return {
+            f"{kind}.{name}": value
+            for kind, space in self.space.modules.items()
+            for name, value in space.encode(subnet[kind]).items()
+        }
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
@@ -63,6 +89,12 @@ class OptunaSearch(SearchAlgorithm):
 
     def _propose(self) -> list[Subnet]:
         want = min(self.batch_size, self.planned - len(self.history))
+        if self.history and self.moves:  # budget moves of the best so far, asked first
+            parents = [e.subnet for e in self.best(self.top_k)]
+            for _ in range(round(self.moves * want)):
+                child = move(self.space, self.rng.choice(parents), self.rng)
+                if child is not None:
+                    self.study.enqueue_trial(self._params(child), skip_if_exists=True)
         out: list[Subnet] = []
         attempts = 0
         while len(out) < want and attempts < want * self.max_attempts:

@@ -1,8 +1,10 @@
-"""Random search: legal, unseen candidates drawn with NOAH's sampling, ``batch_size`` a round."""
+"""Random search: legal, unseen candidates drawn with NOAH's sampling, ``batch_size`` a round;
+no anchors (it is the control a search is measured against)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from nas.search.base import SearchAlgorithm
 from nas.space import SearchSpace
@@ -20,8 +22,9 @@ class RandomSearch(SearchAlgorithm):
         batch_size: int = 50,
         seed: int = 0,
         cost: str = "params",
+        named_anchors: Sequence[Subnet] = (),  # not used: random search is the control
     ) -> None:
-        super().__init__(space, seed=seed, cost=cost)
+        super().__init__(space, seed=seed, cost=cost, named_anchors=named_anchors)
         self.planned = num_candidates
         self.batch_size = batch_size
         self.rng = random.Random(seed)
