@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from nas.stage_settings import (
     RetrainStage,
     SearchStage,
     SupernetStage,
+    VerifyStage,
     hashed,
     parse_stages,
 )
@@ -125,6 +126,7 @@ class ExperimentSpec:
     supernet: SupernetStage
     search: SearchStage
     retrain: RetrainStage
+    verify: VerifyStage = field(default_factory=VerifyStage)
 
     mlflow_artifacts: str | None = None  # where a new experiment's artifacts go
     #: register each dataset's searched winners in MLflow's Model Registry (alias champion)
@@ -160,6 +162,8 @@ class ExperimentSpec:
                 **({"hparams": hashed(self.hparams)} if self.hparams.enabled else {}),
                 "supernet": hashed(self.supernet),
                 "search": asdict(self.search),
+                # the verified winner is what retrains; left out when off (earlier hashes)
+                **({"verify": asdict(self.verify)} if self.verify.enabled else {}),
                 "retrain": {
                     **{
                         k: v
@@ -424,6 +428,7 @@ def parse_spec(
         hparams=stages.hparams,
         supernet=stages.supernet,
         search=stages.search,
+        verify=stages.verify,
         retrain=stages.retrain,
         mlflow_artifacts=artifacts,
         mlflow_register=register,

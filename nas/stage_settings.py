@@ -127,6 +127,24 @@ class SearchStage:
 
 
 @dataclass(frozen=True)
+class VerifyStage:
+    """Between search and retraining (optional): the search's ``top_k`` best distinct
+    candidates, with ``anchors`` also each module alone at its largest size in budget, the
+    largest subnets along each module and the spec's baselines, trained alone on train for
+    ``epochs`` (a baseline's own swept rate where it has one, else the supernet's), stopped
+    early by successive halving (ASHA: ``grace_period``, ``reduction_factor``) on val; the
+    best on val is what the later stages retrain."""
+
+    enabled: bool = False
+    top_k: int = 5
+    anchors: bool = True
+    epochs: int = 10
+    batch_size: int = 64
+    grace_period: int = 2
+    reduction_factor: int = 3
+
+
+@dataclass(frozen=True)
 class RetrainStage(TrainingStage):
     epochs: int = 100
     lr: float = 1e-3
@@ -140,12 +158,15 @@ class Stages(NamedTuple):
     hparams: HparamsStage
     supernet: SupernetStage
     search: SearchStage
+    verify: VerifyStage
     retrain: RetrainStage
 
 
 def parse_stages(r: Reader, value: Any, space: SearchSpace, doc: Document) -> Stages:
     """A spec's ``stages``: each stage's settings, in range and consistent with each other."""
-    stages = r.mapping(value or {}, "stages", optional=["hparams", "supernet", "search", "retrain"])
+    stages = r.mapping(
+        value or {}, "stages", optional=["hparams", "supernet", "search", "verify", "retrain"]
+    )
     groups = [*space.modules, "head", "backbone"]
     hparams, raw_h = _stage(
         r, stages.get("hparams"), "stages.hparams", HparamsStage, extra={"module_lrs": None}
@@ -196,6 +217,15 @@ def parse_stages(r: Reader, value: Any, space: SearchSpace, doc: Document) -> St
         problem = option_problem(search.algorithm, str(key), value)
         if problem:
             r.fail(f"stages.search.options.{key}", problem)
+    verify, _ = _stage(r, stages.get("verify"), "stages.verify", VerifyStage)
+    if verify.top_k < 1:
+        r.fail("stages.verify.top_k", f"expected at least 1, got {verify.top_k!r}")
+    if verify.enabled and not search.enabled:
+        r.fail(
+            "stages.verify.enabled",
+            "verifies the search's best candidates, but the search is disabled "
+            "(stages.search.enabled is false)",
+        )
     retrain, raw = _stage(
         r,
         stages.get("retrain"),
@@ -211,6 +241,7 @@ def parse_stages(r: Reader, value: Any, space: SearchSpace, doc: Document) -> St
         ("stages.hparams", hparams),
         ("stages.supernet", supernet),
         ("stages.search", search),
+        ("stages.verify", verify),
         ("stages.retrain", retrain),
     ):
         _check_ranges(r, key, stage)
@@ -228,7 +259,7 @@ def parse_stages(r: Reader, value: Any, space: SearchSpace, doc: Document) -> St
             "stages.search.enabled",
             "is false and stages.retrain.baselines is empty: the spec has nothing to run",
         )
-    return Stages(hparams, supernet, search, retrain)
+    return Stages(hparams, supernet, search, verify, retrain)
 
 
 def _parse_baselines(
@@ -369,10 +400,11 @@ def _check_ranges(r: Reader, key: str, stage: Any) -> None:
                 f"{stage.min_lr:g} is above lr ({stage.lr:g}): the cosine schedule would rise "
                 "instead of decay",
             )
-    if isinstance(stage, HparamsStage) and stage.enabled and stage.grace_period > stage.epochs:
+    staged = isinstance(stage, HparamsStage | VerifyStage) and stage.enabled
+    if staged and stage.grace_period > stage.epochs:
         r.fail(
             f"{key}.grace_period",
-            f"{stage.grace_period} exceeds the sweep's {stage.epochs} epochs",
+            f"{stage.grace_period} exceeds the stage's {stage.epochs} epochs",
         )
 
 

@@ -44,6 +44,7 @@ from nas.pipeline.reports import (
 from nas.pipeline.retrain import Retrain
 from nas.pipeline.search import LOGGERS_LOCK, SupernetAndSearch
 from nas.pipeline.stage import Stage
+from nas.pipeline.verify import Verify
 from nas.spec import ExperimentSpec, load_spec
 
 
@@ -151,13 +152,16 @@ def stop_on_signals() -> Iterator[None]:
 
 def pipeline(spec: ExperimentSpec) -> list[tuple[str, Stage]]:
     """The spec's stages in order, each with the name its wall time is recorded under:
-    hparams (when enabled) -> supernet and search -> the searched subnets' sweeps (with
-    ``hparams.sweep_searched``) -> retrain."""
+    hparams (when enabled) -> supernet and search -> (verify ->) the searched subnets' sweeps (with
+    ``hparams.sweep_searched``) -> retrain; with ``stages.verify``, the search's best
+    candidates and the anchors verified alone after the search."""
     stages: list[tuple[str, Stage]] = []
     if spec.hparams.enabled:
         stages.append(("hparams", Hparams()))
     if spec.search.enabled:
         stages.append(("supernet+search", SupernetAndSearch()))
+    if spec.verify.enabled:
+        stages.append(("verify", Verify()))
     if spec.hparams.enabled and spec.hparams.sweep_searched:
         stages.append(("hparams (searched)", Hparams(searched=True)))
     return [*stages, ("retrain", Retrain())]

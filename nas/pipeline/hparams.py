@@ -26,7 +26,7 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.layout import run_layout
+from nas.pipeline.layout import run_layout, searched_top
 from nas.pipeline.progress import Report, SweepProgress
 from nas.pipeline.stage import Pairs, Stage
 from nas.pipeline.tasks import SweepPoint
@@ -192,7 +192,7 @@ def searched_sweeps(spec: ExperimentSpec, pairs) -> list[Sweep]:
     retrained (each dataset, seed and rank up to ``retrain.top_k``), with that seed."""
     out = []
     for ds, seed in pairs:
-        found = read_json(run_layout(spec).search(ds.key, seed) / "done.json")
+        found = searched_top(spec, ds.key, seed)
         for rank, cand in enumerate(found["top"][: spec.retrain.top_k], 1):
             method = searched_method(f"rank{rank}", seed)
             out.append(Sweep(ds, method, seed, cand["subnet"]))

@@ -8,6 +8,8 @@ sees half a file and a kill never leaves one::
     supernet/<ds>-seed<k>/supernet.safetensors  final module and head weights; done.json
     search/<ds>-seed<k>/candidates.jsonl        every evaluated candidate, appended as scored
     search/<ds>-seed<k>/candidates.csv          the table of all candidates; done.json
+    verify/<ds>-seed<k>/<label>.json            a verified candidate's epochs so far
+    verify/<ds>-seed<k>/done.json               the candidates ranked on val (stages.verify)
     retrain/<ds>-seed<k>/<label>/model/         subnet.yaml + weights.safetensors; done.json
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from nas.errors import NasError
+from nas.jsonio import read_json
 from nas.spec import ExperimentSpec
 
 
@@ -69,6 +72,9 @@ class RunLayout:
     def search(self, dataset: str, seed: int) -> Path:
         return self.root / "search" / run_key(dataset, seed)
 
+    def verify(self, dataset: str, seed: int) -> Path:
+        return self.root / "verify" / run_key(dataset, seed)
+
     def retrain(self, dataset: str, seed: int, label: str) -> Path:
         return self.root / "retrain" / run_key(dataset, seed) / label
 
@@ -88,3 +94,12 @@ class RunLayout:
 
 def run_layout(spec: ExperimentSpec) -> RunLayout:
     return RunLayout(spec.output)
+
+
+def searched_top(spec: ExperimentSpec, dataset: str, seed: int) -> dict[str, Any]:
+    """What the search chose for retraining (``top``: ranked candidates, each with its
+    ``subnet`` and ``score`` on val): the verification's ranking with ``stages.verify``,
+    else the search's own."""
+    layout = run_layout(spec)
+    where = layout.verify if spec.verify.enabled else layout.search
+    return read_json(where(dataset, seed) / "done.json")

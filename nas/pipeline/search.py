@@ -185,10 +185,11 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
 def chosen(
     tracker: Tracker, parent: str, ranked: list[Evaluated], spec: ExperimentSpec
 ) -> list[dict[str, Any]]:
-    """The candidates handed to retraining (the first ``top_k`` of ``ranked``), each with its
-    candidate run's ID; their runs tagged (``tag_chosen``)."""
+    """The candidates handed on (the first ``top_k`` of ``ranked``: retraining's, or the
+    verification's with ``stages.verify``), each with its candidate run's ID; their runs
+    tagged (``tag_chosen``)."""
     ranking = [e.to_data() | {"key": e.subnet.key(), "subnet_str": str(e.subnet)} for e in ranked]
-    top_k = max(1, spec.retrain.top_k)
+    top_k = max(1, spec.retrain.top_k, spec.verify.top_k if spec.verify.enabled else 0)
     runs = tag_chosen(tracker, parent, ranking, top_k, spec.search.cost)
     return [entry | {"mlflow_run_id": runs.get(entry["key"])} for entry in ranking[:top_k]]
 

@@ -62,6 +62,7 @@ STAGES: dict[str, str | type[Stage]] = {
     "supernet": "nas.pipeline.supernet:Supernet",
     "search": "nas.pipeline.search:Search",
     "supernet+search": "nas.pipeline.search:SupernetAndSearch",
+    "verify": "nas.pipeline.verify:Verify",
     "retrain": "nas.pipeline.retrain:Retrain",
 }
 

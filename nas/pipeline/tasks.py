@@ -60,12 +60,34 @@ class RetrainTask(Task):
     val_acc: float | None = None  # the search's score of a searched subnet
     candidate_run_id: str | None = None  # a searched subnet's candidate run in MLflow
     search_run_id: str | None = None  # ... and its search's run
+    verify_run_id: str | None = None  # ... and its verification's run (stages.verify)
+    verified_loss: float | None = None  # the verified run's loss (``retrain.verified_loss``)
 
     def describe(self) -> str:
         return f"{super().describe()} {self.label}"
 
 
-TASK_TYPES: dict[str, type[Task]] = {t.kind: t for t in (Task, SweepPoint, RetrainTask)}
+@dataclass(frozen=True, kw_only=True)
+class VerifyPoint(Task):
+    """One candidate of a verification (``stages.verify``): a subnet trained alone with the
+    short recipe, scored on val each epoch; ASHA compares it with its group's (dataset and
+    seed) other candidates."""
+
+    kind: ClassVar[str] = "verify"
+    label: str  # c01, c02, ... in the order the candidates were listed
+    subnet: dict[str, Any]
+    origin: str  # "search rank 2", "anchor", "baseline lora", or several joined by ", "
+    group: str
+    search_val_acc: float | None = None  # the supernet's score, where the search scored it
+    candidate_run_id: str | None = None
+
+    def describe(self) -> str:
+        return f"{super().describe()} {self.label}"
+
+
+TASK_TYPES: dict[str, type[Task]] = {
+    t.kind: t for t in (Task, SweepPoint, RetrainTask, VerifyPoint)
+}
 
 
 def task_from_config(config: dict[str, Any]) -> Task:
