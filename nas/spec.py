@@ -19,6 +19,7 @@ stages:
   supernet: {epochs: 10, batch_size: 64, lr: 5.0e-4, checkpoint_every: 2, ...}
   search: {algorithm: evolution, cost: params, options: {generations: 3, population: 20}}
                                    # search: {enabled: false} retrains only the baselines
+  verify: {enabled: true, top_k: 5, anchors: true, epochs: 10}   # optional: README
   retrain: {top_k: 1, epochs: 10, lr: 1.0e-3, baselines: {lora8: {lora: {depth: 6, dims: 8}}}}
 ```
 """

@@ -163,3 +163,24 @@ def test_supernet_trains_the_anchors(pgn):
     plain = supernet_steps(pgn, SupernetStage())
     rng = random.Random(0)
     assert PGN_ALONE not in {plain.sample(rng) for _ in range(4000)}
+
+
+def test_a_search_begun_before_anchors_continues_without_them(tmp_path, capsys):
+    """A stopped search whose candidates.jsonl was written before anchors and moves existed
+    replays only without them: it continues that way, every scored candidate kept."""
+    from nas.pipeline.search import restored_search
+    from nas.spec import load_spec
+    from tests.conftest import REPO
+
+    spec = load_spec(REPO / "experiments" / "quickstart.yaml", output=tmp_path, check_data=False)
+    options = {**spec.search.options, "anchors": False, "moves": 0.0}
+    old = make_search("evolution", spec.space, seed=0, **options)
+    history = [Evaluated(s, random.Random(s.key()).random(), old.cost(s), 0) for s in old.ask()]
+    old.tell(history)
+    algo = restored_search(spec, 0, history)
+    assert (algo.use_anchors, algo.moves) == (False, 0.0)
+    assert algo.ask() == old.ask()  # the same next generation as the old search's
+    assert "before anchors and budget moves existed" in capsys.readouterr().out
+    new = make_search("evolution", spec.space, seed=0, **spec.search.options)
+    fresh = [Evaluated(s, 0.5, new.cost(s), 0) for s in new.ask()]
+    assert restored_search(spec, 0, fresh).use_anchors  # a new search keeps them

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from nas.cost import added_flops, subnet_params
 from nas.errors import NasError
 from nas.jsonio import read_json
+from nas.pipeline.console import say
 from nas.pipeline.context import (
     base_tags,
     data_params,
@@ -31,7 +32,7 @@ from nas.pipeline.progress import Report, SearchProgress
 from nas.pipeline.stage import Pairs, Stage
 from nas.pipeline.supernet import dataset_tasks, run_supernet
 from nas.pipeline.tasks import Task
-from nas.search import Evaluated, make_search
+from nas.search import Evaluated, SearchAlgorithm, algorithm_options, make_search
 from nas.spec import ExperimentSpec
 from nas.subnet import Subnet
 from nas.tracking import CandidateLogger, Tracker, logging_processes, subnet_params_flat
@@ -77,6 +78,36 @@ def read_candidates_log(path: Path) -> list[Evaluated]:
     return out
 
 
+def restored_search(spec: ExperimentSpec, seed: int, history: list[Evaluated]) -> SearchAlgorithm:
+    """The spec's search algorithm, brought to where ``history`` (a stopped search's
+    candidates) left it. A search begun before anchors and budget moves existed (issue 37)
+    replays only without them: it continues that way, said on the console, so that no
+    scored candidate is lost."""
+    s = spec.search
+    named = tuple(spec.retrain.baselines.values())  # anchors where the algorithm uses them
+
+    def make(**extra: Any) -> SearchAlgorithm:
+        options = {**s.options, **extra}
+        return make_search(
+            s.algorithm, spec.space, seed=seed, cost=s.cost, named_anchors=named, **options
+        )
+
+    algo = make()
+    try:
+        algo.restore(history)
+    except ValueError:
+        legacy = {"anchors": False, "moves": 0.0}
+        if not set(legacy) <= set(algorithm_options(s.algorithm)) or set(legacy) & set(s.options):
+            raise
+        algo = make(**legacy)
+        algo.restore(history)  # not that either: the error names the first mismatch
+        say(
+            f"search: {len(history)} candidates were scored before anchors and budget moves "
+            "existed; this search continues without them"
+        )
+    return algo
+
+
 def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     """Score candidates with the trained supernet's inherited weights on the validation
     split, continuing a stopped search from its candidates.jsonl."""
@@ -108,13 +139,9 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     model = spec.backbone.supernet(spec.space, val, ds.key).to(device)
     load_trainable(model, weights)
     mean, std = spec.backbone.normalisation()
-    named = tuple(spec.retrain.baselines.values())  # anchors where the algorithm uses them
-    algo = make_search(
-        s.algorithm, spec.space, seed=seed, cost=s.cost, named_anchors=named, **s.options
-    )
     log_path = out / "candidates.jsonl"
     known = {e.subnet: e for e in read_candidates_log(log_path)}
-    algo.restore(list(known.values()))
+    algo = restored_search(spec, seed, list(known.values()))
 
     def log_candidate(e: Evaluated) -> None:
         logger.log(
