@@ -85,6 +85,9 @@ class DatasetSpec:
     duplicates: str = "error"
     #: domain-generalisation targets, each tested once after retraining (never chosen on)
     targets: tuple[TargetSpec, ...] = ()
+    #: the split the retrained models are tested on: "test", or "devtest" (a VTAB-layout
+    #: folder's development test split: design decisions are made there, not on test)
+    test_split: str = "test"
 
     @property
     def key(self) -> str:
@@ -106,6 +109,8 @@ class DatasetSpec:
             data["retrain_split"] = self.retrain_split
         if not self.targets:  # kept out otherwise: earlier hashes stay valid
             del data["targets"]
+        if self.test_split == "test":  # likewise
+            del data["test_split"]
         return data
 
 
@@ -241,7 +246,10 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
         k = f"datasets[{i}]"
         keys = sorted({key for f in FORMATS.values() for key in f.keys})
         d = r.mapping(
-            item, k, required=["name", "format"], optional=["root", *keys, "duplicates", "targets"]
+            item,
+            k,
+            required=["name", "format"],
+            optional=["root", *keys, "duplicates", "targets", "test_split"],
         )
         fmt = r.string(d["format"], f"{k}.format", choices=list(FORMATS))
         form = dataset_format(fmt)
@@ -255,6 +263,7 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
         duplicates = r.string(
             d.get("duplicates", "error"), f"{k}.duplicates", choices=["error", "drop"]
         )
+        test_split = _test_split(r, d.get("test_split", "test"), k, fmt, ds_name, root, check_data)
         # A few-shot entry may list several shots and split seeds: one dataset per pair.
         variants = form.variants(r, d, k)
         form.check_name(r, f"{k}.name", ds_name)
@@ -287,12 +296,26 @@ def _parse_datasets(r: Reader, value: Any, base: Path, check_data: bool) -> list
                 split_seed=split_seed,
                 duplicates=duplicates,
                 targets=targets,
+                test_split=test_split,
             )
             if any(o.key == ds.key for o in datasets):
                 r.fail(f"{k}.name", f"dataset {ds.key!r} is listed twice")
             datasets.append(ds)
 
     return datasets
+
+
+def _test_split(
+    r: Reader, value: Any, k: str, fmt: str, name: str, root: str | None, check_data: bool
+) -> str:
+    """``test_split``: ``test`` (the default), or ``devtest``: a development test split
+    (design decisions are made on it; the reported test is touched once per table), which a
+    VTAB-layout folder may hold and a mini-VTAB task has where its source allows."""
+    split = r.string(value, f"{k}.test_split", choices=["test", "devtest"])
+    if split != "test":
+        folder = Path(root) / name if root and check_data else None
+        dataset_format(fmt).check_test_split(r, f"{k}.test_split", name, folder)
+    return split
 
 
 def _parse_targets(r: Reader, value: Any, key: str, base: Path) -> tuple[TargetSpec, ...]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from nas.data.formats import (
+    DEVTEST_FILE,
     VTAB_SPLITS,
     Split,
     few_shot_files,
@@ -59,6 +60,11 @@ class DatasetFormat:
         """The files or folders of the layout that ``folder`` lacks."""
         return [n for n in VTAB_SPLITS.values() if not (folder / n).is_file()]
 
+    def check_test_split(self, r: Reader, key: str, name: str, folder: Path | None) -> None:
+        """Refuse ``test_split: devtest`` where the dataset has no development test split
+        (``folder``: the dataset's folder, to look in, when the spec's data is checked)."""
+        r.fail(key, f"format {self.name} has no development test split (devtest)")
+
     def read_splits(
         self,
         folder: Path,
@@ -88,9 +94,14 @@ class DatasetFormat:
 
 
 class VtabFormat(DatasetFormat):
-    """VTAB-1k: train800, val200, train800val200 and test lists (VPT's and NOAH's)."""
+    """VTAB-1k: train800, val200, train800val200 and test lists (VPT's and NOAH's), and an
+    optional development test list (devtest.txt)."""
 
     name = "vtab"
+
+    def check_test_split(self, r: Reader, key: str, name: str, folder: Path | None) -> None:
+        if folder is not None and not (folder / DEVTEST_FILE).is_file():
+            r.fail(key, f"{folder / DEVTEST_FILE} not found (the development test list)")
 
 
 class MiniVtabFormat(DatasetFormat):
@@ -116,6 +127,16 @@ class MiniVtabFormat(DatasetFormat):
                 key,
                 f"mini-VTAB task {name!r} ships no target {target!r} ({known}); name your own "
                 "as {name: ..., list: FILE, root: FOLDER}",
+            )
+
+    def check_test_split(self, r: Reader, key: str, name: str, folder: Path | None) -> None:
+        from nas.data.mini_vtab import WITHOUT_DEVTEST
+
+        if name in WITHOUT_DEVTEST:
+            r.fail(
+                key,
+                f"mini-VTAB task {name} has no development test split (its source is used up "
+                f"by train, val and test); tasks without one: {', '.join(sorted(WITHOUT_DEVTEST))}",
             )
 
     def default_root(self, output: Path) -> Path:

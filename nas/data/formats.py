@@ -38,6 +38,9 @@ VTAB_SPLITS = {
     "test": "test.txt",
 }
 CLASSNAMES_FILE = "classnames.txt"
+#: An optional fifth list of a VTAB-layout folder: the development test split (mini-VTAB's,
+#: for design decisions; ``datasets[].test_split: devtest`` tests on it instead of test).
+DEVTEST_FILE = "devtest.txt"
 
 
 class DataError(NasError):
@@ -245,6 +248,10 @@ def read_vtab(folder: str | Path, *, duplicates: str = "error") -> dict[str, Spl
         path = folder / filename
         rows = parse_list_file(path, bases, duplicates=duplicates)
         splits[split] = _make_split(split, rows, str(path), num_classes, class_names)
+    if (folder / DEVTEST_FILE).is_file():
+        path = folder / DEVTEST_FILE
+        rows = parse_list_file(path, bases, duplicates=duplicates)
+        splits["devtest"] = _make_split("devtest", rows, str(path), num_classes, class_names)
     _check_union(splits, folder)
     return _finish(splits, folder)
 

@@ -14,7 +14,11 @@ inside registry packages or are generated deterministically from a seed.
 
 Every image is 28x28 grey (the committed backbone's input). Per task: 800 train, 200 val and up
 to ``test_size`` test images; exact duplicates are removed before splitting, no image appears
-in two splits, and none equals an image the committed backbone was pretrained on.
+in two splits, and none equals an image the committed backbone was pretrained on. Where the
+source allows (animal_mnist and the generated tasks; not digits, mnist5k, textures, elpv), a
+development test split ``devtest`` of 1,000 further images, drawn after the others so that
+they are what they were without it: design decisions are made on it (``test_split: devtest``),
+and the reported test split is touched once per table.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ import numpy as np
 from PIL import Image
 
 from nas.data.hashing import image_fingerprints
-from nas.data.mini_vtab_base import SIZE, TRAIN, VAL, TaskData, dedupe, random_splits, resize
+from nas.data.mini_vtab_base import (
+    DEV,
+    SIZE,
+    TRAIN,
+    VAL,
+    TaskData,
+    dedupe,
+    random_splits,
+    resize,
+)
 from nas.data.mini_vtab_scenes import (
     COUNT_NAMES,
     LOC_NAMES,
@@ -68,7 +81,7 @@ def animal_mnist(rng: np.random.Generator, test_size: int) -> TaskData:
     return TaskData(
         "natural",
         names,
-        random_splits(images, labels, rng, test_size),
+        random_splits(images, labels, rng, test_size, dev_size=DEV),
         "pip animal-mnist (data/Animal_MNIST)",
         "see the animal-mnist package",
     )
@@ -206,6 +219,8 @@ TASK_TARGETS: dict[str, tuple[str, ...]] = {
     "mnist5k": ("uci_digits", "inverted", "noisy", "sketch")
 }
 # ELPV's licence is non-commercial; the scene tasks are CLIP probes, asked for by name
+#: Tasks whose source the train, val and test splits (and targets) use up: no ``devtest``.
+WITHOUT_DEVTEST = frozenset({"digits", "mnist5k", "textures", "elpv"})
 DEFAULT_TASKS = tuple(t for t in TASKS if t != "elpv" and not t.startswith("scenes_"))
 
 
@@ -257,7 +272,7 @@ def prepare(
 ) -> dict:
     """Write the tasks under ``out`` in the VTAB-1k layout, with ``out/manifest.json``."""
     from nas.data.decode import decode_split
-    from nas.data.formats import read_vtab
+    from nas.data.formats import DEVTEST_FILE, read_vtab
 
     out = Path(out)
     unknown = [t for t in tasks if t not in TASKS]
@@ -293,7 +308,7 @@ def prepare(
         data = TASKS[name](rng, test_size)
         _check_disjoint(name, data, pretrain)
         folder = out / name
-        lists = {"train": [], "val": [], "test": []}
+        lists: dict[str, list[str]] = {split: [] for split in data.splits}
         for split, (images, labels) in data.splits.items():
             (folder / "images" / split).mkdir(parents=True, exist_ok=True)
             for i, (image, label) in enumerate(zip(images, labels, strict=True)):
@@ -304,6 +319,8 @@ def prepare(
         (folder / "val200.txt").write_text("\n".join(lists["val"]) + "\n")
         (folder / "train800val200.txt").write_text("\n".join(lists["train"] + lists["val"]) + "\n")
         (folder / "test.txt").write_text("\n".join(lists["test"]) + "\n")
+        if "devtest" in lists:  # the development test split (mini_vtab_base.DEV)
+            (folder / DEVTEST_FILE).write_text("\n".join(lists["devtest"]) + "\n")
         for target, (images, labels) in data.targets.items():
             (folder / "images" / "targets" / target).mkdir(parents=True, exist_ok=True)
             (folder / "targets").mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nas.data.hashing import image_fingerprints
-from nas.data.mini_vtab_base import SIZE, TRAIN, VAL, TaskData, random_splits
+from nas.data.mini_vtab_base import DEV, SIZE, TRAIN, VAL, TaskData, random_splits
 from nas.errors import NasError
 
 LOC_NAMES = (
@@ -78,11 +78,28 @@ def _generate(
     rng: np.random.Generator,
     test_size: int,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Balanced labels; images regenerated until all are distinct."""
-    total = TRAIN + VAL + test_size
-    images, labels, seen = [], [], set()
-    i = 0
-    while len(images) < total:
+    """Balanced labels; images regenerated until all are distinct. The development test split
+    (``devtest``) is generated after the others, which stay what they were without it."""
+    seen: set[int] = set()
+    draws = _distinct(make, classes, rng, TRAIN + VAL + test_size, seen, 0)
+    splits = random_splits(draws[0], draws[1], rng, test_size)
+    splits["devtest"] = _distinct(make, classes, rng, DEV, seen, draws[2])[:2]
+    return splits
+
+
+def _distinct(
+    make: Callable[[np.random.Generator, int], np.ndarray],
+    classes: int,
+    rng: np.random.Generator,
+    count: int,
+    seen: set[int],
+    start: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``count`` generated images none of ``seen`` holds (added to it), labels cycling over the
+    classes from draw ``start``; and the draw after the last."""
+    images, labels = [], []
+    i = start
+    while len(images) < count:
         label = i % classes
         i += 1
         image = make(rng, label)
@@ -92,8 +109,7 @@ def _generate(
         seen.add(fp)
         images.append(image)
         labels.append(label)
-    imgs, labs = np.stack(images), np.array(labels, dtype=np.int64)
-    return random_splits(imgs, labs, rng, test_size)
+    return np.stack(images), np.array(labels, dtype=np.int64), i
 
 
 LOC_BINS = len(LOC_NAMES)

@@ -16,7 +16,7 @@ import torch
 from nas import sampling
 from nas.data.dataset_formats import dataset_format
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import Split
+from nas.data.formats import DataError, Split
 from nas.jsonio import write_json
 from nas.pipeline.layout import save_state
 from nas.pipeline.progress import EpochProgress, Report
@@ -33,12 +33,20 @@ def dataset_root(spec: ExperimentSpec, ds: DatasetSpec) -> Path:
 
 def read_splits(spec: ExperimentSpec, ds: DatasetSpec) -> dict[str, Split]:
     """The dataset's splits as lists of (image, label) entries, nothing decoded."""
-    return dataset_format(ds.format).read_splits(
+    splits = dataset_format(ds.format).read_splits(
         dataset_root(spec, ds) / ds.name,
         shots=ds.shots,
         split_seed=ds.split_seed,
         duplicates=ds.duplicates,
     )
+    if ds.test_split != "test":  # the development test split stands in for test
+        if ds.test_split not in splits:
+            raise DataError(
+                f"{dataset_root(spec, ds) / ds.name}: no {ds.test_split} split (test_split of "
+                f"dataset {ds.key}); prepare the task again with this version"
+            )
+        splits["test"] = splits[ds.test_split]
+    return splits
 
 
 def target_splits(
@@ -46,7 +54,7 @@ def target_splits(
 ) -> dict[str, Split]:
     """The dataset's domain-generalisation targets, read in the label space of ``source``
     (a split of the dataset): a named list, or the dataset folder's ``targets/<name>.txt``."""
-    from nas.data.formats import DataError, read_target
+    from nas.data.formats import read_target
 
     folder = dataset_root(spec, ds) / ds.name
     out = {}
