@@ -134,7 +134,7 @@ def check_writable(folder: Path) -> None:
 
 
 #: The stages in the order they run, as named in a spec's ``stages``.
-STAGE_ORDER = ("hparams", "supernet", "search", "retrain")
+STAGE_ORDER = ("hparams", "supernet", "search", "verify", "retrain")
 
 
 #: Settings that belong to a later stage than their key says: the searched subnets' own
@@ -158,6 +158,10 @@ def unstarted_stage(output: Path, changed: list[str]) -> str | None:
     for stage in STAGE_ORDER[first:]:
         if any(p for name in STARTED for p in (output / stage).glob(f"**/{name}")):
             return None
+    # the searched subnets' own sweeps (under hparams/) sweep what verification chose
+    verify = STAGE_ORDER.index("verify")
+    if first == verify and any((output / "hparams").glob("*/searched-*/done.json")):
+        return None
     return STAGE_ORDER[first]
 
 
