@@ -152,3 +152,17 @@ def test_a_diverging_retrain_is_retried_at_a_lower_rate_and_reported(tmp_path, m
     assert run_retrain(task) == json.loads(
         Path(out / "retrain/digits-seed0/rank1/done.json").read_text()
     )
+
+
+def test_turning_verification_on_after_the_search_continues_the_run(tmp_path):
+    from nas.pipeline.preflight import unstarted_stage
+
+    (tmp_path / "search" / "digits-seed0").mkdir(parents=True)
+    (tmp_path / "search" / "digits-seed0" / "done.json").write_text("{}")
+    assert unstarted_stage(tmp_path, ["verify.enabled", "verify.top_k"]) == "verify"
+    assert unstarted_stage(tmp_path, ["search.options"]) is None  # the search has run
+    sweep = tmp_path / "hparams" / "digits" / "searched-rank1-seed0"
+    sweep.mkdir(parents=True)
+    (sweep / "done.json").write_text("{}")  # swept the search's pick, not the verified one
+    assert unstarted_stage(tmp_path, ["verify.enabled"]) is None
+    assert unstarted_stage(tmp_path, ["retrain.epochs"]) == "retrain"
