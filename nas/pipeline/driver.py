@@ -240,5 +240,11 @@ def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
             shutil.rmtree(staging, ignore_errors=True)
             entry = manifest["tasks"][ds.name]
             write_json(root / ds.name / "manifest.json", entry)
+        if ds.test_split not in entry["splits"]:  # prepared before the split existed
+            raise NasError(
+                f"{root / ds.name}: has no {ds.test_split} split (datasets' test_split of "
+                f"{ds.key}); prepare the task again (`nas data prepare mini-vtab --out NEW_FOLDER "
+                f"--tasks {ds.name}`): its other splits come out the same"
+            )
         hashes[ds.key] = {split: v["sha256"] for split, v in entry["splits"].items()}
     return hashes
