@@ -104,3 +104,21 @@ def test_a_retraining_with_test_split_devtest_tests_on_devtest(tmp_path, mini_vt
     expected = manifest["tasks"]["dsprites_loc"]["splits"]["devtest"]["sha256"]
     assert run.data.params["data.devtest.sha256"] == expected
     assert "data.test.sha256" not in run.data.params  # the reported test split is not read
+
+
+def test_a_task_prepared_before_devtest_is_one_error_before_any_trial(tmp_path, mini_vtab_data):
+    import shutil
+
+    from nas.errors import NasError
+    from nas.pipeline.driver import prepare_data
+
+    root = tmp_path / "old"
+    shutil.copytree(mini_vtab_data / "dsprites_loc", root / "dsprites_loc")
+    (root / "dsprites_loc" / "devtest.txt").unlink()
+    manifest = json.loads((mini_vtab_data / "manifest.json").read_text())
+    del manifest["tasks"]["dsprites_loc"]["splits"]["devtest"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "spec.yaml").write_text(spec_text("dsprites_loc", "devtest", root))
+    spec = load_spec(tmp_path / "spec.yaml", output=tmp_path / "run")
+    with pytest.raises(NasError, match=r"has no devtest split .*prepare the task again"):
+        prepare_data(spec)
