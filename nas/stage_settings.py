@@ -402,9 +402,10 @@ def _check_ranges(r: Reader, key: str, stage: Any) -> None:
             )
     staged = isinstance(stage, HparamsStage | VerifyStage) and stage.enabled
     if staged and stage.grace_period > stage.epochs:
+        what = "sweep" if isinstance(stage, HparamsStage) else "verification"
         r.fail(
             f"{key}.grace_period",
-            f"{stage.grace_period} exceeds the stage's {stage.epochs} epochs",
+            f"{stage.grace_period} exceeds the {what}'s {stage.epochs} epochs",
         )
 
 

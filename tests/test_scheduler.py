@@ -120,7 +120,7 @@ def test_tasks_travel_through_tune_as_data_and_come_back_typed():
     """A task goes into Tune's config as plain data and a trial rebuilds the same typed task;
     every stage name the Ray layer runs resolves to a stage whose tasks and markers agree."""
     from nas.pipeline.stage import STAGES, stage
-    from nas.pipeline.tasks import RetrainTask, SweepPoint, Task, task_from_config
+    from nas.pipeline.tasks import RetrainTask, SweepPoint, Task, VerifyPoint, task_from_config
 
     base = {"spec": "s.yaml", "spec_abs": "/x/s.yaml", "output": "/x/out"}
     tasks = [
@@ -143,6 +143,19 @@ def test_tasks_travel_through_tune_as_data_and_come_back_typed():
             role="searched",
             subnet={"lora": {"depth": 2, "dims": 4}},
             val_acc=0.5,
+            verified_loss=0.25,
+        ),
+        VerifyPoint(
+            **base,
+            dataset="d",
+            seed=1,
+            label="c03",
+            subnet={
+                "pgn": {"prompts": 8, "library": 64, "generator": "resnet10", "resolution": 28}
+            },
+            origin="anchor, baseline pgn",
+            group="d-seed1",
+            search_val_acc=0.75,
         ),
     ]
     for task in tasks:
@@ -151,6 +164,7 @@ def test_tasks_travel_through_tune_as_data_and_come_back_typed():
         assert task_from_config(config) == task
     assert tasks[1].describe() == "d seed 0 supernet lr 0.001 wd 0 pgn x4"
     assert tasks[2].describe() == "d seed 2 rank1"
-    assert set(STAGES) == {"hparams", "supernet", "search", "supernet+search", "retrain"}
+    assert tasks[3].describe() == "d seed 1 c03"
+    assert set(STAGES) == {"hparams", "supernet", "search", "supernet+search", "verify", "retrain"}
     for name in STAGES:
         assert stage(name).name == name and callable(stage(name).run)

@@ -88,7 +88,7 @@ BAD = [
     (
         {"stages": {"search": {"options": {"generation": 3}}}},
         r"stages\.search\.options\.generation: not an option of evolution; its options: "
-        r"crossovers, generations,",
+        r"anchors, crossovers, generations,",
     ),
     (
         {"stages": {"search": {"options": {"m_prob": "x"}}}},
@@ -257,6 +257,45 @@ BAD = [
     (
         {"stages": {"hparams": {"enabled": True, "epochs": 3, "grace_period": 5}}},
         r"stages\.hparams\.grace_period: 5 exceeds the sweep's 3 epochs",
+    ),
+    (
+        {"stages": {"verify": {"enabled": True, "epochs": 3, "grace_period": 5}}},
+        r"stages\.verify\.grace_period: 5 exceeds the verification's 3 epochs",
+    ),
+    (
+        {"stages": {"verify": {"enabled": True, "top_k": 0}}},
+        r"stages\.verify\.top_k: expected at least 1, got 0",
+    ),
+    (
+        {"stages": {"verify": {"enabled": "yes"}}},
+        r"stages\.verify\.enabled: expected true or false, got 'yes'",
+    ),
+    (
+        {
+            "stages": {
+                "verify": {"enabled": True},
+                "search": {"enabled": False},
+                "retrain": {"baselines": {"lora": {"lora": {"depth": 2, "dims": 2}}}},
+            }
+        },
+        r"stages\.verify\.enabled: verifies the search's best candidates, but the search is "
+        r"disabled",
+    ),
+    (
+        {"stages": {"verify": {"enabled": True, "epoch": 3}}},
+        r"stages\.verify\.epoch: unknown key; expected one of: enabled, top_k, anchors, epochs",
+    ),
+    (
+        {"stages": {"supernet": {"anchor_share": 1.5}}},
+        r"stages\.supernet\.anchor_share: 1\.5 is not a share in \[0, 1\]",
+    ),
+    (
+        {"stages": {"search": {"options": {"anchors": "no"}}}},
+        r"stages\.search\.options\.anchors: expected true or false, got 'no'",
+    ),
+    (
+        {"stages": {"search": {"options": {"moves": 1.5}}}},
+        r"stages\.search\.options\.moves: expected a probability between 0 and 1, got 1\.5",
     ),
     (
         {"stages": {"search": {"enabled": False}}},
