@@ -153,6 +153,11 @@ class RetrainStage(TrainingStage):
     # Baselines that train the whole backbone too (full fine-tuning; their subnet is empty).
     full_finetune: tuple[str, ...] = ()
 
+    def subnet_baselines(self) -> dict[str, Subnet]:
+        """The baselines that are subnets of the space, by name (full fine-tuning is not: its
+        empty subnet stands for training the whole backbone)."""
+        return {n: s for n, s in self.baselines.items() if n not in self.full_finetune}
+
 
 class Stages(NamedTuple):
     hparams: HparamsStage

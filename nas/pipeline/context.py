@@ -230,4 +230,5 @@ def epoch_hook(
 
 def supernet_steps(spec: ExperimentSpec) -> SupernetSteps:
     """What each supernet training step trains, as the supernet stage's settings say."""
-    return sampling.supernet_steps(spec.space, spec.supernet, spec.retrain.baselines.values())
+    named = spec.retrain.subnet_baselines().values()
+    return sampling.supernet_steps(spec.space, spec.supernet, named)

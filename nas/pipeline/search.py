@@ -84,7 +84,9 @@ def restored_search(spec: ExperimentSpec, seed: int, history: list[Evaluated]) -
     replays only without them: it continues that way, said on the console, so that no
     scored candidate is lost."""
     s = spec.search
-    named = tuple(spec.retrain.baselines.values())  # anchors where the algorithm uses them
+    named = tuple(
+        spec.retrain.subnet_baselines().values()
+    )  # anchors, where the algorithm uses them
 
     def make(**extra: Any) -> SearchAlgorithm:
         options = {**s.options, **extra}

@@ -47,8 +47,8 @@ from trainers.train import TrainConfig, evaluate, train
 def verify_rates(spec: ExperimentSpec, dataset: str, subnet: Subnet) -> tuple[str, Tuned]:
     """Whose rates a candidate trains at: a baseline's own (swept) rates where the candidate is
     that baseline, else the supernet's (with its swept module multipliers)."""
-    for name, baseline in spec.retrain.baselines.items():
-        if baseline == subnet and name not in spec.retrain.full_finetune:
+    for name, baseline in spec.retrain.subnet_baselines().items():
+        if baseline == subnet:
             return f"baseline-{name}", tuned(spec, dataset, f"baseline-{name}")
     return "supernet", tuned(spec, dataset, "supernet")
 
@@ -70,8 +70,8 @@ def verify_points(spec: ExperimentSpec, base: dict[str, str], ds, seed: int) -> 
     for rank, cand in enumerate(found["top"][: v.top_k], 1):
         origins.setdefault(Subnet.from_data(cand["subnet"]), []).append(f"search rank {rank}")
     if v.anchors:
-        named = {b: name for name, b in spec.retrain.baselines.items()}
-        for subnet in anchors(spec.space, spec.retrain.baselines.values()):
+        named = {b: name for name, b in spec.retrain.subnet_baselines().items()}
+        for subnet in anchors(spec.space, named):
             where = f"baseline {named[subnet]}" if subnet in named else "anchor"
             origins.setdefault(subnet, []).append(where)
     group = f"{ds.key}-seed{seed}"
