@@ -229,7 +229,9 @@ def paired(diffs: list[float]) -> dict[str, float]:
 
     n = len(diffs)
     mean = statistics.mean(diffs)
-    half = t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.inf
+    if n < 2:  # no interval from one pair (and strict JSON has no infinity)
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    half = t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
@@ -335,8 +337,8 @@ def table(rows: list[dict[str, Any]], summ: dict[str, Any]) -> str:
     lines += ["", "| paired difference (points) | mean | 95% interval | n |", "|---|---|---|---|"]
     for key, p in summ.items():
         if p:
-            lines.append(f"| {key} | {p['mean']:+.2f} | {p['low']:+.2f} to {p['high']:+.2f} | "
-                         f"{p['n']} |")  # fmt: skip
+            span = "-" if p["low"] is None else f"{p['low']:+.2f} to {p['high']:+.2f}"
+            lines.append(f"| {key} | {p['mean']:+.2f} | {span} | {p['n']} |")
     return "\n".join(lines) + "\n"
 
 
