@@ -207,7 +207,7 @@ def run_hparams_stage(
     sweep's winner is written to hparams/<ds>/<method>/done.json and tracked in MLflow as soon
     as its last point ends, so an interrupted stage keeps every finished sweep; the later
     stages read the winners."""
-    from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage  # trials need no Ray
+    from nas.pipeline.ray_layer import run_grouped  # trials need no Ray
 
     h = spec.hparams
     todo = {
@@ -234,21 +234,17 @@ def run_hparams_stage(
         finish_sweep(spec, tracker, todo[group], [point_of(*t) for t in trials])
 
     grid = [point for s in todo.values() for point in sweep_points(spec, s, base)]
-    run_stage(
+    run_grouped(
         "hparams",
         grid,
         storage=run_layout(spec).ray,
         cpus=spec.cpus,
         gpus=spec.gpus,
-        scheduler=GroupedASHA(
-            "group",
-            metric="val_acc",
-            mode="max",
-            max_t=h.epochs,
-            grace_period=min(h.grace_period, h.epochs),
-            reduction_factor=h.reduction_factor,
-        ),
-        callbacks=[GroupEnd("group", size, ended)],
+        epochs=h.epochs,
+        grace_period=h.grace_period,
+        reduction_factor=h.reduction_factor,
+        sizes=size,
+        on_group=ended,
     )
 
 

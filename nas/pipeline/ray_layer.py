@@ -198,6 +198,40 @@ class RetryReport(Callback):
         )
 
 
+def run_grouped(
+    stage: str,
+    tasks: Sequence[Task],
+    *,
+    storage: Path,
+    cpus: float,
+    gpus: float,
+    epochs: int,
+    grace_period: int,
+    reduction_factor: int,
+    sizes: dict[str, int],
+    on_group: Callable[[str, list[tuple[Any, dict[str, Any]]]], None],
+) -> list[Any]:
+    """``run_stage`` with successive halving on ``val_acc`` within each group of trials (their
+    tasks' ``group``: ``GroupedASHA``), and ``on_group`` called as each group ends
+    (``GroupEnd``; ``sizes``: how many trials each group has)."""
+    return run_stage(
+        stage,
+        tasks,
+        storage=storage,
+        cpus=cpus,
+        gpus=gpus,
+        scheduler=GroupedASHA(
+            "group",
+            metric="val_acc",
+            mode="max",
+            max_t=epochs,
+            grace_period=min(grace_period, epochs),
+            reduction_factor=reduction_factor,
+        ),
+        callbacks=[GroupEnd("group", sizes, on_group)],
+    )
+
+
 def run_stage(
     stage: str,
     tasks: Sequence[Task],

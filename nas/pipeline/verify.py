@@ -328,7 +328,7 @@ class Verify(Stage):
     run = staticmethod(run_verify_point)
 
     def launch(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> None:
-        from nas.pipeline.ray_layer import GroupedASHA, GroupEnd, run_stage  # trials: no Ray
+        from nas.pipeline.ray_layer import run_grouped  # trials need no Ray
 
         todo_pairs = [
             (ds, seed)
@@ -350,19 +350,15 @@ class Verify(Stage):
         def ended(group: str, trials: list[tuple[VerifyPoint, dict[str, Any]]]) -> None:
             finish_verification(spec, tracker, groups[group])
 
-        run_stage(
+        run_grouped(
             "verify",
             todo,
             storage=run_layout(spec).ray,
             cpus=spec.cpus,
             gpus=spec.gpus,
-            scheduler=GroupedASHA(
-                "group",
-                metric="val_acc",
-                mode="max",
-                max_t=v.epochs,
-                grace_period=min(v.grace_period, v.epochs),
-                reduction_factor=v.reduction_factor,
-            ),
-            callbacks=[GroupEnd("group", {g: len(p) for g, p in groups.items()}, ended)],
+            epochs=v.epochs,
+            grace_period=v.grace_period,
+            reduction_factor=v.reduction_factor,
+            sizes={g: len(p) for g, p in groups.items()},
+            on_group=ended,
         )
