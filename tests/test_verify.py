@@ -25,13 +25,13 @@ SPEC = {
     "seeds": [0],
     "resources": {"cpus": 1, "gpus": 0},
     "stages": {
-        "supernet": {"epochs": 2, "batch_size": 64, "lr": 5.0e-3, "warmup_epochs": 0},
+        "supernet": {"epochs": 1, "batch_size": 64, "lr": 5.0e-3, "warmup_epochs": 0},
         "search": {
             "algorithm": "evolution",
             "options": {"generations": 2, "population": 10, "top_k": 3, "mutations": 3},
         },
-        # 3 from the search, then the anchors; halved after 1 and 2 epochs
-        "verify": {"enabled": True, "top_k": 3, "epochs": 4, "grace_period": 1,
+        # 2 from the search, then the anchors; halved after 1 and 2 epochs
+        "verify": {"enabled": True, "top_k": 2, "epochs": 3, "grace_period": 1,
                    "reduction_factor": 2},
         "retrain": {"top_k": 1, "epochs": 2, "lr": 5.0e-3, "warmup_epochs": 0,
                     "baselines": {"lora2": {"lora": {"depth": 2, "dims": 2}}}},
@@ -58,19 +58,19 @@ def test_verify_picks_on_val_resumes_after_kill_and_is_tracked(tmp_path, mini_vt
     search = json.loads((out / "search" / "digits-seed0" / "done.json").read_text())
     space = load_space("tiny_cpu")
     lora2 = Subnet({"lora": (2, 2)})
-    listed = [Subnet.from_data(c["subnet"]) for c in search["top"][:3]]
+    listed = [Subnet.from_data(c["subnet"]) for c in search["top"][:2]]
     for a in anchors(space, [lora2]):
         if a not in listed:
             listed.append(a)
     top = done["top"]
     assert [Subnet.from_data(c["subnet"]) for c in sorted(top, key=lambda c: c["label"])] == listed
-    assert done["candidates"] == len(listed) >= 8
+    assert done["candidates"] == len(listed) >= 6
     # successive halving: every candidate ran an epoch, some were stopped, the best went on
     epochs = Counter(c["epochs"] for c in top)
-    assert epochs[4] >= 1 and sum(n for e, n in epochs.items() if e < 4) >= 1
+    assert epochs[3] >= 1 and sum(n for e, n in epochs.items() if e < 3) >= 1
     # the winner: trained longest, then best on val; the retraining retrains it
-    longest = [c for c in top if c["epochs"] == 4]
-    assert top[0]["epochs"] == 4 and top[0]["score"] == max(c["score"] for c in longest)
+    longest = [c for c in top if c["epochs"] == 3]
+    assert top[0]["epochs"] == 3 and top[0]["score"] == max(c["score"] for c in longest)
     for c in top:  # each score is its own run's last val accuracy
         rec = json.loads((folder / f"{c['label']}.json").read_text())
         assert c["score"] == rec["history"][-1]["val_acc"] and c["epochs"] == len(rec["history"])
