@@ -245,6 +245,42 @@ def finish_verification(
         f"{ranked[0]['subnet_str']} ({ranked[0]['origin']}) at val {ranked[0]['score']:.4f}",
     )
     tracker.client.set_tag(parent, "nas.search_run_id", found["mlflow_run_id"])
+    _log_candidates(tracker, tags, parent, ranked)
+    tracker.log_metrics(
+        parent,
+        {
+            "verify_seconds": seconds,
+            "verify_epochs": epochs,
+            "best_val_acc": ranked[0]["score"],
+            "best_search_rank": float(_search_rank(ranked[0]["origin"]) or 0),
+        },
+    )
+    tracker.finish(parent)
+    result = {
+        "dataset": first.dataset,
+        "seed": seed,
+        "top": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
+        "candidates": len(points),
+        "seconds": round(seconds, 2),
+        "epochs_trained": epochs,
+        "mlflow_run_id": found["mlflow_run_id"],  # the search's: what retraining links to
+        "verify_run_id": parent,
+    }
+    write_json(out / "done.json", result)
+    best = ranked[0]
+    say(
+        f"verify {first.dataset} seed {seed}: {best['subnet_str']} ({best['origin']}) best on "
+        f"val at {best['score']:.4f} of {len(points)} candidates; {seconds:.0f} s of training"
+    )
+    return result
+
+
+def _log_candidates(
+    tracker: Tracker, tags: dict[str, Any], parent: str, ranked: list[dict[str, Any]]
+) -> None:
+    """A finished child run of ``parent`` per verified candidate (its epochs' val accuracy and
+    training loss, linked to its search candidate run; the winner tagged ``nas.chosen``); each
+    row gets its run's ID as ``verify_run_id``."""
     for place, row in enumerate(ranked, 1):
         subnet = Subnet.from_data(row["subnet"])
         child = tracker.run(
@@ -278,33 +314,6 @@ def finish_verification(
             tracker.client.set_tag(child, "nas.chosen", "verified")
         tracker.finish(child)
         row["verify_run_id"] = child
-    tracker.log_metrics(
-        parent,
-        {
-            "verify_seconds": seconds,
-            "verify_epochs": epochs,
-            "best_val_acc": ranked[0]["score"],
-            "best_search_rank": float(_search_rank(ranked[0]["origin"]) or 0),
-        },
-    )
-    tracker.finish(parent)
-    result = {
-        "dataset": first.dataset,
-        "seed": seed,
-        "top": [{k: v for k, v in r.items() if k != "history"} for r in ranked],
-        "candidates": len(points),
-        "seconds": round(seconds, 2),
-        "epochs_trained": epochs,
-        "mlflow_run_id": found["mlflow_run_id"],  # the search's: what retraining links to
-        "verify_run_id": parent,
-    }
-    write_json(out / "done.json", result)
-    best = ranked[0]
-    say(
-        f"verify {first.dataset} seed {seed}: {best['subnet_str']} ({best['origin']}) best on "
-        f"val at {best['score']:.4f} of {len(points)} candidates; {seconds:.0f} s of training"
-    )
-    return result
 
 
 def _search_rank(origin: str) -> int | None:
