@@ -130,6 +130,17 @@ def seed_twin(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_seconds(timings: list[dict[str, Any]]) -> dict[str, float]:
+    """Each stage's wall time over every invocation of `nas run` (a stopped and continued
+    run has several; a stopped attempt is ``{"seconds": s, "ended": "stopped"}``)."""
+    out: dict[str, float] = {}
+    for entry in timings:
+        for stage, value in entry["stages"].items():
+            seconds = value["seconds"] if isinstance(value, dict) else value
+            out[stage] = round(out.get(stage, 0.0) + float(seconds), 2)
+    return out
+
+
 # -- the controls --------------------------------------------------------------------------------
 
 
@@ -312,7 +323,7 @@ def controls(args: argparse.Namespace) -> int:
         "spec_hash": spec.hash(),
         "random_search": args.random_search,
         "random_subnets": args.random_subnets,
-        "stage_seconds": {k: v for t in timings for k, v in t["stages"].items()},
+        "stage_seconds": stage_seconds(timings),
         "ground_truth_recipe": recipe_key(),
         "command": " ".join(sys.argv),
     }

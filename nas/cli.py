@@ -72,13 +72,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nas.pipeline.console import choose_mode, quiet_environment
+    from nas.pipeline.console import choose_mode, quiet_environment, say
 
     # Before Ray is imported: its worker prefix is read then (nas.pipeline.console).
     quiet_environment()
     if args.progress:
         os.environ["NAS_PROGRESS"] = args.progress
     choose_mode()  # a bad NAS_PROGRESS is told now, not when the first stage starts
+    # Importing torch, Ray and MLflow, checking the inputs and starting Ray take 10-30 s:
+    # the first line comes before them.
+    say(f"nas run {args.spec}: checking the spec, data and tracking store, then starting Ray")
 
     from nas.pipeline.driver import run_experiment
     from nas.pipeline.reports import results_markdown
@@ -92,6 +95,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relocate(args: argparse.Namespace) -> int:
+    from nas.pipeline.layout import claim_output, recorded_path
+    from nas.tracking import relocate_store
+
+    folder = Path(args.folder)
+    if not (folder / "output_id.json").is_file():
+        raise NasError(f"{folder}: not a run folder of this version (no output_id.json)")
+    previous = recorded_path(folder)
+    news = claim_output(folder)
+    print(news or f"{folder} has not moved since it last ran")
+    db = folder / "mlflow.db"
+    if news and previous and db.is_file():
+        n = relocate_store(db, previous, str(folder.resolve()))
+        print(f"{n} artifact location(s) in {db} now point into {folder}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
 
     from nas.pipeline.reports import methods_markdown, results_from_mlflow, results_markdown
@@ -99,8 +119,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     source = args.source
     if args.markdown:
         _check_writable_file(Path(args.markdown), "--markdown")
-    if "://" in source or source.startswith("sqlite:"):
-        results = results_from_mlflow(_mlflow_source(source), args.experiment)
+    is_uri = "://" in source or source.startswith("sqlite:")
+    if args.output and not is_uri:
+        raise NasError(f"--output chooses among an MLflow experiment's output folders: give a "
+                       f"tracking URI, not {source}")  # fmt: skip
+    if is_uri:
+        results = results_from_mlflow(_mlflow_source(source), args.experiment, args.output)
     else:
         path = Path(source)
         if path.is_dir():
@@ -297,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the results table of a run")
     report.add_argument("source", help="a run's output folder, or an MLflow tracking URI")
     report.add_argument("--experiment", help="the MLflow experiment (with a URI)")
+    report.add_argument(
+        "--output",
+        help="with a URI whose experiment holds several output folders' runs: whose (the "
+        "folder, or its output id)",
+    )
     report.add_argument("--markdown", help="also write the table to this file")
     report.add_argument(
         "--by-method",
@@ -304,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods side by side (mean ± std over seeds, group means, costs)",
     )
     report.set_defaults(func=cmd_report)
+    relocate = commands.add_parser(
+        "relocate",
+        help="after moving or copying a run folder: point its MLflow store at its own "
+        "artifacts (a copy also gets its own output id); `nas run` does this by itself",
+    )
+    relocate.add_argument("folder", help="the run folder, where it is now")
+    relocate.set_defaults(func=cmd_relocate)
 
     space = commands.add_parser("space", help="inspect and validate search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")

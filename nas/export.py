@@ -133,17 +133,36 @@ def peft_tensors(model: PromptedViT) -> dict[str, torch.Tensor]:
 
 
 def base_model_code(model: PromptedViT) -> str:
-    """The Python that builds the timm model an export goes onto."""
+    """The Python that builds the timm model an export goes onto: the backbone's architecture
+    with the task's class count, and its pretrained weights without their head (the trained
+    head is in the export)."""
     spec = model.backbone_spec
     if spec is None:
-        return "the timm model it was trained on"
+        return "base = ...  # the timm model it was trained on, with its pretrained weights"
     args = [repr(spec.model), f"num_classes={int(model.backbone.num_classes)}"]
     args += [f"{k}={v!r}" for k, v in spec.overrides.items()]
-    if spec.weights == "hub":
-        args.insert(1, "pretrained=True")
-    elif spec.weights:
-        args.append(f"checkpoint_path={spec.weights!r}  # the pretrained backbone; head refit")
-    return f"timm.create_model({', '.join(args)})"
+    if spec.weights in (None, "hub"):
+        if spec.weights == "hub":
+            args.insert(1, "pretrained=True")  # timm refits the head to num_classes
+        return f"base = timm.create_model({', '.join(args)})"
+    path = Path(spec.weights).resolve()
+    lines = [f"base = timm.create_model({', '.join(args)})", f"weights = {str(path)!r}"]
+    if path.suffix == ".npz":  # a JAX checkpoint: timm's own loader
+        return "\n".join([*lines, "base.load_pretrained(weights)"])
+    if path.suffix == ".safetensors":
+        lines.insert(0, "from safetensors.torch import load_file")
+        lines.append("state = load_file(weights)")
+    else:
+        lines.append("state = torch.load(weights, map_location='cpu', weights_only=True)")
+    lines.insert(0, "from timm.models.vision_transformer import checkpoint_filter_fn")
+    heads = tuple(f"{h}." for h in head_names(model))
+    lines += [
+        "state = checkpoint_filter_fn(state, base)  # timm's layout and position grid",
+        f"state = {{k: v for k, v in state.items() if not k.startswith({heads!r})}}",
+        "missing = base.load_state_dict(state, strict=False).missing_keys",
+        f"assert all(k.startswith({heads!r}) for k in missing), missing  # only the head",
+    ]
+    return "\n".join(lines)
 
 
 def write_peft(model: PromptedViT, out: Path) -> list[Path]:
@@ -156,14 +175,16 @@ def write_peft(model: PromptedViT, out: Path) -> list[Path]:
 
 Subnet {model.subnet}: LoRA on {len(config["target_modules"])} qkv projection(s), ranks
 {sorted(set(config["rank_pattern"].values()))}; the head ({", ".join(config["modules_to_save"])})
-saved whole. Inputs normalised with mean {mean} and std {std}.
+saved whole. Inputs normalised with mean {mean} and std {std}. Run from the folder that holds
+`{out.name}/`:
 
 ```python
 import timm
+import torch
 from peft import PeftModel
 
-base = {base_model_code(model)}
-model = PeftModel.from_pretrained(base, "{out.name}").eval()
+{base_model_code(model)}
+model = PeftModel.from_pretrained(base, {out.name!r}).eval()
 ```
 """
     (out / "README.md").write_text(readme)
@@ -191,7 +212,39 @@ def write_timm(model: PromptedViT, out: Path) -> list[Path]:
         )
     finally:
         merged.tower.attach()
+    describe_weights(out / "config.json", model)
     return [out / "config.json", out / "model.safetensors"]
+
+
+#: What timm's config carries over from the architecture's stock pretrained weights (their
+#: release tag, licence, papers, download source): it would describe weights these are not.
+STOCK_FIELDS = ("tag", "license", "paper_ids", "paper_name", "origin_url", "notes", "url",
+                "hf_hub_id", "hf_hub_filename", "description")  # fmt: skip
+
+
+def describe_weights(config_path: Path, model: PromptedViT) -> None:
+    """timm's ``config.json`` rewritten to describe the exported weights: the stock weights'
+    tag and licence removed, the backbone's weights and the subnet named instead."""
+    config = json.loads(config_path.read_text())
+    cfg = config.get("pretrained_cfg", {})
+    for key in STOCK_FIELDS:
+        cfg.pop(key, None)
+    spec = model.backbone_spec
+    name = (spec.name or spec.model) if spec else "unknown"
+    source = {None: "random initialisation", "hub": "timm's pretrained weights"}.get(
+        spec.weights if spec else None, Path(spec.weights).name if spec and spec.weights else ""
+    )
+    cfg["tag"] = f"nas-{name}".replace("_", "-").lower()
+    cfg["description"] = (
+        f"{spec.model if spec else 'a timm ViT'} from {source} ({name}), with the prompt-module "
+        f"subnet {model.subnet} trained on it and merged in, and a {config.get('num_classes')}-"
+        "class head; exported by nas-prompt"
+    )
+    if spec is not None and spec.weights == "hub":
+        cfg["notes"] = ["the backbone's licence is that of timm's pretrained weights for "
+                        f"{spec.model}"]  # fmt: skip
+    config["pretrained_cfg"] = cfg
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def export(model_dir: str | Path, fmt: str, out: str | Path, *, force: bool = False) -> list[Path]:

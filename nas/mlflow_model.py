@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,16 @@ def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Ten
     return torch.from_numpy(np.stack(out))
 
 
+def images_for(model: Any, data: Any) -> np.ndarray:
+    """What a loaded pyfunc (``mlflow.pyfunc.load_model``) takes, made from image file paths or
+    from integer arrays of any size, (N, H, W) or (N, H, W, C) with values 0-255: its
+    signature's uint8 (N, H, W, C), each image decoded and resized as training decoded it."""
+    shape = model.metadata.get_input_schema().inputs[0].shape
+    height, width, channels = (int(v) for v in shape[1:])
+    batch = to_tensor(data, (height, width), channels)  # (N, C, H, W)
+    return batch.permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def inputs_record(
     image_size: int | Sequence[int],
     channels: int,
@@ -160,18 +171,65 @@ def log_retrained(
         model_type="prompted-classifier",
     )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with global_tracking_uri(tracking_uri):  # Model.log links the run's metrics through it
+    with global_tracking_uri(tracking_uri), warnings.catch_warnings():
+        # An input example would be a batch of images in every model's artifacts, run once at
+        # logging; the signature already says what the model takes.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         Model.log(
             None,  # artifact_path, which MLflow 3 replaced by name
             name=name,
             flavor=mlflow.pyfunc,
             run_id=run_id,
             model_id=model.model_id,
+            # Model.log links the run's metrics of this step to the model: of step 0 they
+            # would include the system metrics; none are at -1, so the model's are linked below.
+            step=-1,
             python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
             artifacts={"model": str(model_dir), "inputs": str(model_dir.parent / INPUTS_FILE)},
             pip_requirements=list(REQUIREMENTS),
+            signature=signature(inputs),
         )
+    link_final_metrics(client, run_id, model.model_id)
     return model.model_id
+
+
+def signature(inputs: Mapping[str, Any]) -> Any:
+    """The pyfunc's signature: a batch of uint8 images of the model's size, channels last
+    ((N, H, W, C), as ``images_for`` makes them from files or other sizes); out, per image,
+    the class index, its name and the probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
+
+    height, width = inputs["image_size"]
+    shape = (-1, int(height), int(width), int(inputs["channels"]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
+        outputs=Schema(
+            [
+                ColSpec("long", "class"),
+                ColSpec("string", "class_name"),
+                ColSpec(Array("double"), "probabilities"),
+            ]
+        ),
+    )
+
+
+def link_final_metrics(client: mlflow.MlflowClient, run_id: str, model_id: str) -> None:
+    """The run's final scores (its metrics at step 0: accuracies, costs; not the system
+    metrics MLflow samples while it trains) as the LoggedModel's metrics."""
+    from mlflow.entities import Metric
+
+    linked = []
+    for key in client.get_run(run_id).data.metrics:
+        if key.startswith("system/"):
+            continue
+        for m in client.get_metric_history(run_id, key):
+            if m.step == 0 and m.model_id is None:
+                linked.append(
+                    Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id)
+                )
+    for i in range(0, len(linked), 1000):
+        client.log_batch(run_id, metrics=linked[i : i + 1000])
 
 
 @contextlib.contextmanager
@@ -189,8 +247,30 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
 
 def registered_name(experiment: str, dataset: str) -> str:
     """The Model Registry name of a dataset's winners: ``<experiment>-<dataset>``, with any
-    character the registry's names avoid replaced by ``-``."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{experiment}-{dataset}")
+    character the registry's names avoid replaced by ``-``; where that changed the name, a
+    short hash of the original follows, so that two experiments whose names differ only in
+    such characters never share a registered model."""
+    import hashlib
+
+    name = f"{experiment}-{dataset}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+    if safe != name:
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
+def link_version(client: mlflow.MlflowClient, model_id: str, name: str, version: str) -> None:
+    """The LoggedModel's link to its registered version, as ``mlflow.register_model`` makes
+    it (the model page's "Registered versions"): MLflow 3.17's SQL registry keeps no
+    ``model_id`` on the version itself (it reads back None), only its ``models:/<id>`` source."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": str(version)}
+    if entry not in listed:
+        client.set_logged_model_tags(
+            model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])}
+        )
 
 
 def register_winners(
@@ -249,6 +329,7 @@ def _register(
                 },
             )
             versions[row["mlflow_model_id"]] = version.version
+            link_version(client, row["mlflow_model_id"], name, version.version)
         best = min(found, key=lambda r: (-(r.get("val_acc") or 0.0), r["params"], r["seed"]))
         client.set_registered_model_alias(name, alias, versions[best["mlflow_model_id"]])
         out[dataset] = f"models:/{name}@{alias}"

@@ -226,7 +226,11 @@ def _parse_bounds(reader: Reader, value: Any, key: str) -> Bounds:
     if not value:
         reader.fail(key, "give 'min', 'max' or both")
     low = reader.number(value["min"], f"{key}.min", minimum=0) if "min" in value else None
-    high = reader.number(value["max"], f"{key}.max", minimum=0) if "max" in value else None
+    high = (
+        reader.number(value["max"], f"{key}.max", minimum=0, finite=False)
+        if "max" in value
+        else None
+    )
     if low is not None and high is not None and low > high:
         reader.fail(key, f"min {low:,.0f} is above max {high:,.0f}")
     return Bounds(low, high)

@@ -408,7 +408,8 @@ def parse_spec(
     space, backbone = _parse_space(r, data, base)
 
     datasets = _parse_datasets(r, data["datasets"], base, check_data)
-    seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0)
+    # numpy's generators take 32 bits: a larger seed would repeat a smaller one's models
+    seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0, maximum=2**32 - 1)
     out_path = _parse_output(r, data, name, output)
 
     ml = r.mapping(

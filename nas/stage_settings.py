@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -267,6 +268,23 @@ def parse_stages(r: Reader, value: Any, space: SearchSpace, doc: Document) -> St
     return Stages(hparams, supernet, search, verify, retrain)
 
 
+#: A baseline's name: it names folders (retrain/<ds>-seed<k>/baseline-NAME), MLflow runs and
+#: a column of `nas report --by-method`.
+BASELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def _check_baseline_name(r: Reader, name: Any) -> None:
+    key = f"stages.retrain.baselines.{name}"
+    if not isinstance(name, str) or not BASELINE_NAME.match(name):
+        r.fail(
+            key,
+            f"{name!r} cannot name a baseline: it names folders and runs, so use letters, "
+            "digits and _ . + - (up to 64, starting with a letter or digit)",
+        )
+    if name == "searched":
+        r.fail(key, "'searched' names the search's own column in the reports: choose another")
+
+
 def _parse_baselines(
     r: Reader, raw: Any, space: SearchSpace, doc: Document
 ) -> tuple[dict[str, Subnet], list[str]]:
@@ -274,6 +292,7 @@ def _parse_baselines(
     ``full-finetune`` (the names of the latter are returned apart)."""
     baselines, full = {}, []
     for bname, value in (r.mapping(raw or {}, "stages.retrain.baselines", open_keys=True)).items():
+        _check_baseline_name(r, bname)
         if isinstance(value, str) and value.lower().endswith((".yaml", ".yml")):
             subnet = _baseline_file(r, doc, value, f"stages.retrain.baselines.{bname}")
         elif isinstance(value, str):

@@ -10,6 +10,7 @@ logging thread would take the interpreter lock from the thread that launches the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -83,11 +84,19 @@ class Tracker:
         experiment: the experiment name.
         artifact_location: where a *new* experiment stores artifacts (an absolute path or
             URI); ignored when the experiment exists.
+        run_tags: tags set on every run this tracker creates (not used to find runs).
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        run_tags: Mapping[str, str] | None = None,
+    ) -> None:
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
+        self.run_tags = dict(run_tags or {})
         try:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
@@ -146,7 +155,7 @@ class Tracker:
                 if missing:
                     self.log_params(run_id, missing)
             return run_id
-        all_tags = {f"{TAG}{k}": str(v) for k, v in tags.items()}
+        all_tags = {**self.run_tags, **{f"{TAG}{k}": str(v) for k, v in tags.items()}}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent
         run_id = self.client.create_run(
@@ -247,6 +256,7 @@ class CandidateLogger:
             "experiment_id": tracker.experiment_id,
             "parent": parent,
             "tags": {k: str(v) for k, v in tags.items()},
+            "run_tags": tracker.run_tags,
         }
         self.processes: list[subprocess.Popen] = []
         self.errors: list[int] = []  # per process, the read end of its error channel
@@ -365,6 +375,7 @@ def _log_worker(error_fd: int) -> None:
             run_id = c["run_id"]
             if run_id is None:
                 all_tags = {f"{TAG}{k}": v for k, v in {**config["tags"], **c["tags"]}.items()}
+                all_tags.update(config.get("run_tags", {}))
                 all_tags[f"{TAG}candidate"] = c["key"]
                 all_tags["mlflow.parentRunId"] = config["parent"]
                 run_id = client.create_run(
@@ -392,3 +403,43 @@ def subnet_params_flat(subnet_data: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, item in (value or {}).items():  # depth, dims; PGN: prompts, library, ...
             out[f"{kind}.{key}"] = ",".join(map(str, item)) if isinstance(item, list) else item
     return out
+
+
+#: The columns of MLflow 3.17's SQL store that hold absolute locations of a local store's
+#: artifacts (and of the data a run saw): what moving a run folder leaves pointing at the old
+#: place.
+LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("datasets", "dataset_source"),
+)
+
+
+def relocate_store(db: Path, old: str, new: str) -> int:
+    """Point a local sqlite store's artifact locations from the folder ``old`` to ``new``
+    (a run folder moved or copied from ``old`` to ``new``, its store and artifacts with it),
+    so that it reads its own artifacts, never the old folder's. Returns how many were changed.
+    """
+    import sqlite3
+
+    old, new = old.rstrip("/"), new.rstrip("/")
+    prefixes = [(f"file://{old}/", f"file://{new}/"), (f"{old}/", f"{new}/")]
+    changed = 0
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+        for table, column in LOCATIONS:
+            if table not in tables:
+                continue
+            rows = conn.execute(f"select rowid, {column} from {table}").fetchall()
+            for rowid, value in rows:
+                if not isinstance(value, str):
+                    continue
+                moved = value
+                for before, after in prefixes:
+                    moved = moved.replace(before, after)
+                if moved != value:
+                    conn.execute(f"update {table} set {column} = ? where rowid = ?", (moved, rowid))
+                    changed += 1
+    return changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,7 +59,9 @@ class Reader:
                 self.fail(key, f"missing required key '{name}'")
         return value
 
-    def integer(self, value: Any, key: str, *, minimum: int | None = None) -> int:
+    def integer(
+        self, value: Any, key: str, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         # YAML 1.1 reads 6.4e5 as a string and 640000.0 as a float: accept integral values
         # written in those notations, but not quoted numbers such as "4".
         if isinstance(value, str) and "e" in value.lower():
@@ -72,14 +75,21 @@ class Reader:
             if minimum == 0:
                 self.fail(key, f"{value} is negative; expected an integer >= 0")
             self.fail(key, f"{value} is too small; expected an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"{value} is too large; expected an integer <= {maximum}")
         return value
 
-    def number(self, value: Any, key: str, *, minimum: float | None = None) -> float:
+    def number(
+        self, value: Any, key: str, *, minimum: float | None = None, finite: bool = True
+    ) -> float:
+        """A number (``finite=False`` lets ``.inf`` through, never ``.nan``)."""
         if isinstance(value, str) and "e" in value.lower():
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"expected a number, got {_type_name(value)} ({value!r})")
+        if math.isnan(value) or (finite and math.isinf(value)):
+            self.fail(key, f"{value!r} is not a finite number")
         if minimum is not None and value < minimum:
             if minimum == 0:
                 self.fail(key, f"{value} is negative; expected a number >= 0")
@@ -95,13 +105,18 @@ class Reader:
                 self.fail(key, f"{value!r} is not one of: {', '.join(choices)}")
         return value
 
-    def int_choices(self, value: Any, key: str, *, minimum: int = 0) -> tuple[int, ...]:
+    def int_choices(
+        self, value: Any, key: str, *, minimum: int = 0, maximum: int | None = None
+    ) -> tuple[int, ...]:
         """A non-empty list of distinct integers >= minimum, returned sorted."""
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list) or not value:
             self.fail(key, f"expected a non-empty list of integers, got {_type_name(value)}")
-        items = [self.integer(v, join_key(key, i), minimum=minimum) for i, v in enumerate(value)]
+        items = [
+            self.integer(v, join_key(key, i), minimum=minimum, maximum=maximum)
+            for i, v in enumerate(value)
+        ]
         seen: dict[int, int] = {}
         for i, v in enumerate(items):
             if v in seen:

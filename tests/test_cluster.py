@@ -167,9 +167,8 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
     out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
     address = f"--address=http://127.0.0.1:{dash}"
     command = ["--", sys.executable, "-m", "nas", "run", str(spec_path)]
-    command += ["--output", str(out)]
 
-    def submit(*flags: str) -> subprocess.CompletedProcess:
+    def submit(*flags: str, output: str = str(out)) -> subprocess.CompletedProcess:
         deadline = time.time() + 300  # a loaded 2-core machine: the agent took over 120 s
         while True:  # the job agent comes up a little after `ray start` returns
             job = ray_cli(
@@ -179,6 +178,8 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
                 f"--working-dir={REPO}",
                 *flags,
                 *command,
+                "--output",
+                output,
                 env=env,
                 timeout=900,
             )
@@ -199,6 +200,10 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
         logs = ray_cli("job", "logs", address, "first", env=env).stdout
         assert "nas: stopped; run the same command again to continue" in logs, logs[-3000:]
         assert not (out / "results.json").exists()
+        # the stopped stage is said and recorded as stopped, not as a finished stage
+        assert re.search(r"== supernet\+search: [\d.]+ s \(stopped\)", logs), logs[-3000:]
+        stopped_at = json.loads((out / "timings.json").read_text())[-1]["stages"]
+        assert stopped_at["supernet+search"]["ended"] == "stopped", stopped_at
         client = MlflowClient(mlflow_server)
         stopped = client.search_runs([client.get_experiment_by_name("small").experiment_id])
         assert stopped and {r.info.status for r in stopped} == {"KILLED"}
@@ -208,6 +213,13 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
             job.stdout[-4000:] + job.stderr[-2000:]
         )
         assert "retrying:" not in job.stdout and "failed" not in job.stdout, job.stdout[-4000:]
+        # A relative output would land in Ray's copy of the working directory: refused.
+        relative = submit("--submission-id=relative", output="runs/relative")
+        assert relative.returncode != 0
+        assert "output" in relative.stdout and "`ray job submit` made for this job" in (
+            relative.stdout
+        ), relative.stdout[-3000:]
+        assert "Traceback" not in relative.stdout
         # `ray job logs` is not a terminal: a timestamped line per progress and per trial's
         # end, and none of Ray Tune's tables, Ray's worker prefixes or MLflow's run links.
         stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "

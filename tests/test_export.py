@@ -24,13 +24,25 @@ NAS = [sys.executable, "-m", "nas"]
 LORA = Subnet({"lora": [4, 0, 2, 4]})  # ranks differ per layer, one layer without LoRA
 
 
-def saved(tmp_path: Path, spec: BackboneSpec, subnet: Subnet, classes: int = 5) -> PromptedViT:
+def saved(
+    tmp_path: Path,
+    spec: BackboneSpec,
+    subnet: Subnet,
+    classes: int = 5,
+    checkpoint_classes: int | None = None,
+    suffix: str = ".safetensors",
+) -> PromptedViT:
     """A trained-looking subnet on a backbone whose pretrained weights sit in a file (as the
-    shipped backbones do), saved to tmp_path/model; returned in eval mode."""
+    shipped backbones do; its head has ``checkpoint_classes``), saved to tmp_path/model;
+    returned in eval mode."""
     torch.manual_seed(0)
-    backbone = spec.create(classes)
-    weights = tmp_path / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
+    backbone = spec.create(checkpoint_classes or classes)
+    weights = tmp_path / f"backbone{suffix}"
+    state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, str(weights))
+    else:
+        torch.save(state, weights)
     spec = BackboneSpec(spec.model, spec.overrides, weights=str(weights))
     model = PromptedViT.for_subnet(spec.create(classes), subnet, None, spec)
     with torch.no_grad():  # every module weight and the head away from their initialisation
@@ -135,6 +147,56 @@ def test_a_lora_subnet_becomes_a_timm_checkpoint_with_equal_logits(tmp_path, nas
     mean, std = model.backbone_spec.normalisation()
     assert config["pretrained_cfg"]["mean"] == list(mean)
     assert config["pretrained_cfg"]["std"] == list(std)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_the_peft_readme_runs_as_printed_with_another_class_count(tmp_path, nas, suffix):
+    """The README's code, executed as written (from the folder above the export): the base
+    gets the task's 5 classes and the backbone's weights from a checkpoint whose head has
+    1,000; the adapter and head load onto it and give the saved model's logits."""
+    import re
+
+    model = saved(tmp_path, VARIANTS["cls-token"], LORA, checkpoint_classes=1000, suffix=suffix)
+    out = tmp_path / "adapter"
+    result = nas("export", str(tmp_path / "model"), "--format", "peft", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    compile(code, "README.md", "exec")  # it parses as printed
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        scope: dict = {}
+        exec(code, scope)
+    finally:
+        os.chdir(here)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"](x), model(x), atol=1e-5, rtol=1e-5)
+    # the backbone's pretrained weights were loaded (not left at timm's initialisation)
+    backbone = model.backbone.state_dict()
+    compared = 0
+    for key, value in scope["base"].state_dict().items():
+        if key.startswith("blocks.1.") and key in backbone:
+            torch.testing.assert_close(value, backbone[key])
+            compared += 1
+    assert compared >= 8
+
+
+def test_a_timm_export_describes_its_own_weights_not_timms_stock_ones(tmp_path, nas):
+    model = saved(tmp_path, VARIANTS["cls-token"], LORA)
+    out = tmp_path / "t"
+    assert (
+        nas("export", str(tmp_path / "model"), "--format", "timm", "--out", str(out)).returncode
+        == 0
+    )
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    stock = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
+    assert stock["tag"] == "augreg_in21k_ft_in1k" and "license" in stock
+    assert cfg["tag"] != stock["tag"] and "license" not in cfg
+    assert str(model.subnet) in cfg["description"] and "backbone.safetensors" in cfg["description"]
+    assert not {"hf_hub_id", "url", "paper_ids"} & set(cfg)
 
 
 def test_a_head_only_subnet_goes_to_timm_not_peft(tmp_path, nas):

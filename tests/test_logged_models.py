@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +20,10 @@ import numpy as np
 import pytest
 import yaml
 
+from nas import mlflow_model
 from nas.data.decode import decode_split
-from nas.mlflow_model import register_winners
-from nas.pipeline import context, retrain
+from nas.mlflow_model import images_for, register_winners
+from nas.pipeline import context, layout, retrain
 from nas.pipeline.tasks import RetrainTask
 from nas.spec import load_spec
 from tests.conftest import ENV, free_port
@@ -65,10 +67,26 @@ def retrained(tmp_path_factory, mini_vtab_data):
     task = retrain_task(path, spec, 0, "baseline-lora2", "baseline", lora2)
     # system metrics every second (default 5 s: longer than this 1-epoch training)
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    said: list[str] = []
+    keep = Keep(logging.WARNING)
+    logging.getLogger("mlflow").addHandler(keep)
+    import warnings
+
     try:
-        row = retrain.run_retrain(task)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            row = retrain.run_retrain(task)
+        said += [str(w.message) for w in caught if "mlflow" in w.filename]
     finally:
         del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+        logging.getLogger("mlflow").removeHandler(keep)
+    (tmp / "mlflow-warnings.json").write_text(json.dumps(said))
     return spec, task, row
 
 
@@ -84,10 +102,15 @@ def test_a_retrained_model_is_a_logged_model_of_its_run(retrained):
     metrics = {m.key: m.value for m in model.metrics}
     assert metrics["test_acc"] == row["test_acc"]
     assert metrics["params"] == row["params"] and metrics["added_flops"] == row["added_flops"]
-    # MLflow's own system metrics, sampled while it trained
+    # MLflow's own system metrics, sampled while it trained: the run's, not the model's
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
         run.data.metrics
     )
+    assert not [k for k in metrics if k.startswith("system/")], sorted(metrics)
+    # logged with its signature: MLflow warned of nothing (it warns when it must infer one)
+    said = json.loads((Path(task.spec).parent / "mlflow-warnings.json").read_text())
+    assert not [w for w in said if "signature" in w or "input example" in w], said
+    assert {"test_acc", "params", "added_flops"} <= set(metrics)
     # the run lists it among its outputs (the runs table's Models column)
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
     # run again (a stopped trial's rerun after its done.json is lost): no second model
@@ -135,16 +158,26 @@ def test_pyfunc_loads_from_the_store_and_classifies_images(retrained, mini_vtab_
     assert out["class_name"][0] == test.class_names[out["class"][0]]
     probs = np.array(out["probabilities"].tolist())
     assert probs.shape == (len(test), 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    # image files give the same answers as their decoded pixels
+    # The signature says what it takes: uint8 (N, H, W, C) of the model's size.
+    schema = model.metadata.get_input_schema().inputs[0]
+    assert (schema.type, schema.shape) == (np.dtype(np.uint8), (-1, *batch.shape[1:]))
+    assert [c.name for c in model.metadata.get_output_schema().inputs] == list(out.columns)
+    # image files, the (N, H, W) greyscale form and other sizes go through images_for
     files = [str(e.path) for e in splits["test"].entries[:8]]
-    by_path = model.predict(files)
+    by_path = model.predict(images_for(model, files))
     assert by_path["class"].tolist() == out["class"][:8].tolist()
-    # the (N, H, W) greyscale form, and bad input with a message saying what is expected
-    assert model.predict(batch[:4, :, :, 0])["class"].tolist() == out["class"][:4].tolist()
-    with pytest.raises(Exception, match="whole numbers from 0 to 255"):
+    grey = images_for(model, batch[:4, :, :, 0])
+    assert model.predict(grey)["class"].tolist() == out["class"][:4].tolist()
+    # anything else is refused, never read as something it is not: floats in [0, 1] are
+    # not taken for pixel values of 0 and 1
+    with pytest.raises(
+        Exception, match="dtype of input float32 does not match expected dtype uint8"
+    ):
         model.predict(batch[:2].astype(np.float32) / 255.5)
-    with pytest.raises(Exception, match=r"integer array \(N, H, W, C\)"):
+    with pytest.raises(Exception, match="does not match expected shape"):
         model.predict(np.zeros((2, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="whole numbers from 0 to 255"):
+        images_for(model, batch[:2].astype(np.float32) / 255.5)
 
 
 def test_winners_are_registered_with_the_best_validated_as_champion_and_served(
@@ -172,6 +205,13 @@ def test_winners_are_registered_with_the_best_validated_as_champion_and_served(
     assert sorted(v.tags["nas.seed"] for v in versions) == ["0", "1"]
     champion = client.get_model_version_by_alias("logged-digits", "champion")
     assert champion.tags["nas.model_id"] == rows[1]["mlflow_model_id"]  # val 0.7, not test
+    # each version linked to its LoggedModel both ways, as mlflow.register_model links them
+    # (MLflow 3.17's SQL registry keeps no ModelVersion.model_id: it reads back None)
+    for v in versions:
+        model_id = v.tags["nas.model_id"]
+        assert v.source == f"models:/{model_id}"
+        listed = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+        assert listed == [{"name": "logged-digits", "version": str(v.version)}]
     register_winners(spec.tracking_uri, "logged", rows)
     assert len(client.search_model_versions("name = 'logged-digits'")) == 2
 
@@ -242,3 +282,53 @@ def test_the_chosen_candidate_is_tagged_with_why_it_won_a_tie(tmp_path):
     # no tie, no explanation
     tag_chosen(tracker, parent, ranking[1:], top_k=1, cost="params")
     assert "nas.chosen_why" not in tracker.client.get_run(runs["b"]).data.tags
+
+
+def test_a_moved_or_copied_run_folder_reads_its_own_artifacts(retrained, tmp_path, capsys):
+    """A run folder's sqlite store records absolute artifact locations: after a copy, `nas
+    relocate` points the copy's store at the copy's artifacts (the original made unreadable
+    meanwhile, so nothing can come from it) and gives it its own output id; after a move the
+    id stays and the store follows."""
+    from nas.cli import main
+    from nas.pipeline.layout import output_id
+
+    spec, _, row = retrained
+    original = spec.output
+    first_id = output_id(original)
+    copy = tmp_path / "copied"
+    shutil.copytree(original, copy)
+    assert main(["relocate", str(copy)]) == 0
+    said = capsys.readouterr().out
+    assert f"is a copy of {original}" in said and "artifact location(s)" in said
+    hidden = original.with_name("hidden")
+    original.rename(hidden)
+    try:
+
+        def loads_from(folder: Path) -> None:
+            uri = f"sqlite:///{folder / 'mlflow.db'}"
+            client = mlflow.MlflowClient(uri)
+            run = client.get_run(row["mlflow_run_id"])
+            assert run.info.artifact_uri.startswith(f"file://{folder}/")
+            model = client.get_logged_model(row["mlflow_model_id"])
+            assert model.artifact_location.startswith(f"file://{folder}/")
+            with mlflow_model.global_tracking_uri(uri):
+                loaded = mlflow.pyfunc.load_model(f"models:/{row['mlflow_model_id']}")
+            shape = loaded.metadata.get_input_schema().inputs[0].shape
+            images = np.zeros((2, *shape[1:]), dtype=np.uint8)
+            assert len(loaded.predict(images)) == 2
+
+        loads_from(copy)
+        layout._IDS.clear()
+        assert output_id(copy) != first_id
+
+        moved = tmp_path / "moved"
+        hidden.rename(moved)
+        assert main(["relocate", str(moved)]) == 0
+        assert f"was moved from {original}" in capsys.readouterr().out
+        loads_from(moved)
+        layout._IDS.clear()
+        assert output_id(moved) == first_id
+        moved.rename(hidden)
+    finally:
+        hidden.rename(original)
+        main(["relocate", str(original)])

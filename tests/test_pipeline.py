@@ -244,6 +244,11 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
         ("retrain", False): 2 * 3,
     }
     assert all(r.info.status == "FINISHED" for r in runs)
+    # a model-training experiment (MLflow 3.17's UI would open an unknown kind as GenAI), and
+    # every run tagged with the output folder that made it
+    experiment = client.get_experiment_by_name("ci")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {r.data.tags["nas.output"] for r in runs} == {str(uninterrupted)}
     results = json.loads((uninterrupted / "results.json").read_text())
     roles = Counter(r["role"] for r in results["rows"])
     assert roles == {"searched": 2, "searched (not reported)": 2, "baseline": 2}

@@ -58,6 +58,55 @@ def test_a_ray_address_that_does_not_answer(tmp_path, capsys, address, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_auto_with_a_stale_address_file_is_one_line_in_seconds(tmp_path, capsys, monkeypatch):
+    """A head killed without `ray stop` leaves its address in Ray's temp folder: Ray's own
+    `auto` would try it for minutes; here it is one line naming the address and the file."""
+    import time
+
+    port = free_port()  # bound, then released: nothing listens
+    (tmp_path / "raytmp" / "ray").mkdir(parents=True)
+    listed = tmp_path / "raytmp" / "ray" / "ray_current_cluster"
+    listed.write_text(f"127.0.0.1:{port}\n")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = time.monotonic()
+    err = run(tmp_path, capsys, ray={"address": "auto"})
+    assert time.monotonic() - started < 30
+    assert f"ray.address 'auto' (127.0.0.1:{port}): no Ray cluster answers there" in err
+    assert f"{listed} still names it" in err and "--address" not in err
+    assert not (tmp_path / "out").exists()
+
+    listed.unlink()  # no cluster was ever started here
+    err = run(tmp_path, capsys, ray={"address": "auto"})
+    assert (
+        f"ray.address 'auto': no cluster was started with `ray start` on this machine (no {listed})"
+        in err
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"output": "runs/x"}, "output"),
+        ({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}, "mlflow.tracking_uri"),
+        ({"mlflow": {"artifact_location": "art"}}, "mlflow.artifact_location"),
+    ],
+)
+def test_a_relative_path_in_a_ray_jobs_working_dir_copy_is_refused(
+    tmp_path, capsys, monkeypatch, change, key
+):
+    """`ray job submit` runs the job in a copy of the working directory under Ray's temp
+    folder (the cluster test submits one for real): a relative path would write there."""
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    (copy / "sub").mkdir(parents=True)
+    monkeypatch.chdir(copy / "sub")
+    err = run(tmp_path, capsys, **change)
+    assert f"{key} " in err and f"{copy}/sub/" in err
+    assert "`ray job submit` made for this job" in err
+    assert "give an absolute path" in err
+    assert list(copy.rglob("*")) == [copy / "sub"]
+
+
 @pytest.mark.parametrize(
     ("output", "message"),
     [

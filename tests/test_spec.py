@@ -209,7 +209,7 @@ BAD = [
     ),
     (
         {"stages": {"supernet": {"distill": float("nan")}}},
-        r"stages\.supernet\.distill: nan is not a weight in \[0, 1\]",
+        r"stages\.supernet\.distill: nan is not a finite number",
     ),
     (
         {
@@ -316,6 +316,33 @@ BAD = [
     ),
     ({"mlflow": {"register": "yes"}}, r"mlflow\.register: expected true or false, got 'yes'"),
     ({"description": ["a", "b"]}, r"description: expected a non-empty string"),
+    # names used as paths: confined to one folder name, never climbing out of the output
+    *[
+        (
+            {"stages": {"retrain": {"baselines": {name: {"lora": {"depth": 1, "dims": 2}}}}}},
+            rf"stages\.retrain\.baselines\.{re.escape(name)}: {re.escape(repr(name))} cannot "
+            "name a baseline",
+        )
+        for name in ("../../escape", "a/b", ".hidden", "x" * 65, "spa ce")
+    ],
+    (
+        {"stages": {"retrain": {"baselines": {"searched": {"lora": {"depth": 1, "dims": 2}}}}}},
+        r"baselines\.searched: 'searched' names the search's own column",
+    ),
+    # numbers that are not numbers: one error each, never a hang or a deep traceback
+    ({"resources": {"cpus": float("nan")}}, r"resources\.cpus: nan is not a finite number"),
+    (
+        {"stages": {"retrain": {"lr": float("inf")}}},
+        r"stages\.retrain\.lr: inf is not a finite number",
+    ),
+    (
+        {"stages": {"supernet": {"weight_decay": float("nan")}}},
+        r"stages\.supernet\.weight_decay: nan is not a finite number",
+    ),
+    (
+        {"seeds": [0, 2**32]},
+        r"seeds\[1\]: 4294967296 is too large; expected an integer <= 4294967295",
+    ),
 ]
 
 

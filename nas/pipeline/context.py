@@ -18,7 +18,7 @@ from nas.data.dataset_formats import dataset_format
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.formats import DataError, Split
 from nas.jsonio import write_json
-from nas.pipeline.layout import save_state
+from nas.pipeline.layout import output_id, save_state
 from nas.pipeline.progress import EpochProgress, Report
 from nas.pipeline.tasks import Task
 from nas.spec import DatasetSpec, ExperimentSpec, load_spec
@@ -155,10 +155,13 @@ def device_for(spec: ExperimentSpec) -> torch.device:
 
 
 def tracker_for(spec: ExperimentSpec) -> Tracker:
+    """The spec's experiment; every run it creates is tagged with the output folder that made
+    it (``nas.output``, shown in the UI; the lookup uses ``nas.output_id``)."""
     return Tracker(
         spec.tracking_uri,
         spec.mlflow_experiment,
         artifact_location=spec.artifact_location,
+        run_tags={"nas.output": str(spec.output.resolve())},
     )
 
 
@@ -173,7 +176,15 @@ def task_context(task: Task) -> tuple[ExperimentSpec, DatasetSpec, int]:
 
 
 def base_tags(spec: ExperimentSpec, stage: str, ds: DatasetSpec, seed: int) -> dict[str, Any]:
-    return {"spec_hash": spec.hash(), "stage": stage, "dataset": ds.key, "seed": seed}
+    """The tags a stage's run is found again by: the output folder's id among them, so that
+    a run is only ever reopened by the output folder that made it."""
+    return {
+        "spec_hash": spec.hash(),
+        "output_id": output_id(spec.output),
+        "stage": stage,
+        "dataset": ds.key,
+        "seed": seed,
+    }
 
 
 def eta_s(started: float, done: int, left: int) -> float:

@@ -25,11 +25,12 @@ from nas.pipeline.context import (
     tracker_for,
 )
 from nas.pipeline.hparams import Hparams
-from nas.pipeline.layout import run_layout
+from nas.pipeline.layout import claim_output, output_id, recorded_path, run_layout
 from nas.pipeline.preflight import (
     check_class_names,
     check_cluster,
     check_inputs,
+    check_job_paths,
     check_output,
     check_packaged_targets,
     check_resources,
@@ -52,6 +53,7 @@ def run_experiment(
     spec_path: str | Path, *, output: str | Path | None = None, new: bool = False
 ) -> dict[str, Any]:
     spec = load_spec(spec_path, output=output)
+    check_job_paths(spec)
     private = not (spec.ray_address or os.environ.get("RAY_ADDRESS"))
     if spec.gpus > 0 and private:  # a private Ray has this machine's GPUs: say so before it starts
         import torch
@@ -68,12 +70,18 @@ def run_experiment(
     started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
     try:
         check_resources(spec, private=started)
+        relocate(spec)  # before provenance.json says it ran before
         record_output(spec)
         # Before anything is written for the trials: what the cluster lacks is said first.
         check_cluster(spec)
         # Create the MLflow store's tables and the experiment here, once: trials that start
         # together would otherwise race to migrate a new sqlite database (and deadlock).
         tracker = tracker_for(spec)
+        # MLflow 3.17's UI opens an experiment of unknown kind as a GenAI one (traces,
+        # "Agent versions"); this one is model training (runs, models, their metrics).
+        tracker.client.set_experiment_tag(
+            tracker.experiment_id, "mlflow.experimentKind", "custom_model_development"
+        )
         if spec.description:  # the experiment page's description
             tracker.client.set_experiment_tag(
                 tracker.experiment_id, "mlflow.note.content", spec.description
@@ -108,6 +116,22 @@ def register(spec: ExperimentSpec) -> None:
         say(f"== registered {dataset}: {uri}")
 
 
+def relocate(spec: ExperimentSpec) -> None:
+    """A run folder moved or copied since it last ran: its id kept (moved) or made new
+    (copied), and its own sqlite store pointed at its own artifacts; each said in a line."""
+    from nas.tracking import relocate_store
+
+    previous = recorded_path(spec.output)
+    news = claim_output(spec.output)
+    if news is None:
+        return
+    say(news)
+    db = spec.output / "mlflow.db"
+    if previous and spec.mlflow_uri is None and db.is_file():
+        n = relocate_store(db, previous, str(spec.output.resolve()))
+        say(f"note: {n} artifact location(s) in {db} now point into {spec.output}")
+
+
 def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:
     """A stopped run's MLflow runs: every open one marked KILLED at once (``ray job stop``
     allows the driver 3 seconds by default), then again once the trials have ended and their
@@ -118,7 +142,7 @@ def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:
     from nas.tracking import wait_for_loggers
 
     tracker = tracker_for(spec)
-    tags = {"spec_hash": spec.hash()}
+    tags = {"spec_hash": spec.hash(), "output_id": output_id(spec.output)}
     tracker.stop_running(tags)
     if ray.is_initialized():
         ray.shutdown()  # the trials end with the driver's connection
@@ -192,14 +216,26 @@ class StageTimer:
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        """A stage that ends is recorded as its seconds; one stopped or failed as
+        ``{"seconds": s, "ended": "stopped" | "failed"}``, and said so on the console."""
         start = time.perf_counter()
+        ended = "stopped"
         try:
             yield
+            ended = "finished"
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            ended = "failed"
+            raise
         finally:
-            seconds = time.perf_counter() - start
-            self.entry["stages"][stage] = round(seconds, 2)
+            seconds = round(time.perf_counter() - start, 2)
+            finished = ended == "finished"
+            self.entry["stages"][stage] = (
+                seconds if finished else {"seconds": seconds, "ended": ended}
+            )
             write_json(self.path, self.history)
-            say(f"== {stage}: {seconds:.1f} s")
+            say(f"== {stage}: {seconds:.1f} s" + ("" if finished else f" ({ended})"))
 
 
 def spec_reference(spec: ExperimentSpec) -> dict[str, str]:

@@ -15,7 +15,9 @@ sees half a file and a kill never leaves one::
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from nas.errors import NasError
-from nas.jsonio import read_json
+from nas.jsonio import read_json, write_json
 from nas.spec import ExperimentSpec
 
 
@@ -91,6 +93,11 @@ class RunLayout:
     def timings(self) -> Path:
         return self.root / "timings.json"
 
+    @property
+    def identity(self) -> Path:
+        """The folder's own id (``output_id``), which tags its MLflow runs."""
+        return self.root / "output_id.json"
+
 
 def run_layout(spec: ExperimentSpec) -> RunLayout:
     return RunLayout(spec.output)
@@ -103,3 +110,76 @@ def searched_top(spec: ExperimentSpec, dataset: str, seed: int) -> dict[str, Any
     layout = run_layout(spec)
     where = layout.verify if spec.verify.enabled else layout.search
     return read_json(where(dataset, seed) / "done.json")
+
+
+def _new_identity(path: Path, root: Path) -> dict[str, str]:
+    """Write a fresh identity unless another process wrote one first (then read that)."""
+    record = {"output_id": uuid.uuid4().hex, "path": str(root.resolve())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    try:
+        os.link(tmp, path)  # fails if the file exists: the first writer's id stands
+    except FileExistsError:
+        record = read_json(path)
+    finally:
+        tmp.unlink()
+    return record
+
+
+_IDS: dict[str, str] = {}
+
+
+def output_id(root: Path) -> str:
+    """The id of the output folder ``root``, made on first use: every MLflow run of this
+    folder carries it (``nas.output_id``) and is found again only by it, so that another
+    output of the same spec on the same tracking store never reopens this one's runs."""
+    key = str(root.resolve())
+    if key not in _IDS:
+        path = RunLayout(root).identity
+        record = read_json(path) if path.is_file() else _new_identity(path, root)
+        if not isinstance(record, dict) or not isinstance(record.get("output_id"), str):
+            raise NasError(f"{path}: damaged (expected an output_id); it names this folder's "
+                           "MLflow runs: restore it, or remove it to start new runs")  # fmt: skip
+        _IDS[key] = record["output_id"]
+    return _IDS[key]
+
+
+def recorded_path(root: Path) -> str | None:
+    """Where the folder was when it last ran (its ``output_id.json``), if it has run."""
+    path = RunLayout(root).identity
+    record = read_json(path) if path.is_file() else None
+    return record.get("path") if isinstance(record, dict) else None
+
+
+def claim_output(root: Path) -> str | None:
+    """Make or check the folder's id as ``nas run`` starts in it; what changed since its last
+    run, as a line for the console (None when nothing did). A moved folder keeps its id (its
+    runs are still its own); a copy, whose original still holds the id, gets a new one, so
+    that its runs from now on are its own and the original's are never reopened."""
+    layout = RunLayout(root)
+    here = str(root.resolve())
+    if not layout.identity.is_file():
+        started_before = layout.provenance.is_file()
+        output_id(root)
+        if started_before:
+            return (f"note: {root} was started by a version that did not tag its MLflow runs "
+                    "with their output folder: its stages continue in new runs")  # fmt: skip
+        return None
+    record = read_json(layout.identity)
+    old = record.get("path") if isinstance(record, dict) else None
+    if not old or old == here:
+        output_id(root)
+        return None
+    other = RunLayout(Path(old)).identity
+    copied = other.is_file() and read_json(other).get("output_id") == record.get("output_id")
+    if copied:
+        record = {"output_id": uuid.uuid4().hex, "copied_from": old}
+    record["path"] = here
+    write_json(layout.identity, record)
+    _IDS.pop(here, None)
+    output_id(root)
+    if copied:
+        return (f"note: {root} is a copy of {old}: its MLflow runs from now on are its own "
+                "(the original's are never reopened)")  # fmt: skip
+    return f"note: {root} was moved from {old}; its MLflow runs are still its own"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 from nas.backbone import portable
 from nas.data.dataset_formats import dataset_format
@@ -163,6 +164,44 @@ def unstarted_stage(output: Path, changed: list[str]) -> str | None:
     if first == verify and any((output / "hparams").glob("*/searched-*/done.json")):
         return None
     return STAGE_ORDER[first]
+
+
+def job_working_dir(cwd: Path | None = None) -> Path | None:
+    """The copy of the submitter's working directory that ``ray job submit`` runs a job in
+    (``<Ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>``), when this
+    process runs in one; else None."""
+    cwd = (cwd or Path.cwd()).resolve()
+    for folder in (cwd, *cwd.parents):
+        if folder.name.startswith("_ray_pkg_") and folder.parent.name == "working_dir_files":
+            return folder
+    return None
+
+
+def check_job_paths(spec: ExperimentSpec) -> None:
+    """Under ``ray job submit``, nothing may be written into the job's copy of the working
+    directory: Ray deletes it, its name changes with every edit of the checkout (so a rerun
+    would not find the run to continue), and the submitter never sees it."""
+    copy = job_working_dir()
+    if copy is None:
+        return
+    written = {"output": spec.output}
+    uri, artifacts = spec.mlflow_uri or "", spec.mlflow_artifacts or ""
+    if uri.startswith("sqlite:///"):  # sqlite:///relative.db, sqlite:////absolute.db
+        written["mlflow.tracking_uri"] = Path(uri.removeprefix("sqlite:///"))
+    elif uri.startswith("file:") or (uri and "://" not in uri):
+        written["mlflow.tracking_uri"] = Path(urlparse(uri).path)
+    if artifacts.startswith("file:") or (artifacts and "://" not in artifacts):
+        written["mlflow.artifact_location"] = Path(urlparse(artifacts).path)
+    for key, path in written.items():
+        if path.resolve().is_relative_to(copy):
+            shown = str(path) if path.is_absolute() else f"{path} (= {path.resolve()})"
+            example = "--output /shared/runs/NAME" if key == "output" else f"{key}: /shared/..."
+            raise NasError(
+                f"{spec.path}: {key} {shown} lies in the copy of the working directory that "
+                f"`ray job submit` made for this job ({copy}), which Ray deletes and renames "
+                f"with every change to the checkout: give an absolute path outside it (e.g. "
+                f"{example}), on storage every node of the cluster shares"
+            )
 
 
 def check_output(spec: ExperimentSpec, new: bool) -> ExperimentSpec:

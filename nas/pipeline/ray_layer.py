@@ -43,11 +43,35 @@ RAY_ENV = {
 }
 
 
-def probe_ray(address: str, where: str = "ray.address", timeout: float = 5.0) -> None:
-    """Something must answer at a cluster's HOST:PORT: Ray itself would wait for minutes."""
-    if address in ("auto", "local"):
-        return
-    target = address.split("://", 1)[-1].rstrip("/")
+def auto_address(where: str = "ray.address") -> tuple[str, str]:
+    """The HOST:PORT that ``auto`` stands for: the cluster ``ray start`` started on this
+    machine, as the address file it leaves in Ray's temp folder names it; and that file.
+    Ray's own ``auto`` falls back to any Ray it finds running here, such as another run's
+    private one (which ends with that run): not here."""
+    from ray._private import utils  # Ray's temp folder and address file: no public API
+
+    listed = utils.get_ray_address_file(None)
+    found = utils.read_ray_address(None)
+    if not found:
+        raise NasError(
+            f"{where} 'auto': no cluster was started with `ray start` on this machine (no "
+            f"{listed}); start one with `ray start --head`, set ray.address to a head's "
+            "HOST:PORT, or leave ray.address out to run on a private local Ray"
+        )
+    return found, listed
+
+
+def probe_ray(address: str, where: str = "ray.address", timeout: float = 5.0) -> str:
+    """The address to attach to (``auto`` read as ``auto_address`` reads it), once something
+    answers there: Ray itself would retry for minutes."""
+    if address == "local":
+        return address
+    stale = ""
+    if address == "auto":
+        target, listed = auto_address(where)
+        stale = f" ({listed} still names it: its head was stopped or killed; `ray stop` clears it)"
+    else:
+        target = address.split("://", 1)[-1].rstrip("/")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise NasError(
@@ -57,11 +81,13 @@ def probe_ray(address: str, where: str = "ray.address", timeout: float = 5.0) ->
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
+        shown = f"{address!r}" if address == target else f"{address!r} ({target})"
         raise NasError(
-            f"{where} {address!r}: no Ray cluster answers there ({exc.strerror or exc}); "
+            f"{where} {shown}: no Ray cluster answers there ({exc.strerror or exc}){stale}; "
             "start one with `ray start --head`, or leave ray.address out to run on a "
             "private local Ray"
         ) from None
+    return target if address == "auto" else address
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -74,13 +100,14 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         target = address or os.environ["RAY_ADDRESS"]
         where = "ray.address" if address else "RAY_ADDRESS"
-        probe_ray(target, where)
+        target = probe_ray(target, where)
         try:
             ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING)
         except (ConnectionError, ValueError) as exc:
+            first = str(exc).splitlines()[0].split(" Please specify")[0]
             raise NasError(
-                f"{where} {target!r}: {str(exc).splitlines()[0]} (start one with `ray start "
-                "--head`, or leave ray.address out to run on a private local Ray)"
+                f"{where} {target!r}: {first} (start one with `ray start --head`, or leave "
+                "ray.address out to run on a private local Ray)"
             ) from None
         return False
     ray.init(

@@ -3,6 +3,7 @@ per dataset, VTAB-style group means, flat means, and the methods side by side.""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nas.errors import NasError
@@ -90,8 +91,12 @@ def rows_from_metrics(metrics: dict[str, float]) -> dict[str, Any]:
     return {"targets": targets, "targets_all_classes": every, "target_classes": classes}
 
 
-def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, Any]:
-    """The results table rebuilt from an MLflow store alone (its finished retrain runs)."""
+def results_from_mlflow(
+    uri: str, experiment: str | None = None, output: str | None = None
+) -> dict[str, Any]:
+    """The results table rebuilt from an MLflow store alone (its finished retrain runs). Where
+    several output folders of one spec share the experiment, ``output`` (a folder, as tagged
+    ``nas.output``, or its ``nas.output_id``) says whose runs; without it, one error lists them."""
     from nas.tracking import Tracker  # sets MLflow's telemetry off before MLflow is used
 
     client = Tracker.client_for(uri)
@@ -114,6 +119,7 @@ def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, An
         "tags.`nas.stage` = 'retrain' and attributes.status = 'FINISHED'",
         max_results=5000,
     )
+    runs = runs_of_one_output(runs, output, f"{uri} (experiment {exps[0].name})")
     rows = []
     for run in runs:
         t, m, p = run.data.tags, run.data.metrics, run.data.params
@@ -135,6 +141,39 @@ def results_from_mlflow(uri: str, experiment: str | None = None) -> dict[str, An
             }
         )
     return summarise(rows)
+
+
+def runs_of_one_output(runs: list, output: str | None, where: str) -> list:
+    """The runs one output folder made: ``output`` names it (its path or its output id);
+    without it, the runs must all come from one folder (runs from before output ids count
+    as one folder of their own)."""
+    folders: dict[str | None, list] = {}
+    for run in runs:
+        folders.setdefault(run.data.tags.get("nas.output_id"), []).append(run)
+    if output is not None:
+        resolved = str(Path(output).expanduser().resolve())
+        picked = [
+            r
+            for r in runs
+            if r.data.tags.get("nas.output_id") == output
+            or r.data.tags.get("nas.output") in (output, resolved)
+        ]
+        if not picked:
+            raise NasError(f"{where}: no finished retrain runs of the output {output!r} "
+                           f"(found: {_folders(folders)})")  # fmt: skip
+        return picked
+    if len(folders) > 1:
+        raise NasError(f"{where}: runs of {len(folders)} output folders ({_folders(folders)}); "
+                       "choose one with --output FOLDER")  # fmt: skip
+    return runs
+
+
+def _folders(folders: dict[str | None, list]) -> str:
+    names = []
+    for oid, runs in folders.items():
+        path = runs[0].data.tags.get("nas.output")
+        names.append(f"{path} (output id {oid})" if oid else "runs from before output ids")
+    return ", ".join(sorted(names)) or "none"
 
 
 def _target_cells(r: dict[str, Any], names: list[str], subset: set[str]) -> str:
@@ -172,7 +211,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         "| added FLOPs |" + (f" {head}" if head else ""),
         "|---|---|---|---|---|---|---|---|---|" + rule,
     ]
-    for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["seed"], r["label"])):
+
+    def order(r: dict[str, Any]) -> tuple:  # the reported subnet, other ranks, baselines
+        role = r.get("role") or ""
+        kind = 0 if role == "searched" else 1 if role.startswith("searched") else 2
+        return (r["dataset"], r["seed"], kind, r["label"] or "")
+
+    for r in sorted(results["rows"], key=order):
         val = f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "—"
         # rows of runs made before the split was recorded carry neither field
         fit = f"{r['train_split']} ({r['train_images']:,})" if r.get("train_images") else "—"
@@ -182,11 +227,17 @@ def results_markdown(results: dict[str, Any]) -> str:
             + (f" {_target_cells(r, names, subset)}" if names else "")
         )
     lines.append("")
-    lines.append(
-        "Reported per dataset: the subnet ranked first by validation accuracy, retrained on "
-        "the split named under 'trained on' (VTAB-1k and ImageFolder: train+val; few-shot: "
-        "the K shots alone) and tested once (mean over seeds)."
-    )
+    if results["per_dataset"]:
+        lines.append(
+            "Reported per dataset: the subnet ranked first by validation accuracy, retrained "
+            "on the split named under 'trained on' (VTAB-1k and ImageFolder: train+val; "
+            "few-shot: the K shots alone) and tested once (mean over seeds)."
+        )
+    else:
+        lines.append(
+            "No search in this run: each row is a baseline retrained on the split named under "
+            "'trained on' and tested once; `nas report --by-method` compares them."
+        )
     lines.append("")
     for ds, acc in sorted(results["per_dataset"].items()):
         lines.append(f"- {ds}: {acc:.4f}")
