@@ -76,6 +76,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Before Ray is imported: its worker prefix is read then (nas.pipeline.console).
     quiet_environment()
+    if args.progress == "live" and not sys.stdout.isatty():
+        raise NasError(
+            "--progress live redraws one view in place, which needs a terminal; the output "
+            "goes to a file or a pipe here: use --progress plain (or leave the flag out)"
+        )
     if args.progress:
         os.environ["NAS_PROGRESS"] = args.progress
     choose_mode()  # a bad NAS_PROGRESS is told now, not when the first stage starts
@@ -167,6 +172,8 @@ def _check_writable_file(path, option: str) -> None:
         raise NasError(f"{option} {path} is a folder; give a file path")
     if not path.parent.is_dir():
         raise NasError(f"{option} {path}: folder {path.parent} does not exist")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise NasError(f"{option} {path}: not writable by this user")
 
 
 def _read_results(path) -> dict:
@@ -177,6 +184,16 @@ def _read_results(path) -> dict:
         raise NasError(f"{path}: not a results file of `nas run` ({exc})") from None
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
         raise NasError(f"{path}: not a results file of `nas run` (no 'rows' list)")
+    for row in results["rows"]:  # rows written before roles were recorded: read from labels
+        if isinstance(row, dict) and "role" not in row:
+            label = str(row.get("label", ""))
+            row["role"] = (
+                "baseline"
+                if label.startswith("baseline-")
+                else "searched"
+                if label == "rank1"
+                else "searched (not reported)"
+            )
     return results
 
 
@@ -237,6 +254,8 @@ def _folder_out(path, option: str = "--out") -> None:
     first = next(p for p in (path, *path.parents) if p.exists())
     if not first.is_dir():
         raise NasError(f"{option} {path}: {first} is a file, not a folder")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise NasError(f"{option} {path}: {first} is not writable by this user")
 
 
 def add_subnet_commands(commands) -> None:
@@ -364,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data_cmds.add_parser("prepare", help="write the offline mini-VTAB benchmark")
     prep.add_argument("benchmark", help="mini-vtab")
     prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--tasks", nargs="*", help="a subset of the tasks (default: all but elpv)")
+    prep.add_argument("--tasks", nargs="+", help="a subset of the tasks (default: all but elpv)")
     prep.add_argument(
         "--with-elpv",
         action="store_true",

@@ -57,6 +57,8 @@ class PromptedClassifier(mlflow.pyfunc.PythonModel):
         from nas.data.loader import normalise
 
         images = to_tensor(model_input, self.inputs["image_size"], self.inputs["channels"])
+        if len(images) == 0:  # an empty batch: an empty answer, as any classifier gives
+            return pd.DataFrame({"class": [], "class_name": [], "probabilities": []})
         with torch.no_grad():
             logits = self.model(normalise(images, self.inputs["mean"], self.inputs["std"]))
             probs = logits.float().softmax(dim=1)
@@ -91,6 +93,8 @@ def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Ten
     ValueError saying what was expected otherwise."""
     paths = _paths(model_input)
     if paths is not None:
+        if not paths:
+            return torch.zeros((0, channels, *size), dtype=torch.uint8)
         out = []
         for p in paths:
             with Image.open(p) as img:
@@ -105,6 +109,8 @@ def to_tensor(model_input: Any, size: Sequence[int], channels: int) -> torch.Ten
     if array.size and (array.min() < 0 or array.max() > 255 or np.any(array != np.round(array))):
         raise ValueError("expected pixel values that are whole numbers from 0 to 255")
     array = array.astype(np.uint8)
+    if len(array) == 0:
+        return torch.zeros((0, channels, *size), dtype=torch.uint8)
     if array.ndim == 4 and array.shape[-1] not in (1, 3):
         raise ValueError(f"expected 1 or 3 channels last (N, H, W, C); got shape {array.shape}")
     out = []

@@ -368,6 +368,8 @@ def _parse_output(r: Reader, data: dict[str, Any], name: str, output: str | Path
         out_text = r.string(data["output"], "output")
     else:
         out_text = f"runs/{name}"
+    if not out_text.strip():
+        r.fail("output", "expected a folder path, got an empty string")
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out_text):
         r.fail(
             "output",
@@ -375,7 +377,15 @@ def _parse_output(r: Reader, data: dict[str, Any], name: str, output: str | Path
             "checkpoints and Ray storage as files there): on a cluster, a shared filesystem "
             "(e.g. an NFS mount) at the same absolute path on every node",
         )
-    return Path(out_text).expanduser().resolve()
+    out = Path(out_text).expanduser().resolve()
+    long = next((part for part in out.parts if len(part.encode()) > 255), None)
+    if long is not None:
+        r.fail("output", f"the folder name {long[:40]!r}... is {len(long.encode())} bytes long; "
+               "file systems allow 255")  # fmt: skip
+    if out.parts[1:2] and out.parts[1] in ("proc", "sys", "dev"):
+        r.fail("output", f"{out} lies in /{out.parts[1]}, the kernel's virtual files, where no "
+               "run folder can be written; give a folder on a disk")  # fmt: skip
+    return out
 
 
 def parse_spec(

@@ -315,6 +315,12 @@ def _parse_baselines(
             continue
         else:
             subnet = Subnet.from_data(value, doc, f"stages.retrain.baselines.{bname}")
+        if len(subnet) == 0 and not space.backbone.classifies_by_name:
+            r.fail(
+                f"stages.retrain.baselines.{bname}",
+                f"{value!r} is an empty subnet (every module off), which trains the head alone: "
+                f"write {LINEAR_PROBE!r} if that is meant",
+            )
         unknown = [kind for kind in subnet if kind not in space.modules]
         if unknown:
             r.fail(
@@ -396,7 +402,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "eval_subnets": (lambda v: v >= 1, "at least 1"),
     "grace_period": (lambda v: v >= 1, "at least 1"),
     "reduction_factor": (lambda v: v >= 2, "at least 2"),
-    "subnets_per_step": (lambda v: v >= 1, "at least 1"),
+    # each subnet is a forward and backward pass of the step: 1e5 would never end a step
+    "subnets_per_step": (lambda v: 1 <= v <= 64, "from 1 to 64"),
     "lr": (lambda v: v > 0, "above 0"),
     "label_smoothing": (lambda v: v < 1, "below 1 (0 is none, 0.1 is usual)"),
     "lrs": (lambda v: all(x > 0 for x in v), "rates above 0"),

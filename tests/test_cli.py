@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -192,3 +193,58 @@ def test_subnet_show_says_in_budget_for_a_subnet_outside_the_space(tmp_path, cap
     out = capsys.readouterr().out
     assert "in space      no  (tiny-cpu)" in out
     assert "in budget     yes  (params <= 40,000)" in out
+
+
+def test_held_out_classes_of_bad_input_are_one_line_each(tmp_path, capsys):
+    """Classes of issue 38's held-out probe, each with a case of this test's own making."""
+    # `--tasks` with no task is not "every task"
+    one_error(capsys, ["data", "prepare", "mini-vtab", "--out", str(tmp_path / "d"), "--tasks"],
+              "expected at least one argument")  # fmt: skip
+    # an older results.json without roles: its rows' roles read from their labels
+    old = {
+        "rows": [
+            {
+                "dataset": "digits",
+                "seed": 0,
+                "label": lab,
+                "test_acc": acc,
+                "params": 10,
+                "added_flops": 0,
+                "subnet_str": lab,
+                "val_acc": None,
+            }
+            for lab, acc in (("rank1", 0.9), ("rank2", 0.95), ("baseline-lora", 0.8))
+        ],
+        "per_dataset": {"digits": 0.9},
+        "group_means": {},
+        "mean_of_groups": None,
+        "flat_mean": 0.9,
+    }
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert main(["report", str(tmp_path / "results.json"), "--by-method"]) == 0
+    table = capsys.readouterr().out
+    assert "| digits |  | 90.0 | 80.0 |" in table  # rank2 is never reported
+    # a read-only folder for --markdown
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse then
+        one_error(capsys, ["report", str(tmp_path / "results.json"), "--markdown",
+                           str(locked / "t.md")], "not writable by this user")  # fmt: skip
+    # `--progress live` into a pipe, and a spec from a pipe (process substitution)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "name: s\ndatasets: [{name: digits, format: mini-vtab}]\nbackbone: vit_fmnist\n"
+        "space: tiny_cpu\n"
+    )
+    one_error(capsys, ["run", str(spec), "--output", ""], "output: expected a folder path, got an "
+              "empty string")  # fmt: skip
+    nas = [sys.executable, "-m", "nas"]
+    live = subprocess.run([*nas, "run", str(spec), "--progress", "live"], capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert live.returncode == 2 and "--progress live redraws one view" in live.stderr
+    assert "Traceback" not in live.stderr
+    piped = subprocess.run(["bash", "-c", f"{' '.join(nas)} run <(cat {spec})"],
+                           capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert piped.returncode == 2 and "not a regular file (a pipe" in piped.stderr, piped.stderr
+    assert not (tmp_path / "runs").exists()

@@ -160,6 +160,32 @@ def test_corrupt_image_is_an_error_not_a_blank_tensor(vtab_copy, content):
         decode_split(splits["val"], 28, 1)
 
 
+def test_a_decompression_bomb_is_refused_in_one_line(vtab_copy):
+    """A PNG of a few bytes whose header claims 20,000 x 20,000 pixels (what it would take
+    to decode): refused when opened, never decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 1, 0, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    (vtab_copy / "images/val/00007.png").write_bytes(bomb)
+    with pytest.raises(DataError, match=r"val200\.txt:8: refused image .*00007\.png: .*pixels"):
+        decode_split(read_vtab(vtab_copy)["val"], 28, 1)
+
+
+def test_list_files_saved_with_a_byte_order_mark_are_read(vtab_copy):
+    """Editors on Windows write UTF-8 with a BOM: read as UTF-8-sig, not as a path that starts
+    with an invisible character."""
+    listed = vtab_copy / "val200.txt"
+    plain = read_vtab(vtab_copy)["val"]
+    listed.write_bytes(b"\xef\xbb\xbf" + listed.read_bytes())
+    assert read_vtab(vtab_copy)["val"].entries == plain.entries
+
+
 def test_truncated_image_is_an_error(vtab_copy):
     path = vtab_copy / "images/test/00000.png"
     data = path.read_bytes()

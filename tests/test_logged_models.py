@@ -178,6 +178,9 @@ def test_pyfunc_loads_from_the_store_and_classifies_images(retrained, mini_vtab_
         model.predict(np.zeros((2, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="whole numbers from 0 to 255"):
         images_for(model, batch[:2].astype(np.float32) / 255.5)
+    # an empty batch: an empty answer
+    empty = model.predict(batch[:0])
+    assert len(empty) == 0 and list(empty.columns) == list(out.columns)
 
 
 def test_winners_are_registered_with_the_best_validated_as_champion_and_served(

@@ -339,6 +339,22 @@ BAD = [
         {"stages": {"supernet": {"weight_decay": float("nan")}}},
         r"stages\.supernet\.weight_decay: nan is not a finite number",
     ),
+    ({"output": ""}, r"output: expected a non-empty string, got a string \(''\)"),
+    ({"output": "/proc/nas-run"}, r"output: /proc/nas-run lies in /proc, the kernel's virtual"),
+    ({"output": "/tmp/" + "x" * 300}, r"output: the folder name 'x+'\.\.\. is 300 bytes long"),
+    (
+        {"stages": {"supernet": {"subnets_per_step": 100000}}},
+        r"stages\.supernet\.subnets_per_step: expected from 1 to 64, got 100000",
+    ),
+    (
+        {"stages": {"retrain": {"baselines": {"nothing": {}}}}},
+        r"baselines\.nothing: \{\} is an empty subnet \(every module off\), which trains the "
+        r"head alone: write 'linear-probe' if that is meant",
+    ),
+    (
+        {"stages": {"retrain": {"baselines": {"null": None}}}},
+        r"baselines\.null: None is an empty subnet",
+    ),
     (
         {"seeds": [0, 2**32]},
         r"seeds\[1\]: 4294967296 is too large; expected an integer <= 4294967295",

@@ -53,6 +53,8 @@ def decode_image(entry: Entry, size: tuple[int, int], channels: int) -> np.ndarr
         with Image.open(entry.path) as img:
             img.load()
             return model_array(img, size, channels)
+    except Image.DecompressionBombError as exc:  # a few bytes that decode to gigapixels
+        raise DataError(f"{entry.source}: refused image {entry.path}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{entry.source}: cannot decode image {entry.path}: {exc}") from None
 

@@ -76,7 +76,7 @@ def read_class_names(folder: Path) -> list[str] | None:
     path = folder / CLASSNAMES_FILE
     if not path.is_file():
         return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     if not names or any(not n for n in names):
         raise DataError(f"{path}: expected one non-empty class name per line")
     return names
@@ -92,7 +92,7 @@ def parse_list_file(
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read list file ({exc})") from None
     rows: list[tuple[str, int, int]] = []

@@ -52,6 +52,11 @@ from nas.spec import ExperimentSpec, load_spec
 def run_experiment(
     spec_path: str | Path, *, output: str | Path | None = None, new: bool = False
 ) -> dict[str, Any]:
+    if Path(spec_path).exists() and not Path(spec_path).is_file():
+        raise NasError(
+            f"{spec_path}: not a regular file (a pipe, such as <(...), or a device): the spec is "
+            "read again by every trial and copied into the output folder; save it to a file"
+        )
     spec = load_spec(spec_path, output=output)
     check_job_paths(spec)
     private = not (spec.ray_address or os.environ.get("RAY_ADDRESS"))
