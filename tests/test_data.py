@@ -17,6 +17,7 @@ from PIL import Image
 from nas.data.decode import decode_split
 from nas.data.fewshot import write_few_shot_splits
 from nas.data.formats import (
+    CLASSNAMES_FILE,
     DataError,
     read_few_shot,
     read_image_folder,
@@ -134,6 +135,17 @@ BAD_LISTS = {
     "conflicting-duplicate": (
         lambda f: _edit(f / "train800.txt", lambda ls: [*ls, ls[0].rsplit(" ", 1)[0] + " 9"]),
         r"train800\.txt:801: images/train/00000\.png is listed again with label 9 \(line 1 gives \d\)",
+    ),
+    "huge-label": (  # 10**12 classes would be a MemoryError, not a message
+        lambda f: (
+            (f / CLASSNAMES_FILE).unlink(missing_ok=True),
+            _edit(
+                f / "test.txt",
+                lambda ls: [*ls[:4], ls[4].rsplit(" ", 1)[0] + " 1000000000000", *ls[5:]],
+            ),
+        ),
+        r"labels 999,999,999,990 of 0\.\.1000000000000 are never used, yet labels go up to "
+        r"1000000000000 \(.*test\.txt:5\): a mistyped label\?",
     ),
     "malformed-line": (
         lambda f: _edit(f / "val200.txt", lambda ls: ["just-a-path.png", *ls]),

@@ -212,11 +212,17 @@ def _finish(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
     if any(s.num_classes == 0 for s in splits.values()):
         entries = [e for s in splits.values() for e in s.entries]
         count = 1 + max(e.label for e in entries)
-        unused = sorted(set(range(count)) - {e.label for e in entries})
-        if unused:
+        used = {e.label for e in entries}
+        if len(used) < count:
             top = max(entries, key=lambda e: e.label)
+            # listed only where that is a short list (a label of 10**12 leaves 10**12 gaps)
+            unused = (
+                _spans(sorted(set(range(count)) - used))
+                if count - len(used) <= 100_000
+                else f"{count - len(used):,} of 0..{count - 1}"
+            )
             raise DataError(
-                f"{folder}: labels {_spans(unused)} are never used, yet labels go up to "
+                f"{folder}: labels {unused} are never used, yet labels go up to "
                 f"{count - 1} ({top.source}): a mistyped label? If the dataset has {count} "
                 f"classes, say so with {CLASSNAMES_FILE} (one name per line)"
             )
