@@ -185,10 +185,14 @@ def print_subnet_info(info: dict, subnet, space: SearchSpace) -> None:
 
 
 def cmd_subnet_show(args: argparse.Namespace) -> int:
-    from nas.subnet import Subnet
+    from nas.errors import NasError
+    from nas.subnet import Subnet, too_deep
 
     subnet = Subnet.load(args.subnet)
     space = load_space(args.space)
+    deep = too_deep(subnet, space.geometry.depth)
+    if deep:  # its costs would count blocks that do not exist
+        raise NasError(f"{args.subnet}: not a subnet of --space {args.space}: {deep}")
     info = subnet_info(subnet, space)
     if args.json:
         print(json.dumps(info, indent=2))

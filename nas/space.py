@@ -314,11 +314,20 @@ def parse_space(doc: Document) -> SearchSpace:
 def _check_budget_reachable(space: SearchSpace, reader: Reader) -> None:
     g = space.geometry
     lo_p, hi_p = subnet_params(space.smallest(), g), subnet_params(space.largest(), g)
-    if space.count_within(space.budget.params) == 0:
+    fitting = space.count_within(space.budget.params)
+    if fitting == 0:
         reader.fail(
             "budget.params",
             f"no subnet meets this budget ({space.budget.params}); "
             f"subnets of this space have {lo_p:,} to {hi_p:,} trainable parameters",
+        )
+    smallest = space.smallest()
+    if fitting == 1 and len(smallest) == 0 and space.budget.params.admits(0):
+        reader.fail(
+            "budget.params",
+            f"only the empty subnet (every module off) meets this budget "
+            f"({space.budget.params}): there is nothing to search; the smallest module adds "
+            f"more (subnets of this space have up to {hi_p:,} trainable parameters)",
         )
     if space.budget.flops != Bounds():
         lo_f, hi_f = added_flops(space.smallest(), g), added_flops(space.largest(), g)

@@ -70,6 +70,12 @@ def test_subnet_show(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["in_space"] is False
     assert main(["subnet", "show", str(path), "--space", "lora_only"]) == 0
     assert "in space      no (modules not in the space: vpt)" in capsys.readouterr().out
+    # deeper than the space's backbone (tiny_cpu: 6 blocks): one line, no costs of blocks
+    # that do not exist, for VPT as for LoRA
+    for kind in ("vpt", "lora"):
+        path.write_text(f"{kind}: {{depth: 12, dims: 4}}\n")
+        message = f"not a subnet of --space tiny_cpu: its modules span more blocks ({kind} 12)"
+        one_error(capsys, ["subnet", "show", str(path), "--space", "tiny_cpu"], message)
 
 
 def test_data_prepare_check_and_few_shot(tmp_path, capsys):

@@ -123,6 +123,11 @@ BAD = {
         "dims: [0, 3, 9]",
         r"modules\.adapter\.dims\[2\]: dim 9 is above the supernet maximum max_dim=8",
     ),
+    "only-depth-zero": (
+        "depths: [0, 3], max_dim: 8",
+        "depths: [0], max_dim: 8",
+        r"modules\.adapter\.depths: only 0 \(absent\): give at least one positive depth",
+    ),
     "depth-above-backbone": (
         "depths: [2, 4], max_dim: 6",
         "depths: [2, 5], max_dim: 6",
@@ -261,4 +266,15 @@ def test_space_on_a_named_backbone(tmp_path: Path):
         ConfigError,
         match=r"backbone: 'vit_nowhere': .*no shipped backbone of that name and no such folder \(shipped: clip_fmnist, clip_vitb16_openai, vit_fmnist\)",
     ):
+        load_space(path)
+
+
+def test_a_budget_only_the_empty_subnet_meets_is_refused(tmp_path: Path):
+    text = small_space_yaml(extra="budget: {params: {max: 1}}").replace(
+        "lora: {dims: [1, 4]", "lora: {dims: [0, 4]"
+    )
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"budget\.params: only the empty subnet \(every module "
+                       r"off\) meets this budget \(<= 1\): there is nothing to search"):  # fmt: skip
         load_space(path)

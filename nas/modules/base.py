@@ -202,6 +202,10 @@ class LayeredModule(PromptModule):
         depths = reader.int_choices(value["depths"], join_key(key, "depths"), minimum=0)
         if dims == (0,):
             reader.fail(join_key(key, "dims"), "only 0 (absent): give at least one positive dim")
+        if depths == (0,):
+            reader.fail(
+                join_key(key, "depths"), "only 0 (absent): give at least one positive depth"
+            )
         for i, depth in enumerate(depths):
             if depth > geometry.depth:
                 reader.fail(
