@@ -18,6 +18,7 @@ is one ``ConfigError`` naming the file, the key and its line.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,13 @@ def noah_subnet(doc: Document) -> NoahSubnet:
                 f"{model!r} is not a ViT-B/16: NOAH's subnets are for vit_base_patch16_224 "
                 "(12 blocks, width 768), and a subnet's parameters depend on the backbone",
             )
+        size = re.search(r"vit_base_patch16_(\d+)", model)
+        if size and size.group(1) != "224":
+            r.fail(
+                "MODEL_NAME",
+                f"{model!r} takes {size.group(1)}-pixel images: the spaces here check NOAH's "
+                "subnets on vit_base_patch16_224, and a VPT's FLOPs depend on the token count",
+            )
     depth, maxima = _supernet(r, data.get("SUPERNET"))
     retrain = r.mapping(
         data["RETRAIN"], "RETRAIN", optional=[*NOAH_KINDS, PREFIX_KEY], open_keys=False
@@ -104,6 +112,9 @@ def noah_subnet(doc: Document) -> NoahSubnet:
                     f"{dim} exceeds the supernet's maximum SUPERNET.{key} = {top}",
                 )
         choices[NOAH_KINDS[key]] = dims
+    if not any(any(dims) for dims in choices.values()):
+        r.fail("RETRAIN", "every dim is 0: an empty subnet (no module on any block), which "
+               "would train the head alone; NOAH's searched subnets hold modules")  # fmt: skip
     return NoahSubnet(Subnet(choices), model, doc.file or "<text>")
 
 

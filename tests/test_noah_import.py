@@ -123,6 +123,15 @@ BAD = [
         "is not a ViT-B/16",
     ),
     ("RETRAIN: [\n", "YAML syntax error"),
+    (  # another resolution of ViT-B/16: its VPT FLOPs would be counted at 224
+        "MODEL_NAME: vit_base_patch16_384\nRETRAIN:\n  LORA_DIM: [1,0,0,0,0,0,0,0,0,0,0,0]\n",
+        "'vit_base_patch16_384' takes 384-pixel images",
+    ),
+    (  # every dim 0: not silently a linear probe
+        "RETRAIN:\n  LORA_DIM: [0,0,0,0,0,0,0,0,0,0,0,0]\n"
+        "  ADAPTER_DIM: [0,0,0,0,0,0,0,0,0,0,0,0]\n",
+        "RETRAIN: every dim is 0: an empty subnet",
+    ),
 ]
 
 
