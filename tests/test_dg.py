@@ -232,3 +232,41 @@ def test_evaluate_target_scores_over_all_classes_and_over_its_own(mnist_dg):
     assert got["own"] > got["all"]  # five wrong classes fewer to pick
     full = decode_split(read_target(folder / "targets/noisy.txt", folder, "n", 10), 28, 1)
     assert evaluate_target(model, full, mean=mean, std=std)["own"] is None
+
+
+def test_a_target_that_leaks_the_training_split_is_refused_and_one_class_is_said(
+    tmp_path, mini_vtab_data, capsys
+):
+    """A target listing the training images is no held-out test: one error before anything
+    runs. A target of one class is valid but said."""
+    from nas.data.formats import read_target, read_vtab
+    from nas.pipeline.preflight import check_targets
+
+    folder = mini_vtab_data / "digits"
+    target = {"name": "leak", "list": str(folder / "train800.txt"), "root": str(folder)}
+    path = write_spec(
+        tmp_path,
+        [{"name": "digits", "format": "vtab", "root": str(mini_vtab_data), "targets": [target]}],
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "nas", "run", str(path), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "train800.txt:1: target 'leak' of dataset digits lists 800 image(s) of its train" in (
+        result.stderr
+    )
+    assert not (tmp_path / "o").exists()
+
+    splits = read_vtab(folder)
+    test_lines = (folder / "test.txt").read_text().splitlines()
+    label = test_lines[0].rsplit(" ", 1)[1]
+    one = tmp_path / "one.txt"
+    one.write_text("\n".join(x for x in test_lines if x.rsplit(" ", 1)[1] == label) + "\n")
+    single = read_target(one, folder, "one", 10, None)
+    check_targets("digits", splits, {"one": single})
+    assert f"target 'one' of dataset digits ({one}) holds a single class ({label})" in (
+        capsys.readouterr().out
+    )

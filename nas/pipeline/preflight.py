@@ -105,7 +105,9 @@ def check_inputs(spec: ExperimentSpec) -> None:
             continue  # prepared by this run, from packaged data
         splits = read_splits(spec, ds)
         if ds.targets:  # read in the source's label space: a label out of range stops here
-            splits |= target_splits(spec, ds, splits["test"])
+            targets = target_splits(spec, ds, splits["test"])
+            check_targets(ds.key, splits, targets)
+            splits |= targets
         for split in splits.values():
             decode_sample(split, g)
     spec.backbone.check_weights()  # reads and fits the weights file: one clear error if not
@@ -119,8 +121,45 @@ def check_packaged_targets(spec: ExperimentSpec) -> None:
     for ds in spec.datasets:
         if not ds.targets or dataset_format(ds.format).needs_root:
             continue
-        for split in target_splits(spec, ds, read_splits(spec, ds)["test"]).values():
+        splits = read_splits(spec, ds)
+        targets = target_splits(spec, ds, splits["test"])
+        check_targets(ds.key, splits, targets)
+        for split in targets.values():
             decode_sample(split, g)
+
+
+#: The splits a model is trained or chosen on: a target may share no image with them.
+TRAINED_ON = ("train", "val", "trainval")
+
+
+def check_targets(dataset: str, splits: dict, targets: dict) -> None:
+    """Domain-generalisation targets must be held out: one listing an image the model is
+    trained or chosen on is a leak (one error naming the first); one of a single class is
+    valid but scores nothing but that class (said as a warning)."""
+    seen = {
+        e.path.resolve(): (name, e.source)
+        for name in TRAINED_ON
+        if name in splits
+        for e in splits[name].entries
+    }
+    for tname, target in targets.items():
+        shared = [(e, seen[e.path.resolve()]) for e in target.entries if e.path.resolve() in seen]
+        if shared:
+            entry, (split, where) = shared[0]
+            raise NasError(
+                f"{entry.source}: target {tname!r} of dataset {dataset} lists {len(shared)} "
+                f"image(s) of its {split} split (first {entry.path}, also {where}): a target is "
+                "tested once as unseen data, so it may share no image with what the model "
+                "trains or is chosen on"
+            )
+        classes = {e.label for e in target.entries}
+        if len(classes) == 1:
+            print(
+                f"warning: target {tname!r} of dataset {dataset} ({target.source}) holds a "
+                f"single class ({classes.pop()}): its accuracy says only how often that class "
+                "is predicted",
+                flush=True,
+            )
 
 
 def check_writable(folder: Path) -> None:
