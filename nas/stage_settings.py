@@ -330,6 +330,21 @@ def _parse_baselines(
         deep = too_deep(subnet, space.geometry.depth)
         if deep:
             r.fail(f"stages.retrain.baselines.{bname}", deep)
+        limit = 4 * space.geometry.width  # the spaces' own rule: wider is not efficient
+        layered = {
+            k: c
+            for k, c in subnet.items()
+            if isinstance(c, tuple) and c and all(isinstance(d, int) for d in c)
+        }
+        wide = {k: max(c) for k, c in layered.items() if max(c) > limit}
+        if wide:
+            kind, dim = next(iter(wide.items()))
+            r.fail(
+                f"stages.retrain.baselines.{bname}",
+                f"{kind} dim {dim:,} is above 4 x the backbone's width ({space.geometry.width}): "
+                f"expected at most {limit:,} (a module that wide is not parameter-efficient, "
+                "and may not fit in memory)",
+            )
         baselines[bname] = subnet
     return baselines, full
 

@@ -281,6 +281,13 @@ def test_too_few_images_for_the_shots(image_folder):
         write_few_shot_splits(image_folder, shots=(32,))
 
 
+def test_few_shot_splits_of_one_class_are_refused(image_folder):
+    for extra in sorted(p for p in image_folder.iterdir() if p.is_dir())[1:]:
+        shutil.rmtree(extra)
+    with pytest.raises(DataError, match=r"one class folder \('.*'\); few-shot splits are for"):
+        write_few_shot_splits(image_folder, shots=(1,))
+
+
 def test_image_folder(image_folder):
     split = read_image_folder(image_folder)
     assert len(split) == 300 and split.num_classes == 10

@@ -355,6 +355,10 @@ BAD = [
         {"stages": {"retrain": {"baselines": {"null": None}}}},
         r"baselines\.null: None is an empty subnet",
     ),
+    (  # a baseline whose size would allocate tens of gigabytes inside a trial
+        {"stages": {"retrain": {"baselines": {"huge": {"adapter": {"depth": 6, "dims": 10**7}}}}}},
+        r"baselines\.huge: adapter dim 10,000,000 is above 4 x the backbone's width \(192\)",
+    ),
     (
         {"seeds": [0, 2**32]},
         r"seeds\[1\]: 4294967296 is too large; expected an integer <= 4294967295",

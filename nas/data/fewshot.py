@@ -36,6 +36,12 @@ def write_few_shot_splits(
     by_class: dict[int, list[Path]] = {}
     for e in split.entries:
         by_class.setdefault(e.label, []).append(e.path)
+    if len(by_class) < 2:
+        only = split.class_names[next(iter(by_class))] if by_class else "none"
+        raise DataError(
+            f"{images}: one class folder ({only!r}); few-shot splits are for a classifier of "
+            f"at least 2 classes (expected {images}/<class>/<image> for each class)"
+        )
     need = max(shots) + val_per_class + 1
     short = {split.class_names[c]: len(v) for c, v in by_class.items() if len(v) < need}
     if short:
