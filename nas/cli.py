@@ -68,6 +68,20 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     for name, split in splits.items():
         decode_split(split, 32, 3)  # every image must decode
         print(f"{name:<9} {len(split):>6} images, {split.num_classes} classes  ({split.source})")
+    listed = Path(args.folder) / "targets"
+    source = splits.get("test") or next(iter(splits.values()))
+    if listed.is_dir():  # domain-generalisation targets (a spec's targets without a list)
+        from nas.data.formats import read_target
+        from nas.pipeline.preflight import check_targets
+
+        for path in sorted(listed.glob("*.txt")):
+            target = read_target(path, Path(args.folder), path.stem, source.num_classes,
+                                 source.class_names, duplicates=dup)  # fmt: skip
+            check_targets(Path(args.folder).name, splits, {path.stem: target})
+            decode_split(target, 32, 3)
+            classes = len({e.label for e in target.entries})
+            print(f"target {path.stem:<12} {len(target):>6} images, {classes} of the "
+                  f"{source.num_classes} classes  ({path})")  # fmt: skip
     return 0
 
 

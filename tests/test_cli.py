@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,18 @@ def test_data_prepare_check_and_few_shot(tmp_path, capsys):
     assert (out / "digits" / "train800.txt").is_file() and (out / "manifest.json").is_file()
     assert main(["data", "check", str(out / "digits")]) == 0
     assert re.search(r"^test\s+60 images, 10 classes", capsys.readouterr().out, re.M)
+    # its targets (targets/<name>.txt) are read in its label space and decoded too
+    (out / "digits" / "targets").mkdir()
+    test_lines = (out / "digits" / "test.txt").read_text().splitlines()
+    (out / "digits" / "targets" / "few.txt").write_text("\n".join(test_lines[:10]) + "\n")
+    assert main(["data", "check", str(out / "digits")]) == 0
+    assert re.search(r"^target few\s+10 images, \d+ of the 10 classes", capsys.readouterr().out,
+                     re.M)  # fmt: skip
+    train = (out / "digits" / "train800.txt").read_text()
+    (out / "digits" / "targets" / "leak.txt").write_text(train)
+    one_error(capsys, ["data", "check", str(out / "digits")], "target 'leak' of dataset digits "
+              "lists 800 image(s) of its train split")  # fmt: skip
+    shutil.rmtree(out / "digits" / "targets")
     assert main(["data", "check", str(out / "digits" / "images"), "--format", "imagefolder"]) == 0
     assert (
         main(

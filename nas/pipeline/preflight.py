@@ -136,12 +136,10 @@ def check_targets(dataset: str, splits: dict, targets: dict) -> None:
     """Domain-generalisation targets must be held out: one listing an image the model is
     trained or chosen on is a leak (one error naming the first); one of a single class is
     valid but scores nothing but that class (said as a warning)."""
-    seen = {
-        e.path.resolve(): (name, e.source)
-        for name in TRAINED_ON
-        if name in splits
-        for e in splits[name].entries
-    }
+    seen: dict[Path, tuple[str, str]] = {}
+    for name in TRAINED_ON:
+        for e in splits[name].entries if name in splits else ():
+            seen.setdefault(e.path.resolve(), (name, e.source))
     for tname, target in targets.items():
         shared = [(e, seen[e.path.resolve()]) for e in target.entries if e.path.resolve() in seen]
         if shared:
