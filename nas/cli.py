@@ -161,7 +161,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
+    link = _ui_link(source, results, is_uri)
+    if link:
+        print(f"MLflow UI, the retrained models side by side: {link}")
     return 0
+
+
+def _ui_link(source: str, results: dict, is_uri: bool) -> str | None:
+    """The MLflow UI page of the run's retrained models, where its store is known."""
+    from nas.pipeline.reports import winners_link
+
+    rows = results["rows"]
+    if is_uri:
+        outputs = {r.get("output_id") for r in rows}
+        if len(outputs) != 1 or None in outputs or "experiment_id" not in results:
+            return None  # runs from before output ids
+        return winners_link(_mlflow_source(source), results["experiment_id"], rows, outputs.pop())
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    if not (folder / "spec.yaml").is_file() or not (folder / "output_id.json").is_file():
+        return None  # a results file alone, or a run from before output ids
+    from nas.pipeline.layout import output_id
+    from nas.spec import load_spec
+    from nas.tracking import Tracker
+
+    spec = load_spec(folder / "spec.yaml", output=folder, check_data=False)
+    found = Tracker.client_for(spec.tracking_uri).get_experiment_by_name(spec.mlflow_experiment)
+    if found is None:
+        return None
+    return winners_link(spec.tracking_uri, found.experiment_id, rows, output_id(folder))
 
 
 def _is_sqlite(path) -> bool:
@@ -439,6 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except NasError as exc:
         print(f"nas: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file a command writes or reads: read-only, missing, full disk
+        if exc.filename is None:
+            raise
+        print(f"nas: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nas: interrupted", file=sys.stderr)

@@ -443,3 +443,57 @@ def relocate_store(db: Path, old: str, new: str) -> int:
                     conn.execute(f"update {table} set {column} = ? where rowid = ?", (moved, rowid))
                     changed += 1
     return changed
+
+
+#: The columns of the winners' view in the MLflow UI (canonical keys, as its runs table names
+#: them), in order.
+WINNER_COLUMNS = (
+    "metrics.`test_acc`",
+    "metrics.`val_acc`",
+    "metrics.`params`",
+    "metrics.`added_flops`",
+    "params.`subnet`",
+    "params.`role`",
+    "tags.`nas.dataset`",
+    "tags.`nas.seed`",
+)
+
+
+def winners_view(
+    client: MlflowClient, experiment_id: str, output_id: str, pinned: list[str]
+) -> str:
+    """An MLflow UI view of one output folder's retrained models, saved on the experiment as
+    the UI saves a shared view (tag ``mlflow.sharedViewState.<key>``): its retrain runs only
+    (no candidate or stage run in the way), the winners pinned on top, test_acc, val_acc,
+    params and added FLOPs as columns, sorted by test accuracy. Returns the key; the page is
+    ``#/experiments/<id>/runs?viewStateShareKey=<key>``."""
+    key = f"nas-winners-{output_id[:12]}"
+    state = {
+        "searchFilter": f"tags.`nas.stage` = 'retrain' and tags.`nas.output_id` = '{output_id}'",
+        "orderByKey": "metrics.`test_acc`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": list(WINNER_COLUMNS),
+        "runsPinned": list(pinned),
+        "runsHidden": [],
+        "runsExpanded": {},
+        "viewMaximized": False,
+        "runListHidden": False,
+    }
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
+    return key
+
+
+def ui_link(uri: str, experiment_id: str, key: str) -> str:
+    """Where the MLflow UI shows the view ``key``: on the tracking server itself, or, for a
+    local store, once ``mlflow ui`` serves it."""
+    page = f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return (
+        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then "
+        f"http://127.0.0.1:5000/{page}"
+    )

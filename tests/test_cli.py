@@ -250,6 +250,11 @@ def test_held_out_classes_of_bad_input_are_one_line_each(tmp_path, capsys):
     if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse then
         one_error(capsys, ["report", str(tmp_path / "results.json"), "--markdown",
                            str(locked / "t.md")], "not writable by this user")  # fmt: skip
+    # a file that cannot be written (a folder of the kernel's virtual files): one line
+    noah = tmp_path / "noah.yaml"
+    noah.write_text("RETRAIN:\n  LORA_DIM: [1,0,0,0,0,0,0,0,0,0,0,0]\n")
+    one_error(capsys, ["subnet", "import-noah", str(noah), "--out", "/proc/nas-x.yaml"],
+              "nas: error: /proc/nas-x.yaml: No such file or directory")  # fmt: skip
     # `--progress live` into a pipe, and a spec from a pipe (process substitution)
     spec = tmp_path / "s.yaml"
     spec.write_text(

@@ -6,6 +6,7 @@ A moved folder keeps its runs; a copied one gets an identity of its own."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -129,6 +130,20 @@ def test_two_outputs_of_one_spec_on_one_server_keep_their_own_records(
         listed = [line for line in one.stdout.splitlines() if line.startswith("| digits")]
         assert len(listed) == len(rows) == 1
         assert f"{rows[0]['test_acc']:.4f}" in listed[0]
+        # the UI page of this folder's retrained models: a view saved on the experiment,
+        # its filter naming this folder, its winners pinned, the scores as columns
+        link = re.search(r"MLflow UI, the retrained models side by side: (\S+)", one.stdout)
+        assert link and link.group(1).startswith(f"{mlflow_server}/#/experiments/")
+        key = link.group(1).split("viewStateShareKey=")[1]
+        experiment = client.get_experiment_by_name("same")
+        view = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+        assert f"tags.`nas.output_id` = '{output_id(output)}'" in view["searchFilter"]
+        assert view["runsPinned"] == [rows[0]["mlflow_run_id"]]
+        assert view["selectedColumns"][:4] == [
+            "metrics.`test_acc`", "metrics.`val_acc`", "metrics.`params`", "metrics.`added_flops`"
+        ]  # fmt: skip
+        shown = client.search_runs([experiment.experiment_id], view["searchFilter"])
+        assert {r.info.run_id for r in shown} == {rows[0]["mlflow_run_id"]}
 
 
 def test_a_moved_folder_keeps_its_id_and_a_copy_gets_its_own(tmp_path):

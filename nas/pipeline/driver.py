@@ -39,9 +39,7 @@ from nas.pipeline.preflight import (
 )
 from nas.pipeline.provenance import record_output
 from nas.pipeline.ray_layer import start_ray
-from nas.pipeline.reports import (
-    collect_results,
-)
+from nas.pipeline.reports import collect_results, winners_link
 from nas.pipeline.retrain import Retrain
 from nas.pipeline.search import LOGGERS_LOCK, SupernetAndSearch
 from nas.pipeline.stage import Stage
@@ -109,7 +107,11 @@ def run_experiment(
             import ray
 
             ray.shutdown()
-    return collect_results(spec)
+    results = collect_results(spec)
+    link = winners_link(spec.tracking_uri, tracker.experiment_id, results["rows"],
+                        output_id(spec.output))  # fmt: skip
+    say(f"MLflow UI, the retrained models side by side: {link}")
+    return results
 
 
 def register(spec: ExperimentSpec) -> None:

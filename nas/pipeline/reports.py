@@ -137,10 +137,22 @@ def results_from_mlflow(
                 "added_flops": int(m.get("added_flops", 0)),
                 "train_split": p.get("train_split"),
                 "train_images": int(p["train_images"]) if "train_images" in p else None,
+                "mlflow_run_id": run.info.run_id,
+                "output_id": t.get("nas.output_id"),
                 **rows_from_metrics(m),
             }
         )
-    return summarise(rows)
+    return {**summarise(rows), "experiment_id": exps[0].experiment_id}
+
+
+def winners_link(uri: str, experiment_id: str, rows: list[dict[str, Any]], output: str) -> str:
+    """The MLflow UI page comparing one output folder's retrained models (its searched
+    winners pinned on top): saved as a shared view of the experiment, then linked."""
+    from nas.tracking import Tracker, ui_link, winners_view
+
+    pinned = [r["mlflow_run_id"] for r in rows if r.get("role") == "searched"]
+    key = winners_view(Tracker.client_for(uri), experiment_id, output, pinned)
+    return ui_link(uri, experiment_id, key)
 
 
 def runs_of_one_output(runs: list, output: str | None, where: str) -> list:
