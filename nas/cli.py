@@ -176,7 +176,7 @@ def _ui_link(source: str, results: dict, is_uri: bool) -> str | None:
         outputs = {r.get("output_id") for r in rows}
         if len(outputs) != 1 or None in outputs or "experiment_id" not in results:
             return None  # runs from before output ids
-        return winners_link(_mlflow_source(source), results["experiment_id"], rows, outputs.pop())
+        return winners_link(_mlflow_source(source), results["experiment_id"], outputs.pop())
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
     if not (folder / "spec.yaml").is_file() or not (folder / "output_id.json").is_file():
         return None  # a results file alone, or a run from before output ids
@@ -188,7 +188,7 @@ def _ui_link(source: str, results: dict, is_uri: bool) -> str | None:
     found = Tracker.client_for(spec.tracking_uri).get_experiment_by_name(spec.mlflow_experiment)
     if found is None:
         return None
-    return winners_link(spec.tracking_uri, found.experiment_id, rows, output_id(folder))
+    return winners_link(spec.tracking_uri, found.experiment_id, output_id(folder))
 
 
 def _is_sqlite(path) -> bool:

@@ -459,26 +459,22 @@ WINNER_COLUMNS = (
 )
 
 
-def winners_view(
-    client: MlflowClient, experiment_id: str, output_id: str, pinned: list[str]
-) -> str:
+def winners_view(client: MlflowClient, experiment_id: str, output_id: str) -> str:
     """An MLflow UI view of one output folder's retrained models, saved on the experiment as
     the UI saves a shared view (tag ``mlflow.sharedViewState.<key>``): its retrain runs only
-    (no candidate or stage run in the way), the winners pinned on top, test_acc, val_acc,
-    params and added FLOPs as columns, sorted by test accuracy. Returns the key; the page is
-    ``#/experiments/<id>/runs?viewStateShareKey=<key>``."""
+    (no candidate or stage run in the way), the searched winners first (then the baselines),
+    test_acc, val_acc, params and added FLOPs as columns. Returns the key; the page is
+    ``#/experiments/<id>/runs?viewStateShareKey=<key>``. (The UI shares no pinned runs.)"""
     key = f"nas-winners-{output_id[:12]}"
     state = {
         "searchFilter": f"tags.`nas.stage` = 'retrain' and tags.`nas.output_id` = '{output_id}'",
-        "orderByKey": "metrics.`test_acc`",
+        "orderByKey": "params.`role`",  # "searched" before "searched (not reported)", baselines
         "orderByAsc": False,
         "startTime": "ALL",
         "lifecycleFilter": "Active",
         "modelVersionFilter": "All Runs",
         "datasetsFilter": [],
         "selectedColumns": list(WINNER_COLUMNS),
-        "runsPinned": list(pinned),
-        "runsHidden": [],
         "runsExpanded": {},
         "viewMaximized": False,
         "runListHidden": False,

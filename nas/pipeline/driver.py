@@ -108,8 +108,7 @@ def run_experiment(
 
             ray.shutdown()
     results = collect_results(spec)
-    link = winners_link(spec.tracking_uri, tracker.experiment_id, results["rows"],
-                        output_id(spec.output))  # fmt: skip
+    link = winners_link(spec.tracking_uri, tracker.experiment_id, output_id(spec.output))
     say(f"MLflow UI, the retrained models side by side: {link}")
     return results
 

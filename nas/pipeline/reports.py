@@ -145,13 +145,12 @@ def results_from_mlflow(
     return {**summarise(rows), "experiment_id": exps[0].experiment_id}
 
 
-def winners_link(uri: str, experiment_id: str, rows: list[dict[str, Any]], output: str) -> str:
+def winners_link(uri: str, experiment_id: str, output: str) -> str:
     """The MLflow UI page comparing one output folder's retrained models (its searched
-    winners pinned on top): saved as a shared view of the experiment, then linked."""
+    winners first): saved as a shared view of the experiment, then linked."""
     from nas.tracking import Tracker, ui_link, winners_view
 
-    pinned = [r["mlflow_run_id"] for r in rows if r.get("role") == "searched"]
-    key = winners_view(Tracker.client_for(uri), experiment_id, output, pinned)
+    key = winners_view(Tracker.client_for(uri), experiment_id, output)
     return ui_link(uri, experiment_id, key)
 
 
