@@ -335,3 +335,14 @@ def test_a_moved_or_copied_run_folder_reads_its_own_artifacts(retrained, tmp_pat
     finally:
         hidden.rename(original)
         main(["relocate", str(original)])
+
+
+def test_registered_names_of_two_experiments_never_collide():
+    """Names the registry cannot hold are made safe; where that changed a name, a hash of the
+    original keeps two experiments whose names differ only in such characters apart."""
+    from nas.mlflow_model import registered_name
+
+    assert registered_name("quickstart", "digits") == "quickstart-digits"
+    a, b = registered_name("my exp", "digits"), registered_name("my/exp", "digits")
+    assert a != b and a.startswith("my-exp-digits-") and b.startswith("my-exp-digits-")
+    assert registered_name("my exp", "digits") == a  # the same experiment, the same model
