@@ -115,19 +115,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_relocate(args: argparse.Namespace) -> int:
-    from nas.pipeline.layout import claim_output, recorded_path
-    from nas.tracking import relocate_store
+    from nas.pipeline.layout import relocate_output
 
     folder = Path(args.folder)
     if not (folder / "output_id.json").is_file():
         raise NasError(f"{folder}: not a run folder of this version (no output_id.json)")
-    previous = recorded_path(folder)
-    news = claim_output(folder)
-    print(news or f"{folder} has not moved since it last ran")
-    db = folder / "mlflow.db"
-    if news and previous and db.is_file():
-        n = relocate_store(db, previous, str(folder.resolve()))
-        print(f"{n} artifact location(s) in {db} now point into {folder}")
+    said = relocate_output(folder, own_store=True)  # a store inside the folder is its own
+    print("\n".join(said) or f"{folder} has not moved since it last ran")
     return 0
 
 

@@ -10,7 +10,6 @@ logging thread would take the interpreter lock from the thread that launches the
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -403,46 +402,6 @@ def subnet_params_flat(subnet_data: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, item in (value or {}).items():  # depth, dims; PGN: prompts, library, ...
             out[f"{kind}.{key}"] = ",".join(map(str, item)) if isinstance(item, list) else item
     return out
-
-
-#: The columns of MLflow 3.17's SQL store that hold absolute locations of a local store's
-#: artifacts (and of the data a run saw): what moving a run folder leaves pointing at the old
-#: place.
-LOCATIONS = (
-    ("experiments", "artifact_location"),
-    ("runs", "artifact_uri"),
-    ("logged_models", "artifact_location"),
-    ("model_versions", "storage_location"),
-    ("datasets", "dataset_source"),
-)
-
-
-def relocate_store(db: Path, old: str, new: str) -> int:
-    """Point a local sqlite store's artifact locations from the folder ``old`` to ``new``
-    (a run folder moved or copied from ``old`` to ``new``, its store and artifacts with it),
-    so that it reads its own artifacts, never the old folder's. Returns how many were changed.
-    """
-    import sqlite3
-
-    old, new = old.rstrip("/"), new.rstrip("/")
-    prefixes = [(f"file://{old}/", f"file://{new}/"), (f"{old}/", f"{new}/")]
-    changed = 0
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
-        for table, column in LOCATIONS:
-            if table not in tables:
-                continue
-            rows = conn.execute(f"select rowid, {column} from {table}").fetchall()
-            for rowid, value in rows:
-                if not isinstance(value, str):
-                    continue
-                moved = value
-                for before, after in prefixes:
-                    moved = moved.replace(before, after)
-                if moved != value:
-                    conn.execute(f"update {table} set {column} = ? where rowid = ?", (moved, rowid))
-                    changed += 1
-    return changed
 
 
 #: The columns of the winners' view in the MLflow UI (canonical keys, as its runs table names

@@ -25,7 +25,7 @@ from nas.pipeline.context import (
     tracker_for,
 )
 from nas.pipeline.hparams import Hparams
-from nas.pipeline.layout import claim_output, output_id, recorded_path, run_layout
+from nas.pipeline.layout import output_id, relocate_output, run_layout
 from nas.pipeline.preflight import (
     check_class_names,
     check_cluster,
@@ -73,7 +73,9 @@ def run_experiment(
     started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
     try:
         check_resources(spec, private=started)
-        relocate(spec)  # before provenance.json says it ran before
+        # before provenance.json says it ran before
+        for line in relocate_output(spec.output, own_store=spec.mlflow_uri is None):
+            say(line)
         record_output(spec)
         # Before anything is written for the trials: what the cluster lacks is said first.
         check_cluster(spec)
@@ -120,22 +122,6 @@ def register(spec: ExperimentSpec) -> None:
     rows = [read_json(p) for p in sorted((spec.output / "retrain").glob("*/*/done.json"))]
     for dataset, uri in register_winners(spec.tracking_uri, spec.mlflow_experiment, rows).items():
         say(f"== registered {dataset}: {uri}")
-
-
-def relocate(spec: ExperimentSpec) -> None:
-    """A run folder moved or copied since it last ran: its id kept (moved) or made new
-    (copied), and its own sqlite store pointed at its own artifacts; each said in a line."""
-    from nas.tracking import relocate_store
-
-    previous = recorded_path(spec.output)
-    news = claim_output(spec.output)
-    if news is None:
-        return
-    say(news)
-    db = spec.output / "mlflow.db"
-    if previous and spec.mlflow_uri is None and db.is_file():
-        n = relocate_store(db, previous, str(spec.output.resolve()))
-        say(f"note: {n} artifact location(s) in {db} now point into {spec.output}")
 
 
 def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:

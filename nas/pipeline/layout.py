@@ -15,6 +15,7 @@ sees half a file and a kill never leaves one::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -183,3 +184,59 @@ def claim_output(root: Path) -> str | None:
         return (f"note: {root} is a copy of {old}: its MLflow runs from now on are its own "
                 "(the original's are never reopened)")  # fmt: skip
     return f"note: {root} was moved from {old}; its MLflow runs are still its own"
+
+
+#: The columns of MLflow 3.17's SQL store that hold absolute locations of a local store's
+#: artifacts (and of the data a run saw): what moving a run folder leaves pointing at the old
+#: place.
+LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("datasets", "dataset_source"),
+)
+
+
+def relocate_store(db: Path, old: str, new: str) -> int:
+    """Point a local sqlite store's artifact locations from the folder ``old`` to ``new``
+    (a run folder moved or copied from ``old`` to ``new``, its store and artifacts with it),
+    so that it reads its own artifacts, never the old folder's. Returns how many were changed.
+    """
+    import sqlite3
+
+    old, new = old.rstrip("/"), new.rstrip("/")
+    prefixes = [(f"file://{old}/", f"file://{new}/"), (f"{old}/", f"{new}/")]
+    changed = 0
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type='table'")}
+        for table, column in LOCATIONS:
+            if table not in tables:
+                continue
+            rows = conn.execute(f"select rowid, {column} from {table}").fetchall()
+            for rowid, value in rows:
+                if not isinstance(value, str):
+                    continue
+                moved = value
+                for before, after in prefixes:
+                    moved = moved.replace(before, after)
+                if moved != value:
+                    conn.execute(f"update {table} set {column} = ? where rowid = ?", (moved, rowid))
+                    changed += 1
+    return changed
+
+
+def relocate_output(root: Path, own_store: bool) -> list[str]:
+    """A run folder moved or copied since it last ran: its id kept (moved) or made new
+    (copied), and, where its MLflow store is its own sqlite file (``own_store``), the store's
+    artifact locations pointed into it. Returns what to say (nothing when it had not moved)."""
+    previous = recorded_path(root)
+    news = claim_output(root)
+    if news is None:
+        return []
+    said = [news]
+    db = root / "mlflow.db"
+    if previous and own_store and db.is_file():
+        n = relocate_store(db, previous, str(root.resolve()))
+        said.append(f"note: {n} artifact location(s) in {db} now point into {root}")
+    return said
