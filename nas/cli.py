@@ -156,8 +156,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(text)
     link = _ui_link(source, results, is_uri)
-    if link:
-        print(f"MLflow UI, the retrained models side by side: {link}")
+    if link:  # on stderr: what stdout holds is the table (`nas report ... > table.md`)
+        print(f"MLflow UI, the retrained models side by side: {link}", file=sys.stderr)
     return 0
 
 

@@ -565,21 +565,27 @@ def test_nas_report_command(uninterrupted, tmp_path):
     nas = [sys.executable, "-m", "nas", "report"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     results = json.loads((uninterrupted / "results.json").read_text())
-    folder = subprocess.run(
+    by_folder = subprocess.run(
         [*nas, str(uninterrupted), "--markdown", str(tmp_path / "r.md")],
         capture_output=True,
         text=True,
         env=env,
         check=True,
-    ).stdout
-    store = subprocess.run(
+    )
+    by_store = subprocess.run(
         [*nas, f"sqlite:///{uninterrupted / 'mlflow.db'}", "--experiment", "ci"],
         capture_output=True,
         text=True,
         env=env,
         check=True,
-    ).stdout
+    )
+    folder, store = by_folder.stdout, by_store.stdout
     assert folder == store
+    # the UI link, the same from both, on stderr: stdout is the table alone
+    assert by_folder.stderr == by_store.stderr
+    assert "MLflow UI, the retrained models side by side: mlflow ui --backend-store-uri " in (
+        by_folder.stderr
+    )
     assert (tmp_path / "r.md").read_text().strip() == folder.strip()
     for dataset, acc in results["per_dataset"].items():
         assert f"- {dataset}: {acc:.4f}" in folder.splitlines()

@@ -131,7 +131,7 @@ def test_two_outputs_of_one_spec_on_one_server_keep_their_own_records(
         assert f"{rows[0]['test_acc']:.4f}" in listed[0]
         # the UI page of this folder's retrained models: a view saved on the experiment,
         # its filter naming this folder, the winners first, the scores as columns
-        link = re.search(r"MLflow UI, the retrained models side by side: (\S+)", one.stdout)
+        link = re.search(r"MLflow UI, the retrained models side by side: (\S+)", one.stderr)
         assert link and link.group(1).startswith(f"{mlflow_server}/#/experiments/")
         key = link.group(1).split("viewStateShareKey=")[1]
         experiment = client.get_experiment_by_name("same")
