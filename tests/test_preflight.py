@@ -258,3 +258,38 @@ def test_a_candidates_log_cut_mid_line_is_repaired_before_appending(tmp_path):
     log.write_text(good[0] + "\n{broken\n" + good[1] + "\n")  # damage before the end
     with pytest.raises(NasError, match=r"candidates\.jsonl:2: damaged candidate line"):
         read_candidates_log(log)
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_is_not_damaged(tmp_path):
+    """A kill -9 while MLflow writes leaves a hot journal beside mlflow.db: SQLite rolls it
+    back on the next open. The pre-flight check must not call that store damaged (it did, with
+    a read-only open: "attempt to write a readonly database")."""
+    import sqlite3
+    import textwrap
+
+    from nas.pipeline.preflight import check_resume_state
+    from nas.spec import load_spec
+
+    out = tmp_path / "out"
+    out.mkdir()
+    store = out / "mlflow.db"
+    with sqlite3.connect(store) as db:
+        db.execute("CREATE TABLE experiments (id INTEGER)")
+        db.execute("INSERT INTO experiments VALUES (1)")
+    writer = textwrap.dedent(
+        f"""
+        import os, sqlite3
+        db = sqlite3.connect({str(store)!r}, isolation_level=None)
+        db.execute("PRAGMA cache_size=1")  # spill pages to the file: the journal is hot
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO experiments VALUES (?)", [(i,) for i in range(20000)])
+        os._exit(9)  # killed mid-transaction
+        """
+    )
+    subprocess.run([sys.executable, "-c", writer], check=False)
+    assert (out / "mlflow.db-journal").is_file()
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output": str(out)}))
+    check_resume_state(load_spec(path))  # no error
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT count(*) FROM experiments").fetchone() == (1,)  # rolled back

@@ -69,7 +69,9 @@ def check_resume_state(spec: ExperimentSpec) -> None:
     store = out / "mlflow.db"
     if spec.mlflow_uri is None and store.is_file():
         try:
-            with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+            # Read-write: a writer killed mid-transaction leaves a hot journal, which SQLite
+            # rolls back on the next open (as MLflow's own would); read-only, it cannot.
+            with contextlib.closing(sqlite3.connect(store)) as db:
                 db.execute("SELECT count(*) FROM experiments").fetchone()
         except sqlite3.Error as exc:
             raise NasError(
