@@ -293,6 +293,32 @@ def _folder_out(path, option: str = "--out") -> None:
         raise NasError(f"{option} {path}: {first} is not writable by this user")
 
 
+def add_report_commands(commands) -> None:
+    """`nas report` and `nas relocate`: reading a finished run, and moving one."""
+    report = commands.add_parser("report", help="print the results table of a run")
+    report.add_argument("source", help="a run's output folder, or an MLflow tracking URI")
+    report.add_argument("--experiment", help="the MLflow experiment (with a URI)")
+    report.add_argument(
+        "--output",
+        help="with a URI whose experiment holds several output folders' runs: whose (the "
+        "folder, or its output id)",
+    )
+    report.add_argument("--markdown", help="also write the table to this file")
+    report.add_argument(
+        "--by-method",
+        action="store_true",
+        help="methods side by side (mean ± std over seeds, group means, costs)",
+    )
+    report.set_defaults(func=cmd_report)
+    relocate = commands.add_parser(
+        "relocate",
+        help="after moving or copying a run folder: point its MLflow store at its own "
+        "artifacts (a copy also gets its own output id); `nas run` does this by itself",
+    )
+    relocate.add_argument("folder", help="the run folder, where it is now")
+    relocate.set_defaults(func=cmd_relocate)
+
+
 def add_subnet_commands(commands) -> None:
     """`nas subnet show` and `nas subnet import-noah`."""
     subnet = commands.add_parser("subnet", help="inspect a subnet written in YAML")
@@ -372,29 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (default, or NAS_PROGRESS): live in a terminal, plain otherwise",
     )
     run.set_defaults(func=cmd_run)
-    report = commands.add_parser("report", help="print the results table of a run")
-    report.add_argument("source", help="a run's output folder, or an MLflow tracking URI")
-    report.add_argument("--experiment", help="the MLflow experiment (with a URI)")
-    report.add_argument(
-        "--output",
-        help="with a URI whose experiment holds several output folders' runs: whose (the "
-        "folder, or its output id)",
-    )
-    report.add_argument("--markdown", help="also write the table to this file")
-    report.add_argument(
-        "--by-method",
-        action="store_true",
-        help="methods side by side (mean ± std over seeds, group means, costs)",
-    )
-    report.set_defaults(func=cmd_report)
-    relocate = commands.add_parser(
-        "relocate",
-        help="after moving or copying a run folder: point its MLflow store at its own "
-        "artifacts (a copy also gets its own output id); `nas run` does this by itself",
-    )
-    relocate.add_argument("folder", help="the run folder, where it is now")
-    relocate.set_defaults(func=cmd_relocate)
-
+    add_report_commands(commands)
     space = commands.add_parser("space", help="inspect and validate search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
     show = space_cmds.add_parser("show", help="summarise a search space")

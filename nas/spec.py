@@ -354,6 +354,10 @@ def _spec_path(text: str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+#: numpy's generators take 32-bit seeds: a larger seed would repeat a smaller one's models.
+SEED_MAX = 2**32 - 1
+
+
 def _parse_output(r: Reader, data: dict[str, Any], name: str, output: str | Path | None) -> Path:
     """The output folder: ``output`` given to ``nas run`` wins, then the spec's, then
     runs/<name>; a folder path (never a URI), made absolute."""
@@ -418,8 +422,7 @@ def parse_spec(
     space, backbone = _parse_space(r, data, base)
 
     datasets = _parse_datasets(r, data["datasets"], base, check_data)
-    # numpy's generators take 32 bits: a larger seed would repeat a smaller one's models
-    seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0, maximum=2**32 - 1)
+    seeds = r.int_choices(data.get("seeds", [0]), "seeds", minimum=0, maximum=SEED_MAX)
     out_path = _parse_output(r, data, name, output)
 
     ml = r.mapping(
