@@ -155,25 +155,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
-    link = _ui_link(source, results, is_uri)
-    if link:  # on stderr: what stdout holds is the table (`nas report ... > table.md`)
-        print(f"MLflow UI, the retrained models side by side: {link}", file=sys.stderr)
+    for line in _ui_links(source, results, is_uri):
+        # on stderr: what stdout holds is the table (`nas report ... > table.md`)
+        print(line, file=sys.stderr)
     return 0
 
 
-def _ui_link(source: str, results: dict, is_uri: bool) -> str | None:
-    """The MLflow UI page of the run's retrained models, where its store is known."""
-    from nas.pipeline.reports import winners_link
+def _ui_links(source: str, results: dict, is_uri: bool) -> list[str]:
+    """The MLflow UI pages of the run (its retrained models; its stage runs), where its store
+    is known."""
+    from nas.pipeline.reports import ui_links
 
     rows = results["rows"]
     if is_uri:
         outputs = {r.get("output_id") for r in rows}
         if len(outputs) != 1 or None in outputs or "experiment_id" not in results:
-            return None  # runs from before output ids
-        return winners_link(_mlflow_source(source), results["experiment_id"], outputs.pop())
+            return []  # runs from before output ids
+        return ui_links(_mlflow_source(source), results["experiment_id"], outputs.pop())
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
     if not (folder / "spec.yaml").is_file() or not (folder / "output_id.json").is_file():
-        return None  # a results file alone, or a run from before output ids
+        return []  # a results file alone, or a run from before output ids
     from nas.pipeline.layout import output_id
     from nas.spec import load_spec
     from nas.tracking import Tracker
@@ -181,8 +182,8 @@ def _ui_link(source: str, results: dict, is_uri: bool) -> str | None:
     spec = load_spec(folder / "spec.yaml", output=folder, check_data=False)
     found = Tracker.client_for(spec.tracking_uri).get_experiment_by_name(spec.mlflow_experiment)
     if found is None:
-        return None
-    return winners_link(spec.tracking_uri, found.experiment_id, output_id(folder))
+        return []
+    return ui_links(spec.tracking_uri, found.experiment_id, output_id(folder))
 
 
 def _is_sqlite(path) -> bool:

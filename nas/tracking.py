@@ -424,10 +424,26 @@ def winners_view(client: MlflowClient, experiment_id: str, output_id: str) -> st
     (no candidate or stage run in the way), the searched winners first (then the baselines),
     test_acc, val_acc, params and added FLOPs as columns. Returns the key; the page is
     ``#/experiments/<id>/runs?viewStateShareKey=<key>``. (The UI shares no pinned runs.)"""
+    where = f"tags.`nas.stage` = 'retrain' and tags.`nas.output_id` = '{output_id}'"
     key = f"nas-winners-{output_id[:12]}"
+    # "searched" sorts before "searched (not reported)", then the baselines
+    return _save_view(client, experiment_id, key, where, "params.`role`")
+
+
+def stages_view(client: MlflowClient, experiment_id: str, output_id: str) -> str:
+    """A saved view of one output folder's runs without its candidates, newest first: every
+    stage run (hparams, supernet, search, verify, retrain) on the first page. The default
+    runs page pages child runs with the rest (100 to a page, newest first), so a search's
+    candidates push the supernet runs behind "Load more"."""
+    where = f"tags.`nas.output_id` = '{output_id}' and tags.`nas.candidate` IS NULL"
+    return _save_view(client, experiment_id, f"nas-stages-{output_id[:12]}", where,
+                      "attributes.start_time")  # fmt: skip
+
+
+def _save_view(client: MlflowClient, experiment_id: str, key: str, where: str, order: str) -> str:
     state = {
-        "searchFilter": f"tags.`nas.stage` = 'retrain' and tags.`nas.output_id` = '{output_id}'",
-        "orderByKey": "params.`role`",  # "searched" before "searched (not reported)", baselines
+        "searchFilter": where,
+        "orderByKey": order,
         "orderByAsc": False,
         "startTime": "ALL",
         "lifecycleFilter": "Active",

@@ -143,6 +143,17 @@ def test_two_outputs_of_one_spec_on_one_server_keep_their_own_records(
         ]  # fmt: skip
         shown = client.search_runs([experiment.experiment_id], view["searchFilter"])
         assert {r.info.run_id for r in shown} == {rows[0]["mlflow_run_id"]}
+        # and the page of its stage runs: every run of this folder but the candidates
+        link = re.search(r"MLflow UI, every stage run \(candidates left out\): (\S+)", one.stderr)
+        assert link, one.stderr
+        view = json.loads(experiment.tags[f"mlflow.sharedViewState.{link.group(1).split('=')[-1]}"])
+        shown = client.search_runs([experiment.experiment_id], view["searchFilter"])
+        folder = {r.info.run_id: r for r in runs_of(client, "same").values()
+                  if r.data.tags["nas.output_id"] == output_id(output)}  # fmt: skip
+        candidates = {rid for rid, r in folder.items() if "nas.candidate" in r.data.tags}
+        assert len(candidates) >= 6
+        assert {r.info.run_id for r in shown} == set(folder) - candidates
+        assert {r.data.tags["nas.stage"] for r in shown} >= {"supernet", "search", "retrain"}
 
 
 def test_a_moved_folder_keeps_its_id_and_a_copy_gets_its_own(tmp_path):

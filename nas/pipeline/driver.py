@@ -39,7 +39,7 @@ from nas.pipeline.preflight import (
 )
 from nas.pipeline.provenance import record_output
 from nas.pipeline.ray_layer import start_ray
-from nas.pipeline.reports import collect_results, winners_link
+from nas.pipeline.reports import collect_results, ui_links
 from nas.pipeline.retrain import Retrain
 from nas.pipeline.search import LOGGERS_LOCK, SupernetAndSearch
 from nas.pipeline.stage import Stage
@@ -110,8 +110,8 @@ def run_experiment(
 
             ray.shutdown()
     results = collect_results(spec)
-    link = winners_link(spec.tracking_uri, tracker.experiment_id, output_id(spec.output))
-    say(f"MLflow UI, the retrained models side by side: {link}")
+    for line in ui_links(spec.tracking_uri, tracker.experiment_id, output_id(spec.output)):
+        say(line)
     return results
 
 

@@ -145,13 +145,20 @@ def results_from_mlflow(
     return {**summarise(rows), "experiment_id": exps[0].experiment_id}
 
 
-def winners_link(uri: str, experiment_id: str, output: str) -> str:
-    """The MLflow UI page comparing one output folder's retrained models (its searched
-    winners first): saved as a shared view of the experiment, then linked."""
-    from nas.tracking import Tracker, ui_link, winners_view
+def ui_links(uri: str, experiment_id: str, output: str) -> list[str]:
+    """The MLflow UI pages of one output folder, as console lines: its retrained models side
+    by side (its searched winners first), and its stage runs without the candidates. Each is
+    saved as a shared view of the experiment, then linked."""
+    from nas.tracking import Tracker, stages_view, ui_link, winners_view
 
-    key = winners_view(Tracker.client_for(uri), experiment_id, output)
-    return ui_link(uri, experiment_id, key)
+    client = Tracker.client_for(uri)
+    return [
+        f"MLflow UI, {what}: {ui_link(uri, experiment_id, view(client, experiment_id, output))}"
+        for what, view in (
+            ("the retrained models side by side", winners_view),
+            ("every stage run (candidates left out)", stages_view),
+        )
+    ]
 
 
 def runs_of_one_output(runs: list, output: str | None, where: str) -> list:
