@@ -26,6 +26,7 @@ import torch
 from common import machine, sync, timed
 
 from nas.data.decode import DecodedSplit
+from nas.families import build_prompted
 from nas.space import load_space
 from nas.subnet import Subnet
 from trainers.train import TrainConfig, train
@@ -45,7 +46,7 @@ def perturbed_supernet(space, split):
     """The supernet with its prompt weights moved off their initialisation (zero-initialised
     parts would hide differences)."""
     torch.manual_seed(0)
-    model = space.backbone.supernet(space, split)
+    model = build_prompted(space.backbone, space, split)
     with torch.no_grad():
         for name, p in model.prompt_modules.named_parameters():
             if ".generators." not in f".{name}":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import machine
 
-from nas import prompted
+from nas import families
 from nas.data.loader import TensorLoader
 from nas.inversion import RGBPrompts
 from nas.pipeline import context, layout
@@ -59,7 +59,7 @@ def main() -> int:
         for seed in spec.seeds:
             folder = layout.run_layout(spec).retrain(ds.key, seed, "x").parent
             for done in sorted(folder.glob("*/done.json")):
-                model = prompted.load(done.parent / "model").eval()
+                model = families.load(done.parent / "model").eval()
                 data = model.subnet.to_data()
                 if set(data) != {"pgn"} or data["pgn"].get("placement") != "border":
                     continue

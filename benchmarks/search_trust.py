@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ground_truth import SUBNET_SEED, Cache, ground_truth_subnets, recipe_key
 from nas.cost import subnet_params
-from nas.search import Evolution
 from nas.search.anchors import anchors
+from nas.search.evolution import Evolution
 from nas.spec import ExperimentSpec, load_spec
 from nas.subnet import Subnet
 

@@ -215,7 +215,9 @@ def search_throughput(
         # As many CPUs as the in-process run has threads: Ray sets a trial's OMP_NUM_THREADS
         # to its CPUs, and a trial with fewer threads would be slower for that reason alone.
         threads = torch.get_num_threads()
-        run_stage("search", [task], storage=out / "ray", cpus=threads, gpus=spec.gpus)
+        run_stage(
+            "search", search.run_search, [task], storage=out / "ray", cpus=threads, gpus=spec.gpus
+        )
 
     timed(pure), timed(in_process)  # warm-up
     runs: dict[str, list[float]] = {

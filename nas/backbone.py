@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import timm
 import timm.data
@@ -23,91 +22,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nas.errors import ConfigError, NasError
-
-if TYPE_CHECKING:
-    from nas.model import PromptedViT
-    from nas.prompted import PromptedModel
-    from nas.space import SearchSpace
-    from nas.subnet import Subnet
-
-
-@dataclass(frozen=True)
-class TowerGeometry:
-    """The shape of a transformer tower that module sizes and costs depend on."""
-
-    width: int  # embedding dimension D
-    depth: int  # number of transformer blocks
-    num_heads: int
-    mlp_hidden: int  # hidden width of each block's MLP
-    num_prefix_tokens: int  # class + register (+ distillation) tokens
-    num_patches: int
-    patch_size: int
-    in_chans: int
-    #: a CLIP's text tower (0 without one): its width and context length in tokens
-    text_width: int = 0
-    text_context: int = 0
-
-    @property
-    def seq_len(self) -> int:
-        """Tokens per image entering the first block, without prompts."""
-        return self.num_prefix_tokens + self.num_patches
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Rows and columns of the patch grid (square images)."""
-        side = round(self.num_patches**0.5)
-        return side, side
-
-    @property
-    def image_size(self) -> int:
-        """The side of the square input image in pixels."""
-        return self.patch_size * self.grid[0]
-
-
-class Backbone(Protocol):
-    """What the platform asks of a backbone family's spec (a timm ViT classifier:
-    ``BackboneSpec``; a CLIP: ``nas.clip.model.ClipSpec``); nothing outside a family's own
-    files asks which family it is."""
-
-    #: Whether it classifies by class names (a CLIP's text tower) rather than a trained head.
-    classifies_by_name: ClassVar[bool]
-
-    def geometry(self) -> TowerGeometry: ...
-    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]: ...
-    def supernet(self, space: SearchSpace, split: Any, dataset: str = "") -> PromptedModel: ...
-    def subnet_model(
-        self,
-        space: SearchSpace,
-        subnet: Subnet,
-        split: Any,
-        *,
-        full_finetune: bool = False,
-        dataset: str = "",
-    ) -> PromptedModel: ...
-    def head_params(self, num_classes: int) -> int: ...
-    def weight_files(self) -> dict[str, str | None]: ...
-    def check_weights(self) -> None: ...
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class BackboneFamily:
-    """A backbone family besides timm's ViT classifiers (the default), as a search space's
-    ``backbone:`` names it: by a mapping ``{key: NAME_OR_PATH}``, or by a name or path that
-    ``claims`` recognises; ``load`` reads its spec (a ConfigError when it cannot)."""
-
-    key: str
-    claims: Callable[[str | Path], bool]
-    load: Callable[[str | Path], Backbone]
-
-
-#: The registered families by key (CLIP registers itself in ``nas.clip.model``).
-FAMILIES: dict[str, BackboneFamily] = {}
-
-
-def register_family(family: BackboneFamily) -> BackboneFamily:
-    FAMILIES[family.key] = family
-    return family
+from nas.towers.adapters import geometry_of
+from nas.towers.geometry import TowerGeometry
+from nas.validate import Reader
+from nas.yamlio import join_key, load_yaml
 
 
 @dataclass(frozen=True)
@@ -167,36 +85,11 @@ class BackboneSpec:
             mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
         return tuple(mean), tuple(std)
 
-    # -- the backbone family's protocol (shared with nas.clip.model.ClipSpec) ----------------
+    # -- the backbone family's protocol (nas.families.Backbone) ------------------------------
+    family: ClassVar[str] = "vit"
     #: A CLIP classifies by class names through its text tower; a ViT by a trained head (so
     #: linear probing and full fine-tuning are baselines of this family only).
     classifies_by_name: ClassVar[bool] = False
-
-    def supernet(self, space: SearchSpace, split: Any, dataset: str = "") -> PromptedViT:
-        """The weight-entangled supernet of ``space`` with a head for the split's classes."""
-        from nas.model import PromptedViT
-
-        return PromptedViT.supernet(space, split.num_classes, self.create(split.num_classes))
-
-    def subnet_model(
-        self,
-        space: SearchSpace,
-        subnet: Subnet,
-        split: Any,
-        *,
-        full_finetune: bool = False,
-        dataset: str = "",
-    ) -> PromptedViT:
-        """The standalone model of ``subnet`` from the pretrained weights."""
-        from nas.model import PromptedViT
-
-        return PromptedViT.for_subnet(
-            self.create(split.num_classes),
-            subnet,
-            space.options(),
-            self,
-            full_finetune=full_finetune,
-        )
 
     def head_params(self, num_classes: int) -> int:
         """Parameters of the classification head that trains with every method."""
@@ -330,9 +223,6 @@ def portable(value: Any) -> Any:
 def load_backbone(name_or_path: str | Path) -> BackboneSpec:
     """A shipped backbone by name (``vit_fmnist``) or a ``backbone.yaml`` file: the model,
     overrides, weights file (relative to the YAML's folder) and normalisation."""
-    from nas.validate import Reader
-    from nas.yamlio import load_yaml
-
     path = Path(name_or_path)
     if not path.suffix:
         shipped = BACKBONES_DIR / str(name_or_path) / "backbone.yaml"
@@ -365,8 +255,6 @@ def load_backbone(name_or_path: str | Path) -> BackboneSpec:
 
 def parse_backbone_mapping(data: dict, r: Any, key: str, base: Path) -> BackboneSpec:
     """A validated BackboneSpec from a mapping read with a ``Reader`` (see ``BackboneSpec``)."""
-    from nas.yamlio import join_key
-
     overrides = r.mapping(data.get("overrides") or {}, join_key(key, "overrides"), open_keys=True)
     weights = data.get("weights")
     if weights is not None:
@@ -391,39 +279,6 @@ def parse_backbone_mapping(data: dict, r: Any, key: str, base: Path) -> Backbone
         mean=stats.get("mean"),
         std=stats.get("std"),
         name=data.get("name"),
-    )
-
-
-def geometry_of(model: nn.Module) -> TowerGeometry:
-    """Geometry of a built timm VisionTransformer (or open_clip's)."""
-    from nas.towers import OpenClipViTTower, TimmViTTower  # local: towers imports this module
-
-    if OpenClipViTTower.is_tower(model):
-        OpenClipViTTower.check(model)
-        block = model.transformer.resblocks[0]
-        grid = tuple(model.grid_size)
-        return TowerGeometry(
-            width=int(model.transformer.width),
-            depth=len(model.transformer.resblocks),
-            num_heads=int(block.attn.num_heads),
-            mlp_hidden=int(block.mlp.c_fc.out_features),
-            num_prefix_tokens=1,
-            num_patches=int(grid[0] * grid[1]),
-            patch_size=int(model.conv1.kernel_size[0]),
-            in_chans=int(model.conv1.in_channels),
-        )
-    TimmViTTower.check(model)
-    block = model.blocks[0]
-    patch = model.patch_embed.patch_size
-    return TowerGeometry(
-        width=int(model.embed_dim),
-        depth=len(model.blocks),
-        num_heads=int(block.attn.num_heads),
-        mlp_hidden=int(block.mlp.fc1.out_features),
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        num_patches=int(model.patch_embed.num_patches),
-        patch_size=int(patch[0] if isinstance(patch, tuple | list) else patch),
-        in_chans=int(model.patch_embed.proj.in_channels),
     )
 
 

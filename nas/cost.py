@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-from nas.backbone import TowerGeometry
 from nas.modules import module_class
 from nas.subnet import Subnet
+from nas.towers.geometry import TowerGeometry
 
 
 def block_flops(seq_len: int, g: TowerGeometry) -> int:

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from nas.errors import NasError
+from nas.families import load
 from nas.model import PromptedViT
-from nas.prompted import load
 
 FORMATS = ("peft", "timm")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,7 +60,7 @@ def check_expressible(model: PromptedViT, fmt: str, where: str) -> None:
         raise NasError(
             f"{where}: subnet {model.subnet} uses {listed}; --format {fmt} expresses LoRA on "
             "the fused qkv and the head only (export a LoRA-only subnet, or load this one with "
-            "nas.prompted.load)"
+            "nas.families.load)"
         )
     if fmt == "peft" and not any(model.subnet.get("lora", ())):
         raise NasError(

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from nas.data.decode import model_array
+from nas.families import load
 
 INPUTS_FILE = "inputs.json"
 #: The registry alias of the winner the search ranked best.
@@ -41,8 +42,6 @@ class PromptedClassifier(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper: images in, predicted class, its name and probabilities out."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from nas.prompted import load
-
         self.model = load(context.artifacts["model"]).eval()
         self.inputs = json.loads(Path(context.artifacts["inputs"]).read_text())
 

@@ -20,16 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.backbone import BackboneSpec, geometry_of
+from nas.backbone import BackboneSpec
 from nas.cost import head_params, subnet_params
 from nas.errors import NasError
-from nas.modules import PromptModule, module_class
-from nas.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
+from nas.families import SUBNET_FILE, WEIGHTS_FILE
+from nas.modules import module_class
+from nas.modules.base import PromptModule
+from nas.prompted import PromptedModel, weights_hash
 from nas.space import SearchSpace
 from nas.subnet import Subnet
+from nas.towers.adapters import geometry_of
 from nas.validate import Reader
 
-__all__ = ["SUBNET_FILE", "WEIGHTS_FILE", "PromptedViT", "backbone_hash"]
+__all__ = ["PromptedViT", "backbone_hash"]
 
 
 def backbone_hash(model: nn.Module) -> str:
@@ -128,6 +131,25 @@ class PromptedViT(PromptedModel):
             head.requires_grad_(True)
 
     # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        backbone: BackboneSpec,
+        space: SearchSpace,
+        split: Any,
+        *,
+        subnet: Subnet | None = None,
+        full_finetune: bool = False,
+        dataset: str = "",
+    ) -> PromptedViT:
+        """The supernet of ``space`` or the standalone model of ``subnet`` (with
+        ``full_finetune``, every backbone weight trains too), with a fresh head for the
+        split's classes on the pretrained weights."""
+        trunk = backbone.create(split.num_classes)
+        if subnet is None:
+            return cls.supernet(space, split.num_classes, trunk)
+        return cls.for_subnet(trunk, subnet, space.options(), backbone, full_finetune=full_finetune)
+
     @classmethod
     def supernet(
         cls, space: SearchSpace, num_classes: int, backbone: nn.Module | None = None

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from nas.modules import LayeredSpace
+from nas.modules.spaces import LayeredSpace
 from nas.search.base import Evaluated, pareto_front
 from nas.space import SearchSpace
 from nas.subnet import Subnet

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,20 +23,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nas.backbone import TowerGeometry
 from nas.cost import added_flops
 from nas.errors import NasError
-from nas.modules import LoRA, PromptModule
+from nas.families import SUBNET_FILE, WEIGHTS_FILE
+from nas.modules.base import PromptModule
+from nas.modules.lora import LoRA
 from nas.subnet import Subnet
-from nas.towers import TokenLayout, tower_for
+from nas.towers.adapters import tower_for
+from nas.towers.geometry import TokenLayout, TowerGeometry
 from nas.validate import Reader
 from nas.yamlio import load_yaml, to_plain
-
-SUBNET_FILE = "subnet.yaml"
-WEIGHTS_FILE = "weights.safetensors"
-
-#: The saved-folder format each family writes (``subnet.yaml``'s ``format``), to its class.
-FAMILIES: dict[str, type[PromptedModel]] = {}
 
 
 def weights_hash(model: nn.Module, skip: Iterable[str] = ()) -> str:
@@ -93,10 +88,21 @@ class PromptedModel(nn.Module):
         }
         self.subnet = Subnet()
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "FORMAT" in cls.__dict__:
-            FAMILIES[cls.FORMAT] = cls
+    @classmethod
+    def build(
+        cls,
+        backbone: Any,
+        space: Any,
+        split: Any,
+        *,
+        subnet: Subnet | None = None,
+        full_finetune: bool = False,
+        dataset: str = "",
+    ) -> PromptedModel:
+        """The family's construction, as ``nas.families.build_prompted`` asks for it: the
+        supernet of ``space`` (``subnet`` None) or the standalone model of ``subnet``, for the
+        classes of ``split``, on ``backbone`` (the family's spec)."""
+        raise NotImplementedError
 
     # -- switching ---------------------------------------------------------------------------
     def set_subnet(self, subnet: Subnet) -> None:
@@ -277,20 +283,3 @@ class PromptedModel(nn.Module):
                     f"{self.subnet} needs {tuple(expected[name].shape)}"
                 )
         self.load_trainable(tensors)
-
-
-def load(directory: str | Path) -> PromptedModel:
-    """A saved subnet folder (``model.save``; a retrained winner's ``model`` artifact in
-    MLflow), whichever family it was trained on: its ``subnet.yaml`` names the format, and the
-    folder is loaded onto the frozen model it records (``load`` of that family)."""
-    for shipped in ("nas.model", "nas.clip.prompted"):  # the shipped families' formats
-        importlib.import_module(shipped)
-
-    meta = Path(directory) / SUBNET_FILE
-    if not meta.is_file():
-        raise NasError(f"{meta}: missing; a saved subnet folder holds {SUBNET_FILE}")
-    doc = load_yaml(meta)
-    fmt = doc.data.get("format") if isinstance(doc.data, dict) else None
-    if fmt not in FAMILIES:
-        Reader(doc).fail("format", f"{fmt!r} is none of {sorted(FAMILIES)}")
-    return FAMILIES[fmt].load(directory)

@@ -30,18 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nas.clip.model  # noqa: F401  (registers the CLIP family)
-from nas.backbone import (
-    FAMILIES,
-    Backbone,
-    TowerGeometry,
-    load_backbone,
-    parse_backbone_mapping,
-)
 from nas.cost import added_flops, subnet_params
 from nas.errors import ConfigError
-from nas.modules import REGISTRY, ModuleSpace
+from nas.families import DEFAULT_FAMILY, FAMILIES, Backbone
+from nas.modules import REGISTRY
+from nas.modules.spaces import ModuleSpace
+from nas.registry import resolve
 from nas.subnet import Subnet
+from nas.towers.geometry import TowerGeometry
 from nas.validate import Reader
 from nas.yamlio import Document, load_yaml, to_plain
 
@@ -251,13 +247,14 @@ def parse_backbone_value(value: Any, reader: Reader, base: Path) -> Backbone:
         reader.mapping(value, "backbone", required=[family.key])
         value = reader.string(value[family.key], f"backbone.{family.key}")
         try:
-            return family.load(local(value))
+            return family.load_spec(local(value))
         except ConfigError as exc:
             reader.fail(f"backbone.{family.key}", f"{value!r}: {exc}")
+    default = FAMILIES[DEFAULT_FAMILY]
     if isinstance(value, str):
         try:
-            family = next((f for f in FAMILIES.values() if f.claims(local(value))), None)
-            return (family.load if family else load_backbone)(local(value))
+            family = next((f for f in FAMILIES.values() if f.claims_value(local(value))), default)
+            return family.load_spec(local(value))
         except ConfigError as exc:
             reader.fail("backbone", f"{value!r}: {exc}")
     bb = reader.mapping(
@@ -266,7 +263,7 @@ def parse_backbone_value(value: Any, reader: Reader, base: Path) -> Backbone:
         required=["model"],
         optional=["overrides", "weights", "mean", "std", "name"],
     )
-    return parse_backbone_mapping(bb, reader, "backbone", base)
+    return resolve(default.mapping)(bb, reader, "backbone", base)
 
 
 def parse_space(doc: Document) -> SearchSpace:

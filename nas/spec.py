@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nas.backbone import Backbone, portable
+from nas.backbone import portable
 from nas.data.dataset_formats import FORMATS, dataset_format
 from nas.errors import ConfigError
+from nas.families import Backbone
 from nas.space import (
     Bounds,
     Budget,

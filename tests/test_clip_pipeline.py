@@ -10,11 +10,12 @@ from collections import Counter
 import pytest
 import yaml
 
-from nas import prompted
+from nas import families
 from nas.clip.prompted import PromptedCLIP
 from nas.data.decode import decode_split
 from nas.data.formats import read_vtab
 from nas.errors import NasError
+from nas.families import build_prompted
 from nas.spec import load_spec
 from tests.test_pipeline import mlflow_runs, parent_run, run_to_end
 from trainers.train import evaluate
@@ -79,7 +80,7 @@ def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
     # A winner reloads from MLflow alone (onto the CLIP it names) and reproduces its test score.
     winner = parent_run(runs, "retrain", label="baseline-upt", dataset="digits")
     local = client.download_artifacts(winner.info.run_id, "model", str(clip_run / "dl"))
-    model = prompted.load(local).eval()  # whichever backbone: the folder names its CLIP
+    model = families.load(local).eval()  # whichever backbone: the folder names its CLIP
     assert isinstance(model, PromptedCLIP)
     assert model.class_names[:3] == ["zero", "one", "two"]
     test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
@@ -109,7 +110,7 @@ def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_d
     # ... and a model is never built without them either.
     split = load_splits(spec, spec.datasets[0], ("train",))["train"]
     with pytest.raises(NasError, match=r"dataset 'digits' has no class names.*classnames\.txt"):
-        spec.backbone.supernet(spec.space, split, "digits")
+        build_prompted(spec.backbone, spec.space, split, dataset="digits")
 
 
 @pytest.mark.parametrize("baseline", ["linear-probe", "full-finetune"])

@@ -18,6 +18,7 @@ from nas.data.hashing import image_fingerprints
 from nas.data.loader import TensorLoader
 from nas.data.mini_dg import SKETCH_CLASSES, sketch
 from nas.errors import ConfigError
+from nas.families import build_prompted
 from nas.space import load_space
 from nas.spec import load_spec
 from nas.subnet import Subnet
@@ -213,7 +214,7 @@ def test_evaluate_target_scores_over_all_classes_and_over_its_own(mnist_dg):
     space = load_space("tiny_cpu")
     target = decode_split(read_target(folder / "targets/sketch.txt", folder, "s", 10), 28, 1)
     torch.manual_seed(3)
-    model = space.backbone.subnet_model(space, Subnet(), target)
+    model = build_prompted(space.backbone, space, target, subnet=Subnet())
     for p in model.parameters():
         if p.requires_grad:  # the head: random, so that it errs often, both ways
             torch.nn.init.normal_(p, std=1.0)

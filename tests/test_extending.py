@@ -17,16 +17,17 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
-from nas import backbone as backbones
-from nas import prompted
-from nas.backbone import BackboneFamily, BackboneSpec, load_backbone
+from nas import families
+from nas.backbone import BackboneSpec, load_backbone
 from nas.cost import subnet_params
 from nas.data import dataset_formats
 from nas.data.dataset_formats import DatasetFormat
 from nas.data.formats import Entry, Split, parse_list_file
 from nas.errors import ConfigError, NasError
+from nas.families import FAMILIES, Family, build_prompted
 from nas.model import PromptedViT
-from nas.modules import REGISTRY, LayeredModule
+from nas.modules import REGISTRY
+from nas.modules.base import LayeredModule
 from nas.pipeline.context import load_splits, read_splits, supernet_steps
 from nas.search import ALGORITHMS, Evaluated, SearchAlgorithm, make_search
 from nas.spec import load_spec
@@ -143,7 +144,7 @@ def supernet_step_and_search(spec_path: Path) -> list[Evaluated]:
     spec = load_spec(spec_path)
     ds = spec.datasets[0]
     data = load_splits(spec, ds, ("train", "val"))
-    model = spec.backbone.supernet(spec.space, data["train"], ds.key)
+    model = build_prompted(spec.backbone, spec.space, data["train"], dataset=ds.key)
     mean, std = spec.backbone.normalisation()
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     cfg = TrainConfig(epochs=1, warmup_epochs=0)
@@ -221,7 +222,7 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
     history = supernet_step_and_search(spec_path)
     assert len(history) == 4 and all(e.cost <= 8000 for e in history)
     # an exported subnet holds exactly its slices and computes what the supernet computed
-    model = spec.backbone.supernet(spec.space, _Classes(10), "digits")
+    model = build_prompted(spec.backbone, spec.space, _Classes(10), dataset="digits")
     model.set_subnet(subnet)
     torch.manual_seed(0)
     for param in model.trainable_parameters():  # B starts at zero: make the kind act
@@ -243,26 +244,20 @@ def test_a_new_backbone_family_is_a_spec_a_model_class_and_one_registration(
     """A toy family: timm ViT classifiers whose prompted model is a class of its own, with a
     saved-folder format of its own. A space names it as ``backbone: {toy: NAME}``; the pipeline's
     calls (supernet, search) and the generic loader reach it through the protocol alone."""
-    monkeypatch.setattr(prompted, "FAMILIES", dict(prompted.FAMILIES))  # restored after
 
     class ToyPrompted(PromptedViT):
-        FORMAT = "toy-prompted-subnet/1"  # registers itself for nas.prompted.load
+        FORMAT = "toy-prompted-subnet/1"  # its saved folders, for nas.families.load
 
     @dataclasses.dataclass(frozen=True)
     class ToySpec(BackboneSpec):
-        def supernet(self, space, split, dataset=""):
-            return ToyPrompted.supernet(space, split.num_classes, self.create(split.num_classes))
-
-        def subnet_model(self, space, subnet, split, *, full_finetune=False, dataset=""):
-            head = self.create(split.num_classes)
-            return ToyPrompted.for_subnet(head, subnet, space.options(), self)
+        family: ClassVar[str] = "toy"  # built by ToyPrompted.build (PromptedViT's)
 
     def load_toy(name):
         vit = load_backbone(name)
         return ToySpec(**{f.name: getattr(vit, f.name) for f in dataclasses.fields(vit)})
 
-    family = BackboneFamily("toy", claims=lambda value: False, load=load_toy)
-    monkeypatch.setitem(backbones.FAMILIES, "toy", family)
+    # the one registration (restored after the test)
+    monkeypatch.setitem(FAMILIES, "toy", Family("toy", load=load_toy, model=ToyPrompted))
     space = yaml.safe_load((Path("search_spaces") / "tiny_cpu.yaml").read_text())
     space["backbone"] = {"toy": "vit_fmnist"}
     (tmp_path / "toy_space.yaml").write_text(yaml.safe_dump(space))
@@ -277,13 +272,13 @@ def test_a_new_backbone_family_is_a_spec_a_model_class_and_one_registration(
     assert len(supernet_step_and_search(spec_path)) == 3
     # the family's model, saved in its own format, comes back through the generic loader
     subnet = Subnet({"lora": [2, 2]})
-    model = spec.backbone.subnet_model(spec.space, subnet, _Classes(10)).eval()
+    model = build_prompted(spec.backbone, spec.space, _Classes(10), subnet=subnet).eval()
     torch.manual_seed(0)
     for param in model.trainable_parameters():
         param.data.normal_(0, 0.05)
     folder = model.save(tmp_path / "saved")
     assert yaml.safe_load((folder / "subnet.yaml").read_text())["format"] == ToyPrompted.FORMAT
-    loaded = prompted.load(folder).eval()
+    loaded = families.load(folder).eval()
     assert type(loaded) is ToyPrompted and loaded.subnet == subnet
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
@@ -292,4 +287,4 @@ def test_a_new_backbone_family_is_a_spec_a_model_class_and_one_registration(
     meta = yaml.safe_load((folder / "subnet.yaml").read_text())
     (folder / "subnet.yaml").write_text(yaml.safe_dump({**meta, "format": "other/1"}))
     with pytest.raises(NasError, match=r"subnet\.yaml.*format.*'other/1' is none of"):
-        prompted.load(folder)
+        families.load(folder)

@@ -16,7 +16,7 @@ from nas.clip.prompted import PromptedCLIP
 from nas.cost import subnet_params
 from nas.space import parse_space
 from nas.subnet import Subnet
-from nas.towers import OpenClipViTTower
+from nas.towers.adapters import OpenClipViTTower
 from nas.yamlio import parse_yaml
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from nas import prompted
+from nas import families
 from nas.data.decode import decode_split
 from nas.data.formats import read_vtab
 from nas.model import PromptedViT
@@ -281,7 +281,7 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     local = client.download_artifacts(winner.info.run_id, "model", str(uninterrupted / "dl"))
     space = load_space("tiny_cpu")
     model = PromptedViT.load(local, space.backbone.create(10)).eval()
-    assert prompted.load(local).subnet == model.subnet  # the generic loader finds the same
+    assert families.load(local).subnet == model.subnet  # the generic loader finds the same
     test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
     mean, std = space.backbone.normalisation()
     acc = evaluate(model, test, mean=mean, std=std)

@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from nas.errors import NasError
-from nas.model import SUBNET_FILE, WEIGHTS_FILE, PromptedViT
+from nas.families import SUBNET_FILE, WEIGHTS_FILE
+from nas.model import PromptedViT
 from nas.subnet import Subnet
 from tests.conftest import VARIANTS, randomise_modules, space_for
 

@@ -8,7 +8,8 @@ import pytest
 
 from nas.cost import subnet_params
 from nas.errors import NasError
-from nas.search import ALGORITHMS, Evaluated, NSGA2Search, make_search
+from nas.search import ALGORITHMS, Evaluated, make_search
+from nas.search.optuna_search import NSGA2Search
 from nas.space import parse_space
 from nas.yamlio import parse_yaml
 from tests.conftest import small_space_yaml

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from nas.backbone import TowerGeometry
 from nas.cost import added_flops, head_params, subnet_params
 from nas.errors import ConfigError, NasError
 from nas.space import load_space
 from nas.subnet import Subnet
+from nas.towers.geometry import TowerGeometry
 
 
 def test_canonical_form():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from nas import prompted
+from nas import families
 from nas.clip.prompted import PromptedCLIP
 from nas.cost import subnet_params
 from nas.errors import ConfigError, NasError
@@ -265,7 +265,7 @@ def test_supernet_training_steps_over_draws_with_nothing_to_train(space):
 
 def test_a_saved_clip_subnet_loads_back_and_refuses_what_does_not_fit(space, tmp_path):
     """Save writes the standalone subnet; ``PromptedCLIP.load`` (and the generic
-    ``nas.prompted.load``'s dispatch by format) gives the same logits on the same CLIP; other
+    ``nas.families.load``'s dispatch by format) gives the same logits on the same CLIP; other
     frozen weights, a damaged tensor or a ViT folder are each one clear error."""
     model = build(space)
     subnet = Subnet({"upt": ("unified", 4), "vpt": [2], "lora": [2] * 6})
@@ -286,6 +286,6 @@ def test_a_saved_clip_subnet_loads_back_and_refuses_what_does_not_fit(space, tmp
     save_file(tensors, str(weights))
     with pytest.raises(NasError, match=re.escape(f"{name} holds NaN")):
         PromptedCLIP.load(folder, fresh_clip(space))
-    vit = prompted.FAMILIES["nas-prompt-subnet/1"]
+    vit = families.FAMILIES["vit"].model_class()
     with pytest.raises(NasError, match=r"format: 'nas-prompt-clip-subnet/1' is not"):
         vit.load(folder)

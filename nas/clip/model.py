@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -31,21 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from nas.backbone import (
-    BACKBONES_DIR,
-    BackboneFamily,
-    BackboneSpec,
-    TowerGeometry,
-    load_backbone,
-    load_weights,
-    register_family,
-)
+from nas.backbone import BACKBONES_DIR, BackboneSpec, load_backbone, load_weights
 from nas.errors import ConfigError, NasError
-
-if TYPE_CHECKING:
-    from nas.clip.prompted import PromptedCLIP
-    from nas.space import SearchSpace
-    from nas.subnet import Subnet
+from nas.towers.adapters import geometry_of
+from nas.towers.geometry import TowerGeometry
 
 CLIP_FILE = "clip.yaml"
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -122,30 +111,9 @@ class ClipSpec:
 
         return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
 
-    # -- the backbone family's protocol (shared with nas.backbone.BackboneSpec) -------------
+    # -- the backbone family's protocol (nas.families.Backbone) ------------------------------
+    family: ClassVar[str] = "clip"
     classifies_by_name: ClassVar[bool] = True
-
-    def supernet(self, space: SearchSpace, split: Any, dataset: str = "") -> PromptedCLIP:
-        """The weight-entangled supernet of ``space``, classifying by the split's names."""
-        from nas.clip.prompted import PromptedCLIP
-
-        return PromptedCLIP.supernet(space, class_names(split, dataset), self.create())
-
-    def subnet_model(
-        self,
-        space: SearchSpace,
-        subnet: Subnet,
-        split: Any,
-        *,
-        full_finetune: bool = False,
-        dataset: str = "",
-    ) -> PromptedCLIP:
-        """The standalone model of ``subnet`` on this CLIP (an empty subnet: zero-shot)."""
-        from nas.clip.prompted import PromptedCLIP
-
-        if full_finetune:
-            raise NasError("full fine-tuning is not offered for CLIP backbones")
-        return PromptedCLIP.for_subnet(self, class_names(split, dataset), subnet, space.options())
 
     def head_params(self, num_classes: int) -> int:
         """A CLIP has no head: the class names' text embeddings classify."""
@@ -198,8 +166,6 @@ def _open_clip_geometry(name: str) -> TowerGeometry:
     """An open_clip architecture's geometry, read off the model built on the meta device
     (no memory, no download)."""
     import open_clip
-
-    from nas.backbone import geometry_of
 
     logging.disable(logging.WARNING)  # "no pretrained weights loaded": none were asked for
     try:
@@ -426,6 +392,3 @@ def class_names(split: Any, dataset: str = "") -> list[str]:
     if len(names) != split.num_classes:
         raise NasError(f"{dataset}: {len(names)} class names for {split.num_classes} classes")
     return list(names)
-
-
-register_family(BackboneFamily("clip", is_clip, load_clip))

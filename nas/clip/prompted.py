@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.clip.model import ClipSpec, encode_tokens, load_clip
+from nas.clip.model import ClipSpec, class_names, encode_tokens, load_clip
 from nas.cost import subnet_params
 from nas.errors import NasError
-from nas.modules import PromptModule, module_class
+from nas.families import SUBNET_FILE, WEIGHTS_FILE
+from nas.modules import module_class
+from nas.modules.base import PromptModule
 from nas.modules.upt import RANDOM_INIT
-from nas.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
+from nas.prompted import PromptedModel, weights_hash
 from nas.space import SearchSpace
 from nas.subnet import Subnet
 
@@ -93,6 +95,26 @@ class PromptedCLIP(PromptedModel):
         self._template: torch.Tensor | None = None
 
     # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        backbone: ClipSpec,
+        space: SearchSpace,
+        split: Any,
+        *,
+        subnet: Subnet | None = None,
+        full_finetune: bool = False,
+        dataset: str = "",
+    ) -> PromptedCLIP:
+        """The supernet of ``space`` or the standalone model of ``subnet`` (an empty subnet:
+        zero-shot), classifying by the split's class names."""
+        names = class_names(split, dataset)
+        if subnet is None:
+            return cls.supernet(space, names, backbone.create())
+        if full_finetune:
+            raise NasError("full fine-tuning is not offered for CLIP backbones")
+        return cls.for_subnet(backbone, names, subnet, space.options())
+
     @classmethod
     def supernet(
         cls, space: SearchSpace, class_names: Sequence[str], clip: nn.Module | None = None

@@ -22,6 +22,7 @@ from nas.data.formats import (
     read_vtab,
 )
 from nas.jsonio import read_json
+from nas.registry import Registry
 from nas.validate import Reader
 
 #: A dataset's variants: (shots, split seed) pairs; (None, None) for a format without them.
@@ -224,7 +225,7 @@ class ImageFolderFormat(DatasetFormat):
         return splits
 
 
-FORMATS: dict[str, DatasetFormat] = {}
+FORMATS: Registry[DatasetFormat] = Registry("dataset format")
 
 
 def register_format(fmt: DatasetFormat) -> DatasetFormat:

@@ -1,17 +1,24 @@
-"""The registry of prompt module kinds. A new kind is one file plus one line here."""
+"""The registry of prompt module kinds. A new kind is one file plus one registration
+(``REGISTRY.register(kind, cls)``, or a ``"module:attr"`` line below for a shipped kind); the
+registry imports a kind's file when the kind is first asked for."""
 
 from __future__ import annotations
 
 from nas.errors import NasError
-from nas.modules.adapter import Adapter
-from nas.modules.base import LayeredModule, PromptModule
-from nas.modules.lora import LoRA
-from nas.modules.pgn import PGN, PGNSpace
-from nas.modules.spaces import LayeredSpace, ModuleSpace
-from nas.modules.upt import UPT, UPTSpace
-from nas.modules.vpt import VPT
+from nas.modules.base import PromptModule
+from nas.registry import Registry
 
-REGISTRY: dict[str, type[PromptModule]] = {cls.kind: cls for cls in (VPT, LoRA, Adapter, PGN, UPT)}
+#: The kinds in their canonical order (subnets and reports list them so).
+REGISTRY: Registry[type[PromptModule]] = Registry(
+    "prompt module kind",
+    {
+        "vpt": "nas.modules.vpt:VPT",
+        "lora": "nas.modules.lora:LoRA",
+        "adapter": "nas.modules.adapter:Adapter",
+        "pgn": "nas.modules.pgn:PGN",
+        "upt": "nas.modules.upt:UPT",
+    },
+)
 
 
 def module_class(kind: str) -> type[PromptModule]:
@@ -20,20 +27,3 @@ def module_class(kind: str) -> type[PromptModule]:
         return REGISTRY[kind]
     except KeyError:
         raise NasError(f"unknown prompt module {kind!r}; known: {', '.join(REGISTRY)}") from None
-
-
-__all__ = [
-    "PGN",
-    "REGISTRY",
-    "UPT",
-    "VPT",
-    "Adapter",
-    "LayeredModule",
-    "LayeredSpace",
-    "LoRA",
-    "ModuleSpace",
-    "PGNSpace",
-    "PromptModule",
-    "UPTSpace",
-    "module_class",
-]

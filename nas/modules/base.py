@@ -21,9 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from nas.backbone import TowerGeometry
 from nas.modules.spaces import Choice, LayeredSpace, ModuleSpace, trim
-from nas.towers import TokenLayout
+from nas.towers.geometry import TokenLayout, TowerGeometry
 from nas.validate import Reader
 from nas.yamlio import join_key
 

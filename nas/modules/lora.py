@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nas.backbone import TowerGeometry
 from nas.modules.base import LayeredModule
+from nas.towers.geometry import TowerGeometry
 
 
 class _LoRALayer(nn.Module):

@@ -33,10 +33,9 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 from torch.nn import functional as F
 
-from nas.backbone import TowerGeometry
 from nas.modules.base import PromptModule
 from nas.modules.spaces import ModuleSpace, Param
-from nas.towers import TokenLayout
+from nas.towers.geometry import TokenLayout, TowerGeometry
 from nas.validate import Reader
 from nas.yamlio import join_key
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nas.backbone import TowerGeometry
+from nas.towers.geometry import TowerGeometry
 
 if TYPE_CHECKING:
     from nas.modules.base import LayeredModule, PromptModule

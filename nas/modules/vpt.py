@@ -28,9 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nas.backbone import TowerGeometry
 from nas.modules.base import LayeredModule
-from nas.towers import TokenLayout
+from nas.towers.geometry import TokenLayout, TowerGeometry
 
 
 class _PromptLayer(nn.Module):

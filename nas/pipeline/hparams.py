@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from nas.families import build_prompted
 from nas.jsonio import read_json, write_json
 from nas.pipeline.console import say
 from nas.pipeline.context import (
@@ -94,7 +95,7 @@ def run_hparams(task: SweepPoint, report: Report = lambda p: None) -> dict[str, 
     h = spec.hparams
     stage = spec.supernet if method == "supernet" else spec.retrain
     if method == "supernet":
-        model = spec.backbone.supernet(spec.space, data["train"], ds.key)
+        model = build_prompted(spec.backbone, spec.space, data["train"], dataset=ds.key)
         rng = random.Random(seed)
         # the subnets that score a point: in the budget when the supernet samples only there
         draw = make_sampler(spec.space, "uniform", spec.supernet.in_budget)
@@ -106,10 +107,11 @@ def run_hparams(task: SweepPoint, report: Report = lambda p: None) -> dict[str, 
             subnet = Subnet.from_data(task.subnet)
         else:
             subnet = spec.retrain.baselines[name]
-        model = spec.backbone.subnet_model(
+        model = build_prompted(
+            spec.backbone,
             spec.space,
-            subnet,
             data["train"],
+            subnet=subnet,
             full_finetune=method.startswith("baseline-") and name in spec.retrain.full_finetune,
             dataset=ds.key,
         )
@@ -236,6 +238,7 @@ def run_hparams_stage(
     grid = [point for s in todo.values() for point in sweep_points(spec, s, base)]
     run_grouped(
         "hparams",
+        run_hparams,
         grid,
         storage=run_layout(spec).ray,
         cpus=spec.cpus,

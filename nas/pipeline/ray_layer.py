@@ -121,11 +121,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _trainable(config: dict[str, Any]) -> None:
-    from nas.pipeline.stage import stage
-
+def _trainable(config: dict[str, Any], run: Callable[..., dict[str, Any]]) -> None:
+    """One trial: the stage's ``run`` (handed over by ``tune.with_parameters``) on the task."""
     quiet_worker()
-    fn = stage(config["stage"]).run
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
     task = replace(task_from_config(config["task"]), node=ray.get_runtime_context().get_node_id())
 
@@ -133,7 +131,7 @@ def _trainable(config: dict[str, Any]) -> None:
         # The driver's console shows it (nas.pipeline.console): nothing printed here.
         tune.report(to_result(progress))
 
-    result = fn(task, report)
+    result = run(task, report)
     tune.report(
         {"finished": 1, **{k: v for k, v in (result or {}).items() if isinstance(v, int | float)}}
     )
@@ -227,6 +225,7 @@ class RetryReport(Callback):
 
 def run_grouped(
     stage: str,
+    run: Callable[..., dict[str, Any]],
     tasks: Sequence[Task],
     *,
     storage: Path,
@@ -243,6 +242,7 @@ def run_grouped(
     (``GroupEnd``; ``sizes``: how many trials each group has)."""
     return run_stage(
         stage,
+        run,
         tasks,
         storage=storage,
         cpus=cpus,
@@ -261,6 +261,7 @@ def run_grouped(
 
 def run_stage(
     stage: str,
+    run: Callable[..., dict[str, Any]],
     tasks: Sequence[Task],
     *,
     storage: Path,
@@ -271,10 +272,14 @@ def run_stage(
     name: str | None = None,
     callbacks: Sequence[Any] = (),
 ) -> list[Any]:
-    """Run the stage's work on every task, one Tune trial each; NasError if any failed."""
+    """Run the stage's work (``run(task, report)``, a plain function that knows nothing of
+    Ray) on every task, one Tune trial each; NasError if any failed. ``stage`` names the
+    trials and their console."""
     if not tasks:
         return []
-    trainable = tune.with_resources(_trainable, {"cpu": cpus, "gpu": gpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, run=run), {"cpu": cpus, "gpu": gpus}
+    )
     console = Console(stage, len(tasks), choose_mode())
     tuner = tune.Tuner(
         trainable,

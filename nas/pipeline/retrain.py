@@ -11,6 +11,7 @@ import torch
 
 from nas.cost import added_flops
 from nas.data.decode import DecodedSplit, decode_split
+from nas.families import build_prompted
 from nas.jsonio import read_json, write_json
 from nas.mlflow_model import inputs_record, log_retrained
 from nas.pipeline.console import say
@@ -171,10 +172,11 @@ def _attempt(
     out = run_layout(spec).retrain(task.dataset, seed, label)
     fit = spec_ds.retrain_split
     torch.manual_seed(seed)
-    model = spec.backbone.subnet_model(
+    model = build_prompted(
+        spec.backbone,
         spec.space,
-        subnet,
         data[fit],
+        subnet=subnet,
         full_finetune=task.full_finetune,
         dataset=task.dataset,
     ).to(device_for(spec))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from nas.cost import added_flops, subnet_params
 from nas.errors import NasError
+from nas.families import build_prompted
 from nas.jsonio import read_json
 from nas.pipeline.console import say
 from nas.pipeline.context import (
@@ -138,7 +139,7 @@ def run_search(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
         tracker, parent, tags, logging_processes(spec.cpus), lock=out / LOGGERS_LOCK
     )
     weights = load_file(str(run_layout(spec).supernet(ds.key, seed) / "supernet.safetensors"))
-    model = spec.backbone.supernet(spec.space, val, ds.key).to(device)
+    model = build_prompted(spec.backbone, spec.space, val, dataset=ds.key).to(device)
     load_trainable(model, weights)
     mean, std = spec.backbone.normalisation()
     log_path = out / "candidates.jsonl"

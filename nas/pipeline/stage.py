@@ -9,7 +9,6 @@ imported when a stage is looked up.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from nas.pipeline.console import say
 from nas.pipeline.progress import Report
 from nas.pipeline.tasks import Task
+from nas.registry import Registry
 
 if TYPE_CHECKING:
     from nas.spec import DatasetSpec, ExperimentSpec
@@ -53,29 +53,25 @@ class Stage:
         todo = [t for t in tasks if not self.done_marker(spec, t).is_file()]
         title = self.title or self.name
         say(f"== {title}: {len(todo)} of {len(tasks)} trials to run")
-        run_stage(self.name, todo, storage=run_layout(spec).ray, cpus=spec.cpus, gpus=spec.gpus)
+        run_stage(
+            self.name, self.run, todo, storage=run_layout(spec).ray, cpus=spec.cpus, gpus=spec.gpus
+        )
 
 
-#: Where each stage lives, imported on first use (``register_stage`` adds one).
-STAGES: dict[str, str | type[Stage]] = {
-    "hparams": "nas.pipeline.hparams:Hparams",
-    "supernet": "nas.pipeline.supernet:Supernet",
-    "search": "nas.pipeline.search:Search",
-    "supernet+search": "nas.pipeline.search:SupernetAndSearch",
-    "verify": "nas.pipeline.verify:Verify",
-    "retrain": "nas.pipeline.retrain:Retrain",
-}
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    STAGES[cls.name] = cls
-    return cls
+#: Where each stage lives, imported on first use.
+STAGES: Registry[type[Stage]] = Registry(
+    "stage",
+    {
+        "hparams": "nas.pipeline.hparams:Hparams",
+        "supernet": "nas.pipeline.supernet:Supernet",
+        "search": "nas.pipeline.search:Search",
+        "supernet+search": "nas.pipeline.search:SupernetAndSearch",
+        "verify": "nas.pipeline.verify:Verify",
+        "retrain": "nas.pipeline.retrain:Retrain",
+    },
+)
 
 
 def stage(name: str) -> type[Stage]:
     """The stage class of a name (importing its module the first time)."""
-    where = STAGES[name]
-    if isinstance(where, str):
-        module, _, attr = where.partition(":")
-        where = STAGES[name] = getattr(importlib.import_module(module), attr)
-    return where
+    return STAGES[name]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from nas.families import build_prompted
 from nas.jsonio import read_json
 from nas.pipeline.context import (
     base_tags,
@@ -43,7 +44,7 @@ def run_supernet(task: Task, report: Report = lambda p: None) -> dict[str, Any]:
     device = device_for(spec)
     data = load_splits(spec, ds, ("train",))["train"]
     torch.manual_seed(seed)
-    model = spec.backbone.supernet(spec.space, data, ds.key).to(device)
+    model = build_prompted(spec.backbone, spec.space, data, dataset=ds.key).to(device)
     st = spec.supernet
     rates = tuned(spec, ds.key, "supernet")
     cfg = st.train_config(

@@ -20,6 +20,7 @@ import torch
 from mlflow.entities import Metric
 
 from nas.cost import subnet_params
+from nas.families import build_prompted
 from nas.jsonio import read_json, write_json
 from nas.pipeline.console import say
 from nas.pipeline.context import (
@@ -100,7 +101,7 @@ def run_verify_point(task: VerifyPoint, report: Report = lambda p: None) -> dict
     subnet = Subnet.from_data(task.subnet)
     data = load_splits(spec, ds, ("train", "val"))
     torch.manual_seed(seed)
-    model = spec.backbone.subnet_model(spec.space, subnet, data["train"], dataset=ds.key)
+    model = build_prompted(spec.backbone, spec.space, data["train"], subnet=subnet, dataset=ds.key)
     model = model.to(device_for(spec))
     method, rates = verify_rates(spec, ds.key, subnet)
     stage: TrainingStage = spec.supernet if method == "supernet" else spec.retrain
@@ -361,6 +362,7 @@ class Verify(Stage):
 
         run_grouped(
             "verify",
+            self.run,
             todo,
             storage=run_layout(spec).ray,
             cpus=spec.cpus,

@@ -7,15 +7,20 @@ import math
 from typing import Any
 
 from nas.errors import NasError
+from nas.registry import Registry
 from nas.search.base import Evaluated, SearchAlgorithm
-from nas.search.evolution import Evolution
-from nas.search.optuna_search import NSGA2Search, TPESearch
-from nas.search.random_search import RandomSearch
 from nas.space import SearchSpace
 
-ALGORITHMS: dict[str, type[SearchAlgorithm]] = {
-    cls.name: cls for cls in (Evolution, TPESearch, NSGA2Search, RandomSearch)
-}
+#: The algorithms by name; a shipped one's module (Optuna's, say) is imported when asked for.
+ALGORITHMS: Registry[type[SearchAlgorithm]] = Registry(
+    "search algorithm",
+    {
+        "evolution": "nas.search.evolution:Evolution",
+        "optuna-tpe": "nas.search.optuna_search:TPESearch",
+        "optuna-nsga2": "nas.search.optuna_search:NSGA2Search",
+        "random": "nas.search.random_search:RandomSearch",
+    },
+)
 
 
 def register_algorithm(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
@@ -86,11 +91,7 @@ def make_search(name: str, space: SearchSpace, **options: Any) -> SearchAlgorith
 __all__ = [
     "ALGORITHMS",
     "Evaluated",
-    "Evolution",
-    "NSGA2Search",
-    "RandomSearch",
     "SearchAlgorithm",
-    "TPESearch",
     "algorithm_options",
     "make_search",
     "option_problem",

@@ -1,75 +1,16 @@
-"""The per-block injection interface between prompt modules and a transformer tower.
-
-A prompt module acts at one or more *sites* of block ``i``:
-
-- ``tokens``: the token sequence entering block ``i`` (insert, replace or remove prompt tokens);
-- ``qkv``: the fused query/key/value projection of block ``i``'s attention (add a delta);
-- ``mlp``: the output of block ``i``'s MLP, before the block's residual add.
-
-An ``Injector`` (the prompted model) answers those calls; a tower adapter calls it at the right
-places of one concrete tower implementation. ``TimmViTTower`` adapts timm's VisionTransformer with
-forward hooks on ``attn.qkv`` and ``mlp`` and its own loop over the blocks, so timm's code is not
-edited and the backbone's state-dict keys stay unchanged. Another tower (open_clip's
-``nn.MultiheadAttention`` blocks) needs only another adapter, not copies of the modules.
-"""
+"""Tower adapters: where a concrete tower implementation calls the ``Injector``'s sites
+(``nas.towers.geometry``) and what geometry it has. ``TimmViTTower`` adapts timm's
+VisionTransformer with forward hooks, ``OpenClipViTTower`` open_clip's."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from nas.errors import NasError
-
-
-@dataclass
-class TokenLayout:
-    """Where prompt tokens sit in the sequence: after the prefix tokens (class, registers),
-    one segment per owning module, in the order the segments were first inserted."""
-
-    num_prefix: int
-    segments: dict[str, int] = field(default_factory=dict)
-    #: the (normalised) input images, for modules whose prompts depend on them (PGN)
-    images: torch.Tensor | None = None
-    #: the patch grid (rows, columns) and the patches' positional embeddings (N, D), for
-    #: modules that put prompts at patch positions
-    grid: tuple[int, int] = (0, 0)
-    patch_pos: torch.Tensor | None = None
-
-    @property
-    def num_prompts(self) -> int:
-        return sum(self.segments.values())
-
-    def replace(self, x: torch.Tensor, owner: str, tokens: torch.Tensor) -> torch.Tensor:
-        """Replace ``owner``'s prompt tokens in ``x`` (B, N, D) with ``tokens`` (B, P, D)."""
-        start = self.num_prefix
-        for name, count in self.segments.items():
-            if name == owner:
-                break
-            start += count
-        old = self.segments.get(owner, 0)
-        self.segments[owner] = tokens.shape[1]
-        return torch.cat((x[:, :start], tokens, x[:, start + old :]), dim=1)
-
-    def strip(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` without any prompt tokens (unchanged, not copied, when there are none)."""
-        total = self.num_prompts
-        if total == 0:
-            return x
-        return torch.cat((x[:, : self.num_prefix], x[:, self.num_prefix + total :]), dim=1)
-
-
-class Injector(Protocol):
-    """What a tower adapter calls at each site of block ``layer``."""
-
-    def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor: ...
-
-    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None: ...
-
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor: ...
+from nas.towers.geometry import Injector, TokenLayout, TowerGeometry
 
 
 class HookedTower:
@@ -263,3 +204,34 @@ def tower_for(model: nn.Module, injector: Injector) -> TimmViTTower | OpenClipVi
     if OpenClipViTTower.is_tower(model):
         return OpenClipViTTower(model, injector)
     return TimmViTTower(model, injector)
+
+
+def geometry_of(model: nn.Module) -> TowerGeometry:
+    """Geometry of a built timm VisionTransformer (or open_clip's)."""
+    if OpenClipViTTower.is_tower(model):
+        OpenClipViTTower.check(model)
+        block = model.transformer.resblocks[0]
+        grid = tuple(model.grid_size)
+        return TowerGeometry(
+            width=int(model.transformer.width),
+            depth=len(model.transformer.resblocks),
+            num_heads=int(block.attn.num_heads),
+            mlp_hidden=int(block.mlp.c_fc.out_features),
+            num_prefix_tokens=1,
+            num_patches=int(grid[0] * grid[1]),
+            patch_size=int(model.conv1.kernel_size[0]),
+            in_chans=int(model.conv1.in_channels),
+        )
+    TimmViTTower.check(model)
+    block = model.blocks[0]
+    patch = model.patch_embed.patch_size
+    return TowerGeometry(
+        width=int(model.embed_dim),
+        depth=len(model.blocks),
+        num_heads=int(block.attn.num_heads),
+        mlp_hidden=int(block.mlp.fc1.out_features),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        num_patches=int(model.patch_embed.num_patches),
+        patch_size=int(patch[0] if isinstance(patch, tuple | list) else patch),
+        in_chans=int(model.patch_embed.proj.in_channels),
+    )

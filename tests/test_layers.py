@@ -1,0 +1,72 @@
+"""The package's shape, read from its source: no import cycle among nas/ and trainers/
+(function-level imports included), and registries that import none of their entries."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+from scripts import import_graph
+from tests.conftest import REPO
+
+
+def test_no_import_cycle_even_through_function_level_imports():
+    edges, _ = import_graph.graph()
+    assert "nas.backbone" in edges and "nas.pipeline.stage" in edges  # the graph was read
+    assert import_graph.cycles(edges) == []
+    # ...and the graph sees a cycle where there is one (function-level, as before this issue)
+    edges = {**edges, "nas.towers.geometry": {"nas.model"}}
+    assert any("nas.towers.geometry" in c for c in import_graph.cycles(edges))
+
+
+def test_the_script_says_so_and_fails_on_a_cycle(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "scripts/import_graph.py", "--cycles"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("0 import cycle(s)")
+
+
+def test_registries_import_none_of_their_entries():
+    """In a fresh interpreter: loading a registry (and a space that names CLIP and PGN by
+    name only) imports no family, kind or stage until one is asked for."""
+    code = """
+import sys
+import nas.families, nas.modules, nas.pipeline.stage
+loaded = lambda: sorted(m for m in sys.modules if m.startswith(("nas.", "trainers")))
+before = loaded()
+entries = ["nas.model", "nas.clip.model", "nas.clip.prompted", "nas.backbone",
+           "nas.modules.vpt", "nas.modules.lora", "nas.modules.adapter", "nas.modules.pgn",
+           "nas.modules.upt", "nas.pipeline.hparams", "nas.pipeline.retrain", "trainers.train"]
+print([m for m in entries if m in before])
+nas.modules.module_class("pgn")
+print("nas.modules.pgn" in sys.modules, "nas.modules.upt" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "True False"]
+
+
+def test_a_registry_resolves_a_string_once_and_takes_objects():
+    from nas.registry import Registry, resolve
+
+    reg = Registry("thing", {"path": "pathlib:Path"})
+    assert "path" in reg and list(reg) == ["path"]
+    assert reg["path"] is importlib.import_module("pathlib").Path
+    assert reg._entries["path"] is reg["path"]  # resolved once, kept
+
+    @reg.register("mine")
+    class Mine:
+        pass
+
+    assert reg["mine"] is Mine and resolve(Mine) is Mine
+    try:
+        resolve("no-colon")
+    except ValueError as exc:
+        assert "package.module:attr" in str(exc)
+    else:
+        raise AssertionError("a reference without ':' resolved")
