@@ -27,9 +27,9 @@ from common import machine, sync, timed
 
 from nas.data.decode import DecodedSplit
 from nas.families import build_prompted
-from nas.space import load_space
-from nas.subnet import Subnet
-from trainers.train import TrainConfig, train
+from nas.space.search_space import load_space
+from nas.space.subnet import Subnet
+from nas.training.train import TrainConfig, train
 
 FAMILIES = ("noah_pgn_cpu", "noah_pgn_border_cpu", "clip_cpu")
 CLASSES = ["circle", "square", "triangle", "cross", "star"]

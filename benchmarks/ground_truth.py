@@ -31,12 +31,13 @@ import torch
 from scipy.stats import kendalltau
 
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.mini_vtab import prepare
-from nas.model import PromptedViT
-from nas.space import SearchSpace, load_space
-from nas.subnet import Subnet
-from trainers.train import TrainConfig, evaluate, train
+from nas.families.vit.model import PromptedViT
+from nas.space.search_space import SearchSpace, load_space
+from nas.space.subnet import Subnet
+from nas.training.evaluate import evaluate
+from nas.training.train import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ground_truth"
 #: The retraining recipe of the mini-VTAB benchmarks (experiments/benchmark_mini_vtab.yaml):

@@ -25,11 +25,11 @@ import torch
 from common import machine, timed
 
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import prepare
-from nas.model import PromptedViT
-from nas.space import load_space
+from nas.families.vit.model import PromptedViT
+from nas.space.search_space import load_space
 from trainers.optim import build_optimizer
 
 

@@ -27,16 +27,17 @@ from pathlib import Path
 import torch
 from common import machine, sync
 
+from nas.core.yamlio import parse_yaml
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import prepare
-from nas.inversion import PatchInverse, RGBPrompts
-from nas.model import PromptedViT
-from nas.space import parse_space
-from nas.yamlio import parse_yaml
+from nas.families.vit.model import PromptedViT
+from nas.interop.inversion import PatchInverse, RGBPrompts
+from nas.space.search_space import parse_space
+from nas.training.evaluate import evaluate
+from nas.training.train import TrainConfig, train
 from trainers.optim import build_optimizer
-from trainers.train import TrainConfig, evaluate, train
 
 SPACE = """
 backbone: vit_fmnist

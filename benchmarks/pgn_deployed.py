@@ -4,7 +4,7 @@ Every retrained model of the run whose subnet is PGN alone with ``placement: bor
 ``pgn`` baseline of ``experiments/benchmark_mini_vtab_pgn.yaml``; a searched winner too, if
 the search chose PGN alone) is tested once more on its test split, as an unmodified copy of
 its backbone with the trained head sees it: the generated prompts turned into 8-bit pixels
-(``nas.inversion.RGBPrompts``: the least-squares inverse of the patch embedding, clipped to
+(``nas.interop.inversion.RGBPrompts``: the least-squares inverse of the patch embedding, clipped to
 [0, 1] and quantised) pasted over the image's border patches. The token-space accuracy is
 recomputed from the saved model and must equal the one the run recorded.
 
@@ -25,10 +25,10 @@ from common import machine
 
 from nas import families
 from nas.data.loader import TensorLoader
-from nas.inversion import RGBPrompts
+from nas.interop.inversion import RGBPrompts
 from nas.pipeline import context, layout
-from nas.spec import load_spec
-from trainers.train import evaluate
+from nas.spec.experiment import load_spec
+from nas.training.evaluate import evaluate
 
 
 @torch.no_grad()

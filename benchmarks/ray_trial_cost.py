@@ -40,7 +40,7 @@ def imports(config: dict) -> None:
     import torch  # noqa: F401
 
     middle = time.perf_counter()
-    from nas.pipeline import hparams, retrain, search, supernet  # noqa: F401
+    from nas.pipeline import hparams, retrain, subnet_search, supernet  # noqa: F401
 
     tune.report(
         {

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nas.search import Evaluated, make_search
-from nas.space import Bounds, Budget, SearchSpace, load_space
-from nas.subnet import Subnet
+from nas.space.search_space import Bounds, Budget, SearchSpace, load_space
+from nas.space.subnet import Subnet
 
 EVOLUTION = {"generations": 5, "population": 20, "top_k": 5, "mutations": 8, "crossovers": 8}
 ALGORITHMS = {

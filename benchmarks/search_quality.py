@@ -47,21 +47,16 @@ from pathlib import Path
 import torch
 from scipy.stats import kendalltau
 
-from nas.cost import subnet_params
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.mini_vtab import prepare
-from nas.model import PromptedViT
+from nas.families.vit.model import PromptedViT
 from nas.search import make_search
-from nas.space import SearchSpace, load_space
-from nas.subnet import Subnet
-from trainers.train import (
-    TrainConfig,
-    evaluate,
-    evaluate_candidates,
-    score_candidates,
-    train,
-)
+from nas.space.cost import subnet_params
+from nas.space.search_space import SearchSpace, load_space
+from nas.space.subnet import Subnet
+from nas.training.evaluate import evaluate, evaluate_candidates, score_candidates
+from nas.training.train import TrainConfig, train
 
 #: Where the cached runs live (``--results`` moves them, e.g. for a smoke run).
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -187,7 +182,7 @@ def one_task(task: str, data_root: Path, args, space: SearchSpace) -> dict:
     }
 
 
-#: Supernet variants: the supernet stage's sampling settings (``SupernetStage``) and epochs.
+#: Supernet variants: the supernet stage's sampling settings (``SupernetSettings``) and epochs.
 VARIANTS: dict[str, dict] = {
     "noah": {},
     "in_budget": {"in_budget": True},
@@ -206,12 +201,12 @@ VARIANTS: dict[str, dict] = {
 def train_supernet(space: SearchSpace, data, variant: str, epochs: int, seed: int, lr: float):
     """A supernet trained on train800 as the pipeline's supernet stage trains it (batch 64,
     2 warm-up epochs, wd 1e-4) with ``variant``'s sampling settings."""
-    from nas.sampling import supernet_steps
-    from nas.stage_settings import SupernetStage
+    from nas.spec.stages import SupernetSettings
+    from nas.training.sampling import supernet_steps
 
     settings = {"sampling": "uniform", "in_budget": False, "subnets_per_step": 1}
     settings |= {"sandwich": False, "distill": 0.0} | VARIANTS[variant]
-    steps = supernet_steps(space, SupernetStage(**settings))
+    steps = supernet_steps(space, SupernetSettings(**settings))
     mean, std = space.backbone.normalisation()
     classes = data["train"].num_classes
     cfg = TrainConfig(
@@ -774,7 +769,7 @@ def noah_pgn_versus_pgn(uri: str) -> dict:
     tested once in one run of ``experiments/benchmark_mini_vtab_pgn.yaml``, read back from its
     MLflow store: the flat-mean difference over tasks (seed means) in points, and the paired
     (task, seed) differences with their 95% interval."""
-    from nas.errors import NasError
+    from nas.core.errors import NasError
     from nas.pipeline.reports import method_of, results_from_mlflow
 
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

@@ -44,11 +44,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ground_truth import SUBNET_SEED, Cache, ground_truth_subnets, recipe_key
-from nas.cost import subnet_params
 from nas.search.anchors import anchors
 from nas.search.evolution import Evolution
-from nas.spec import ExperimentSpec, load_spec
-from nas.subnet import Subnet
+from nas.space.cost import subnet_params
+from nas.space.subnet import Subnet
+from nas.spec.experiment import ExperimentSpec, load_spec
 
 #: Fresh random in-budget subnets per (task, seed).
 RANDOM_SUBNETS = 5

@@ -35,13 +35,13 @@ import yaml
 from common import machine, sync
 
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import prepare
-from nas.model import PromptedViT
-from nas.space import load_space
+from nas.families.vit.model import PromptedViT
+from nas.space.search_space import load_space
+from nas.training.evaluate import evaluate_candidates
 from trainers.optim import build_optimizer
-from trainers.train import evaluate_candidates
 
 for key, value in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -158,9 +158,10 @@ def search_spec(work: Path, data: Path, candidates: int, device: torch.device) -
 def search_throughput(
     work: Path, data: Path, device, candidates: int, repeats: int, with_ray: bool = True
 ) -> dict:
-    from nas.pipeline import context, layout, search, supernet
+    from nas.pipeline import context, layout, supernet
+    from nas.pipeline import subnet_search as search
     from nas.pipeline.tasks import Task
-    from nas.spec import load_spec
+    from nas.spec.experiment import load_spec
 
     path = search_spec(work, data, candidates, device)
     out = work / "out"
@@ -281,7 +282,8 @@ def tracking_cost(folder: Path, n: int = 100) -> dict[str, float]:
     pipeline's logging process (writing it)."""
     import resource
 
-    from nas.tracking import CandidateLogger, Tracker
+    from nas.tracking.candidates import CandidateLogger
+    from nas.tracking.runs import Tracker
 
     folder.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"sqlite:///{folder / 'mlflow.db'}", "tracking")

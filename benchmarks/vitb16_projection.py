@@ -1,7 +1,7 @@
 """ViT-B/16 on one accelerator (issue 10, item 6): supernet training images/s and model FLOP
 utilisation in bf16, and from them the projected wall time of NOAH's full VTAB-1k protocol.
 
-What runs is the pipeline's own code: ``trainers.train.train`` (the supernet with a fresh random
+What runs is the pipeline's own code: ``nas.training.train.train`` (the supernet with a fresh random
 subnet per batch, then a standalone winner) and ``evaluate_candidates`` (the search's scoring,
 alone and with every candidate logged to MLflow as the search stage does), on the shipped
 NOAH space (``search_spaces/noah_vtab.yaml``, ViT-B/16 with random weights: throughput does
@@ -38,12 +38,13 @@ import yaml
 from common import machine, timed
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.cost import subnet_params
 from nas.data.decode import DecodedSplit
-from nas.model import PromptedViT
+from nas.families.vit.model import PromptedViT
 from nas.search import make_search
-from nas.space import SearchSpace, load_space
-from trainers.train import TrainConfig, autocast, evaluate_candidates, train
+from nas.space.cost import subnet_params
+from nas.space.search_space import SearchSpace, load_space
+from nas.training.evaluate import evaluate_candidates
+from nas.training.train import TrainConfig, autocast, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "noah_vtab.yaml"
@@ -137,7 +138,8 @@ def tracking_overhead(supernet, space, val_split, mean, std, n, repeats, device)
     time, each logged as an MLflow child run (sqlite, the pipeline's CandidateLogger), against
     the same scoring untracked. Run at n and 4n candidates: the difference is the per-candidate
     cost, free of the logging process's start-up."""
-    from nas.tracking import CandidateLogger, Tracker, logging_processes
+    from nas.tracking.candidates import CandidateLogger, logging_processes
+    from nas.tracking.runs import Tracker
 
     cpus = yaml.safe_load(SPEC.read_text())["resources"]["cpus"]
 

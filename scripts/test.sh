@@ -8,6 +8,10 @@ venv="${NAS_VENV:-.venv}"
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY=true
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
+# The package's layers (pyproject.toml's [tool.importlinter] contracts): no upward import, no
+# cycle, nothing of Ray or MLflow below the tracking and pipeline layers. It writes its cache
+# under .import_linter_cache (git-ignored), not into the home directory.
+"$venv/bin/lint-imports"
 # Two workers (NAS_TEST_WORKERS): half the suite's time is Ray and MLflow starting up and
 # waiting, which the other worker's tests fill. Tests sharing a costly fixture (an end-to-end
 # run) carry one xdist_group, so it runs once, on one worker.

@@ -21,9 +21,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The tests never download: a hub request fails at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nas.backbone import BackboneSpec
-from nas.space import parse_space
-from nas.yamlio import parse_yaml
+from nas.core.yamlio import parse_yaml
+from nas.families.vit.spec import BackboneSpec
+from nas.space.search_space import parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 #: The environment of the Ray and MLflow processes the tests start.

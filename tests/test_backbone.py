@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nas.backbone import BackboneSpec, load_backbone
-from nas.errors import ConfigError, NasError
+from nas.core.errors import ConfigError, NasError
+from nas.families.vit.spec import BackboneSpec, load_backbone
 from tests.conftest import REPO
 from tests.test_data import mini_vtab  # noqa: F401 - session fixture
 from trainers.probe import probe_task

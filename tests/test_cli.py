@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 
-from nas.cli import main
+from nas.cli.main import main
 from tests.conftest import REPO, free_port, small_space_yaml
 
 

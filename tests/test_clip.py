@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nas.backbone import load_backbone
-from nas.clip import scenes
-from nas.clip.model import ClipSpec, TextTower, encode_tokens, load_clip
-from nas.errors import NasError
+from nas.core.errors import NasError
+from nas.data import scenes
+from nas.families.clip.spec import ClipSpec, TextTower, encode_tokens, load_clip
+from nas.families.vit.spec import load_backbone
 from tests.conftest import REPO
 from trainers.lit import LitConfig, attribute_accuracy, train_lit
 
@@ -148,7 +148,7 @@ def test_shipped_clip_yaml_is_in_the_repository():
 
 
 def test_scene_tasks_are_labelled_by_their_attribute(tmp_path):
-    from nas.data.formats import read_vtab
+    from nas.data.lists import read_vtab
     from nas.data.mini_vtab import DEFAULT_TASKS, prepare
 
     manifest = prepare(tmp_path, ("scenes_fill",), test_size=30, log=lambda *_: None)

@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from nas import families
-from nas.clip.prompted import PromptedCLIP
+from nas.core.errors import NasError
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
-from nas.errors import NasError
+from nas.data.lists import read_vtab
 from nas.families import build_prompted
-from nas.spec import load_spec
+from nas.families.clip.model import PromptedCLIP
+from nas.spec.experiment import load_spec
+from nas.training.evaluate import evaluate
 from tests.test_pipeline import mlflow_runs, parent_run, run_to_end
-from trainers.train import evaluate
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
 pytestmark = pytest.mark.xdist_group("clip_pipeline")

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from nas.pipeline.layout import run_key
-from nas.subnet import Subnet
+from nas.space.subnet import Subnet
 from tests.conftest import ENV, REPO, free_port
 
 SPEC = REPO / "tests" / "specs" / "small.yaml"

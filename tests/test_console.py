@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.pipeline.console import Console, ConsoleView, choose_mode, from_result, to_result
 from nas.pipeline.progress import EpochProgress, SearchProgress, SweepProgress
 

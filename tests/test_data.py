@@ -16,14 +16,14 @@ from PIL import Image
 
 from nas.data.decode import decode_split
 from nas.data.fewshot import write_few_shot_splits
-from nas.data.formats import (
+from nas.data.hashing import image_fingerprints
+from nas.data.lists import (
     CLASSNAMES_FILE,
     DataError,
     read_few_shot,
     read_image_folder,
     read_vtab,
 )
-from nas.data.hashing import image_fingerprints
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import DEFAULT_TASKS, PRETRAIN_FINGERPRINTS, prepare
 

@@ -11,16 +11,16 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from nas.core.errors import ConfigError
+from nas.core.yamlio import parse_yaml
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
 from nas.data.hashing import image_fingerprints
+from nas.data.lists import read_vtab
 from nas.data.mini_vtab_base import DEV
-from nas.errors import ConfigError
 from nas.pipeline.context import load_splits
 from nas.pipeline.retrain import run_retrain
 from nas.pipeline.tasks import RetrainTask
-from nas.spec import load_spec, parse_spec
-from nas.yamlio import parse_yaml
+from nas.spec.experiment import load_spec, parse_spec
 
 #: The splits' content hashes (first 16 hex digits) as prepared before devtest existed
 #: (test_size 200, the conftest fixture's): adding devtest changed none of them.
@@ -109,7 +109,7 @@ def test_a_retraining_with_test_split_devtest_tests_on_devtest(tmp_path, mini_vt
 def test_a_task_prepared_before_devtest_is_one_error_before_any_trial(tmp_path, mini_vtab_data):
     import shutil
 
-    from nas.errors import NasError
+    from nas.core.errors import NasError
     from nas.pipeline.driver import prepare_data
 
     root = tmp_path / "old"

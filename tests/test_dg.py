@@ -12,17 +12,17 @@ import pytest
 import torch
 import yaml
 
+from nas.core.errors import ConfigError
 from nas.data.decode import decode_split
-from nas.data.formats import DataError, read_target, read_vtab
 from nas.data.hashing import image_fingerprints
+from nas.data.lists import DataError, read_target, read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_dg import SKETCH_CLASSES, sketch
-from nas.errors import ConfigError
 from nas.families import build_prompted
-from nas.space import load_space
-from nas.spec import load_spec
-from nas.subnet import Subnet
-from trainers.train import evaluate_target
+from nas.space.search_space import load_space
+from nas.space.subnet import Subnet
+from nas.spec.experiment import load_spec
+from nas.training.evaluate import evaluate_target
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
 pytestmark = pytest.mark.xdist_group("dg")
@@ -240,7 +240,7 @@ def test_a_target_that_leaks_the_training_split_is_refused_and_one_class_is_said
 ):
     """A target listing the training images is no held-out test: one error before anything
     runs. A target of one class is valid but said."""
-    from nas.data.formats import read_target, read_vtab
+    from nas.data.lists import read_target, read_vtab
     from nas.pipeline.preflight import check_targets
 
     folder = mini_vtab_data / "digits"

@@ -14,10 +14,10 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from nas.backbone import BackboneSpec
-from nas.cli import main
-from nas.model import PromptedViT
-from nas.subnet import Subnet
+from nas.cli.main import main
+from nas.families.vit.model import PromptedViT
+from nas.families.vit.spec import BackboneSpec
+from nas.space.subnet import Subnet
 from tests.conftest import REPO, VARIANTS
 
 NAS = [sys.executable, "-m", "nas"]

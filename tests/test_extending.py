@@ -18,21 +18,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas import families
-from nas.backbone import BackboneSpec, load_backbone
-from nas.cost import subnet_params
-from nas.data import dataset_formats
-from nas.data.dataset_formats import DatasetFormat
-from nas.data.formats import Entry, Split, parse_list_file
-from nas.errors import ConfigError, NasError
-from nas.families import FAMILIES, Family, build_prompted
-from nas.model import PromptedViT
+from nas.core.errors import ConfigError, NasError
+from nas.data import formats as dataset_formats
+from nas.data.formats import DatasetFormat
+from nas.data.lists import Entry, Split, parse_list_file
+from nas.families import build_prompted
+from nas.families.vit.model import PromptedViT
+from nas.families.vit.spec import BackboneSpec, load_backbone
 from nas.modules import REGISTRY
 from nas.modules.base import LayeredModule
 from nas.pipeline.context import load_splits, read_splits, supernet_steps
 from nas.search import ALGORITHMS, Evaluated, SearchAlgorithm, make_search
-from nas.spec import load_spec
-from nas.subnet import Subnet
-from trainers.train import TrainConfig, evaluate_candidates, train
+from nas.space.backbones import FAMILIES, Family
+from nas.space.cost import subnet_params
+from nas.space.subnet import Subnet
+from nas.spec.experiment import load_spec
+from nas.training.evaluate import evaluate_candidates
+from nas.training.train import TrainConfig, train
 
 
 class FlatLists(DatasetFormat):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from nas.inversion import PatchInverse, to_pixels
+from nas.interop.inversion import PatchInverse, to_pixels
 
 
 def vit(in_chans: int, patch: int, width: int) -> torch.nn.Module:
@@ -62,10 +62,10 @@ def rgb_model(placement: str = "border"):
     weights, with a PGN subnet; and the same backbone unmodified, as a host would run it."""
     import copy
 
-    from nas.model import PromptedViT
-    from nas.space import parse_space
-    from nas.subnet import Subnet
-    from nas.yamlio import parse_yaml
+    from nas.core.yamlio import parse_yaml
+    from nas.families.vit.model import PromptedViT
+    from nas.space.search_space import parse_space
+    from nas.space.subnet import Subnet
 
     text = """
 backbone:
@@ -87,8 +87,8 @@ modules:
 
 
 def test_rgb_deployed_prompts_reproduce_the_token_space_logits():
-    from nas.inversion import RGBPrompts
-    from nas.subnet import Subnet
+    from nas.interop.inversion import RGBPrompts
+    from nas.space.subnet import Subnet
 
     model, host = rgb_model()
     model.set_subnet(Subnet({"pgn": (5, 8, "resnet10", 16, "border")}))  # pixels only: no VPT
@@ -126,8 +126,8 @@ def test_rgb_deployed_prompts_reproduce_the_token_space_logits():
 def test_tokens_placement_cannot_be_deployed_as_pixels():
     import pytest
 
-    from nas.errors import NasError
-    from nas.inversion import RGBPrompts
+    from nas.core.errors import NasError
+    from nas.interop.inversion import RGBPrompts
 
     model, _ = rgb_model("tokens")
     with pytest.raises(NasError, match="only PGN with placement: border deploys as pixels"):

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import yaml
 
-from nas import mlflow_model
 from nas.data.decode import decode_split
-from nas.mlflow_model import images_for, register_winners
 from nas.pipeline import context, layout, retrain
 from nas.pipeline.tasks import RetrainTask
-from nas.spec import load_spec
+from nas.spec.experiment import load_spec
+from nas.tracking import logged_model as mlflow_model
+from nas.tracking.logged_model import images_for, register_winners
 from tests.conftest import ENV, free_port
 
 # One retraining shared by every test here: under pytest-xdist they go to one worker.
@@ -264,8 +264,8 @@ def test_winners_are_registered_with_the_best_validated_as_champion_and_served(
 
 
 def test_the_chosen_candidate_is_tagged_with_why_it_won_a_tie(tmp_path):
-    from nas.pipeline.search import tag_chosen
-    from nas.tracking import Tracker
+    from nas.pipeline.subnet_search import tag_chosen
+    from nas.tracking.runs import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "ties")
     parent = tracker.run("search", {"stage": "search"})
@@ -292,7 +292,7 @@ def test_a_moved_or_copied_run_folder_reads_its_own_artifacts(retrained, tmp_pat
     relocate` points the copy's store at the copy's artifacts (the original made unreadable
     meanwhile, so nothing can come from it) and gives it its own output id; after a move the
     id stays and the store follows."""
-    from nas.cli import main
+    from nas.cli.main import main
     from nas.pipeline.layout import output_id
 
     spec, _, row = retrained
@@ -340,7 +340,7 @@ def test_a_moved_or_copied_run_folder_reads_its_own_artifacts(retrained, tmp_pat
 def test_registered_names_of_two_experiments_never_collide():
     """Names the registry cannot hold are made safe; where that changed a name, a hash of the
     original keeps two experiments whose names differ only in such characters apart."""
-    from nas.mlflow_model import registered_name
+    from nas.tracking.logged_model import registered_name
 
     assert registered_name("quickstart", "digits") == "quickstart-digits"
     a, b = registered_name("my exp", "digits"), registered_name("my/exp", "digits")

@@ -11,10 +11,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.cost import added_flops, seq_lens, subnet_params
-from nas.errors import NasError
-from nas.model import PromptedViT
-from nas.subnet import Subnet
+from nas.core.errors import NasError
+from nas.families.vit.model import PromptedViT
+from nas.space.cost import added_flops, seq_lens, subnet_params
+from nas.space.subnet import Subnet
 from tests.conftest import VARIANTS, randomise_modules, space_for
 from trainers.optim import build_optimizer, train_step
 

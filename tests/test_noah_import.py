@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from nas.cli import main
-from nas.errors import ConfigError
-from nas.noah_import import import_noah
-from nas.spec import load_spec
-from nas.subnet import Subnet
+from nas.cli.main import main
+from nas.core.errors import ConfigError
+from nas.interop.noah_import import import_noah
+from nas.space.subnet import Subnet
+from nas.spec.experiment import load_spec
 
 # NOAH's released VTAB subnet for clevr_count and its 16-shot ImageNet subnet (seed 0), as
 # published in experiments/NOAH/subnet/ of NOAH's code (SEARCH_SPACE sections left out).

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.clip.prompted import PromptedCLIP
-from nas.cost import subnet_params
-from nas.space import parse_space
-from nas.subnet import Subnet
+from nas.core.yamlio import parse_yaml
+from nas.families.clip.model import PromptedCLIP
+from nas.space.cost import subnet_params
+from nas.space.search_space import parse_space
+from nas.space.subnet import Subnet
 from nas.towers.adapters import OpenClipViTTower
-from nas.yamlio import parse_yaml
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
 pytestmark = pytest.mark.xdist_group("open_clip_tower")
@@ -129,8 +129,8 @@ def test_a_local_open_clip_checkpoint_is_loaded(spec, tmp_path):
     error naming it."""
     from safetensors.torch import save_file
 
-    from nas.clip.model import load_clip
-    from nas.errors import NasError
+    from nas.core.errors import NasError
+    from nas.families.clip.spec import load_clip
 
     torch.manual_seed(3)
     source = spec.create()

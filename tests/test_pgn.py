@@ -10,14 +10,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.cost import added_flops, subnet_params
-from nas.errors import ConfigError
-from nas.model import PromptedViT
+from nas.core.errors import ConfigError
+from nas.core.yamlio import parse_yaml
+from nas.families.vit.model import PromptedViT
 from nas.modules.pgn import PGN
 from nas.search import ALGORITHMS, Evaluated, make_search
-from nas.space import load_space, parse_space
-from nas.subnet import Subnet
-from nas.yamlio import parse_yaml
+from nas.space.cost import added_flops, subnet_params
+from nas.space.search_space import load_space, parse_space
+from nas.space.subnet import Subnet
 from tests.conftest import REPO, SMALL, small_space_yaml
 from tests.test_model import _CountOps
 from tests.test_search import OPTIONS

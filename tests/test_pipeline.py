@@ -26,11 +26,11 @@ from mlflow import MlflowClient
 
 from nas import families
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
-from nas.model import PromptedViT
-from nas.space import load_space
+from nas.data.lists import read_vtab
+from nas.families.vit.model import PromptedViT
+from nas.space.search_space import load_space
+from nas.training.evaluate import evaluate
 from tests.conftest import REPO
-from trainers.train import evaluate
 
 SPEC = {
     "name": "ci",
@@ -489,8 +489,8 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
 def test_searched_subnets_retrain_at_their_own_sweeps_rates(tmp_path):
     """With hparams.sweep_searched a searched subnet retrains at its own sweep's winner, never
     the supernet's; without it, at the supernet's (NOAH's recipe); a baseline at its own."""
-    from nas.pipeline import hparams
-    from nas.spec import load_spec
+    from nas.pipeline import rates
+    from nas.spec.experiment import load_spec
 
     base = {
         "name": "rates",
@@ -519,8 +519,8 @@ def test_searched_subnets_retrain_at_their_own_sweeps_rates(tmp_path):
         spec = load_spec(path, check_data=False)
 
         def lr(label, role, seed, spec=spec):
-            method = hparams.retrain_method(spec, label, role, seed)
-            return hparams.tuned(spec, "digits", method).lr
+            method = rates.retrain_method(spec, label, role, seed)
+            return rates.tuned(spec, "digits", method).lr
 
         assert (lr("rank1", "searched", 0), lr("rank1", "searched", 1)) == (seed0, seed1)
         assert lr("baseline-b", "baseline", 0) == 2e-3

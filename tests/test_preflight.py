@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nas.cli import main
-from nas.errors import NasError
+from nas.cli.main import main
+from nas.core.errors import NasError
 from tests.conftest import ENV, free_port
 
 BASE = {
@@ -194,7 +194,7 @@ def test_a_mistyped_label_and_a_wrong_union_fail_before_ray(tmp_path, capsys, vt
 
 
 def test_backbone_weights_that_do_not_load_fail_before_ray(tmp_path, capsys):
-    from nas.backbone import BACKBONES_DIR
+    from nas.families.vit.spec import BACKBONES_DIR
 
     shipped = yaml.safe_load((BACKBONES_DIR / "vit_fmnist" / "backbone.yaml").read_text())
     weights = tmp_path / "w.safetensors"
@@ -210,7 +210,7 @@ def test_backbone_weights_that_do_not_load_fail_before_ray(tmp_path, capsys):
 def resumable(tmp_path):
     """An output folder as a stopped run leaves it (provenance of this very spec)."""
     from nas.pipeline import preflight, provenance
-    from nas.spec import load_spec
+    from nas.spec.experiment import load_spec
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**BASE, "output": str(tmp_path / "out")}))
@@ -242,7 +242,7 @@ def test_damaged_resume_state_is_named_before_ray(
 
 
 def test_a_candidates_log_cut_mid_line_is_repaired_before_appending(tmp_path):
-    from nas.pipeline.search import read_candidates_log
+    from nas.pipeline.subnet_search import read_candidates_log
 
     good = [
         json.dumps({"subnet": {"lora": {"depth": 2, "dims": d}}, "score": 0.5, "cost": 1.0})
@@ -268,7 +268,7 @@ def test_a_store_whose_writer_was_killed_mid_transaction_is_not_damaged(tmp_path
     import textwrap
 
     from nas.pipeline.preflight import check_resume_state
-    from nas.spec import load_spec
+    from nas.spec.experiment import load_spec
 
     out = tmp_path / "out"
     out.mkdir()

@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from nas.pipeline import context
-from nas.spec import load_spec
+from nas.spec.experiment import load_spec
 from tests.test_dg import TARGETS
 from tests.test_pipeline import mlflow_runs, run_to_end
 from tests.test_splits import SHOTS, three_formats  # noqa: F401  (a fixture)

@@ -11,13 +11,13 @@ from dataclasses import replace
 import pytest
 
 from benchmarks.reachability import distance  # the benchmark's own fitness
-from nas.cost import subnet_params
-from nas.sampling import supernet_steps
 from nas.search import Evaluated, make_search
 from nas.search.anchors import anchors, drop, grow, move, transfer
-from nas.space import Bounds, Budget, load_space
-from nas.stage_settings import SupernetStage
-from nas.subnet import Subnet
+from nas.space.cost import subnet_params
+from nas.space.search_space import Bounds, Budget, load_space
+from nas.space.subnet import Subnet
+from nas.spec.stages import SupernetSettings
+from nas.training.sampling import supernet_steps
 
 pytestmark = pytest.mark.xdist_group("search")
 
@@ -142,12 +142,12 @@ def test_without_anchors_and_moves_evolution_is_noahs():
 def test_supernet_trains_the_anchors(pgn):
     """With anchor_share, PGN alone at full size is drawn as such (1 in ~2 million draws of
     NOAH's sampling): a share s over n anchors draws each about s/n of the time."""
-    steps = supernet_steps(pgn, SupernetStage(anchor_share=0.25))
+    steps = supernet_steps(pgn, SupernetSettings(anchor_share=0.25))
     n = len(anchors(pgn))
     rng = random.Random(0)
     draws = Counter(steps.sample(rng) for _ in range(4000))
     assert abs(draws[PGN_ALONE] / 4000 - 0.25 / n) < 0.02
-    plain = supernet_steps(pgn, SupernetStage())
+    plain = supernet_steps(pgn, SupernetSettings())
     rng = random.Random(0)
     assert PGN_ALONE not in {plain.sample(rng) for _ in range(4000)}
 
@@ -155,8 +155,8 @@ def test_supernet_trains_the_anchors(pgn):
 def test_a_search_begun_before_anchors_continues_without_them(tmp_path, capsys):
     """A stopped search whose candidates.jsonl was written before anchors and moves existed
     replays only without them: it continues that way, every scored candidate kept."""
-    from nas.pipeline.search import restored_search
-    from nas.spec import load_spec
+    from nas.pipeline.subnet_search import restored_search
+    from nas.spec.experiment import load_spec
     from tests.conftest import REPO
 
     spec = load_spec(REPO / "experiments" / "quickstart.yaml", output=tmp_path, check_data=False)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.pipeline.layout import claim_output, output_id
 from tests.conftest import REPO
 from tests.test_pipeline import kill_when, run_to_end

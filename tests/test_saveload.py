@@ -9,10 +9,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nas.errors import NasError
-from nas.families import SUBNET_FILE, WEIGHTS_FILE
-from nas.model import PromptedViT
-from nas.subnet import Subnet
+from nas.core.errors import NasError
+from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE
+from nas.families.vit.model import PromptedViT
+from nas.space.subnet import Subnet
 from tests.conftest import VARIANTS, randomise_modules, space_for
 
 SUBNET = Subnet({"vpt": [2, 0, 3], "lora": [4, 1], "adapter": [8, 0, 3]})
@@ -85,7 +85,7 @@ def test_weights_of_another_subnet_are_refused(trained):
 def test_saved_record_of_a_pretrained_backbone_rebuilds_it(tmp_path):
     """A subnet trained on a backbone with weights records them; loading without a backbone
     rebuilds the same pretrained one from that record."""
-    from nas.backbone import load_backbone
+    from nas.families.vit.spec import load_backbone
 
     spec = load_backbone("vit_fmnist")
     model = PromptedViT.for_subnet(spec.create(4), Subnet({"lora": [2, 2]}), backbone_spec=spec)
@@ -160,7 +160,7 @@ def test_a_saved_model_loads_after_the_checkout_moved(tmp_path):
     """The record of a shipped backbone names its weights file in the checkout that saved it;
     moved elsewhere, the shipped backbone of this checkout is found by name (and the sha256
     check proves it is the same). Any other missing weights file is one clear error."""
-    from nas.backbone import load_backbone
+    from nas.families.vit.spec import load_backbone
 
     spec = load_backbone("vit_fmnist")
     model = PromptedViT.for_subnet(spec.create(4), Subnet({"lora": [2, 2]}), backbone_spec=spec)

@@ -78,7 +78,7 @@ def test_the_stages_trial_code_does_not_import_ray():
     code = (
         "import sys\n"
         "from nas.pipeline import context, hparams, layout, preflight, progress, provenance, "
-        "reports, retrain, search, stage, supernet, tasks\n"
+        "reports, retrain, stage, subnet_search, supernet, tasks\n"
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
     )
     out = subprocess.run(

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from nas.cost import subnet_params
-from nas.errors import NasError
+from nas.core.errors import NasError
+from nas.core.yamlio import parse_yaml
 from nas.search import ALGORITHMS, Evaluated, make_search
 from nas.search.optuna_search import NSGA2Search
-from nas.space import parse_space
-from nas.yamlio import parse_yaml
+from nas.space.cost import subnet_params
+from nas.space.search_space import parse_space
 from tests.conftest import small_space_yaml
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
@@ -206,7 +206,7 @@ def test_pgn_mutation_on_its_parameters_is_the_per_axis_one_draw_for_draw():
     """PGN's axes are independent parameters: each resampled with ``m_prob``, as before."""
     from nas.modules.pgn import PGN
     from nas.search.operators import mutate
-    from nas.space import load_space
+    from nas.space.search_space import load_space
 
     pgn = load_space("noah_pgn_cpu").modules["pgn"]
     draws = random.Random(7)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from nas.cost import subnet_params
-from nas.errors import ConfigError
-from nas.space import SPACES_DIR, Bounds, load_space, parse_space
-from nas.subnet import Subnet
-from nas.yamlio import parse_yaml
+from nas.core.errors import ConfigError
+from nas.core.yamlio import parse_yaml
+from nas.space.cost import subnet_params
+from nas.space.search_space import SPACES_DIR, Bounds, load_space, parse_space
+from nas.space.subnet import Subnet
 from tests.conftest import small_space_yaml
 
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))

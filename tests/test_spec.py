@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nas.errors import ConfigError, NasError
+from nas.core.errors import ConfigError, NasError
+from nas.core.yamlio import parse_yaml
 from nas.pipeline.driver import run_experiment
-from nas.spec import load_spec
-from nas.subnet import Subnet
-from nas.yamlio import parse_yaml
+from nas.space.subnet import Subnet
+from nas.spec.experiment import load_spec
 from tests.conftest import REPO
 from trainers.pretrain import load_config
 
@@ -594,15 +594,15 @@ def test_a_run_has_the_same_identity_wherever_the_project_is_checked_out(tmp_pat
     absolute path) continues at the same place, its provenance taking the new hash."""
     import shutil
 
-    import nas.backbone
+    import nas.families.vit.spec
     from nas.pipeline import preflight, provenance
 
     path = REPO / "experiments" / "quickstart.yaml"
     here = load_spec(path, output=tmp_path / "out")
     identity, legacy_identity = here.hash(), here.legacy_hash()
     moved = tmp_path / "copy" / "backbones"
-    shutil.copytree(nas.backbone.BACKBONES_DIR / "vit_fmnist", moved / "vit_fmnist")
-    monkeypatch.setattr(nas.backbone, "BACKBONES_DIR", moved)
+    shutil.copytree(nas.families.vit.spec.BACKBONES_DIR / "vit_fmnist", moved / "vit_fmnist")
+    monkeypatch.setattr(nas.families.vit.spec, "BACKBONES_DIR", moved)
     there = load_spec(path, output=tmp_path / "out")
     assert str(there.backbone.weights).startswith(str(moved))
     assert there.backbone.weights != here.backbone.weights

@@ -12,10 +12,11 @@ import mlflow
 import pytest
 import yaml
 
-from nas.cli import main
-from nas.pipeline import context, retrain, search
+from nas.cli.main import main
+from nas.pipeline import context, retrain
+from nas.pipeline import subnet_search as search
 from nas.pipeline.tasks import RetrainTask
-from nas.spec import load_spec
+from nas.spec.experiment import load_spec
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
 pytestmark = pytest.mark.xdist_group("splits")

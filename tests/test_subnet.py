@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from nas.cost import added_flops, head_params, subnet_params
-from nas.errors import ConfigError, NasError
-from nas.space import load_space
-from nas.subnet import Subnet
+from nas.core.errors import ConfigError, NasError
+from nas.space.cost import added_flops, head_params, subnet_params
+from nas.space.search_space import load_space
+from nas.space.subnet import Subnet
 from nas.towers.geometry import TowerGeometry
 
 

@@ -11,23 +11,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.cost import subnet_params
+from nas.core.errors import NasError
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
-from nas.errors import NasError
-from nas.model import PromptedViT
-from nas.sampling import BINS, make_sampler, sandwich_ends, size_range
-from nas.space import Bounds, load_space
-from nas.subnet import Subnet
-from tests.test_data import mini_vtab  # noqa: F401 - session fixture
-from trainers.train import (
+from nas.families.vit.model import PromptedViT
+from nas.space.cost import subnet_params
+from nas.space.search_space import Bounds, load_space
+from nas.space.subnet import Subnet
+from nas.training.sampling import BINS, make_sampler, sandwich_ends, size_range
+from nas.training.train import (
     SupernetSteps,
     TrainConfig,
     distillation_loss,
     parameter_groups,
     train,
 )
+from tests.test_data import mini_vtab  # noqa: F401 - session fixture
 
 
 def budgeted(max_params: float = 20_000):

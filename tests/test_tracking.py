@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nas.errors import NasError
-from nas.tracking import CandidateLogger, Tracker
+from nas.core.errors import NasError
+from nas.tracking.candidates import CandidateLogger
+from nas.tracking.runs import Tracker
 
 
 @pytest.mark.parametrize("processes", [1, 3])
@@ -113,7 +114,7 @@ def test_a_killed_search_leaves_its_loggers_to_finish_and_nothing_running(tmp_pa
     import sys
     import textwrap
 
-    from nas.tracking import wait_for_loggers
+    from nas.tracking.candidates import wait_for_loggers
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "t")
@@ -124,7 +125,8 @@ def test_a_killed_search_leaves_its_loggers_to_finish_and_nothing_running(tmp_pa
     script = textwrap.dedent(
         f"""
         import pathlib, time
-        from nas.tracking import CandidateLogger, Tracker
+        from nas.tracking.candidates import CandidateLogger
+        from nas.tracking.runs import Tracker
         tracker = Tracker({uri!r}, "t")
         lock = pathlib.Path({str(lock)!r})
         logger = CandidateLogger(tracker, {parent!r}, {tags!r}, processes=2, lock=lock)

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 from nas.data.decode import decode_split
-from nas.data.formats import read_vtab
-from nas.model import PromptedViT
-from nas.space import load_space
-from nas.subnet import Subnet
+from nas.data.lists import read_vtab
+from nas.families.vit.model import PromptedViT
+from nas.space.search_space import load_space
+from nas.space.subnet import Subnet
+from nas.training.evaluate import evaluate, evaluate_candidates
+from nas.training.train import TrainConfig, lr_scheduler, train
 from tests.test_data import mini_vtab  # noqa: F401 - session fixture
-from trainers.train import (
-    TrainConfig,
-    evaluate,
-    evaluate_candidates,
-    lr_scheduler,
-    train,
-)
 
 
 def setup(folder):
@@ -119,7 +114,7 @@ def test_candidates_are_scored_by_accuracy_and_loss(mini_vtab):  # noqa: F811
     import torch.nn.functional as F
 
     from nas.data.loader import TensorLoader
-    from trainers.train import score_candidates
+    from nas.training.evaluate import score_candidates
 
     space, data, mean, std = setup(mini_vtab / "digits")
     torch.manual_seed(0)

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nas import families
-from nas.clip.prompted import PromptedCLIP
-from nas.cost import subnet_params
-from nas.errors import ConfigError, NasError
+from nas.core.errors import ConfigError, NasError
+from nas.core.yamlio import parse_yaml
+from nas.families.clip.model import PromptedCLIP
 from nas.modules.upt import UPT, encoder_layer_params
-from nas.space import parse_space
-from nas.subnet import Subnet
-from nas.yamlio import parse_yaml
+from nas.space.cost import subnet_params
+from nas.space.search_space import parse_space
+from nas.space.subnet import Subnet
 from trainers.optim import build_optimizer, train_step
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
@@ -240,7 +240,7 @@ def test_supernet_training_steps_over_draws_with_nothing_to_train(space):
     """On a CLIP the empty subnet (zero-shot: no context, no image modules) has no trainable
     weight and no head: a supernet batch that draws it is a zero update, not an error."""
     from nas.data.decode import DecodedSplit
-    from trainers.train import TrainConfig, train
+    from nas.training.train import TrainConfig, train
 
     model = build(space)
     g = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ import yaml
 from nas.pipeline.retrain import MAX_RETRIES, RETRY_LR_FACTOR, divergence, run_retrain
 from nas.pipeline.tasks import RetrainTask
 from nas.search.anchors import anchors
-from nas.space import load_space
-from nas.subnet import Subnet
+from nas.space.search_space import load_space
+from nas.space.subnet import Subnet
 from tests.test_pipeline import kill_when, mlflow_runs, run_to_end
 
 SPEC = {

@@ -3,7 +3,7 @@ trained contrastively on generated image-caption pairs. Builds ``backbones/clip_
 
 The image trunk is frozen, so its features are computed once; only the image projection, the
 text tower and the logit scale train. Data: procedurally drawn scenes with captions from their
-attributes (``nas.clip.scenes``, held-out attribute combinations excluded) and the image tower's
+attributes (``nas.data.scenes``, held-out attribute combinations excluded) and the image tower's
 own pretraining images (Fashion-MNIST train) captioned "a photo of a {class}.". No image of a
 benchmark task is used. Run::
 
@@ -28,9 +28,10 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from nas.backbone import load_backbone
-from nas.clip import scenes
-from nas.clip.model import (
+from nas.data import scenes
+from nas.data.scenes import LIT_SCENES, LIT_SEED
+from nas.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
+from nas.families.clip.spec import (
     CLIP_FILE,
     ClipSpec,
     TextTower,
@@ -38,7 +39,7 @@ from nas.clip.model import (
     encode_tokens,
     trained_state,
 )
-from nas.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist
+from nas.families.vit.spec import load_backbone
 
 CLASS_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 
@@ -51,14 +52,14 @@ class LitConfig:
     width: int = 128
     heads: int = 4
     layers: int = 4
-    scenes: int = 60_000
+    scenes: int = LIT_SCENES
     fmnist: bool = True
     steps: int = 3000
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 200
-    seed: int = 0
+    seed: int = LIT_SEED
     eval_per_combination: int = 200
     eval_scenes: int = 2000
 
@@ -175,14 +176,9 @@ def evaluate(model, tokenizer, spec: ClipSpec, cfg: LitConfig, held, held_feats,
 # -- training ----------------------------------------------------------------------------------
 
 
-def train_lit(cfg: LitConfig, out: Path | None, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    spec = spec_of(cfg)
-    model = spec.create(load=False)
-    tokenizer = spec.tokenizer()
-    mean, std = spec.normalisation()
-    started = time.perf_counter()
-
+def _pairs(cfg: LitConfig) -> tuple[list, list[str], int]:
+    """The training images and their captions: the scenes, then (``cfg.fmnist``) the
+    Fashion-MNIST images captioned from the class templates; and how many are scenes."""
     images, captions = [], []
     for image, text, _scene in scenes.training_pairs(cfg.scenes, cfg.seed):
         images.append(image)
@@ -197,6 +193,18 @@ def train_lit(cfg: LitConfig, out: Path | None, log=print) -> dict:
             fmnist_caption(FASHION_MNIST_CLASSES[c], CLASS_TEMPLATES[t])
             for c, t in zip(y, picks, strict=True)
         )
+    return images, captions, n_scenes
+
+
+def train_lit(cfg: LitConfig, out: Path | None, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    spec = spec_of(cfg)
+    model = spec.create(load=False)
+    tokenizer = spec.tokenizer()
+    mean, std = spec.normalisation()
+    started = time.perf_counter()
+
+    images, captions, n_scenes = _pairs(cfg)
     images_np = np.stack(images)
     unique = sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}

@@ -22,11 +22,12 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from nas.backbone import BackboneSpec
+from nas.core.validate import Reader
+from nas.core.yamlio import load_yaml
 from nas.data.augment import normalise, random_crop_flip
+from nas.data.hashing import image_fingerprints
 from nas.data.sources import FASHION_MNIST_DIR, load_fashion_mnist
-from nas.validate import Reader
-from nas.yamlio import load_yaml
+from nas.families.vit.spec import BackboneSpec
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,14 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, log=print) -> dict:
     seconds = time.perf_counter() - start
     test_acc = evaluate(model, x_test, y_test, mean, std)
 
+    report = _save(cfg, out, model, data, test_acc, seconds, device, mean, std, history)
+    log(f"saved {out}: test accuracy {test_acc:.4f} after {seconds:.0f} s")
+    return report
+
+
+def _save(cfg, out, model, data, test_acc, seconds, device, mean, std, history) -> dict:
+    """The backbone folder: weights, backbone.yaml, the report, and the images' fingerprints
+    (which later benchmarks check their own images against)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "timm"})
@@ -184,14 +193,12 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, log=print) -> dict:
     }
     (out / "backbone.yaml").write_text(yaml.safe_dump(backbone, sort_keys=False))
     np.save(out / "pretrain_fingerprints.npy", fingerprints(data["train"][0], data["test"][0]))
-    log(f"saved {out}: test accuracy {test_acc:.4f} after {seconds:.0f} s")
     return report
 
 
 def fingerprints(*arrays: np.ndarray) -> np.ndarray:
     """Sorted 64-bit fingerprints of every image, to prove no pretraining image reappears in
     a benchmark task."""
-    from nas.data.hashing import image_fingerprints
 
     return np.unique(np.concatenate([image_fingerprints(a) for a in arrays]))
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nas.backbone import BackboneSpec, load_backbone
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import read_vtab
+from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
+from nas.families.vit.spec import BackboneSpec, load_backbone
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
 

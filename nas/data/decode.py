@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from nas.data.formats import DataError, Entry, Split
+from nas.data.lists import DataError, Entry, Split
 
 CACHE_VERSION = 1
 

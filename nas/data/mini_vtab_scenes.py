@@ -11,9 +11,10 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nas.core.errors import NasError
+from nas.data import scenes
 from nas.data.hashing import image_fingerprints
 from nas.data.mini_vtab_base import DEV, SIZE, TRAIN, VAL, TaskData, random_splits
-from nas.errors import NasError
 
 LOC_NAMES = (
     "far left", "left", "left of center", "center", "right of center", "right", "far right",
@@ -196,11 +197,9 @@ def generated_task(
 def scene_task(
     label_of: str, values: tuple[str, ...], names: list[str], fixed: dict[str, str], what: str
 ) -> Callable[[np.random.Generator, int], TaskData]:
-    """A task over ``nas.clip.scenes``: the label is the value of one attribute, every other
+    """A task over ``nas.data.scenes``: the label is the value of one attribute, every other
     attribute random (or ``fixed``)."""
     from dataclasses import replace
-
-    from nas.clip import scenes
 
     def make(rng: np.random.Generator, label: int) -> np.ndarray:
         counted = 0.3 if label_of == "shape" and not fixed else 0.0
@@ -219,11 +218,8 @@ def scene_task(
 def _lit_fingerprints() -> np.ndarray:
     """Fingerprints of the scenes the offline CLIP's text tower was trained with (regenerated:
     they are a deterministic function of trainers.lit's default count and seed)."""
-    from nas.clip import scenes
-    from trainers.lit import LitConfig
 
-    cfg = LitConfig()
-    pairs = scenes.training_pairs(cfg.scenes, cfg.seed)
+    pairs = scenes.training_pairs(scenes.LIT_SCENES, scenes.LIT_SEED)
     return image_fingerprints(np.stack([image for image, _, _ in pairs]))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (

@@ -4,9 +4,9 @@ registry imports a kind's file when the kind is first asked for."""
 
 from __future__ import annotations
 
-from nas.errors import NasError
+from nas.core.errors import NasError
+from nas.core.registry import Registry
 from nas.modules.base import PromptModule
-from nas.registry import Registry
 
 #: The kinds in their canonical order (subnets and reports list them so).
 REGISTRY: Registry[type[PromptModule]] = Registry(

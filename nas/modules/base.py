@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nas.core.validate import Reader
+from nas.core.yamlio import join_key
 from nas.modules.spaces import Choice, LayeredSpace, ModuleSpace, trim
 from nas.towers.geometry import TokenLayout, TowerGeometry
-from nas.validate import Reader
-from nas.yamlio import join_key
 
 
 class PromptModule(nn.Module):
@@ -78,7 +78,7 @@ class PromptModule(nn.Module):
         cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
     ) -> int:
         """FLOPs of the module's own matmuls for one image, given each block's sequence length
-        (attention/MLP cost of extra tokens is counted by ``nas.cost``). Every kind states its
+        (attention/MLP cost of extra tokens is counted by ``nas.space.cost``). Every kind states its
         own, 0 included: a kind that forgot would otherwise look free to a FLOPs budget."""
         raise NotImplementedError(f"{cls.__name__}.flops")
 

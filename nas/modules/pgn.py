@@ -19,7 +19,6 @@ variants are separate weights, chosen categorically; the resolution only resizes
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import random
@@ -29,26 +28,20 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 from torch.nn import functional as F
 
+from nas.core.validate import Reader
+from nas.core.yamlio import join_key
 from nas.modules.base import PromptModule
+from nas.modules.pgn_generators import GENERATORS, generator_flops, generator_params, make_generator
 from nas.modules.spaces import ModuleSpace, Param
 from nas.towers.geometry import TokenLayout, TowerGeometry
-from nas.validate import Reader
-from nas.yamlio import join_key
-
-#: generator variants: timm ResNets of BasicBlocks (the paper's 4-stage ResNet-10 by default)
-GENERATORS: dict[str, dict[str, Any]] = {
-    "resnet10": {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16},
-    "resnet18": {"layers": (2, 2, 2, 2), "channels": (64, 128, 256, 512), "stem_width": 64},
-}
 
 Choice = tuple  # (prompts L, library M, generator, resolution, placement); () when absent
 
 #: where the prompts go: extra tokens (the paper's), or over the patches of the image's border
-#: (what an unmodified model can be given as pixels: see ``nas.inversion``)
+#: (what an unmodified model can be given as pixels: see ``nas.interop.inversion``)
 PLACEMENTS = ("tokens", "border")
 
 
@@ -60,39 +53,6 @@ def border_patches(grid: tuple[int, int]) -> list[int]:
     ring += [(rows - 1, c) for c in range(cols - 2, -1, -1)] if rows > 1 else []
     ring += [(r, 0) for r in range(rows - 2, 0, -1)] if cols > 1 else []
     return [r * cols + c for r, c in ring]
-
-
-def make_generator(name: str, in_chans: int, device: str | torch.device | None = None) -> ResNet:
-    """A generator variant: a timm ResNet with no classifier (it returns pooled features)."""
-    cfg = GENERATORS[name]
-    return ResNet(
-        BasicBlock,
-        cfg["layers"],
-        num_classes=0,
-        in_chans=in_chans,
-        channels=cfg["channels"],
-        stem_width=cfg["stem_width"],
-        device=device,
-    )
-
-
-@functools.cache
-def generator_params(name: str, in_chans: int) -> tuple[int, int]:
-    """(parameters, feature width) of a generator variant, counted on the meta device."""
-    model = make_generator(name, in_chans, device="meta")
-    return sum(p.numel() for p in model.parameters()), int(model.num_features)
-
-
-@functools.cache
-def generator_flops(name: str, in_chans: int, resolution: int) -> int:
-    """Matmul/conv FLOPs of one image through a generator, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = make_generator(name, in_chans, device="meta").eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.empty(1, in_chans, resolution, resolution, device="meta"))
-    return int(counter.get_total_flops())
 
 
 class PGN(PromptModule):
@@ -242,7 +202,7 @@ class PGN(PromptModule):
         cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
     ) -> int:
         """The generator, its output layer and the mixture of the library; the blocks' cost
-        of the extra tokens is counted by ``nas.cost``."""
+        of the extra tokens is counted by ``nas.space.cost``."""
         if not choice:
             return 0
         prompts, library, generator, resolution, _ = choice

@@ -34,11 +34,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nas.core.validate import Reader
+from nas.core.yamlio import join_key
 from nas.modules.base import PromptModule
 from nas.modules.spaces import ModuleSpace, Param
 from nas.towers.geometry import TokenLayout, TowerGeometry
-from nas.validate import Reader
-from nas.yamlio import join_key
 
 MODES = ("text", "unified")
 RANDOM_INIT = "random"  # options.init: no phrase, every context vector N(0, 0.02)
@@ -161,7 +161,7 @@ class UPT(PromptModule):
         cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
     ) -> int:
         # Its network runs once per batch (the prompts do not depend on the image): nothing per
-        # image; its tokens' attention and MLP cost is nas.cost's.
+        # image; its tokens' attention and MLP cost is nas.space.cost's.
         return 0
 
     @classmethod
@@ -183,7 +183,7 @@ class UPT(PromptModule):
         return [added] * geometry.depth
 
     # flops: the encoder layer and the linear map run once per batch, not per image; the
-    # blocks' cost of the visual prompts is counted by nas.cost (extra_tokens).
+    # blocks' cost of the visual prompts is counted by nas.space.cost (extra_tokens).
 
     # -- runtime -----------------------------------------------------------------------------
     def fits(self, choice: Choice) -> bool:

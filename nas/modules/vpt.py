@@ -62,7 +62,7 @@ class VPT(LayeredModule):
     def flops(
         cls, choice: Sequence[int], geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
     ) -> int:
-        return 0  # no matmul of its own: its tokens' attention and MLP cost is nas.cost's
+        return 0  # no matmul of its own: its tokens' attention and MLP cost is nas.space.cost's
 
     def make_layer(self, dim: int) -> nn.Module:
         g = self.geometry

@@ -24,9 +24,10 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.pipeline import progress as progress_kinds
 from nas.pipeline.progress import Progress
+from nas.pipeline.tasks import task_from_config
 
 #: Where ``--progress`` / NAS_PROGRESS choose between the two outputs.
 MODES = ("auto", "live", "plain")
@@ -257,8 +258,6 @@ def tune_callback(console: Console) -> Any:
     """A Ray Tune callback that feeds ``console`` (made here, so that this module does not
     import Ray)."""
     from ray.tune import Callback
-
-    from nas.pipeline.tasks import task_from_config
 
     class ConsoleCallback(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -13,17 +13,17 @@ from typing import Any
 
 import torch
 
-from nas import sampling
-from nas.data.dataset_formats import dataset_format
 from nas.data.decode import DecodedSplit, decode_split
-from nas.data.formats import DataError, Split
-from nas.jsonio import write_json
+from nas.data.formats import dataset_format
+from nas.data.lists import DataError, Split, read_target
 from nas.pipeline.layout import output_id, save_state
 from nas.pipeline.progress import EpochProgress, Report
 from nas.pipeline.tasks import Task
-from nas.spec import DatasetSpec, ExperimentSpec, load_spec
-from nas.tracking import Tracker
-from trainers.train import SupernetSteps
+from nas.spec.datasets import DatasetSpec
+from nas.spec.experiment import ExperimentSpec, load_spec
+from nas.tracking.runs import Tracker
+from nas.training import sampling
+from nas.training.train import SupernetSteps
 
 
 def dataset_root(spec: ExperimentSpec, ds: DatasetSpec) -> Path:
@@ -54,7 +54,6 @@ def target_splits(
 ) -> dict[str, Split]:
     """The dataset's domain-generalisation targets, read in the label space of ``source``
     (a split of the dataset): a named list, or the dataset folder's ``targets/<name>.txt``."""
-    from nas.data.formats import read_target
 
     folder = dataset_root(spec, ds) / ds.name
     out = {}
@@ -190,14 +189,6 @@ def base_tags(spec: ExperimentSpec, stage: str, ds: DatasetSpec, seed: int) -> d
 def eta_s(started: float, done: int, left: int) -> float:
     """Seconds left, at the pace of the ``done`` epochs run since ``started``."""
     return (time.time() - started) / max(done, 1) * left
-
-
-def finish(tracker: Tracker, run_id: str, out: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """End a trial's work: its MLflow run finished first, then ``done.json``, so that a stop in
-    between redoes this end on the rerun instead of leaving the run unfinished for good."""
-    tracker.finish(run_id)
-    write_json(out / "done.json", result)
-    return result
 
 
 def epoch_hook(

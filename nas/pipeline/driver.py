@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nas.data.dataset_formats import dataset_format, manifest_entry
-from nas.errors import NasError
-from nas.jsonio import read_json, write_json
+from nas.core.errors import NasError
+from nas.core.jsonio import read_json, write_json
+from nas.data.formats import dataset_format, manifest_entry
+from nas.data.mini_vtab import prepare
 from nas.pipeline.console import say
 from nas.pipeline.context import (
     dataset_root,
@@ -38,13 +39,15 @@ from nas.pipeline.preflight import (
     probe_tracking,
 )
 from nas.pipeline.provenance import record_output
-from nas.pipeline.ray_layer import start_ray
+from nas.pipeline.ray_layer import launch, start_ray
 from nas.pipeline.reports import collect_results, ui_links
 from nas.pipeline.retrain import Retrain
-from nas.pipeline.search import LOGGERS_LOCK, SupernetAndSearch
 from nas.pipeline.stage import Stage
+from nas.pipeline.subnet_search import LOGGERS_LOCK, SupernetAndSearch
 from nas.pipeline.verify import Verify
-from nas.spec import ExperimentSpec, load_spec
+from nas.spec.experiment import ExperimentSpec, load_spec
+from nas.tracking.candidates import wait_for_loggers
+from nas.tracking.logged_model import register_winners
 
 
 def run_experiment(
@@ -117,7 +120,6 @@ def run_experiment(
 
 def register(spec: ExperimentSpec) -> None:
     """``mlflow.register``: each dataset's searched winners in the Model Registry."""
-    from nas.mlflow_model import register_winners
 
     rows = [read_json(p) for p in sorted((spec.output / "retrain").glob("*/*/done.json"))]
     for dataset, uri in register_winners(spec.tracking_uri, spec.mlflow_experiment, rows).items():
@@ -130,8 +132,6 @@ def stop_tracking(spec: ExperimentSpec, drain_s: float = 20.0) -> None:
     candidate loggers have logged what was scored (up to ``drain_s`` seconds), so that no
     run a trial or a logger opened meanwhile stays RUNNING."""
     import ray
-
-    from nas.tracking import wait_for_loggers
 
     tracker = tracker_for(spec)
     tags = {"spec_hash": spec.hash(), "output_id": output_id(spec.output)}
@@ -190,7 +190,9 @@ def run_stages(spec: ExperimentSpec) -> None:
     pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
     for name, stage in pipeline(spec):
         with timings(name):
-            stage.launch(spec, base, pairs)
+            plan = stage.plan(spec, base, pairs)
+            say(plan.line)
+            launch(stage, plan, storage=run_layout(spec).ray, cpus=spec.cpus, gpus=spec.gpus)
 
 
 class StageTimer:
@@ -247,7 +249,6 @@ def prepare_data(spec: ExperimentSpec) -> dict[str, Any]:
     """The content hashes of the mini-VTAB tasks the spec uses. A task under a user's ``root``
     must have been written by ``nas data prepare`` (its manifest.json is read, nothing there is
     touched); without ``root`` the task is prepared once under the output folder."""
-    from nas.data.mini_vtab import prepare
 
     hashes: dict[str, Any] = {}
     for ds in (d for d in spec.datasets if not dataset_format(d.format).needs_root):

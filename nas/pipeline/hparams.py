@@ -7,14 +7,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nas.core.jsonio import read_json, write_json
 from nas.families import build_prompted
-from nas.jsonio import read_json, write_json
 from nas.pipeline.console import say
 from nas.pipeline.context import (
     base_tags,
@@ -27,60 +27,18 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.layout import run_layout, searched_top
+from nas.pipeline.layout import RunLayout, done_marker, run_layout, searched_top
 from nas.pipeline.progress import Report, SweepProgress
-from nas.pipeline.stage import Pairs, Stage
+from nas.pipeline.rates import searched_method
+from nas.pipeline.stage import Halving, Pairs, Plan, Stage
 from nas.pipeline.tasks import SweepPoint
-from nas.sampling import make_sampler
-from nas.spec import DatasetSpec, ExperimentSpec
-from nas.subnet import Subnet
-from nas.tracking import Tracker
-from trainers.train import (
-    TrainConfig,
-    evaluate_candidates,
-    train,
-)
-
-
-@dataclass(frozen=True)
-class Tuned:
-    """A method's training rates: the hparams stage's winner, or the stage's own settings."""
-
-    lr: float
-    weight_decay: float
-    module_lr: dict[str, float] = field(default_factory=dict)  # swept multipliers only
-
-
-def searched_method(label: str, seed: int) -> str:
-    """The hparams method of one searched subnet's own sweep (``hparams.sweep_searched``)."""
-    return f"searched-{label}-seed{seed}"
-
-
-def retrain_method(spec: ExperimentSpec, label: str, role: str, seed: int) -> str:
-    """Whose swept rates a retraining uses: a baseline its own; a searched subnet its own
-    sweep's with ``hparams.sweep_searched``, else the supernet's (NOAH's recipe)."""
-    if role == "baseline":
-        return label
-    return searched_method(label, seed) if spec.hparams.sweep_searched else "supernet"
-
-
-def tuned(spec: ExperimentSpec, dataset: str, method: str) -> Tuned:
-    """The rates of a method: the hparams stage's winner when it ran, else the stage's own
-    settings ("supernet" covers the supernet and, unless they have sweeps of their own
-    (``searched_method``), the searched subnets' retraining; "baseline-NAME" a baseline's
-    retraining). Swept module multipliers replace the stage's own for the kinds they name
-    (``TrainingStage.train_config``)."""
-    done = run_layout(spec).hparams(dataset, method) / "done.json"
-    if spec.hparams.enabled and done.is_file():
-        winner = read_json(done)
-        return Tuned(
-            float(winner["lr"]),
-            float(winner["weight_decay"]),
-            {k: float(v) for k, v in winner.get("module_lr", {}).items()},
-        )
-    if method == "supernet":
-        return Tuned(spec.supernet.lr, spec.supernet.weight_decay)
-    return Tuned(spec.retrain.lr, spec.retrain.weight_decay)
+from nas.space.subnet import Subnet
+from nas.spec.datasets import DatasetSpec
+from nas.spec.experiment import ExperimentSpec
+from nas.tracking.runs import Tracker
+from nas.training.evaluate import evaluate_candidates
+from nas.training.sampling import make_sampler
+from nas.training.train import TrainConfig, train
 
 
 def run_hparams(task: SweepPoint, report: Report = lambda p: None) -> dict[str, Any]:
@@ -201,27 +159,21 @@ def searched_sweeps(spec: ExperimentSpec, pairs) -> list[Sweep]:
     return out
 
 
-def run_hparams_stage(
+def plan_sweeps(
     spec: ExperimentSpec, base: dict[str, str], sweeps: list[Sweep], title: str = "hparams"
-) -> None:
-    """The lr x wd grid of every sweep, all in one Tune run so that the cluster stays busy;
-    ASHA stops points early, comparing each only with its own sweep (``GroupedASHA``). A
-    sweep's winner is written to hparams/<ds>/<method>/done.json and tracked in MLflow as soon
-    as its last point ends, so an interrupted stage keeps every finished sweep; the later
-    stages read the winners."""
-    from nas.pipeline.ray_layer import run_grouped  # trials need no Ray
-
+) -> Plan:
+    """The lr x wd grid of every unfinished sweep, all in one Tune run so that the cluster
+    stays busy; ASHA stops points early, comparing each only with its own sweep. A sweep's
+    winner is written to hparams/<ds>/<method>/done.json and tracked in MLflow as soon as its
+    last point ends (``on_group``), so an interrupted stage keeps every finished sweep; the
+    later stages read the winners."""
     h = spec.hparams
     todo = {
         s.group: s
         for s in sweeps
-        if not (run_layout(spec).hparams(s.ds.key, s.method) / "done.json").is_file()
+        if not done_marker(run_layout(spec).hparams(s.ds.key, s.method)).is_file()
     }
     size = {s.group: len(sweep_points(spec, s, base)) for s in sweeps}
-    say(
-        f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
-        f"{', '.join(str(n) for n in sorted(set(size.values())))} points each"
-    )
     tracker = tracker_for(spec)
     # A sweep finished before a stop may have lost its MLflow run (stopped between writing
     # done.json and logging): log it again from its done.json.
@@ -235,19 +187,13 @@ def run_hparams_stage(
     def ended(group: str, trials: list[tuple[SweepPoint, dict[str, Any]]]) -> None:
         finish_sweep(spec, tracker, todo[group], [point_of(*t) for t in trials])
 
-    grid = [point for s in todo.values() for point in sweep_points(spec, s, base)]
-    run_grouped(
-        "hparams",
-        run_hparams,
-        grid,
-        storage=run_layout(spec).ray,
-        cpus=spec.cpus,
-        gpus=spec.gpus,
-        epochs=h.epochs,
-        grace_period=h.grace_period,
-        reduction_factor=h.reduction_factor,
-        sizes=size,
-        on_group=ended,
+    return Plan(
+        [point for s in todo.values() for point in sweep_points(spec, s, base)],
+        f"== {title}: {len(todo)} of {len(sweeps)} sweeps to run, "
+        f"{', '.join(str(n) for n in sorted(set(size.values())))} points each",
+        Halving(h.epochs, h.grace_period, h.reduction_factor),
+        size,
+        ended,
     )
 
 
@@ -298,7 +244,7 @@ def finish_sweep(
     record = {**best, "seed": sweep.seed, "grid": points}
     if sweep.subnet is not None:
         record["subnet"] = sweep.subnet
-    write_json(run_layout(spec).hparams(sweep.ds.key, sweep.method) / "done.json", record)
+    write_json(done_marker(run_layout(spec).hparams(sweep.ds.key, sweep.method)), record)
     track_sweep(spec, tracker, sweep)
     note = grid_edge_note(best["lr"], spec.hparams.lrs)
     if note:
@@ -309,7 +255,7 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     """The sweep's MLflow run from its done.json (again, after a stop part-way through)."""
     h, ds = spec.hparams, sweep.ds
     out = run_layout(spec).hparams(ds.key, sweep.method)
-    best = read_json(out / "done.json")
+    best = read_json(done_marker(out))
     # the splits' content hashes, one split in memory at a time (cached by the sweep's points)
     seen: dict[str, Any] = {}
     inputs = []
@@ -343,7 +289,7 @@ def track_sweep(spec: ExperimentSpec, tracker: Tracker, sweep: Sweep) -> None:
     )
     tracker.client.log_inputs(run_id, datasets=inputs)
     tracker.log_metrics(run_id, {"best_val_acc": best["val_acc"]})
-    tracker.log_artifact(run_id, out / "done.json")
+    tracker.log_artifact(run_id, done_marker(out))
     tracker.finish(run_id)
 
 
@@ -377,11 +323,12 @@ class Hparams(Stage):
     def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[SweepPoint]:
         return [p for s in self.sweeps(spec, pairs) for p in sweep_points(spec, s, base)]
 
-    def done_marker(self, spec: ExperimentSpec, task: SweepPoint) -> Path:
+    @staticmethod
+    def folder(layout: RunLayout, task: SweepPoint) -> Path:
         """A sweep's: its points share it (the sweep is done when its winner is chosen)."""
-        return run_layout(spec).hparams(task.dataset, task.method) / "done.json"
+        return layout.hparams(task.dataset, task.method)
 
     run = staticmethod(run_hparams)
 
-    def launch(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> None:
-        run_hparams_stage(spec, base, self.sweeps(spec, pairs), title=self.title)
+    def plan(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> Plan:
+        return plan_sweeps(spec, base, self.sweeps(spec, pairs), title=self.title)

@@ -21,13 +21,20 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from nas.core.errors import NasError
+from nas.core.jsonio import read_json, write_json
 
-from nas.errors import NasError
-from nas.jsonio import read_json, write_json
-from nas.spec import ExperimentSpec
+if TYPE_CHECKING:
+    from nas.spec.experiment import ExperimentSpec
+
+#: The file a finished task leaves in its folder: a rerun skips the tasks that have one.
+DONE = "done.json"
+
+
+def done_marker(folder: Path) -> Path:
+    return folder / DONE
 
 
 def load_state(path: Path) -> dict[str, Any] | None:
@@ -35,6 +42,8 @@ def load_state(path: Path) -> dict[str, Any] | None:
     naming the file and the fix."""
     if not path.is_file():
         return None
+    import torch  # heavy: only where a training resumes (the layout's other users need none)
+
     try:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # a truncated zip, a file of something else
@@ -47,6 +56,8 @@ def load_state(path: Path) -> dict[str, Any] | None:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """A training's resume state, written atomically (a kill leaves the previous one)."""
+    import torch  # heavy: only where a training checkpoints
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
@@ -110,7 +121,7 @@ def searched_top(spec: ExperimentSpec, dataset: str, seed: int) -> dict[str, Any
     else the search's own."""
     layout = run_layout(spec)
     where = layout.verify if spec.verify.enabled else layout.search
-    return read_json(where(dataset, seed) / "done.json")
+    return read_json(done_marker(where(dataset, seed)))
 
 
 def _new_identity(path: Path, root: Path) -> dict[str, str]:

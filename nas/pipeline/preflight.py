@@ -9,10 +9,12 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from nas.backbone import portable
-from nas.data.dataset_formats import dataset_format
-from nas.errors import NasError
-from nas.jsonio import read_json
+from nas.core.errors import NasError
+from nas.core.jsonio import read_json
+from nas.data.decode import decode_image
+from nas.data.formats import dataset_format
+from nas.data.lists import CLASSNAMES_FILE, read_class_names
+from nas.families.vit.spec import portable
 from nas.pipeline.context import (
     dataset_root,
     read_splits,
@@ -20,14 +22,14 @@ from nas.pipeline.context import (
 )
 from nas.pipeline.layout import run_layout
 from nas.pipeline.provenance import spec_diff
-from nas.pipeline.search import read_candidates_log
-from nas.spec import ExperimentSpec
+from nas.pipeline.subnet_search import read_candidates_log
+from nas.spec.experiment import ExperimentSpec
 
 
 def probe_tracking(spec: ExperimentSpec) -> None:
     """A tracking server must answer before anything starts: MLflow's client would retry for
     minutes inside every trial."""
-    from nas.tracking import probe_server
+    from nas.tracking.runs import probe_server  # MLflow (heavy): only with a tracking server
 
     problem = probe_server(spec.tracking_uri)
     if problem:
@@ -87,7 +89,6 @@ SAMPLED_IMAGES = 16
 def decode_sample(split, g) -> None:
     """Decode ``SAMPLED_IMAGES`` of a split's images (first, last and a spread between) at
     the backbone's input: a missing or corrupt one is a DataError naming its list line."""
-    from nas.data.decode import decode_image
 
     n = len(split.entries)
     picks = {round(i * (n - 1) / max(SAMPLED_IMAGES - 1, 1)) for i in range(SAMPLED_IMAGES)}
@@ -362,7 +363,6 @@ def check_class_names(spec: ExperimentSpec) -> None:
     """A CLIP classifies by name: refuse, before any trial starts, a dataset without them."""
     if not spec.backbone.classifies_by_name:
         return
-    from nas.data.formats import CLASSNAMES_FILE, read_class_names
 
     for ds in spec.datasets:
         if dataset_format(ds.format).class_names_from_folders:

@@ -10,11 +10,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from nas.core.errors import NasError
+from nas.core.jsonio import read_json, write_json
+from nas.core.paths import REPO_ROOT
 from nas.data.hashing import file_sha256
-from nas.errors import NasError
-from nas.jsonio import read_json, write_json
 from nas.pipeline.layout import run_layout
-from nas.spec import ExperimentSpec
+from nas.spec.experiment import ExperimentSpec
 
 PACKAGES = (
     "torch",
@@ -30,7 +31,7 @@ PACKAGES = (
 
 
 def code_version() -> str:
-    here = Path(__file__).resolve().parents[2]
+    here = REPO_ROOT
     try:
         out = subprocess.run(
             ["git", "-C", str(here), "describe", "--always", "--dirty"],

@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.pipeline.console import (
     Console,
     choose_mode,
@@ -34,6 +34,9 @@ from nas.pipeline.console import (
 )
 from nas.pipeline.progress import Progress
 from nas.pipeline.tasks import Task, task_from_config
+
+if TYPE_CHECKING:
+    from nas.pipeline.stage import Plan, Stage
 
 # Ray's side effects we do not want: usage statistics, and a token file in the home directory.
 RAY_ENV = {
@@ -221,6 +224,27 @@ class RetryReport(Callback):
             f"(attempt {trial.run_metadata.num_failures} of {self.max_failures + 1}), "
             f"retrying: {error}"
         )
+
+
+def launch(stage: Stage, plan: Plan, *, storage: Path, cpus: float, gpus: float) -> None:
+    """A stage's plan through Ray Tune: one trial per task, running ``stage.run``; with
+    successive halving within the plan's groups where it asks for it."""
+    if plan.halving is None:
+        run_stage(stage.name, stage.run, plan.tasks, storage=storage, cpus=cpus, gpus=gpus)
+        return
+    run_grouped(
+        stage.name,
+        stage.run,
+        plan.tasks,
+        storage=storage,
+        cpus=cpus,
+        gpus=gpus,
+        epochs=plan.halving.epochs,
+        grace_period=plan.halving.grace_period,
+        reduction_factor=plan.halving.reduction_factor,
+        sizes=plan.sizes,
+        on_group=plan.on_group,
+    )
 
 
 def run_grouped(

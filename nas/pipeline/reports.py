@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nas.errors import NasError
-from nas.jsonio import read_json, write_json
-from nas.spec import ExperimentSpec
+from nas.core.errors import NasError
+from nas.core.jsonio import read_json, write_json
+from nas.spec.experiment import ExperimentSpec
 
 
 def collect_results(spec: ExperimentSpec) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def results_from_mlflow(
     """The results table rebuilt from an MLflow store alone (its finished retrain runs). Where
     several output folders of one spec share the experiment, ``output`` (a folder, as tagged
     ``nas.output``, or its ``nas.output_id``) says whose runs; without it, one error lists them."""
-    from nas.tracking import Tracker  # sets MLflow's telemetry off before MLflow is used
+    from nas.tracking.runs import Tracker  # sets MLflow's telemetry off before MLflow is used
 
     client = Tracker.client_for(uri)
     try:
@@ -149,7 +149,9 @@ def ui_links(uri: str, experiment_id: str, output: str) -> list[str]:
     """The MLflow UI pages of one output folder, as console lines: its retrained models side
     by side (its searched winners first), and its stage runs without the candidates. Each is
     saved as a shared view of the experiment, then linked."""
-    from nas.tracking import Tracker, stages_view, ui_link, winners_view
+    # MLflow (heavy): only where a store is known; `nas report` of a results file needs none
+    from nas.tracking.runs import Tracker
+    from nas.tracking.views import stages_view, ui_link, winners_view
 
     client = Tracker.client_for(uri)
     return [

@@ -7,46 +7,31 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from nas.cost import added_flops
+from nas.core.jsonio import read_json, write_json
 from nas.data.decode import DecodedSplit, decode_split
-from nas.families import build_prompted
-from nas.jsonio import read_json, write_json
-from nas.mlflow_model import inputs_record, log_retrained
+from nas.families.prompted import PromptedModel
 from nas.pipeline.console import say
 from nas.pipeline.context import (
     base_tags,
     data_params,
     dataset_group,
-    device_for,
-    epoch_hook,
-    finish,
     load_splits,
-    log_datasets,
     split_params,
-    system_metrics,
     target_splits,
-    task_context,
-    tracker_for,
 )
-from nas.pipeline.hparams import (
-    retrain_method,
-    tuned,
-)
-from nas.pipeline.layout import load_state, run_layout, searched_top
+from nas.pipeline.layout import RunLayout, searched_top
 from nas.pipeline.progress import Report
+from nas.pipeline.rates import retrain_method, tuned
 from nas.pipeline.stage import Pairs, Stage
 from nas.pipeline.tasks import RetrainTask
-from nas.spec import ExperimentSpec
-from nas.subnet import Subnet
-from nas.tracking import Tracker, subnet_params_flat
-from trainers.train import (
-    TrainConfig,
-    evaluate,
-    evaluate_target,
-    train,
-)
+from nas.pipeline.trial import Trial
+from nas.space.cost import added_flops
+from nas.space.subnet import Subnet
+from nas.spec.experiment import ExperimentSpec
+from nas.tracking.candidates import subnet_params_flat
+from nas.tracking.logged_model import inputs_record, log_retrained
+from nas.training.evaluate import evaluate, evaluate_target
+from nas.training.train import TrainConfig
 
 #: A retraining whose loss diverges is retried at this fraction of its rate, at most this often.
 RETRY_LR_FACTOR, MAX_RETRIES = 0.25, 2
@@ -76,52 +61,99 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
     again at ``RETRY_LR_FACTOR`` of its rate, up to ``MAX_RETRIES`` times; the attempts are
     in ``attempts.json`` (a stopped run resumes the attempt it was in), the result and MLflow
     (a run per attempt, the diverged ones FAILED with tag ``nas.diverged``)."""
-    spec, ds, seed = task_context(task)
-    label, subnet = task.label, Subnet.from_data(task.subnet)
-    out = run_layout(spec).retrain(ds.key, seed, label)
-    if (out / "done.json").is_file():
-        return read_json(out / "done.json")
+    trial = Trial.of(task, "retrain", Retrain.folder)
+    if (done := trial.finished()) is not None:
+        return done
+    spec, ds, seed = trial.spec, trial.ds, trial.seed
     fit = ds.retrain_split
     data = load_splits(spec, ds, (fit, "test"))
-    num_classes = data[fit].num_classes
     targets = load_targets(spec, ds, data[fit])  # decoded before training: a bad one stops it
-    rates = tuned(spec, ds.key, retrain_method(spec, label, task.role, seed))
-    tracker = tracker_for(spec)
-    g = spec.space.geometry
-    group = dataset_group(spec, ds)
-    tags = {**base_tags(spec, "retrain", ds, seed), "label": label, "group": group or ""}
-    attempts = read_json(out / "attempts.json") if (out / "attempts.json").is_file() else []
-    while True:
-        cfg = spec.retrain.train_config(
-            lr=rates.lr * RETRY_LR_FACTOR ** len(attempts),
-            weight_decay=rates.weight_decay,
-            seed=seed,
-            module_lr=rates.module_lr,
-        )
-        attempt_tags = {**tags, "attempt": len(attempts)} if attempts else tags
-        model, run_id, problem = _attempt(
-            task, spec, data, targets, cfg, tracker, attempt_tags, report
-        )
-        if problem is None or len(attempts) >= MAX_RETRIES:
-            break
-        attempts.append({"lr": cfg.lr, "problem": problem, "mlflow_run_id": run_id})
-        write_json(out / "attempts.json", attempts)
-        tracker.client.set_tag(run_id, "nas.diverged", problem)
-        tracker.finish(run_id, ok=False)
-        (out / "state.pt").unlink(missing_ok=True)
-        say(
-            f"retrain {ds.key} seed {seed} {label}: diverged at lr {cfg.lr:g} ({problem}); "
-            f"retrying at lr {cfg.lr * RETRY_LR_FACTOR:g}"
-        )
+    model, run_id, cfg, problem = _train_with_retries(trial, data, targets, report)
     mean, std = spec.backbone.normalisation()
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
     scored = {n: evaluate_target(model, t, mean=mean, std=std) for n, t in targets.items()}
-    model.save(out / "model")
-    result = {
-        "dataset": ds.key,
-        "seed": seed,
-        "label": label,
-        "group": group,
+    model.save(trial.folder / "model")
+    result = _result(trial, data, model, run_id, cfg, test_acc, scored, problem)
+    if problem:  # still diverged after the retries: tested and reported, never silently
+        trial.tracker.client.set_tag(run_id, "nas.diverged", problem)
+        say(f"retrain {ds.key} seed {seed} {task.label}: still diverged after {MAX_RETRIES} "
+            "retries")  # fmt: skip
+    final = {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]}
+    final |= target_metrics(scored)
+    if task.val_acc is not None:
+        final["val_acc"] = task.val_acc
+    trial.tracker.log_metrics(run_id, final)
+    trial.tracker.log_artifact(run_id, trial.folder / "model", "model")
+    # the same model as a LoggedModel (MLflow 3's Models view; mlflow.pyfunc.load_model)
+    g = spec.space.geometry
+    inputs = inputs_record(g.image_size, g.in_chans, mean, std, data[fit].class_names)
+    result["mlflow_model_id"] = logged_model(
+        trial.tracker, spec, run_id, trial.folder / "model", inputs, _tags(trial)
+    )
+    return trial.finish(run_id, result)
+
+
+def _tags(trial: Trial) -> dict[str, Any]:
+    group = dataset_group(trial.spec, trial.ds)
+    tags = base_tags(trial.spec, "retrain", trial.ds, trial.seed)
+    return {**tags, "label": trial.task.label, "group": group or ""}
+
+
+def _train_with_retries(
+    trial: Trial,
+    data: dict[str, DecodedSplit],
+    targets: dict[str, DecodedSplit],
+    report: Report,
+) -> tuple[PromptedModel, str, TrainConfig, str | None]:
+    """The attempts at the training (``attempts.json`` keeps those that diverged): the
+    model, its MLflow run, its settings and why it still diverged (None: it did not)."""
+    task, out = trial.task, trial.folder
+    rates = tuned(trial.spec, trial.ds.key, retrain_method(trial.spec, task.label, task.role,
+                                                           trial.seed))  # fmt: skip
+    tags = _tags(trial)
+    attempts = read_json(out / "attempts.json") if (out / "attempts.json").is_file() else []
+    while True:
+        cfg = trial.spec.retrain.train_config(
+            lr=rates.lr * RETRY_LR_FACTOR ** len(attempts),
+            weight_decay=rates.weight_decay,
+            seed=trial.seed,
+            module_lr=rates.module_lr,
+        )
+        attempt_tags = {**tags, "attempt": len(attempts)} if attempts else tags
+        model, run_id, problem = _attempt(trial, data, targets, cfg, attempt_tags, report)
+        if problem is None or len(attempts) >= MAX_RETRIES:
+            return model, run_id, cfg, problem
+        attempts.append({"lr": cfg.lr, "problem": problem, "mlflow_run_id": run_id})
+        write_json(out / "attempts.json", attempts)
+        trial.tracker.client.set_tag(run_id, "nas.diverged", problem)
+        trial.tracker.finish(run_id, ok=False)
+        (out / "state.pt").unlink(missing_ok=True)
+        say(
+            f"retrain {trial.ds.key} seed {trial.seed} {task.label}: diverged at lr "
+            f"{cfg.lr:g} ({problem}); retrying at lr {cfg.lr * RETRY_LR_FACTOR:g}"
+        )
+
+
+def _result(
+    trial: Trial,
+    data: dict[str, DecodedSplit],
+    model: PromptedModel,
+    run_id: str,
+    cfg: TrainConfig,
+    test_acc: float,
+    scored: dict[str, dict[str, Any]],
+    problem: str | None,
+) -> dict[str, Any]:
+    """The retrained model's row of results.json (and its done.json)."""
+    task, spec, fit = trial.task, trial.spec, trial.ds.retrain_split
+    subnet = Subnet.from_data(task.subnet)
+    attempts = trial.folder / "attempts.json"
+    retries = read_json(attempts) if attempts.is_file() else []
+    return {
+        "dataset": trial.ds.key,
+        "seed": trial.seed,
+        "label": task.label,
+        "group": dataset_group(spec, trial.ds),
         "role": task.role,
         "subnet": subnet.to_data(),
         "subnet_str": subnet_text(task, subnet),
@@ -132,57 +164,32 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
         "train_split": fit,
         "train_images": len(data[fit]),
         "params": model.num_params()["modules"],
-        "head_params": spec.backbone.head_params(num_classes),
-        "added_flops": added_flops(subnet, g),
+        "head_params": spec.backbone.head_params(data[fit].num_classes),
+        "added_flops": added_flops(subnet, spec.space.geometry),
         "mlflow_run_id": run_id,
         "node": task.node,
-        **({"retries": attempts} if attempts else {}),
+        **({"retries": retries} if retries else {}),
         **({"diverged": problem} if problem else {}),
         **target_results(scored),
     }
-    if problem:  # still diverged after the retries: tested and reported, never silently
-        tracker.client.set_tag(run_id, "nas.diverged", problem)
-        say(f"retrain {ds.key} seed {seed} {label}: still diverged after {MAX_RETRIES} retries")
-    final = {"test_acc": test_acc, "params": result["params"], "added_flops": result["added_flops"]}
-    final |= target_metrics(scored)
-    if task.val_acc is not None:
-        final["val_acc"] = task.val_acc
-    tracker.log_metrics(run_id, final)
-    tracker.log_artifact(run_id, out / "model", "model")
-    # the same model as a LoggedModel (MLflow 3's Models view; mlflow.pyfunc.load_model)
-    inputs = inputs_record(g.image_size, g.in_chans, mean, std, data[fit].class_names)
-    result["mlflow_model_id"] = logged_model(tracker, spec, run_id, out / "model", inputs, tags)
-    return finish(tracker, run_id, out, result)
 
 
 def _attempt(
-    task: RetrainTask,
-    spec: ExperimentSpec,
+    trial: Trial,
     data: dict[str, DecodedSplit],
     targets: dict[str, DecodedSplit],
     cfg: TrainConfig,
-    tracker: Tracker,
     tags: dict[str, Any],
     report: Report,
-):
+) -> tuple[PromptedModel, str, str | None]:
     """One attempt at the retraining: the model built afresh (or resumed from state.pt), its
     MLflow run, its training; returns (model, run ID, why it diverged or None)."""
-    spec_ds = next(d for d in spec.datasets if d.key == task.dataset)
-    label, subnet, seed = task.label, Subnet.from_data(task.subnet), task.seed
-    out = run_layout(spec).retrain(task.dataset, seed, label)
-    fit = spec_ds.retrain_split
-    torch.manual_seed(seed)
-    model = build_prompted(
-        spec.backbone,
-        spec.space,
-        data[fit],
-        subnet=subnet,
-        full_finetune=task.full_finetune,
-        dataset=task.dataset,
-    ).to(device_for(spec))
-    state = load_state(out / "state.pt")
-    run_id = tracker.run(
-        f"retrain {task.dataset} seed {seed} {label}"
+    task, fit = trial.task, trial.ds.retrain_split
+    subnet = Subnet.from_data(task.subnet)
+    model = trial.model(data[fit], subnet, full_finetune=task.full_finetune)
+    resumed = trial.resumes()
+    run_id = trial.track(
+        f"retrain {task.dataset} seed {trial.seed} {task.label}"
         + (f" (attempt {tags['attempt'] + 1})" if "attempt" in tags else ""),
         tags,
         params={
@@ -194,10 +201,10 @@ def _attempt(
             **data_params(data[fit], data["test"], *targets.values()),
             **{f"target/{name}.images": len(split) for name, split in targets.items()},
         },
-        description=f"{label} ({task.role}): {subnet_text(task, subnet) or 'the head alone'} "
-        f"retrained on {fit}, tested once on test",
+        description=f"{task.label} ({task.role}): {subnet_text(task, subnet) or 'the head alone'}"
+        f" retrained on {fit}, tested once on test",
+        splits=(data[fit], data["test"], *targets.values()),
     )
-    log_datasets(tracker, run_id, task.dataset, data[fit], data["test"], *targets.values())
     links = (
         ("candidate", task.candidate_run_id),
         ("search", task.search_run_id),
@@ -205,35 +212,25 @@ def _attempt(
     )
     for key, value in links:
         if value:  # the runs this model came from, a click away in the UI
-            tracker.client.set_tag(run_id, f"nas.{key}_run_id", value)
-    mean, std = spec.backbone.normalisation()
-    hook = epoch_hook(
-        task,
-        "retrain",
-        out,
-        tracker=tracker,
-        run_id=run_id,
-        state=state,
-        epochs=cfg.epochs,
-        report=report,
-        label=label,
-    )
+            trial.tracker.client.set_tag(run_id, f"nas.{key}_run_id", value)
     losses: list[float] = []
-
-    def on_epoch(epoch: int, metrics: dict[str, float], get_state) -> None:
-        losses.append(metrics["train_loss"])
-        hook(epoch, metrics, get_state)
-
     if not model.trainable_parameters():  # an empty subnet on CLIP is zero-shot
         return model, run_id, None
     try:
-        with system_metrics(spec, run_id):
-            final = train(model, data[fit], cfg, mean=mean, std=std, state=state, on_epoch=on_epoch)
+        final = trial.fit(
+            model,
+            data[fit],
+            cfg,
+            run_id,
+            report,
+            label=task.label,
+            watch=lambda _epoch, metrics: losses.append(metrics["train_loss"]),
+        )
     except FloatingPointError as exc:  # a NaN or infinite loss
         return model, run_id, str(exc)
     if not final:  # resumed after its last epoch: it finished before the stop
         return model, run_id, None
-    first = losses[0] if state is None and losses else None
+    first = losses[0] if not resumed and losses else None
     return model, run_id, divergence(first, final["train_loss"], task.verified_loss)
 
 
@@ -342,7 +339,8 @@ class Retrain(Stage):
     def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[RetrainTask]:
         return retrain_tasks(spec, base, pairs)
 
-    def done_marker(self, spec: ExperimentSpec, task: RetrainTask) -> Path:
-        return run_layout(spec).retrain(task.dataset, task.seed, task.label) / "done.json"
+    @staticmethod
+    def folder(layout: RunLayout, task: RetrainTask) -> Path:
+        return layout.retrain(task.dataset, task.seed, task.label)
 
     run = staticmethod(run_retrain)

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from mlflow.entities import Metric
 
-from nas.cost import subnet_params
+from nas.core.jsonio import read_json, write_json
 from nas.families import build_prompted
-from nas.jsonio import read_json, write_json
 from nas.pipeline.console import say
 from nas.pipeline.context import (
     base_tags,
@@ -31,18 +30,21 @@ from nas.pipeline.context import (
     task_context,
     tracker_for,
 )
-from nas.pipeline.hparams import Tuned, tuned
-from nas.pipeline.layout import run_layout
+from nas.pipeline.layout import RunLayout, done_marker, run_layout
 from nas.pipeline.progress import Report, SweepProgress
-from nas.pipeline.search import read_candidates_log
-from nas.pipeline.stage import Pairs, Stage
+from nas.pipeline.rates import Tuned, tuned
+from nas.pipeline.stage import Halving, Pairs, Plan, Stage
+from nas.pipeline.subnet_search import read_candidates_log
 from nas.pipeline.tasks import VerifyPoint
 from nas.search.anchors import anchors
-from nas.spec import ExperimentSpec
-from nas.stage_settings import TrainingStage
-from nas.subnet import Subnet
-from nas.tracking import Tracker, subnet_params_flat
-from trainers.train import TrainConfig, evaluate, train
+from nas.space.cost import subnet_params
+from nas.space.subnet import Subnet
+from nas.spec.experiment import ExperimentSpec
+from nas.spec.stages import TrainingSettings
+from nas.tracking.candidates import subnet_params_flat
+from nas.tracking.runs import Tracker
+from nas.training.evaluate import evaluate
+from nas.training.train import TrainConfig, train
 
 
 def verify_rates(spec: ExperimentSpec, dataset: str, subnet: Subnet) -> tuple[str, Tuned]:
@@ -57,7 +59,7 @@ def verify_rates(spec: ExperimentSpec, dataset: str, subnet: Subnet) -> tuple[st
 def verify_points(spec: ExperimentSpec, base: dict[str, str], ds, seed: int) -> list[VerifyPoint]:
     """One dataset and seed's candidates: the search's ``top_k`` best (distinct: a search
     scores each subnet once), then the anchors it did not rank there, each once."""
-    found = read_json(run_layout(spec).search(ds.key, seed) / "done.json")
+    found = read_json(done_marker(run_layout(spec).search(ds.key, seed)))
     v = spec.verify
     scored = {
         e.subnet: e.score
@@ -104,7 +106,7 @@ def run_verify_point(task: VerifyPoint, report: Report = lambda p: None) -> dict
     model = build_prompted(spec.backbone, spec.space, data["train"], subnet=subnet, dataset=ds.key)
     model = model.to(device_for(spec))
     method, rates = verify_rates(spec, ds.key, subnet)
-    stage: TrainingStage = spec.supernet if method == "supernet" else spec.retrain
+    stage: TrainingSettings = spec.supernet if method == "supernet" else spec.retrain
     v = spec.verify
     cfg = TrainConfig(
         epochs=v.epochs,
@@ -220,7 +222,7 @@ def finish_verification(
     seed = first.seed
     out = run_layout(spec).verify(first.dataset, seed)
     ranked = rank(spec, points, out)
-    found = read_json(run_layout(spec).search(first.dataset, seed) / "done.json")
+    found = read_json(done_marker(run_layout(spec).search(first.dataset, seed)))
     seconds = sum(r["seconds"] for r in ranked)
     epochs = sum(r["epochs"] for r in ranked)
     v = spec.verify
@@ -267,7 +269,7 @@ def finish_verification(
         "mlflow_run_id": found["mlflow_run_id"],  # the search's: what retraining links to
         "verify_run_id": parent,
     }
-    write_json(out / "done.json", result)
+    write_json(done_marker(out), result)
     best = ranked[0]
     say(
         f"verify {first.dataset} seed {seed}: {best['subnet_str']} ({best['origin']}) best on "
@@ -332,44 +334,36 @@ class Verify(Stage):
     def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[VerifyPoint]:
         return [p for ds, seed in pairs for p in verify_points(spec, base, ds, seed)]
 
-    def done_marker(self, spec: ExperimentSpec, task: VerifyPoint) -> Path:
-        return run_layout(spec).verify(task.dataset, task.seed) / "done.json"
+    @staticmethod
+    def folder(layout: RunLayout, task: VerifyPoint) -> Path:
+        return layout.verify(task.dataset, task.seed)
 
     run = staticmethod(run_verify_point)
 
-    def launch(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> None:
-        from nas.pipeline.ray_layer import run_grouped  # trials need no Ray
-
+    def plan(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> Plan:
+        """Each unfinished verification's candidates, ASHA within each dataset and seed; its
+        ranking to MLflow as soon as its candidates have all ended."""
         todo_pairs = [
             (ds, seed)
             for ds, seed in pairs
-            if not (run_layout(spec).verify(ds.key, seed) / "done.json").is_file()
+            if not done_marker(run_layout(spec).verify(ds.key, seed)).is_file()
         ]
         todo = self.tasks(spec, base, todo_pairs)
         groups: dict[str, list[VerifyPoint]] = {}
         for point in todo:
             groups.setdefault(point.group, []).append(point)
         sizes = sorted({len(g) for g in groups.values()})
-        say(
-            f"== verify: {len(groups)} of {len(pairs)} verifications to run"
-            + (f", {', '.join(map(str, sizes))} candidates each" if sizes else "")
-        )
         tracker = tracker_for(spec)
         v = spec.verify
 
         def ended(group: str, trials: list[tuple[VerifyPoint, dict[str, Any]]]) -> None:
             finish_verification(spec, tracker, groups[group])
 
-        run_grouped(
-            "verify",
-            self.run,
+        return Plan(
             todo,
-            storage=run_layout(spec).ray,
-            cpus=spec.cpus,
-            gpus=spec.gpus,
-            epochs=v.epochs,
-            grace_period=v.grace_period,
-            reduction_factor=v.reduction_factor,
-            sizes={g: len(p) for g, p in groups.items()},
-            on_group=ended,
+            f"== verify: {len(groups)} of {len(pairs)} verifications to run"
+            + (f", {', '.join(map(str, sizes))} candidates each" if sizes else ""),
+            Halving(v.epochs, v.grace_period, v.reduction_factor),
+            {g: len(p) for g, p in groups.items()},
+            ended,
         )

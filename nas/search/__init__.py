@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from nas.errors import NasError
-from nas.registry import Registry
+from nas.core.errors import NasError
+from nas.core.registry import Registry
 from nas.search.base import Evaluated, SearchAlgorithm
-from nas.space import SearchSpace
+from nas.space.search_space import SearchSpace
 
 #: The algorithms by name; a shipped one's module (Optuna's, say) is imported when asked for.
 ALGORITHMS: Registry[type[SearchAlgorithm]] = Registry(

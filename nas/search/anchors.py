@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from nas.space import SearchSpace
-from nas.subnet import Subnet
+from nas.space.search_space import SearchSpace
+from nas.space.subnet import Subnet
 
 #: The budget moves, in the order an evolution draws them from.
 MOVES = ("drop", "grow", "transfer", "step")

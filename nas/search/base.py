@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from nas.cost import added_flops, subnet_params
 from nas.search.anchors import anchors
-from nas.space import SearchSpace
-from nas.subnet import Subnet
+from nas.space.cost import added_flops, subnet_params
+from nas.space.search_space import SearchSpace
+from nas.space.subnet import Subnet
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import ClassVar
 from nas.search.anchors import move
 from nas.search.base import SearchAlgorithm
 from nas.search.operators import mutate
-from nas.space import SearchSpace
-from nas.subnet import Subnet
+from nas.space.search_space import SearchSpace
+from nas.space.subnet import Subnet
 
 
 class Evolution(SearchAlgorithm):

@@ -21,8 +21,8 @@ import optuna
 from nas.search.anchors import move
 from nas.search.base import Evaluated, SearchAlgorithm, pareto_front
 from nas.search.operators import suggest
-from nas.space import SearchSpace
-from nas.subnet import Subnet
+from nas.space.search_space import SearchSpace
+from nas.space.subnet import Subnet
 
 BUDGET = "budget"  # the constraint's name: > 0 means outside the budget
 

@@ -7,8 +7,8 @@ import random
 from collections.abc import Sequence
 
 from nas.search.base import SearchAlgorithm
-from nas.space import SearchSpace
-from nas.subnet import Subnet
+from nas.space.search_space import SearchSpace
+from nas.space.subnet import Subnet
 
 
 class RandomSearch(SearchAlgorithm):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nas.errors import NasError
+from nas.core.errors import NasError
 from nas.towers.geometry import Injector, TokenLayout, TowerGeometry
 
 

@@ -1,0 +1,8 @@
+"""Where the repository's shipped files are (the package runs from a checkout or an editable
+install: backbones and search spaces sit beside ``nas/``)."""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BACKBONES_DIR = REPO_ROOT / "backbones"
+SPACES_DIR = REPO_ROOT / "search_spaces"

@@ -1,0 +1,2 @@
+"""Other tools' formats: exports to PEFT and timm, NOAH's subnet configs, and PGN's
+prompts inverted into pixels."""

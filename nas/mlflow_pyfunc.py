@@ -1,8 +1,0 @@
-"""The pyfunc model file that ``nas.mlflow_model.log_retrained`` logs (MLflow's models from
-code: the model is this file, not a pickle)."""
-
-import mlflow
-
-from nas.mlflow_model import PromptedClassifier
-
-mlflow.models.set_model(PromptedClassifier())

@@ -1,0 +1,1 @@
+"""Experiment specs: datasets, backbone, space, seeds, resources and each stage's settings."""

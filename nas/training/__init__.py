@@ -1,0 +1,2 @@
+"""Training and evaluation loops (they know nothing about Ray or MLflow) and what a
+supernet step samples."""
