@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from scripts import import_graph
 from tests.conftest import REPO
@@ -73,3 +76,39 @@ def test_a_registry_resolves_a_string_once_and_takes_objects():
         assert "package.module:attr" in str(exc)
     else:
         raise AssertionError("a reference without ':' resolved")
+
+
+def test_search_plots_write_nothing_into_the_home_folder(tmp_path):
+    """matplotlib's font cache goes to the temporary folder (or the user's MPLCONFIGDIR), not
+    under ~/.cache: a search's plots, drawn in a fresh interpreter whose home is empty."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = f"""
+from pathlib import Path
+from nas.search.base import Evaluated
+from nas.space.search_space import load_space
+from nas.tracking.plots import plot_search
+import random
+space = load_space("tiny_cpu")
+rng = random.Random(0)
+history = [Evaluated(space.sample(rng), 0.5 + i / 100, 1000 + i, i // 4) for i in range(12)]
+paths = plot_search(history, space, history[-1].subnet, Path({str(tmp_path / "plots")!r}), "t")
+print(len(paths))
+"""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) >= 2
+    assert list(home.rglob("*")) == []
+    cache = Path(tempfile.gettempdir()) / f"nas-matplotlib-{os.getuid()}"
+    assert cache.is_dir()

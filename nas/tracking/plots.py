@@ -4,10 +4,17 @@ round, and the winning subnet drawn layer by layer."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+# matplotlib keeps its font cache in MPLCONFIGDIR, by default under ~/.cache (or ~/.matplotlib):
+# not behind the user's back in the home folder; in the temporary folder unless they chose one.
+os.environ.setdefault(
+    "MPLCONFIGDIR", str(Path(tempfile.gettempdir()) / f"nas-matplotlib-{os.getuid()}")
+)
+import matplotlib  # after MPLCONFIGDIR, which it reads on import
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
