@@ -1,7 +1,8 @@
 """The project's internal import graph, read from the source (no import is executed):
-every ``import``/``from ... import`` of ``nas`` or ``trainers``, module-level and inside
-functions alike. Prints the import cycles (strongly connected components of more than one
-module) and the function-level internal imports; exits 1 if there is a cycle.
+every ``import``/``from ... import`` of ``nas`` or ``trainers``, module-level, inside
+functions and under ``if TYPE_CHECKING:`` alike (a type-only import still ties two modules).
+Prints the import cycles (strongly connected components of more than one module) and the
+function-level internal imports; exits 1 if there is a cycle.
 
     python scripts/import_graph.py            # cycles, then function-level imports
     python scripts/import_graph.py --cycles   # cycles only
@@ -62,8 +63,6 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
             else:
                 visit(child, inner)
                 continue
-            if isinstance(child, ast.ImportFrom) and _in_type_checking(child, tree):
-                continue
             for target in targets:
                 resolved = _resolve(target, known)
                 if resolved and resolved != name:
@@ -71,15 +70,6 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
 
     visit(tree, False)
     return out
-
-
-def _in_type_checking(node: ast.AST, tree: ast.Module) -> bool:
-    """Imports under ``if TYPE_CHECKING:`` are never executed: not part of the graph."""
-    for top in tree.body:
-        guarded = isinstance(top, ast.If) and "TYPE_CHECKING" in ast.unparse(top.test)
-        if guarded and any(n is node for n in ast.walk(top)):
-            return True
-    return False
 
 
 def graph() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:

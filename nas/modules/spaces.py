@@ -11,14 +11,32 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 from nas.towers.geometry import TowerGeometry
 
-if TYPE_CHECKING:
-    from nas.modules.base import LayeredModule, PromptModule
-
 Choice = Any  # a kind's plain-data setting; a tuple of per-layer dims for layered kinds
+
+
+class KindCosts(Protocol):
+    """What a space asks of its kind's class (``nas.modules.base.PromptModule`` answers it;
+    named here structurally, so that this module does not import the kinds' base)."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    def empty_choice(cls) -> Choice: ...
+    @classmethod
+    def canonical(cls, choice: Choice) -> Choice: ...
+    @classmethod
+    def params(cls, choice: Choice, geometry: TowerGeometry) -> int: ...
+
+
+class LayeredCosts(KindCosts, Protocol):
+    """A layered kind's class (``nas.modules.base.LayeredModule``): one dim per layer."""
+
+    @classmethod
+    def layer_params(cls, dim: int, geometry: TowerGeometry) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -44,7 +62,7 @@ class ModuleSpace:
     """The choices of one module kind in a search space."""
 
     kind: str
-    module: type[PromptModule]
+    module: type[KindCosts]
     options: dict[str, float]
 
     def count(self) -> int:
@@ -115,7 +133,7 @@ class ModuleSpace:
 LADDER_LIMIT = 4096
 
 
-def _by_size(module: type[PromptModule], geometry: TowerGeometry, choices: list) -> list:
+def _by_size(module: type[KindCosts], geometry: TowerGeometry, choices: list) -> list:
     """Distinct choices, fewest trainable parameters first (ties in a fixed order)."""
     unique = {module.canonical(c): None for c in choices}
     return sorted(unique, key=lambda c: (module.params(c, geometry), repr(c)))
@@ -142,7 +160,7 @@ def _convolve(a: Counter[int], b: Counter[int]) -> Counter[int]:
 class LayeredSpace(ModuleSpace):
     """Choices of a layered kind: a depth from ``depths``, then a dim from ``dims`` per layer."""
 
-    module: type[LayeredModule]
+    module: type[LayeredCosts]
     dims: tuple[int, ...]
     depths: tuple[int, ...]
     max_dim: int

@@ -227,59 +227,30 @@ class RetryReport(Callback):
 
 
 def launch(stage: Stage, plan: Plan, *, storage: Path, cpus: float, gpus: float) -> None:
-    """A stage's plan through Ray Tune: one trial per task, running ``stage.run``; with
-    successive halving within the plan's groups where it asks for it."""
-    if plan.halving is None:
-        run_stage(stage.name, stage.run, plan.tasks, storage=storage, cpus=cpus, gpus=gpus)
-        return
-    run_grouped(
+    """A stage's plan through Ray Tune: one trial per task, running ``stage.run``. Where the
+    plan asks for successive halving: ASHA on ``val_acc`` within each group of trials (their
+    tasks' ``group``: ``GroupedASHA``), and ``plan.on_group`` called as each group ends
+    (``GroupEnd``)."""
+    halving, scheduler, callbacks = plan.halving, None, []
+    if halving is not None:
+        scheduler = GroupedASHA(
+            "group",
+            metric="val_acc",
+            mode="max",
+            max_t=halving.epochs,
+            grace_period=min(halving.grace_period, halving.epochs),
+            reduction_factor=halving.reduction_factor,
+        )
+        callbacks = [GroupEnd("group", plan.sizes, plan.on_group)]
+    run_stage(
         stage.name,
         stage.run,
         plan.tasks,
         storage=storage,
         cpus=cpus,
         gpus=gpus,
-        epochs=plan.halving.epochs,
-        grace_period=plan.halving.grace_period,
-        reduction_factor=plan.halving.reduction_factor,
-        sizes=plan.sizes,
-        on_group=plan.on_group,
-    )
-
-
-def run_grouped(
-    stage: str,
-    run: Callable[..., dict[str, Any]],
-    tasks: Sequence[Task],
-    *,
-    storage: Path,
-    cpus: float,
-    gpus: float,
-    epochs: int,
-    grace_period: int,
-    reduction_factor: int,
-    sizes: dict[str, int],
-    on_group: Callable[[str, list[tuple[Any, dict[str, Any]]]], None],
-) -> list[Any]:
-    """``run_stage`` with successive halving on ``val_acc`` within each group of trials (their
-    tasks' ``group``: ``GroupedASHA``), and ``on_group`` called as each group ends
-    (``GroupEnd``; ``sizes``: how many trials each group has)."""
-    return run_stage(
-        stage,
-        run,
-        tasks,
-        storage=storage,
-        cpus=cpus,
-        gpus=gpus,
-        scheduler=GroupedASHA(
-            "group",
-            metric="val_acc",
-            mode="max",
-            max_t=epochs,
-            grace_period=min(grace_period, epochs),
-            reduction_factor=reduction_factor,
-        ),
-        callbacks=[GroupEnd("group", sizes, on_group)],
+        scheduler=scheduler,
+        callbacks=callbacks,
     )
 
 

@@ -68,12 +68,13 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
     fit = ds.retrain_split
     data = load_splits(spec, ds, (fit, "test"))
     targets = load_targets(spec, ds, data[fit])  # decoded before training: a bad one stops it
-    model, run_id, cfg, problem = _train_with_retries(trial, data, targets, report)
+    tags = _tags(trial)
+    model, run_id, cfg, attempts, problem = _train_with_retries(trial, data, targets, tags, report)
     mean, std = spec.backbone.normalisation()
     test_acc = evaluate(model, data["test"], mean=mean, std=std)  # once, at the end
     scored = {n: evaluate_target(model, t, mean=mean, std=std) for n, t in targets.items()}
     model.save(trial.folder / "model")
-    result = _result(trial, data, model, run_id, cfg, test_acc, scored, problem)
+    result = _result(trial, data, model, run_id, cfg, test_acc, scored, attempts, problem)
     if problem:  # still diverged after the retries: tested and reported, never silently
         trial.tracker.client.set_tag(run_id, "nas.diverged", problem)
         say(f"retrain {ds.key} seed {seed} {task.label}: still diverged after {MAX_RETRIES} "
@@ -88,7 +89,7 @@ def run_retrain(task: RetrainTask, report: Report = lambda p: None) -> dict[str,
     g = spec.space.geometry
     inputs = inputs_record(g.image_size, g.in_chans, mean, std, data[fit].class_names)
     result["mlflow_model_id"] = logged_model(
-        trial.tracker, spec, run_id, trial.folder / "model", inputs, _tags(trial)
+        trial.tracker, spec, run_id, trial.folder / "model", inputs, tags
     )
     return trial.finish(run_id, result)
 
@@ -103,14 +104,15 @@ def _train_with_retries(
     trial: Trial,
     data: dict[str, DecodedSplit],
     targets: dict[str, DecodedSplit],
+    tags: dict[str, Any],
     report: Report,
-) -> tuple[PromptedModel, str, TrainConfig, str | None]:
+) -> tuple[PromptedModel, str, TrainConfig, list[dict[str, Any]], str | None]:
     """The attempts at the training (``attempts.json`` keeps those that diverged): the
-    model, its MLflow run, its settings and why it still diverged (None: it did not)."""
+    model, its MLflow run, its settings, the diverged attempts before it and why it still
+    diverged (None: it did not)."""
     task, out = trial.task, trial.folder
     rates = tuned(trial.spec, trial.ds.key, retrain_method(trial.spec, task.label, task.role,
                                                            trial.seed))  # fmt: skip
-    tags = _tags(trial)
     attempts = read_json(out / "attempts.json") if (out / "attempts.json").is_file() else []
     while True:
         cfg = trial.spec.retrain.train_config(
@@ -122,7 +124,7 @@ def _train_with_retries(
         attempt_tags = {**tags, "attempt": len(attempts)} if attempts else tags
         model, run_id, problem = _attempt(trial, data, targets, cfg, attempt_tags, report)
         if problem is None or len(attempts) >= MAX_RETRIES:
-            return model, run_id, cfg, problem
+            return model, run_id, cfg, attempts, problem
         attempts.append({"lr": cfg.lr, "problem": problem, "mlflow_run_id": run_id})
         write_json(out / "attempts.json", attempts)
         trial.tracker.client.set_tag(run_id, "nas.diverged", problem)
@@ -142,13 +144,12 @@ def _result(
     cfg: TrainConfig,
     test_acc: float,
     scored: dict[str, dict[str, Any]],
+    retries: list[dict[str, Any]],
     problem: str | None,
 ) -> dict[str, Any]:
     """The retrained model's row of results.json (and its done.json)."""
     task, spec, fit = trial.task, trial.spec, trial.ds.retrain_split
     subnet = Subnet.from_data(task.subnet)
-    attempts = trial.folder / "attempts.json"
-    retries = read_json(attempts) if attempts.is_file() else []
     return {
         "dataset": trial.ds.key,
         "seed": trial.seed,

@@ -19,7 +19,6 @@ from nas.core.errors import NasError
 from nas.core.registry import Registry, resolve
 
 if TYPE_CHECKING:
-    from nas.families.prompted import PromptedModel
     from nas.towers.geometry import TowerGeometry
 
 
@@ -67,7 +66,9 @@ class Family:
     def claims_value(self, name_or_path: str | Path) -> bool:
         return self.claims is not None and bool(resolve(self.claims)(name_or_path))
 
-    def model_class(self) -> type[PromptedModel]:
+    def model_class(self) -> type:
+        """The family's ``nas.families.prompted.PromptedModel`` subclass (not imported here:
+        the families sit above this registry)."""
         return resolve(self.model)
 
 
