@@ -11,7 +11,7 @@ committed CLIP (`clip_cpu`):
 3. the training step of the family's largest subnet against the frozen backbone's own
    forward + backward (the floor no prompt method beats), bf16, batch 64.
 
-Run: python benchmarks/cuda_check.py [--json benchmarks/results/cuda_check_DATE.json]
+Run: python -m benchmarks cuda-check [--json benchmarks/results/cuda_check_DATE.json]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, sync, timed
 
+from benchmarks.common import machine, sync, timed
 from nas.data.decode import DecodedSplit
 from nas.families import build_prompted
 from nas.space.search_space import load_space
@@ -146,13 +146,14 @@ def step_cost(space, split, device, repeats: int, batch: int = 64, steps: int = 
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     results: dict = {
         "date": time.strftime("%Y-%m-%d"),
@@ -171,7 +172,3 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,7 @@ Two settings: the offline backbone (vit_fmnist, 28x28 grey, tiny_cpu space) on m
 dsprites_loc, and, with --vit-b, ViT-B/16 at 224x224 RGB on NOAH's VTAB space (stand-in
 images of the right shape: throughput does not depend on content).
 
-Run: python benchmarks/loader_vs_step.py [--device cuda] [--vit-b] [--json OUT.json]
+Run: python -m benchmarks loader-vs-step [--device cuda] [--vit-b] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, timed
 
+from benchmarks.common import machine, timed
 from nas.data.decode import DecodedSplit, decode_split
 from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import prepare
-from nas.families.vit.model import PromptedViT
+from nas.families import build_prompted
 from nas.space.search_space import load_space
 from trainers.optim import build_optimizer
 
@@ -48,7 +48,7 @@ def loader_rate(split: DecodedSplit, batch: int, mean, std, device, repeats: int
 def step_rate(
     space, split: DecodedSplit, batch: int, mean, std, device, repeats: int, steps: int, amp: bool
 ) -> float:
-    model = PromptedViT.supernet(space, split.num_classes).to(device)
+    model = build_prompted(space.backbone, space, split).to(device)
     optimizer = build_optimizer(model, 1e-3)
     loader = TensorLoader(split, batch, mean, std, shuffle=True, device=device, drop_last=True)
     batches = [b for _, b in zip(range(steps), loader, strict=False)]
@@ -108,13 +108,14 @@ def vit_b_setting(device, repeats: int) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vit-b", action="store_true", help="also ViT-B/16 (needs a GPU)")
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     results = {
         "date": time.strftime("%Y-%m-%d"),
@@ -132,7 +133,3 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,7 +11,7 @@ On a mini-VTAB task with the committed ``vit_fmnist`` backbone: a PGN subnet wit
 It also times a PGN training step against the frozen backbone's own forward + backward (the
 floor of every prompt method), interleaved in one run.
 
-Run: python benchmarks/pgn_deploy.py [--task digits] [--json OUT.json]
+Run: python -m benchmarks pgn-deploy [--task digits] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, sync
 
+from benchmarks.common import machine, sync
 from nas.core.yamlio import parse_yaml
 from nas.data.decode import decode_split
 from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import prepare
+from nas.families import build_prompted
 from nas.families.vit.model import PromptedViT
 from nas.interop.inversion import PatchInverse, RGBPrompts
 from nas.space.search_space import parse_space
@@ -89,14 +90,15 @@ def step_cost(model, backbone, data, mean, std, repeats: int) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="digits")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     space = parse_space(parse_yaml(SPACE))
     mean, std = space.backbone.normalisation()
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,9 +115,7 @@ def main() -> int:
         model, copy.deepcopy(host).requires_grad_(False), data["trainval"], mean, std, args.repeats
     )
     torch.manual_seed(0)
-    model = PromptedViT.for_subnet(
-        space.backbone.create(classes), subnet, space.options(), space.backbone
-    )
+    model = build_prompted(space.backbone, space, data["trainval"], subnet=subnet)
     started = time.time()
     train(model, data["trainval"], TrainConfig(epochs=args.epochs, lr=args.lr), mean=mean, std=std)
     model.eval()
@@ -149,7 +149,3 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

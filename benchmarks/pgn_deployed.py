@@ -8,7 +8,7 @@ its backbone with the trained head sees it: the generated prompts turned into 8-
 [0, 1] and quantised) pasted over the image's border patches. The token-space accuracy is
 recomputed from the saved model and must equal the one the run recorded.
 
-Run: python benchmarks/pgn_deployed.py experiments/benchmark_mini_vtab_pgn.yaml \
+Run: python -m benchmarks pgn-deployed experiments/benchmark_mini_vtab_pgn.yaml \
          --output /work/bench-full/pgn [--json FILE]
 """
 
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
 
+from benchmarks.common import machine
 from nas import families
 from nas.data.loader import TensorLoader
 from nas.interop.inversion import RGBPrompts
@@ -45,12 +45,13 @@ def deployed_accuracy(model, test, mean, std) -> float:
     return correct / len(test)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec")
     parser.add_argument("--output", required=True, help="the run's output folder")
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, output=args.output)
     mean, std = spec.backbone.normalisation()
     rows = []
@@ -121,7 +122,3 @@ def main() -> int:
             )
         )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

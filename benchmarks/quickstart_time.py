@@ -2,7 +2,7 @@
 output folder, with how the wall time splits between set-up (spec checks, data preparation,
 starting Ray) and the stages (from the run's own ``timings.json``).
 
-Run: python benchmarks/quickstart_time.py [--runs 2] [--json OUT.json]
+Run: python -m benchmarks quickstart-time [--runs 2] [--json OUT.json]
      [--spec experiments/dg_quickstart.yaml]   (another quickstart: the same measurement)
 """
 
@@ -60,12 +60,13 @@ def one_run(output: Path, spec: str = "experiments/quickstart.yaml") -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--spec", default="experiments/quickstart.yaml", help="the spec to time")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     runs = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +83,3 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ local Ray, with the same settings:
   trial, since a finished trial's worker runs the next trial of the same stage;
 - the same for ``trials`` trials on as many workers as the CPUs allow, to show the reuse.
 
-Run: python benchmarks/ray_trial_cost.py [--trials 4] [--repeats 3] [--json FILE]
+Run: python -m benchmarks ray-trial-cost [--trials 4] [--repeats 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
 from ray import tune
 
+from benchmarks.common import machine
 from nas.pipeline.ray_layer import start_ray
 
 
@@ -67,12 +67,13 @@ def fit(fn, trials: int, storage: str) -> tuple[float, list[dict]]:
     return took, [{k: r.metrics[k] for k in keys if k in r.metrics} for r in results]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     storage = tempfile.mkdtemp(prefix="ray-trial-cost-")
     start = time.perf_counter()
     start_ray(None)
@@ -112,7 +113,3 @@ def main() -> int:
 
     ray.shutdown()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@ benchmarks' settings (100 candidates) over 50 seeds, by evolution and Optuna TPE
 and budget moves, and by NOAH's own evolution (no anchors, no moves) as the before. Reported:
 the share of seeds whose best is the peak. No training: a few minutes on a CPU.
 
-Run: python benchmarks/reachability.py --json benchmarks/results/reachability_cpu_DATE.json
+Run: python -m benchmarks reachability --json benchmarks/results/reachability_cpu_DATE.json
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nas.search import Evaluated, make_search
 from nas.space.search_space import Bounds, Budget, SearchSpace, load_space
@@ -71,11 +68,12 @@ def found(space: SearchSpace, peak: Subnet, name: str, options: dict, seed: int)
     return algo.best(1)[0].subnet == peak
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=50)
     parser.add_argument("--json", required=True)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     results = []
     for case, (space_name, budget, peak_data) in CASES.items():
         space = replace(load_space(space_name), budget=Budget(params=Bounds(None, budget)))
@@ -108,7 +106,3 @@ def main() -> int:
     }
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

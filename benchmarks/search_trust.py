@@ -16,11 +16,11 @@ Three pipeline runs make the numbers, all with the same tasks, budgets and recip
 subnets per task trained alone over three seeds: ``benchmarks/ground_truth.py``) and writes
 ``benchmarks/results/search_trust_cpu.json`` and a markdown table::
 
-    python benchmarks/search_trust.py specs --spec experiments/benchmark_mini_vtab.yaml --out W
+    python -m benchmarks trust specs --spec experiments/benchmark_mini_vtab.yaml --out W
     nas run experiments/benchmark_mini_vtab.yaml --output W/run
-    python benchmarks/search_trust.py seed --from W/run --to W/random-search
+    python -m benchmarks trust seed --from W/run --to W/random-search
     nas run W/random_search.yaml                 # and each W/random_subnets/*.yaml
-    python benchmarks/search_trust.py controls --run W/run --random-search W/random-search \\
+    python -m benchmarks trust controls --run W/run --random-search W/random-search \\
         --random-subnets W/random_subnets --pgn-run W/pgn --json OUT.json --markdown OUT.md
 
 Nothing here chooses anything on test: the single module "chosen on val" is the one whose own
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import statistics
@@ -41,9 +40,9 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.ground_truth import SUBNET_SEED, Cache, ground_truth_subnets, recipe_key
+from benchmarks.ground_truth import cache_of
+from benchmarks.recipes import ground_truth_subnets, recipe_key
+from benchmarks.stats import paired
 from nas.search.anchors import anchors
 from nas.search.evolution import Evolution
 from nas.space.cost import subnet_params
@@ -160,10 +159,10 @@ def single_baselines(spec: ExperimentSpec) -> dict[str, Subnet]:
 
 
 def ground_truth(spec: ExperimentSpec, task: str) -> dict[Subnet, dict[int, float]]:
-    cache = Cache(task)
+    cache = cache_of(task)
     recipe = recipe_key()
     out = {}
-    for s in ground_truth_subnets(spec.space, GT_SUBNETS, SUBNET_SEED):
+    for s in ground_truth_subnets(spec.space, GT_SUBNETS):
         accs = {seed: cache.get(s, recipe, seed) for seed in (0, 1, 2)}
         if all(a is not None for a in accs.values()):
             out[s] = accs
@@ -231,18 +230,6 @@ def row(spec: ExperimentSpec, run: Path, args, dataset: str, seed: int) -> dict[
         out["cv_oracle"] = str(oracle)
         out["regret_vs_cv_oracle"] = 100 * (truth[oracle][seed] - searched["test_acc"])
     return out
-
-
-def paired(diffs: list[float]) -> dict[str, float]:
-    """Mean of paired differences (points) with a two-sided 95% t interval."""
-    from scipy.stats import t  # benchmarks only (statistics), as search_quality.py
-
-    n = len(diffs)
-    mean = statistics.mean(diffs)
-    if n < 2:  # no interval from one pair (and strict JSON has no infinity)
-        return {"mean": mean, "low": None, "high": None, "n": n}
-    half = t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -325,7 +312,7 @@ def controls(args: argparse.Namespace) -> int:
         "random_subnets": args.random_subnets,
         "stage_seconds": stage_seconds(timings),
         "ground_truth_recipe": recipe_key(),
-        "command": " ".join(sys.argv),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
     }
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
@@ -352,8 +339,7 @@ def table(rows: list[dict[str, Any]], summ: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("specs", help="write the random-search twin and the random-subnet specs")
     p.add_argument("--spec", required=True)
@@ -370,9 +356,7 @@ def main() -> int:
     p.add_argument("--pgn-spec")
     p.add_argument("--json", required=True)
     p.add_argument("--markdown")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     return {"specs": write_specs, "seed": seed_twin, "controls": controls}[args.command](args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@
 Rates are medians of ``--repeats`` timed runs after a warm-up; every ratio is taken within
 one run, the two sides interleaved, because these machines are noisy.
 
-Run: python benchmarks/speed.py [--device cuda] [--json benchmarks/results/speed_cpu_DATE.json]
+Run: python -m benchmarks speed [--device cuda] [--json benchmarks/results/speed_cpu_DATE.json]
 """
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import machine, sync
 
+from benchmarks.common import machine, sync
 from nas.data.decode import decode_split
 from nas.data.lists import read_vtab
 from nas.data.loader import TensorLoader
 from nas.data.mini_vtab import prepare
-from nas.families.vit.model import PromptedViT
+from nas.families import build_prompted
+from nas.pipeline.layout import run_layout
+from nas.pipeline.subnet_search import read_candidates_log, run_search
 from nas.space.search_space import load_space
+from nas.spec.experiment import load_spec
 from nas.training.evaluate import evaluate_candidates
 from trainers.optim import build_optimizer
 
@@ -92,7 +95,7 @@ def training_steps(space, split, device, repeats: int, steps: int, batch: int) -
     rng = random.Random(0)
     subnets = [space.sample(rng) for _ in batches]
     torch.manual_seed(0)
-    supernet = PromptedViT.supernet(space, split.num_classes).to(device)
+    supernet = build_prompted(space.backbone, space, split).to(device)
     standalone = []
     for s in subnets:
         supernet.set_subnet(s)
@@ -155,73 +158,92 @@ def search_spec(work: Path, data: Path, candidates: int, device: torch.device) -
     return path
 
 
-def search_throughput(
-    work: Path, data: Path, device, candidates: int, repeats: int, with_ray: bool = True
-) -> dict:
-    from nas.pipeline import context, layout, supernet
-    from nas.pipeline import subnet_search as search
-    from nas.pipeline.tasks import Task
-    from nas.spec.experiment import load_spec
+class SearchRuns:
+    """The search stage of a small spec (its supernet trained once), timed again and again,
+    each time in a fresh search folder and MLflow experiment: in the old ones the search's
+    parent run would be found again and its candidates skipped as already logged."""
 
-    path = search_spec(work, data, candidates, device)
-    out = work / "out"
-    spec = load_spec(path, output=out)
-    context.tracker_for(spec)
-    task = Task(spec=str(path), spec_abs=str(path), output=str(out), dataset="dsprites_loc", seed=0)
-    supernet.run_supernet(task)
-    search_dir = layout.run_layout(spec).search("dsprites_loc", 0)
+    def __init__(self, work: Path, data: Path, device: torch.device, candidates: int) -> None:
+        from nas.pipeline import context, supernet
+        from nas.pipeline.tasks import Task
 
-    # The floor: the same candidates' forward passes over the validation split, nothing else
-    # (the candidates are those the search stage scores: read from its log).
-    search.run_search(task)
-    subnets = [e.subnet for e in search.read_candidates_log(search_dir / "candidates.jsonl")]
-    val = context.load_splits(spec, spec.datasets[0], ("val",))["val"]
-    model = PromptedViT.supernet(spec.space, val.num_classes).to(device)
-    mean, std = spec.backbone.normalisation()
-
-    def pure():
-        evaluate_candidates(
-            model, subnets, val, mean=mean, std=std, batch_size=spec.search.eval_batch_size
+        self.path = search_spec(work, data, candidates, device)
+        self.out, self.device, self.candidates = work / "out", device, candidates
+        self.spec = load_spec(self.path, output=self.out)
+        context.tracker_for(self.spec)
+        self.task = Task(
+            spec=str(self.path),
+            spec_abs=str(self.path),
+            output=str(self.out),
+            dataset="dsprites_loc",
+            seed=0,
         )
+        supernet.run_supernet(self.task)
+        self.folder = run_layout(self.spec).search("dsprites_loc", 0)
+        self.fresh = iter(range(1_000_000))
 
-    fresh = iter(range(1_000_000))
+    def reset(self, scale: int = 1) -> None:
+        from nas.pipeline import context
 
-    def reset(scale: int = 1):
-        """A fresh search folder and MLflow experiment: in the old one the search's parent run
-        would be found again and its candidates skipped as already logged."""
-        shutil.rmtree(search_dir, ignore_errors=True)
-        data = yaml.safe_load(path.read_text())
-        data["stages"]["search"]["options"]["num_candidates"] = scale * candidates
-        data["mlflow"] = {"experiment": f"speed-{next(fresh)}"}
-        nonlocal task
-        moved = str(path.with_name(f"speed-{next(fresh)}.yaml"))
-        task = dataclasses.replace(task, spec=moved, spec_abs=moved)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        data = yaml.safe_load(self.path.read_text())
+        data["stages"]["search"]["options"]["num_candidates"] = scale * self.candidates
+        data["mlflow"] = {"experiment": f"speed-{next(self.fresh)}"}
+        moved = str(self.path.with_name(f"speed-{next(self.fresh)}.yaml"))
+        self.task = dataclasses.replace(self.task, spec=moved, spec_abs=moved)
         Path(moved).write_text(yaml.safe_dump(data))
-        context.tracker_for(load_spec(moved, output=out))
+        context.tracker_for(load_spec(moved, output=self.out))
 
-    def timed(fn, scale: int = 1) -> float:
-        reset(scale)
-        sync(device)
+    def timed(self, fn, scale: int = 1) -> float:
+        self.reset(scale)
+        sync(self.device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        sync(self.device)
         return time.perf_counter() - start
 
-    def in_process():
-        search.run_search(task)
+    def pure(self):
+        """The floor: the search's candidates' forward passes over the validation split,
+        nothing else (the candidates the search stage scores, read from its log)."""
+        from nas.pipeline import context
 
-    def through_ray():
+        subnets = [e.subnet for e in read_candidates_log(self.folder / "candidates.jsonl")]
+        val = context.load_splits(self.spec, self.spec.datasets[0], ("val",))["val"]
+        model = build_prompted(self.spec.backbone, self.spec.space, val).to(self.device)
+        mean, std = self.spec.backbone.normalisation()
+        batch = self.spec.search.eval_batch_size
+
+        def score():
+            evaluate_candidates(model, subnets, val, mean=mean, std=std, batch_size=batch)
+
+        return score, len(subnets)
+
+    def in_process(self) -> None:
+        run_search(self.task)
+
+    def through_ray(self) -> None:
         from nas.pipeline.ray_layer import run_stage
 
         # As many CPUs as the in-process run has threads: Ray sets a trial's OMP_NUM_THREADS
         # to its CPUs, and a trial with fewer threads would be slower for that reason alone.
-        threads = torch.get_num_threads()
         run_stage(
-            "search", search.run_search, [task], storage=out / "ray", cpus=threads, gpus=spec.gpus
+            "search",
+            run_search,
+            [self.task],
+            storage=self.out / "ray",
+            cpus=torch.get_num_threads(),
+            gpus=self.spec.gpus,
         )
 
-    timed(pure), timed(in_process)  # warm-up
-    runs: dict[str, list[float]] = {
+
+def time_searches(runs: SearchRuns, repeats: int, with_ray: bool) -> tuple[dict, int]:
+    """Median seconds of the pure forward passes, the search stage in process (at 1x and 4x
+    the candidates), and (``with_ray``) the stage as a Ray Tune trial beside the in-process
+    stage with Ray up; and the number of candidates."""
+    run_search(runs.task)
+    pure, n = runs.pure()
+    runs.timed(pure), runs.timed(runs.in_process)  # warm-up
+    times: dict[str, list[float]] = {
         "pure": [],
         "in_process": [],
         "in_process_4x": [],
@@ -229,25 +251,30 @@ def search_throughput(
         "ray": [],
     }
     for _ in range(repeats):  # before Ray starts: its idle daemons take CPU time too
-        runs["pure"].append(timed(pure))
-        runs["in_process"].append(timed(in_process))
-        runs["in_process_4x"].append(timed(in_process, 4))
+        times["pure"].append(runs.timed(pure))
+        times["in_process"].append(runs.timed(runs.in_process))
+        times["in_process_4x"].append(runs.timed(runs.in_process, 4))
     if with_ray:
         from nas.pipeline.ray_layer import start_ray
 
         started = start_ray(None)
         try:
-            timed(through_ray)  # warm-up: a Ray instance's first trial starts its worker pool
+            runs.timed(runs.through_ray)  # warm-up: a Ray instance's first trial starts its pool
             for _ in range(repeats):
-                runs["in_process_ray_up"].append(timed(in_process))
-                runs["ray"].append(timed(through_ray))
+                times["in_process_ray_up"].append(runs.timed(runs.in_process))
+                times["ray"].append(runs.timed(runs.through_ray))
         finally:
             if started:
                 import ray
 
                 ray.shutdown()
-    t = {k: statistics.median(v) for k, v in runs.items() if v}
-    n = len(subnets)
+    return {k: statistics.median(v) for k, v in times.items() if v}, n
+
+
+def search_throughput(
+    work: Path, data: Path, device, candidates: int, repeats: int, with_ray: bool = True
+) -> dict:
+    t, n = time_searches(SearchRuns(work, data, device, candidates), repeats, with_ray)
     marginal = (t["in_process_4x"] - t["in_process"]) / (3 * n)
     ray_rows: dict = {"ray": "not measured (--no-ray)"}
     if with_ray:
@@ -312,8 +339,7 @@ def tracking_cost(folder: Path, n: int = 100) -> dict[str, float]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="training steps per timed run")
@@ -322,7 +348,9 @@ def main() -> int:
         "--no-ray", action="store_true", help="skip the Ray Tune trial (a machine without Ray)"
     )
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     results = {
         "date": time.strftime("%Y-%m-%d"),
@@ -346,7 +374,3 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,9 +17,9 @@ backward as executed: the frozen backbone's weight gradients are never computed,
 costs about two forward passes, not three); MFU divides the achieved FLOP rate by the
 device's dense bf16 peak (``--peak-tflops`` for a device not in the table).
 
-Run on a GPU:  python benchmarks/vitb16_projection.py --device cuda --json FILE
+Run on a GPU:  python -m benchmarks vitb16-projection --device cuda --json FILE
 A CPU smoke run of the same code (numbers meaningless):
-               python benchmarks/vitb16_projection.py --device cpu --train-images 8 --batch 4
+               python -m benchmarks vitb16-projection --device cpu --train-images 8 --batch 4
                    --val-images 8 --candidates 2 --repeats 1
 """
 
@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import machine, timed
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import machine, timed
 from nas.data.decode import DecodedSplit
-from nas.families.vit.model import PromptedViT
+from nas.families import build_prompted
+from nas.families.prompted import PromptedModel
 from nas.search import make_search
 from nas.space.cost import subnet_params
 from nas.space.search_space import SearchSpace, load_space
@@ -113,7 +114,7 @@ def candidates_scored(space: SearchSpace, options: dict) -> int:
 
 
 def flops_per_image(
-    model: PromptedViT, space: SearchSpace, batch: int, device, draws: int
+    model: PromptedModel, space: SearchSpace, batch: int, device, draws: int
 ) -> float:
     """Matmul FLOPs of a training step per image, averaged over ``draws`` random subnets."""
     rng = random.Random(1)
@@ -186,8 +187,30 @@ def tracking_overhead(supernet, space, val_split, mean, std, n, repeats, device)
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def projection(proto: dict, space: SearchSpace, results: dict, val_images: int) -> dict:
+    """The protocol's hours per dataset and over VTAB-1k's 19, from the measured rates."""
+    n_candidates = candidates_scored(space, proto["search"])
+    per_dataset = {
+        "supernet_h": proto["supernet_epochs"] * VTAB_TRAIN / results["supernet"]["img_s"] / 3600,
+        "search_h": n_candidates
+        / results["search"]["candidates_per_s"]
+        * (VTAB_VAL / val_images)
+        / 3600,
+        "retrain_h": proto["retrain_top_k"]
+        * proto["retrain_epochs"]
+        * (VTAB_TRAIN + VTAB_VAL)
+        / results["retrain"]["img_s"]
+        / 3600,
+    }
+    return {
+        "protocol": {**proto, "candidates_per_search": n_candidates, "datasets": VTAB_DATASETS},
+        "per_dataset_h": per_dataset,
+        "all_19_datasets_h": {k: v * VTAB_DATASETS for k, v in per_dataset.items()},
+        "total_h": VTAB_DATASETS * sum(per_dataset.values()),
+    }
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--train-images", type=int, default=VTAB_TRAIN, help="per timed epoch")
     parser.add_argument("--val-images", type=int, default=VTAB_VAL)
@@ -203,16 +226,18 @@ def main() -> int:
     parser.add_argument("--flop-draws", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     proto = protocol()
     batch = args.batch or proto["batch"]
     space = load_space("noah_vtab")
     classes = 100
-    torch.manual_seed(0)
-    supernet = PromptedViT.supernet(space, classes).to(device)
     train_split = stand_in(args.train_images, classes, 224, 0)
+    torch.manual_seed(0)
+    supernet = build_prompted(space.backbone, space, train_split).to(device)
     val_split = stand_in(args.val_images, classes, 224, 1)
     mean, std = space.backbone.normalisation()
     results: dict = {
@@ -274,27 +299,8 @@ def main() -> int:
     print(json.dumps({"retrain": results["retrain"]}), flush=True)
 
     # 4. the protocol's projected wall time on this one device
-    n_candidates = candidates_scored(space, proto["search"])
-    per_dataset = {
-        "supernet_h": proto["supernet_epochs"] * VTAB_TRAIN / super_img_s / 3600,
-        "search_h": n_candidates / search["candidates_per_s"] * (VTAB_VAL / args.val_images) / 3600,
-        "retrain_h": proto["retrain_top_k"]
-        * proto["retrain_epochs"]
-        * (VTAB_TRAIN + VTAB_VAL)
-        / results["retrain"]["img_s"]
-        / 3600,
-    }
-    results["projection"] = {
-        "protocol": {**proto, "candidates_per_search": n_candidates, "datasets": VTAB_DATASETS},
-        "per_dataset_h": per_dataset,
-        "all_19_datasets_h": {k: v * VTAB_DATASETS for k, v in per_dataset.items()},
-        "total_h": VTAB_DATASETS * sum(per_dataset.values()),
-    }
+    results["projection"] = projection(proto, space, results, args.val_images)
     print(json.dumps({"projection": results["projection"]}), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,7 +21,7 @@ fi
 
 # Ray's usage statistics stay off for everything this venv runs.
 export RAY_USAGE_STATS_ENABLED=0
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
 # Data-only packages for mini-VTAB, without the dependencies they declare (animal-mnist's
 # metadata pulls in tensorflow, which its data files do not need).
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
