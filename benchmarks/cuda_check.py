@@ -1,11 +1,12 @@
 """The GPU path of every model family, checked on a CUDA device (the CPU tests cannot see it).
 
 For each family — NOAH's three modules with PGN on the committed ViT (`noah_pgn_cpu`), PGN
-deployed as a border of patches (`noah_pgn_border_cpu`), and CoOp / VPT / UPT / LoRA on the
-committed CLIP (`clip_cpu`):
+deployed as a border of patches (`noah_pgn_border_cpu`), NOAH's three with SSF and bias tuning
+(`noah_extended_cpu`), and CoOp / VPT / UPT / LoRA on the committed CLIP (`clip_cpu`):
 
 1. random subnets' logits on the GPU in float32 against the same model on the CPU (max abs
-   difference), and the standalone export against the supernet on the GPU;
+   difference), the standalone export against the supernet on the GPU, and the export with the
+   mergeable kinds folded into the frozen weights against it;
 2. two epochs of the pipeline's own training loop on the GPU (bf16 autocast, a fresh subnet per
    batch): the loss finite, the frozen weights bit-identical, the prompt weights changed;
 3. the training step of the family's largest subnet against the frozen backbone's own
@@ -31,7 +32,7 @@ from nas.space.search_space import load_space
 from nas.space.subnet import Subnet
 from nas.training.train import TrainConfig, train
 
-FAMILIES = ("noah_pgn_cpu", "noah_pgn_border_cpu", "clip_cpu")
+FAMILIES = ("noah_pgn_cpu", "noah_pgn_border_cpu", "noah_extended_cpu", "clip_cpu")
 CLASSES = ["circle", "square", "triangle", "cross", "star"]
 
 
@@ -66,20 +67,25 @@ def equivalence(space, split, device, draws: int) -> dict:
             model.set_subnet(s)
             cpu.append(model(x))
     model.to(device)
-    gpu_vs_cpu = export_vs_supernet = 0.0
+    gpu_vs_cpu = export_vs_supernet = merged_vs_supernet = 0.0
     with torch.no_grad():
         for s, ref in zip(subnets, cpu, strict=True):
             model.set_subnet(s)
             out = model(x.to(device))
             alone = model.export().eval()
+            merged = model.export(merge=True).eval()
             gpu_vs_cpu = max(gpu_vs_cpu, (out.cpu() - ref).abs().max().item())
             export_vs_supernet = max(
                 export_vs_supernet, (alone(x.to(device)) - out).abs().max().item()
+            )
+            merged_vs_supernet = max(
+                merged_vs_supernet, (merged(x.to(device)) - out).abs().max().item()
             )
     return {
         "subnets": len(subnets),
         "max_abs_diff_gpu_vs_cpu_fp32": gpu_vs_cpu,
         "max_abs_diff_export_vs_supernet_gpu": export_vs_supernet,
+        "max_abs_diff_merged_vs_supernet_gpu": merged_vs_supernet,
         "logit_scale": cpu[-1].abs().max().item(),
     }
 

@@ -205,7 +205,8 @@ def test_a_head_only_subnet_goes_to_timm_not_peft(tmp_path, nas):
         "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "has no LoRA layer" in result.stderr and "--format timm" in result.stderr
+    assert "has no module that PEFT expresses" in result.stderr
+    assert "--format timm" in result.stderr
     assert not (tmp_path / "p").exists()  # refused before anything was written
     result = nas(
         "export", str(tmp_path / "model"), "--format", "timm", "--out", str(tmp_path / "t")
@@ -225,8 +226,10 @@ def test_modules_a_format_cannot_express_are_named(tmp_path, fmt, nas):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert f"--format {fmt} expresses LoRA on the fused qkv and the head only" in lines[0]
-    assert "vpt on 2 layer(s)" in lines[0] and "adapter on 3 layer(s)" in lines[0]
+    can = {"peft": "one PEFT method (lora)", "timm": "the modules that merge into the frozen "
+           "weights (lora)"}[fmt]  # fmt: skip
+    assert f"--format {fmt} expresses {can} and the head only" in lines[0]
+    assert "uses vpt (2x2), adapter ([0,8,8,8])" in lines[0]
     assert not (tmp_path / "o").exists()
 
 

@@ -57,33 +57,43 @@ class FlatLists(DatasetFormat):
 
 
 class LowRankMLP(LayeredModule):
-    """A toy module kind: a linear low-rank correction of each chosen block's MLP output,
-    ``h + (h A^T) B^T`` with A (dim x width) and B (width x dim), B starting at zero."""
+    """A toy module kind at a site no shipped kind uses (the input of each chosen block's fc2,
+    the MLP's hidden units): ``x + (x A^T) B^T`` with A (dim x hidden) and B (hidden x dim), B
+    starting at zero. Linear in ``x``, so it folds into fc2's weight: ``W (I + B A)``."""
 
     kind = "lowrank"
-    sites = frozenset({"mlp"})
+    sites = frozenset({"fc2.in"})
+    mergeable = True
     slice_axes: ClassVar[dict[str, int | None]] = {"a": 0, "b": 1}
 
     @classmethod
     def layer_params(cls, dim: int, geometry) -> int:
-        return 2 * geometry.width * dim
+        return 2 * geometry.mlp_hidden * dim
 
     @classmethod
     def flops(cls, choice, geometry, seq_lens, merged: bool) -> int:
-        return sum(4 * seq_lens[i] * geometry.width * dim for i, dim in enumerate(choice))
+        if merged:
+            return 0
+        return sum(4 * seq_lens[i] * geometry.mlp_hidden * dim for i, dim in enumerate(choice))
 
     def make_layer(self, dim: int) -> nn.Module:
         layer = nn.Module()
-        layer.a = nn.Parameter(torch.randn(dim, self.geometry.width) * 0.02)
-        layer.b = nn.Parameter(torch.zeros(self.geometry.width, dim))
+        layer.a = nn.Parameter(torch.randn(dim, self.geometry.mlp_hidden) * 0.02)
+        layer.b = nn.Parameter(torch.zeros(self.geometry.mlp_hidden, dim))
         return layer
 
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def site_in(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
         dim = self.dim(layer)
         if dim == 0:
-            return h
+            return x
         w = self.sliced(layer, dim)
-        return h + F.linear(F.linear(h, w["a"]), w["b"])
+        return x + F.linear(F.linear(x, w["a"]), w["b"])
+
+    def merge_into(self, operation) -> None:
+        for layer, dim in enumerate(self.active):
+            if dim:
+                w, fc2 = self.sliced(layer, dim), operation(layer, "fc2")
+                fc2.weight.add_(fc2.weight @ (w["b"] @ w["a"]))
 
 
 class CheapestFirst(SearchAlgorithm):
@@ -208,7 +218,7 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
             "lowrank": {"dims": [0, 2, 4], "depths": [2, 6], "max_dim": 4},
             "lora": {"dims": [0, 2], "depths": [2], "max_dim": 2},
         },
-        "budget": {"params": {"max": 8000}},
+        "budget": {"params": {"max": 20_000}},
     }
     (tmp_path / "toy_space.yaml").write_text(yaml.safe_dump(space))
     dataset = {"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}
@@ -220,9 +230,9 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
     # depth 2's choices are depth 6's with trailing zeros: 3^6 distinct choices
     assert spec.space.modules["lowrank"].count() == 3**6
     subnet = Subnet({"lowrank": [4, 0, 2]})
-    assert subnet_params(subnet, g) == 2 * g.width * 6 and spec.space.admits(subnet)
+    assert subnet_params(subnet, g) == 2 * g.mlp_hidden * 6 and spec.space.admits(subnet)
     history = supernet_step_and_search(spec_path)
-    assert len(history) == 4 and all(e.cost <= 8000 for e in history)
+    assert len(history) == 4 and all(e.cost <= 20_000 for e in history)
     # an exported subnet holds exactly its slices and computes what the supernet computed
     model = build_prompted(spec.backbone, spec.space, _Classes(10), dataset="digits")
     model.set_subnet(subnet)
@@ -235,9 +245,13 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
         alone = model.export()
         alone.eval()
         torch.testing.assert_close(alone(x), model(x))
+        # its merge capability: folded into fc2, no module of it left, the same logits
+        merged = model.export(merge=True).eval()
+        assert "lowrank" not in merged.prompt_modules and not merged.tower.injector.used_sites()
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
         model.set_subnet(Subnet())
         assert not torch.allclose(model(x), alone(x))  # the kind changed the output
-    assert alone.num_params()["modules"] == 2 * g.width * 6
+    assert alone.num_params()["modules"] == 2 * g.mlp_hidden * 6
 
 
 def test_a_new_backbone_family_is_a_spec_a_model_class_and_one_registration(

@@ -58,7 +58,7 @@ def test_supernet_matches_standalone_export_and_merged_lora(variant):
         with torch.no_grad():
             expected = model(x)
             standalone = model.export()
-            merged = model.export(merge_lora=True)
+            merged = model.export(merge=True)
             assert torch.allclose(standalone(x), expected, atol=1e-5, rtol=1e-5), subnet
             assert torch.allclose(merged(x), expected, atol=1e-5, rtol=1e-5), subnet
         # The export holds only the subnet's slices, allocated at exactly its sizes.
@@ -256,8 +256,8 @@ def test_added_flops_equal_torch_flop_counter(variant):
     for subnet in [*SUBNETS, space.largest()]:
         model.set_subnet(subnet)
         assert counted(model) - floor == added_flops(subnet, model.geometry), subnet
-        merged = model.export(merge_lora=True)
-        assert counted(merged) - floor == added_flops(subnet, model.geometry, merge_lora=True)
+        merged = model.export(merge=True)
+        assert counted(merged) - floor == added_flops(subnet, model.geometry, merged=True)
 
 
 def test_geometry_mismatch_and_unsupported_models_are_refused():
@@ -283,6 +283,6 @@ def test_export_and_new_modules_follow_the_backbone_dtype():
     model.set_subnet(SUBNETS[0])
     x = images("cls-token").double()
     with torch.no_grad():
-        for export in (model.export(), model.export(merge_lora=True)):
+        for export in (model.export(), model.export(merge=True)):
             assert all(p.dtype == torch.float64 for p in export.parameters())
             assert torch.allclose(export(x), model(x), atol=1e-10)

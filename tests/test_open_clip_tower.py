@@ -44,6 +44,8 @@ def space(tmp_path_factory):
         "  lora: {dims: [0, 2], depths: [3]}\n"
         "  adapter: {dims: [0, 4], depths: [3]}\n"
         "  upt: {modes: [none, text, unified], n_ctx: [2, 4]}\n"
+        "  ssf: {targets: [none, all, qkv+fc1], depths: [3]}\n"
+        "  bitfit: {targets: [none, all], depths: [3]}\n"
     )
     return parse_space(parse_yaml(text))
 
@@ -90,7 +92,7 @@ def test_the_adapter_alone_reproduces_open_clip(spec, space):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_export_matches_the_supernet_and_lora_merges(spec, space, seed):
+def test_export_matches_the_supernet_and_mergeable_kinds_merge(spec, space, seed):
     model = build(spec, space)
     rng = random.Random(seed)
     x = torch.randn(2, 3, 32, 32)
@@ -98,7 +100,7 @@ def test_export_matches_the_supernet_and_lora_merges(spec, space, seed):
         subnet = space.sample(rng)
         model.set_subnet(subnet)
         alone = model.export()
-        merged = model.export(merge_lora=True)
+        merged = model.export(merge=True)
         with torch.no_grad():
             assert torch.allclose(model(x), alone(x), atol=1e-5), subnet
             assert torch.allclose(model(x), merged(x), atol=1e-4), subnet
@@ -118,6 +120,8 @@ def test_every_site_changes_the_output(spec, space):
             {"adapter": (4, 4, 4)},
             {"upt": ("unified", 2)},
             {"upt": ("text", 2)},
+            *({"ssf": (1 << i,)} for i in range(6)),  # after each of its six operations
+            *({"bitfit": (1 << i,) * 3} for i in range(6)),
         ):
             model.set_subnet(Subnet(subnet))
             assert not torch.allclose(model(x), plain, atol=1e-4), subnet

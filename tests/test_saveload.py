@@ -38,7 +38,7 @@ def test_round_trip_gives_the_same_logits(trained):
     assert loaded.subnet == SUBNET
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
-        merged = PromptedViT.load(folder, copy.deepcopy(pretrained), merge_lora=True).eval()
+        merged = PromptedViT.load(folder, copy.deepcopy(pretrained), merge=True).eval()
         assert torch.allclose(merged(x), model(x), atol=1e-5)
     # Built from the recorded architecture alone, it still knows the subnet and sizes.
     rebuilt = PromptedViT.load(folder, check_backbone=False)

@@ -99,7 +99,7 @@ def test_added_flops_closed_form_on_vit_b16():
     # LoRA rank 8 on 12 layers: two thin matmuls per block; nothing once merged.
     lora = Subnet({"lora": [8] * 12})
     assert added_flops(lora, VIT_B) == 12 * 2 * n * (8 * d + 3 * d * 8)
-    assert added_flops(lora, VIT_B, merge_lora=True) == 0
+    assert added_flops(lora, VIT_B, merged=True) == 0
     # Adapter width 8 on 12 layers.
     assert added_flops(Subnet({"adapter": [8] * 12}), VIT_B) == 12 * 4 * n * d * 8
     # Shallow VPT: the 5 tokens inserted before block 0 lengthen every block.

@@ -89,15 +89,8 @@ def print_space(space: SearchSpace) -> None:
         f"{b['heads']} heads, {b['tokens']} tokens"
     )
     print("modules")
-    for kind, m in s["modules"].items():
-        if "dims" not in m:  # not a layered kind (PGN): its own axes
-            print(f"  {kind:<9} " + "  ".join(f"{k} {v}" for k, v in m.items()))
-            continue
-        opts = ", ".join(f"{k}={v:g}" for k, v in m["options"].items())
-        print(
-            f"  {kind:<9} dims {m['dims']}  depths {m['depths']}  supernet max {m['max_dim']}"
-            + (f"  ({opts})" if opts else "")
-        )
+    for kind, module_space in space.modules.items():
+        print(f"  {kind:<9} {module_space.summary()}")
     print(f"subnets       {s['subnets']:,}")
     print(
         f"trainable     {s['params_min']:,} to {s['params_max']:,} parameters in the modules; "
@@ -153,7 +146,7 @@ def subnet_info(subnet, space: SearchSpace) -> dict:
         "params": subnet_params(subnet, g),
         "head_params_per_class": space.backbone.head_params(1),
         "added_flops": added_flops(subnet, g),
-        "added_flops_lora_merged": added_flops(subnet, g, merge_lora=True),
+        "added_flops_merged": added_flops(subnet, g, merged=True),
     }
 
 
@@ -180,7 +173,7 @@ def print_subnet_info(info: dict, subnet, space: SearchSpace) -> None:
     )
     print(
         f"added FLOPs   {_fmt_flops(info['added_flops'])} per image "
-        f"({_fmt_flops(info['added_flops_lora_merged'])} with LoRA merged)"
+        f"({_fmt_flops(info['added_flops_merged'])} with the mergeable modules merged)"
     )
 
 

@@ -28,11 +28,10 @@ from nas.core.errors import NasError
 from nas.core.validate import Reader
 from nas.core.yamlio import load_yaml, to_plain
 from nas.modules.base import PromptModule
-from nas.modules.lora import LoRA
 from nas.space.cost import added_flops
 from nas.space.subnet import Subnet
 from nas.towers.adapters import tower_for
-from nas.towers.geometry import TokenLayout, TowerGeometry
+from nas.towers.geometry import SITES, TokenLayout, TowerGeometry, input_site
 
 #: A saved model folder's files: its description (``format``, subnet, backbone) and weights.
 SUBNET_FILE = "subnet.yaml"
@@ -84,13 +83,16 @@ class PromptedModel(nn.Module):
         # Modules live where the trunk does (a trunk already moved to a GPU, say).
         reference = next(trunk.parameters())
         self.prompt_modules.to(device=reference.device, dtype=reference.dtype)
+        self._index_sites()
         self.tower = tower_for(trunk, injector=self)
         self.geometry = geometry
-        self._by_site = {
-            site: [m for m in self.prompt_modules.values() if site in m.sites]
-            for site in ("tokens", "qkv", "mlp")
-        }
         self.subnet = Subnet()
+
+    def _index_sites(self) -> None:
+        """Which modules act at each site (in the kinds' order), from their ``sites``."""
+        self._by_site = {
+            site: [m for m in self.prompt_modules.values() if site in m.sites] for site in SITES
+        }
 
     @classmethod
     def build(
@@ -124,18 +126,18 @@ class PromptedModel(nn.Module):
             x = module.tokens(layer, x, layout)
         return x
 
-    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        total = None
-        for module in self._by_site["qkv"]:
-            delta = module.qkv_delta(layer, x)
-            if delta is not None:
-                total = delta if total is None else total + delta
-        return total
+    def used_sites(self) -> frozenset[str]:
+        return frozenset(site for site, modules in self._by_site.items() if modules)
 
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        for module in self._by_site["mlp"]:
-            h = module.mlp_out(layer, h)
-        return h
+    def site_in(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
+        for module in self._by_site[input_site(op)]:
+            x = module.site_in(layer, op, x)
+        return x
+
+    def site_out(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        for module in self._by_site[op]:
+            out = module.site_out(layer, op, x, out)
+        return out
 
     # -- what trains -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -162,14 +164,15 @@ class PromptedModel(nn.Module):
         """Trainable parameters of the active subnet: ``modules``, ``head`` and ``total``."""
         raise NotImplementedError
 
-    def added_flops(self, merge_lora: bool = False) -> int:
-        return added_flops(self.subnet, self.geometry, merge_lora=merge_lora)
+    def added_flops(self, merged: bool = False) -> int:
+        return added_flops(self.subnet, self.geometry, merged=merged)
 
     # -- standalone export -------------------------------------------------------------------
-    def export(self, subnet: Subnet | None = None, *, merge_lora: bool = False) -> Any:
+    def export(self, subnet: Subnet | None = None, *, merge: bool = False) -> Any:
         """The standalone model of ``subnet`` (default: the active one): a copy of the frozen
-        model and modules holding only that subnet's slices. With ``merge_lora``, LoRA's
-        ``B A`` is added into the copied qkv weights and no LoRA module remains."""
+        model and modules holding only that subnet's slices. With ``merge``, every kind that
+        can (``mergeable``: LoRA's ``B A``, say) is folded into the copied frozen weights and
+        no module of it remains."""
         subnet = self.subnet if subnet is None else subnet
         self.tower.detach()  # the copy must not carry this model's hooks
         try:
@@ -182,8 +185,8 @@ class PromptedModel(nn.Module):
         model = self._rebuild(frozen, modules)
         model.set_subnet(subnet)
         model.train(self.training)
-        if merge_lora:
-            model.merge_lora()
+        if merge:
+            model.merge()
         return model
 
     def _frozen(self) -> nn.Module:
@@ -194,20 +197,21 @@ class PromptedModel(nn.Module):
         """A model of this class on a copy of ``_frozen()`` with exported modules."""
         raise NotImplementedError
 
-    def merge_lora(self) -> None:
-        """Fold the active LoRA updates into this model's own qkv weights and drop LoRA."""
-        if "lora" not in self.prompt_modules:
+    def merge(self) -> None:
+        """Fold every mergeable kind's active choice into this model's own frozen weights
+        (``PromptModule.merge_into``) and drop those kinds."""
+        merged = [k for k, m in self.prompt_modules.items() if m.mergeable]
+        if not merged:
             return
-        lora = self.prompt_modules["lora"]
-        assert isinstance(lora, LoRA)
         with torch.no_grad():
-            for layer in range(self.geometry.depth):
-                delta = lora.merged_weight(layer)
-                if delta is not None:
-                    self.tower.qkv_linear(layer).weight.add_(delta)
-        del self.prompt_modules["lora"]
-        self._by_site["qkv"] = [m for m in self._by_site["qkv"] if m is not lora]
-        self.subnet = Subnet({k: v for k, v in self.subnet.items() if k != "lora"})
+            for kind in merged:
+                self.prompt_modules[kind].merge_into(self.tower.operation)
+        self.tower.detach()
+        for kind in merged:
+            del self.prompt_modules[kind]
+        self._index_sites()
+        self.tower.attach()
+        self.subnet = Subnet({k: v for k, v in self.subnet.items() if k not in merged})
 
     def _is_standalone(self) -> bool:
         return all(m.holds_exactly(self.subnet[k]) for k, m in self.prompt_modules.items()) and all(

@@ -1,12 +1,13 @@
-"""Taking a trained subnet into other tools: a PEFT LoRA adapter, or a plain timm checkpoint.
+"""Taking a trained subnet into other tools: a PEFT adapter, or a plain timm checkpoint.
 
 ``nas export MODEL_DIR --format peft --out DIR`` writes what ``peft.PeftModel.from_pretrained``
-reads onto the timm model the subnet was trained on: ``adapter_config.json`` (LoRA on each
-block's fused ``attn.qkv``, the per-layer ranks as ``rank_pattern``, ``lora_alpha`` equal to
-the rank so that PEFT's ``alpha / r`` scaling is 1, as this project's LoRA has none) and
-``adapter_model.safetensors`` (``lora_A``/``lora_B`` per layer, the classification head as a
-module to save). ``--format timm`` folds LoRA into the qkv weights and writes timm's own
-``config.json`` + ``model.safetensors`` (``timm.models.save_for_hf``), which
+reads onto the timm model the subnet was trained on: ``adapter_config.json`` and
+``adapter_model.safetensors``, the fields and tensors of the one PEFT method the subnet uses
+(a kind with a ``peft_type`` writes its own: LoRA its per-layer ranks as ``rank_pattern``, with
+``lora_alpha`` equal to the rank so that PEFT's ``alpha / r`` scaling is 1, as this project's
+LoRA has none), the classification head as a module to save. ``--format timm`` folds the
+mergeable kinds into the frozen weights and writes timm's own ``config.json`` +
+``model.safetensors`` (``timm.models.save_for_hf``), which
 ``timm.create_model("local-dir:DIR", pretrained=True)`` loads, as does ``create_model(NAME,
 checkpoint_path=DIR/model.safetensors, num_classes=..., **overrides)``.
 
@@ -50,22 +51,44 @@ def load_vit(model_dir: str | Path) -> PromptedViT:
     return model
 
 
+def _active(model: PromptedViT) -> dict[str, Any]:
+    """The modules the active subnet uses, by kind."""
+    return {k: m for k, m in model.prompt_modules.items() if model.subnet.get(k)}
+
+
+def _listed(model: PromptedViT, kinds: list[str]) -> str:
+    modules = model.prompt_modules
+    return ", ".join(f"{k} ({type(modules[k]).choice_str(model.subnet[k])})" for k in kinds)
+
+
 def check_expressible(model: PromptedViT, fmt: str, where: str) -> None:
-    """One NasError naming every module of the subnet that ``fmt`` cannot express."""
-    others = {k: v for k, v in model.subnet.items() if k != "lora" and any(v)}
-    if others:
-        listed = ", ".join(
-            f"{kind} on {sum(1 for d in choice if d)} layer(s)" for kind, choice in others.items()
-        )
+    """One NasError naming every module of the subnet that ``fmt`` cannot express: timm's
+    checkpoint holds the kinds that merge into the frozen weights (``mergeable``), a PEFT
+    adapter one kind that PEFT has (``peft_type``)."""
+    active = _active(model)
+    if fmt == "timm":
+        can = sorted(k for k, m in model.prompt_modules.items() if m.mergeable)
+        cannot = [k for k, m in active.items() if not m.mergeable]
+        what = f"the modules that merge into the frozen weights ({', '.join(can) or 'none'})"
+    else:
+        can = sorted(k for k, m in model.prompt_modules.items() if m.peft_type)
+        cannot = [k for k, m in active.items() if not m.peft_type]
+        what = f"one PEFT method ({', '.join(can) or 'none of these modules'})"
+    if cannot:
         raise NasError(
-            f"{where}: subnet {model.subnet} uses {listed}; --format {fmt} expresses LoRA on "
-            "the fused qkv and the head only (export a LoRA-only subnet, or load this one with "
-            "nas.families.load)"
+            f"{where}: subnet {model.subnet} uses {_listed(model, cannot)}; --format {fmt} "
+            f"expresses {what} and the head only (export a subnet of those, or load this one "
+            "with nas.families.load)"
         )
-    if fmt == "peft" and not any(model.subnet.get("lora", ())):
+    if fmt == "peft" and not active:
         raise NasError(
-            f"{where}: subnet {model.subnet} has no LoRA layer, so there is no PEFT adapter to "
-            "write; --format timm writes its head into a timm checkpoint"
+            f"{where}: subnet {model.subnet} has no module that PEFT expresses, so there is no "
+            "PEFT adapter to write; --format timm writes its head into a timm checkpoint"
+        )
+    if fmt == "peft" and len(active) > 1:
+        raise NasError(
+            f"{where}: subnet {model.subnet} uses {_listed(model, sorted(active))}; a PEFT "
+            "adapter holds one method: export a subnet with one of them"
         )
 
 
@@ -74,62 +97,32 @@ def _names(model: PromptedViT) -> dict[int, str]:
     return {id(m): name for name, m in model.backbone.named_modules()}
 
 
-def lora_ranks(model: PromptedViT) -> dict[str, int]:
-    """The qualified name of each qkv projection that carries LoRA, to its rank."""
-    names = _names(model)
-    choice = model.subnet.get("lora", ())
-    return {
-        names[id(model.tower.qkv_linear(layer))]: rank for layer, rank in enumerate(choice) if rank
-    }
-
-
 def head_names(model: PromptedViT) -> list[str]:
     names = _names(model)
     return [names[id(h)] for h in model.tower.head_modules()]
 
 
-def peft_config(model: PromptedViT) -> dict[str, Any]:
-    """PEFT's LoraConfig, as ``adapter_config.json`` holds it."""
-    ranks = lora_ranks(model)
-    top = max(ranks.values())
+def peft_adapter(model: PromptedViT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``adapter_config.json`` and the adapter's tensors: the one active PEFT kind's own
+    (``PromptModule.peft_adapter``), the head saved whole."""
+    (module,) = _active(model).values()
+    names = _names(model)
+    fields, tensors = module.peft_adapter(
+        lambda layer, op: names[id(model.tower.operation(layer, op))]
+    )
     spec = model.backbone_spec
-    return {
-        "peft_type": "LORA",
+    config = {
         "task_type": None,
         "base_model_name_or_path": spec.model if spec else None,
-        "r": top,
-        "lora_alpha": top,
-        "target_modules": sorted(ranks),
-        "rank_pattern": dict(sorted(ranks.items())),
-        # PEFT scales B A by lora_alpha / r; this project's LoRA is unscaled.
-        "alpha_pattern": dict(sorted(ranks.items())),
-        "lora_dropout": float(model.prompt_modules["lora"].config["dropout"]),
-        "bias": "none",
-        "fan_in_fan_out": False,
+        **fields,
         "modules_to_save": head_names(model),
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
         "inference_mode": True,
     }
-
-
-def peft_tensors(model: PromptedViT) -> dict[str, torch.Tensor]:
-    lora = model.prompt_modules["lora"]
-    names = _names(model)
-    out: dict[str, torch.Tensor] = {}
-    for layer, rank in enumerate(model.subnet["lora"]):
-        if not rank:
-            continue
-        name = names[id(model.tower.qkv_linear(layer))]
-        w = lora.sliced(layer, rank)
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = w["A"].detach().contiguous().clone()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = w["B"].detach().contiguous().clone()
+    out = {f"{PEFT_PREFIX}{k}": v.detach().contiguous().clone() for k, v in tensors.items()}
     for head in head_names(model):
-        module = model.backbone.get_submodule(head)
-        for key, tensor in module.state_dict().items():
+        for key, tensor in model.backbone.get_submodule(head).state_dict().items():
             out[f"{PEFT_PREFIX}{head}.{key}"] = tensor.detach().contiguous().clone()
-    return out
+    return config, out
 
 
 def base_model_code(model: PromptedViT) -> str:
@@ -166,17 +159,16 @@ def base_model_code(model: PromptedViT) -> str:
 
 
 def write_peft(model: PromptedViT, out: Path) -> list[Path]:
-    tensors = peft_tensors(model)
+    config, tensors = peft_adapter(model)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = peft_config(model)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     mean, std = model.backbone_spec.normalisation() if model.backbone_spec else (None, None)
-    readme = f"""# LoRA adapter exported by `nas export`
+    targets = ", ".join(config["target_modules"])
+    readme = f"""# {config["peft_type"]} adapter exported by `nas export`
 
-Subnet {model.subnet}: LoRA on {len(config["target_modules"])} qkv projection(s), ranks
-{sorted(set(config["rank_pattern"].values()))}; the head ({", ".join(config["modules_to_save"])})
-saved whole. Inputs normalised with mean {mean} and std {std}. Run from the folder that holds
-`{out.name}/`:
+Subnet {model.subnet}: {config["peft_type"]} on {targets}; the head
+({", ".join(config["modules_to_save"])}) saved whole. Inputs normalised with mean {mean}
+and std {std}. Run from the folder that holds `{out.name}/`:
 
 ```python
 import timm
@@ -194,7 +186,7 @@ model = PeftModel.from_pretrained(base, {out.name!r}).eval()
 def write_timm(model: PromptedViT, out: Path) -> list[Path]:
     from timm.models import save_for_hf
 
-    merged = model.export(merge_lora=True) if "lora" in model.prompt_modules else model
+    merged = model.export(merge=True)
     backbone = merged.backbone
     config: dict[str, Any] = {}
     if model.backbone_spec is not None:

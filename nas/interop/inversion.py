@@ -111,9 +111,10 @@ class RGBPrompts(nn.Module):
         super().__init__()
         import copy
 
-        pgn = model.prompt_modules["pgn"] if "pgn" in model.prompt_modules else None  # noqa: SIM401
-        if pgn is None or not pgn.active:
+        found = [m for m in model.prompt_modules.values() if m.invertible and m.active]
+        if not found:
             raise NasError("the model's active subnet has no PGN to export")
+        (pgn,) = found
         prompts, library, generator, resolution, placement = pgn.active
         if placement != "border":
             raise NasError(

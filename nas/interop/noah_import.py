@@ -26,10 +26,15 @@ from typing import Any
 from nas.core.errors import ConfigError
 from nas.core.validate import Reader
 from nas.core.yamlio import Document, join_key, load_yaml
+from nas.modules import REGISTRY
 from nas.space.subnet import Subnet
 
-#: NOAH's RETRAIN keys and the module kinds they set.
-NOAH_KINDS = {"VISUAL_PROMPT_DIM": "vpt", "LORA_DIM": "lora", "ADAPTER_DIM": "adapter"}
+
+def noah_kinds() -> dict[str, str]:
+    """NOAH's RETRAIN keys and the module kinds they set (each kind's ``noah_key``)."""
+    return {cls.noah_key: kind for kind, cls in REGISTRY.items() if cls.noah_key}
+
+
 #: Prefix tuning is in NOAH's code but never in its released subnets; it is not offered here.
 PREFIX_KEY = "PREFIX_DIM"
 NOAH_DEPTH = 12  # ViT-B/16's blocks, NOAH's SUPERNET.DEPTH
@@ -83,14 +88,13 @@ def noah_subnet(doc: Document) -> NoahSubnet:
                 f"{model!r} takes {size.group(1)}-pixel images: the spaces here check NOAH's "
                 "subnets on vit_base_patch16_224, and a VPT's FLOPs depend on the token count",
             )
-    depth, maxima = _supernet(r, data.get("SUPERNET"))
-    retrain = r.mapping(
-        data["RETRAIN"], "RETRAIN", optional=[*NOAH_KINDS, PREFIX_KEY], open_keys=False
-    )
-    if not any(k in retrain for k in NOAH_KINDS):
-        r.fail("RETRAIN", f"names no module; expected some of {', '.join(NOAH_KINDS)}")
+    kinds = noah_kinds()
+    depth, maxima = _supernet(r, data.get("SUPERNET"), kinds)
+    retrain = r.mapping(data["RETRAIN"], "RETRAIN", optional=[*kinds, PREFIX_KEY], open_keys=False)
+    if not any(k in retrain for k in kinds):
+        r.fail("RETRAIN", f"names no module; expected some of {', '.join(kinds)}")
     choices: dict[str, list[int]] = {}
-    for key in [*NOAH_KINDS, PREFIX_KEY]:
+    for key in [*kinds, PREFIX_KEY]:
         if key not in retrain:
             continue
         where = join_key("RETRAIN", key)
@@ -111,14 +115,14 @@ def noah_subnet(doc: Document) -> NoahSubnet:
                     join_key(where, i),
                     f"{dim} exceeds the supernet's maximum SUPERNET.{key} = {top}",
                 )
-        choices[NOAH_KINDS[key]] = dims
+        choices[kinds[key]] = dims
     if not any(any(dims) for dims in choices.values()):
         r.fail("RETRAIN", "every dim is 0: an empty subnet (no module on any block), which "
                "would train the head alone; NOAH's searched subnets hold modules")  # fmt: skip
     return NoahSubnet(Subnet(choices), model, doc.file or "<text>")
 
 
-def _supernet(r: Reader, value: Any) -> tuple[int, dict[str, int]]:
+def _supernet(r: Reader, value: Any, kinds: dict[str, str]) -> tuple[int, dict[str, int]]:
     """SUPERNET's DEPTH (NOAH's 12 when absent) and each module's maximum dim."""
     if value is None:
         return NOAH_DEPTH, {}
@@ -128,7 +132,7 @@ def _supernet(r: Reader, value: Any) -> tuple[int, dict[str, int]]:
         r.fail("SUPERNET.DEPTH", f"{depth}; NOAH's ViT-B/16 subnets span {NOAH_DEPTH} blocks")
     maxima = {
         key: r.integer(sup[key], join_key("SUPERNET", key), minimum=0)
-        for key in NOAH_KINDS
+        for key in kinds
         if key in sup
     }
     return depth, maxima

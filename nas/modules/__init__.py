@@ -17,6 +17,8 @@ REGISTRY: Registry[type[PromptModule]] = Registry(
         "adapter": "nas.modules.adapter:Adapter",
         "pgn": "nas.modules.pgn:PGN",
         "upt": "nas.modules.upt:UPT",
+        "ssf": "nas.modules.ssf:SSF",
+        "bitfit": "nas.modules.bitfit:BitFit",
     },
 )
 

@@ -34,6 +34,7 @@ class _AdapterLayer(nn.Module):
 class Adapter(LayeredModule):
     kind = "adapter"
     sites = frozenset({"mlp"})
+    noah_key = "ADAPTER_DIM"
     options: ClassVar[dict[str, float]] = {"dropout": 0.1}
     slice_axes: ClassVar[dict[str, int | None]] = {
         "down_weight": 0,
@@ -55,7 +56,7 @@ class Adapter(LayeredModule):
     def make_layer(self, dim: int) -> nn.Module:
         return _AdapterLayer(dim, self.geometry.width)
 
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def site_out(self, layer: int, op: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         hidden = self.dim(layer)
         if hidden == 0:
             return h

@@ -5,7 +5,11 @@ A module *kind* is one ``PromptModule`` subclass. The class itself answers quest
 canonical form, exact trainable parameters, added FLOPs, and its search space. An instance
 holds weights at some *capacity* (the supernet's maxima, or exactly one subnet's sizes for a
 standalone model), is switched to a choice with ``activate`` (bookkeeping only: no allocation,
-no copy), and acts at the tower sites it names in ``sites`` (see ``nas.towers``).
+no copy), and acts at the tower sites it names in ``sites`` (``nas.towers.geometry.SITES``:
+the token sequence, and the input or output of a block's qkv, proj, fc1, fc2, LayerNorms and
+MLP). A kind owns its capabilities: where it acts, whether it folds into the frozen weights
+(``mergeable``, ``merge_into``), its options and their defaults; no code outside
+``nas.modules`` names a kind.
 
 The layered kinds (VPT, LoRA, Adapter) share ``LayeredModule``: a choice is one dimension per
 layer for layers ``0..depth-1`` (0 = absent on that layer); its canonical form is the tuple of
@@ -15,7 +19,7 @@ allocated once per layer at the capacity's dimension and a choice uses leading s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -24,16 +28,37 @@ from torch import nn
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.spaces import Choice, LayeredSpace, ModuleSpace, trim
-from nas.towers.geometry import TokenLayout, TowerGeometry
+from nas.towers.geometry import SITES, TokenLayout, TowerGeometry, Weights
 
 
 class PromptModule(nn.Module):
     """Base class of prompt module kinds. Subclasses set ``kind``, ``sites`` and ``options``."""
 
     kind: ClassVar[str]
+    #: where the kind acts (``nas.towers.geometry.SITES``)
     sites: ClassVar[frozenset[str]] = frozenset()
     #: module hyper-parameters settable in YAML (``options:``), with their defaults
     options: ClassVar[Mapping[str, float]] = {}
+    #: whether a trained choice folds into the frozen weights (``merge_into``)
+    mergeable: ClassVar[bool] = False
+    #: the PEFT method a trained choice exports to (``peft_adapter``), or None
+    peft_type: ClassVar[str | None] = None
+    #: whether the kind prompts a CLIP's text tower (``text_context``; at most one per model)
+    text_side: ClassVar[bool] = False
+    #: whether its prompts can be carried by the input image itself (prompt inversion:
+    #: ``nas.interop.inversion``)
+    invertible: ClassVar[bool] = False
+    #: the key of NOAH's RETRAIN config that sets this kind's per-block dims (None: not NOAH's)
+    noah_key: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.sites) - SITES)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.sites names {unknown}, which no tower has; the sites are "
+                f"{', '.join(sorted(SITES))}"
+            )
 
     # -- choices as data -------------------------------------------------------------------
     @classmethod
@@ -96,13 +121,45 @@ class PromptModule(nn.Module):
         return getattr(self, "capacity", None) == choice
 
     def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The token sequence entering block ``layer`` (site ``tokens``)."""
         return x
 
-    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def site_in(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
+        """What enters operation ``op`` of block ``layer`` (site ``op.in``)."""
+        return x
+
+    def site_out(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What operation ``op`` of block ``layer`` gives, from its input ``x`` and its
+        output ``out`` (site ``op``)."""
+        return out
+
+    def merge_into(self, operation: Callable[[int, str], Weights]) -> None:
+        """Fold the active choice into the frozen weights (``operation(layer, op)``: block
+        ``layer``'s ``op``, whose ``weight`` and ``bias`` are updated in place), so that the
+        model without this module computes what it computed with it. Only for ``mergeable``."""
+        raise NotImplementedError(f"{type(self).__name__} does not merge")
+
+    # -- a CLIP's text side (``text_side`` kinds) ------------------------------------------------
+    def text_init_phrase(self) -> str | None:
+        """The phrase whose token embeddings the learned text context starts from (None:
+        keep its random start)."""
         return None
 
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return h
+    def init_context(self, phrase: torch.Tensor) -> None:
+        """Start the learned text context from a phrase's token embeddings (k, text width)."""
+
+    def text_context(self) -> torch.Tensor | None:
+        """The active choice's learned text context (n, text width), or None (the template)."""
+        return None
+
+    def peft_adapter(
+        self, name_of: Callable[[int, str], str]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The active choice as a PEFT adapter of ``peft_type``: its config's fields (without
+        the head and the base model) and its tensors, keyed as PEFT keys them without the
+        base-model prefix (``name_of(layer, op)``: block ``layer``'s ``op``'s qualified name
+        in the timm model)."""
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT counterpart")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,15 +9,15 @@ can be merged into the frozen qkv weight (zero inference overhead).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from nas.modules.base import LayeredModule
-from nas.towers.geometry import TowerGeometry
+from nas.towers.geometry import TowerGeometry, Weights
 
 
 class _LoRALayer(nn.Module):
@@ -31,7 +31,10 @@ class _LoRALayer(nn.Module):
 class LoRA(LayeredModule):
     kind = "lora"
     sites = frozenset({"qkv"})
+    noah_key = "LORA_DIM"
     options: ClassVar[dict[str, float]] = {"dropout": 0.1}
+    mergeable = True
+    peft_type = "LORA"
     slice_axes: ClassVar[dict[str, int | None]] = {"A": 0, "B": 1}
 
     @classmethod
@@ -51,13 +54,13 @@ class LoRA(LayeredModule):
     def make_layer(self, dim: int) -> nn.Module:
         return _LoRALayer(dim, self.geometry.width)
 
-    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def site_out(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         rank = self.dim(layer)
         if rank == 0:
-            return None
+            return out
         w = self.sliced(layer, rank)
         x = F.dropout(x, self.config["dropout"], self.training)
-        return F.linear(F.linear(x, w["A"]), w["B"])
+        return out + F.linear(F.linear(x, w["A"]), w["B"])
 
     def merged_weight(self, layer: int) -> torch.Tensor | None:
         """``B A`` of the active rank at ``layer``: what merging adds to the qkv weight."""
@@ -66,3 +69,37 @@ class LoRA(LayeredModule):
             return None
         w = self.sliced(layer, rank)
         return w["B"] @ w["A"]
+
+    def merge_into(self, operation: Callable[[int, str], Weights]) -> None:
+        for layer in range(self.geometry.depth):
+            delta = self.merged_weight(layer)
+            if delta is not None:
+                operation(layer, "qkv").weight.add_(delta)
+
+    def peft_adapter(
+        self, name_of: Callable[[int, str], str]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        ranks = {name_of(layer, "qkv"): rank for layer, rank in enumerate(self.active) if rank}
+        tensors = {}
+        for layer, rank in enumerate(self.active):
+            if rank:
+                w, name = self.sliced(layer, rank), name_of(layer, "qkv")
+                tensors[f"{name}.lora_A.weight"] = w["A"]
+                tensors[f"{name}.lora_B.weight"] = w["B"]
+        top = max(ranks.values())
+        config = {
+            "peft_type": "LORA",
+            "r": top,
+            "lora_alpha": top,
+            "target_modules": sorted(ranks),
+            "rank_pattern": dict(sorted(ranks.items())),
+            # PEFT scales B A by lora_alpha / r; this project's LoRA is unscaled.
+            "alpha_pattern": dict(sorted(ranks.items())),
+            "lora_dropout": float(self.config["dropout"]),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+        return config, tensors

@@ -58,6 +58,7 @@ def border_patches(grid: tuple[int, int]) -> list[int]:
 class PGN(PromptModule):
     kind = "pgn"
     sites = frozenset({"tokens"})
+    invertible = True
     options: ClassVar[dict[str, float]] = {}
 
     def __init__(

@@ -117,6 +117,10 @@ class ModuleSpace:
     def to_data(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def summary(self) -> str:
+        """One line for ``nas space show``: the space's axes as its data gives them."""
+        return "  ".join(f"{k} {v}" for k, v in self.to_data().items())
+
     def ladder(self, geometry: TowerGeometry) -> list[Choice]:
         """The choices a budget move sets this kind to (``nas.search.anchors``), smallest
         first: its empty choice when the space holds one, then every choice by size (a kind
@@ -266,6 +270,11 @@ class LayeredSpace(ModuleSpace):
             "max_dim": self.max_dim,
             "options": dict(self.options),
         }
+
+    def summary(self) -> str:
+        opts = ", ".join(f"{k}={v:g}" for k, v in self.options.items())
+        line = f"dims {list(self.dims)}  depths {list(self.depths)}  supernet max {self.max_dim}"
+        return line + (f"  ({opts})" if opts else "")
 
 
 def _tilted_choice(rng: random.Random, ordered: Sequence[int], tilt: float) -> int:

@@ -54,6 +54,7 @@ def encoder_layer_params(width: int) -> int:
 class UPT(PromptModule):
     kind = "upt"
     sites = frozenset({"tokens"})
+    text_side = True
     #: dropout of the encoder layer; the phrase the first context vectors start from
     options: ClassVar[dict[str, Any]] = {"dropout": 0.1, "init": "a photo of a"}
 
@@ -196,6 +197,10 @@ class UPT(PromptModule):
             raise ValueError(f"upt: choice {choice} exceeds the allocated capacity {self.capacity}")
         self.active = choice
         self._visual = None
+
+    def text_init_phrase(self) -> str | None:
+        phrase = self.config.get("init")
+        return None if not phrase or phrase == RANDOM_INIT else str(phrase)
 
     def init_context(self, phrase: torch.Tensor) -> None:
         """Start the first text vectors (``ctx`` and ``u_text``) from a phrase's token

@@ -41,6 +41,7 @@ class _PromptLayer(nn.Module):
 class VPT(LayeredModule):
     kind = "vpt"
     sites = frozenset({"tokens"})
+    noah_key = "VISUAL_PROMPT_DIM"
     options: ClassVar[dict[str, float]] = {"dropout": 0.0}
     slice_axes: ClassVar[dict[str, int | None]] = {"prompts": 0}
 

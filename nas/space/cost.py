@@ -5,7 +5,8 @@
 - Added FLOPs: the matmul FLOPs (2 per multiply-accumulate, as ``torch.utils.flop_counter``
   counts them) that the modules add to one image's forward pass: prompt tokens lengthen every
   projection, attention and MLP of the blocks they pass through; LoRA adds its two low-rank
-  products (nothing once merged); adapters add their two projections. Element-wise work
+  products (nothing once merged into the frozen weights: ``merged``); adapters add their
+  two projections; each kind states its own (``PromptModule.flops``). Element-wise work
   (activations, norms, residual adds) is not counted, as in the usual ViT FLOP figures.
 """
 
@@ -45,10 +46,11 @@ def head_params(g: TowerGeometry, num_classes: int) -> int:
     return g.width * num_classes + num_classes
 
 
-def added_flops(subnet: Subnet, g: TowerGeometry, *, merge_lora: bool = False) -> int:
-    """Matmul FLOPs the subnet adds to one image's forward pass."""
+def added_flops(subnet: Subnet, g: TowerGeometry, *, merged: bool = False) -> int:
+    """Matmul FLOPs the subnet adds to one image's forward pass (``merged``: with the
+    mergeable kinds folded into the frozen weights)."""
     lens = seq_lens(subnet, g)
     total = sum(block_flops(n, g) - block_flops(g.seq_len, g) for n in lens)
     for kind, choice in subnet.items():
-        total += module_class(kind).flops(choice, g, lens, merge_lora)
+        total += module_class(kind).flops(choice, g, lens, merged)
     return total

@@ -1,21 +1,29 @@
 """Tower adapters: where a concrete tower implementation calls the ``Injector``'s sites
-(``nas.towers.geometry``) and what geometry it has. ``TimmViTTower`` adapts timm's
-VisionTransformer with forward hooks, ``OpenClipViTTower`` open_clip's."""
+(``nas.towers.geometry``) and what geometry it has. Each declares, as data, where every
+operation of a block is (``OPERATIONS``: a path inside the block); hooks are attached at the
+sites the injector uses, and nowhere else. ``TimmViTTower`` adapts timm's VisionTransformer,
+``OpenClipViTTower`` open_clip's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from nas.core.errors import NasError
-from nas.towers.geometry import Injector, TokenLayout, TowerGeometry
+from nas.towers.geometry import Injector, TokenLayout, TowerGeometry, input_site
 
 
 class HookedTower:
-    """What the tower adapters share: forward hooks that call the injector, attached and
-    detached together (an export copies the model without them)."""
+    """What the tower adapters share: forward hooks (and pre-hooks, for an operation's input)
+    that call the injector at the sites it uses, attached and detached together (an export
+    copies the model without them; a merge that drops a kind re-attaches them)."""
+
+    #: Where each operation of a block is (a path inside the block); None: the adapter
+    #: computes it itself and calls the injector there.
+    OPERATIONS: ClassVar[dict[str, str | None]]
 
     def __init__(self, model: nn.Module, injector: Injector) -> None:
         self.check(model)
@@ -28,22 +36,41 @@ class HookedTower:
     def check(model: nn.Module) -> None:
         raise NotImplementedError
 
-    def hooks(self) -> list[tuple[nn.Module, Callable]]:
-        """(submodule, forward hook) pairs to attach."""
+    def blocks(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 
+    def operation(self, layer: int, op: str) -> Any:
+        """Block ``layer``'s operation ``op`` (a module, or what holds its weights)."""
+        return self.blocks()[layer].get_submodule(self.OPERATIONS[op])
+
     def attach(self) -> None:
-        if not self._handles:
-            self._handles = [m.register_forward_hook(h) for m, h in self.hooks()]
+        if self._handles:
+            return
+        used = self.injector.used_sites()
+        for layer, block in enumerate(self.blocks()):
+            for op, path in self.OPERATIONS.items():
+                if path is None:
+                    continue
+                module = block.get_submodule(path)
+                if input_site(op) in used:
+                    self._handles.append(module.register_forward_pre_hook(self._in(layer, op)))
+                if op in used:
+                    self._handles.append(module.register_forward_hook(self._out(layer, op)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def _mlp_hook(self, layer: int) -> Callable:
+    def _in(self, layer: int, op: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            return (self.injector.site_in(layer, op, args[0]), *args[1:])
+
+        return hook
+
+    def _out(self, layer: int, op: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return self.injector.mlp_out(layer, output)
+            return self.injector.site_out(layer, op, args[0], output)
 
         return hook
 
@@ -51,6 +78,16 @@ class HookedTower:
 class TimmViTTower(HookedTower):
     """Adapter for timm's ``VisionTransformer`` (vit_*, deit_*, custom sizes, register tokens,
     token/avg/attention pooling, with or without a class token)."""
+
+    OPERATIONS: ClassVar[dict[str, str | None]] = {
+        "qkv": "attn.qkv",
+        "proj": "attn.proj",
+        "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "mlp": "mlp",
+    }
 
     @staticmethod
     def check(model: nn.Module) -> None:
@@ -71,24 +108,17 @@ class TimmViTTower(HookedTower):
             )
         for i, block in enumerate(model.blocks):
             attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-            if not isinstance(getattr(attn, "qkv", None), nn.Linear) or mlp is None:
+            linear = [getattr(attn, "qkv", None), getattr(attn, "proj", None)]
+            linear += [getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)]
+            if not all(isinstance(m, nn.Linear) for m in linear):
                 raise NasError(
                     f"{type(model).__name__}.blocks[{i}] ({type(block).__name__}) has no fused "
-                    "attn.qkv Linear and mlp; this block type is not supported"
+                    "attn.qkv, attn.proj, mlp.fc1 and mlp.fc2 Linear layers; this block type "
+                    "is not supported"
                 )
 
-    def hooks(self) -> list[tuple[nn.Module, Callable]]:
-        out = []
-        for i, block in enumerate(self.model.blocks):
-            out += [(block.attn.qkv, self._qkv_hook(i)), (block.mlp, self._mlp_hook(i))]
-        return out
-
-    def _qkv_hook(self, layer: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = self.injector.qkv_delta(layer, args[0])
-            return output if delta is None else output + delta
-
-        return hook
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits; the same operations as ``VisionTransformer.forward`` plus the token site."""
@@ -119,23 +149,31 @@ class TimmViTTower(HookedTower):
             heads.append(self.model.head_dist)
         return heads
 
-    def qkv_linear(self, layer: int) -> nn.Linear:
-        return self.model.blocks[layer].attn.qkv
-
 
 class _FusedQKV:
-    """What LoRA merging needs of a fused qkv projection held as a bare parameter."""
+    """A fused qkv projection held as bare parameters (``Weights``: what merging updates)."""
 
-    def __init__(self, weight: nn.Parameter) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         self.weight = weight
+        self.bias = bias
 
 
 class OpenClipViTTower(HookedTower):
     """Adapter for open_clip's own ``VisionTransformer`` (the OpenAI and LAION CLIP image
     towers): blocks of ``nn.MultiheadAttention`` with a fused ``in_proj_weight``, class-token
     pooling, ``ln_post`` and the projection. The attention is computed here from the block's own
-    weights, so that the ``qkv`` site can add its delta to the fused projection; the ``mlp`` site
-    is a forward hook on each block's MLP."""
+    weights, so that the ``qkv`` sites (its input and output) are called here; the others are
+    hooks on the block's modules."""
+
+    OPERATIONS: ClassVar[dict[str, str | None]] = {
+        "qkv": None,  # the fused in_proj of nn.MultiheadAttention, computed in _block
+        "proj": "attn.out_proj",
+        "fc1": "mlp.c_fc",
+        "fc2": "mlp.c_proj",
+        "norm1": "ln_1",
+        "norm2": "ln_2",
+        "mlp": "mlp",
+    }
 
     @staticmethod
     def check(model: nn.Module) -> None:
@@ -159,16 +197,23 @@ class OpenClipViTTower(HookedTower):
     def is_tower(model: nn.Module) -> bool:
         return hasattr(model, "conv1") and hasattr(model, "class_embedding")
 
-    def hooks(self) -> list[tuple[nn.Module, Callable]]:
-        return [(b.mlp, self._mlp_hook(i)) for i, b in enumerate(self.model.transformer.resblocks)]
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.transformer.resblocks
+
+    def operation(self, layer: int, op: str) -> Any:
+        if op == "qkv":
+            attn = self.blocks()[layer].attn
+            return _FusedQKV(attn.in_proj_weight, attn.in_proj_bias)
+        return super().operation(layer, op)
 
     def _block(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        attn = block.attn
+        attn, used = block.attn, self.injector.used_sites()
         h = block.ln_1(x)
+        if "qkv.in" in used:
+            h = self.injector.site_in(layer, "qkv", h)
         qkv = nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        delta = self.injector.qkv_delta(layer, h)
-        if delta is not None:
-            qkv = qkv + delta
+        if "qkv" in used:
+            qkv = self.injector.site_out(layer, "qkv", h, qkv)
         b, n, d = h.shape
         heads = attn.num_heads
         q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
@@ -194,9 +239,6 @@ class OpenClipViTTower(HookedTower):
 
     def head_modules(self) -> list[nn.Module]:
         return []  # CLIP classifies with its text tower
-
-    def qkv_linear(self, layer: int) -> _FusedQKV:
-        return _FusedQKV(self.model.transformer.resblocks[layer].attn.in_proj_weight)
 
 
 def tower_for(model: nn.Module, injector: Injector) -> TimmViTTower | OpenClipViTTower:

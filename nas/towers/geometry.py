@@ -1,17 +1,23 @@
 """The value types every module kind and tower adapter shares (a leaf: imports nothing of
-the project): a tower's geometry, the token layout, and the per-block injection interface.
+the project): a tower's geometry, the token layout, the sites of a block and the injection
+interface.
 
-A prompt module acts at one or more *sites* of block ``i``:
+A prompt module acts at one or more *sites* of block ``i`` (``SITES``):
 
 - ``tokens``: the token sequence entering block ``i`` (insert, replace or remove prompt tokens);
-- ``qkv``: the fused query/key/value projection of block ``i``'s attention (add a delta);
-- ``mlp``: the output of block ``i``'s MLP, before the block's residual add.
+- an operation's output, given its input: ``qkv`` (the fused query/key/value projection),
+  ``proj`` (attention's output projection), ``fc1`` and ``fc2`` (the MLP's linear layers),
+  ``norm1`` and ``norm2`` (the LayerNorms before attention and before the MLP), ``mlp`` (the
+  whole MLP, before the block's residual add);
+- an operation's input: ``qkv.in``, ``proj.in``, ``fc1.in``, ``fc2.in`` (what enters that
+  linear layer).
 
-An ``Injector`` (the prompted model) answers those calls; a tower adapter calls it at the right
-places of one concrete tower implementation. ``TimmViTTower`` adapts timm's VisionTransformer with
-forward hooks on ``attn.qkv`` and ``mlp`` and its own loop over the blocks, so timm's code is not
-edited and the backbone's state-dict keys stay unchanged. Another tower (open_clip's
-``nn.MultiheadAttention`` blocks) needs only another adapter, not copies of the modules.
+An ``Injector`` (the prompted model) answers those calls; a tower adapter declares where each
+operation is in one concrete tower implementation and calls the injector there, only at the
+sites some module uses. ``TimmViTTower`` adapts timm's VisionTransformer with forward hooks and
+its own loop over the blocks, so timm's code is not edited and the backbone's state-dict keys
+stay unchanged. Another tower (open_clip's ``nn.MultiheadAttention`` blocks) needs only another
+adapter, not copies of the modules.
 """
 
 from __future__ import annotations
@@ -92,11 +98,39 @@ class TokenLayout:
         return torch.cat((x[:, : self.num_prefix], x[:, self.num_prefix + total :]), dim=1)
 
 
+#: The operations of a block whose output (and, for the linear ones, input) is a site.
+OPERATIONS = ("qkv", "proj", "fc1", "fc2", "norm1", "norm2", "mlp")
+#: The linear operations (a weight and a bias; their input is a site too, ``OP.in``).
+LINEAR = ("qkv", "proj", "fc1", "fc2")
+#: Every site a module kind may name in its ``sites``.
+SITES = frozenset({"tokens", *OPERATIONS, *(f"{op}.in" for op in LINEAR)})
+
+
+def input_site(op: str) -> str:
+    """The site of ``op``'s input."""
+    return f"{op}.in"
+
+
 class Injector(Protocol):
     """What a tower adapter calls at each site of block ``layer``."""
 
+    def used_sites(self) -> frozenset[str]:
+        """The sites some module acts at: the only ones the tower calls."""
+        ...
+
     def tokens(self, layer: int, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor: ...
 
-    def qkv_delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None: ...
+    def site_in(self, layer: int, op: str, x: torch.Tensor) -> torch.Tensor:
+        """What enters operation ``op`` of block ``layer`` instead of ``x``."""
+        ...
 
-    def mlp_out(self, layer: int, h: torch.Tensor) -> torch.Tensor: ...
+    def site_out(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What operation ``op`` of block ``layer`` gives instead of ``out`` (its input ``x``)."""
+        ...
+
+
+class Weights(Protocol):
+    """A linear operation's or a LayerNorm's frozen weights, as merging updates them."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None

@@ -26,7 +26,6 @@ from nas.families.clip.spec import ClipSpec, class_names, encode_tokens, load_cl
 from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
 from nas.modules import module_class
 from nas.modules.base import PromptModule
-from nas.modules.upt import RANDOM_INIT
 from nas.space.cost import subnet_params
 from nas.space.search_space import SearchSpace
 from nas.space.subnet import Subnet
@@ -155,17 +154,21 @@ class PromptedCLIP(PromptedModel):
     def init_context(self) -> None:
         """Start learned text context from the embedding of the module's ``init`` phrase
         (``random``: keep N(0, 0.02))."""
-        upt = self._upt()
-        phrase = upt.config.get("init") if upt is not None else None
-        if not phrase or phrase == RANDOM_INIT:
+        text = self._text_module()
+        phrase = text.text_init_phrase() if text is not None else None
+        if phrase is None:
             return
-        ids = self.prompts.tokenizer([str(phrase)])[0]
+        ids = self.prompts.tokenizer([phrase])[0]
         words = ids[1 : int((ids != 0).sum()) - 1]  # without the start and end tokens
         with torch.no_grad():
-            upt.init_context(self.clip.token_embedding(words.to(self._device())))
+            text.init_context(self.clip.token_embedding(words.to(self._device())))
 
-    def _upt(self) -> PromptModule | None:
-        return self.prompt_modules["upt"] if "upt" in self.prompt_modules else None  # noqa: SIM401 (a ModuleDict has no get)
+    def _text_module(self) -> PromptModule | None:
+        """The module that prompts the text tower (a ``text_side`` kind), if any."""
+        found = [m for m in self.prompt_modules.values() if m.text_side]
+        if len(found) > 1:
+            raise NasError(f"{[m.kind for m in found]} all prompt the text tower; one may")
+        return found[0] if found else None
 
     def _device(self) -> torch.device:
         return next(self.clip.parameters()).device
@@ -173,8 +176,8 @@ class PromptedCLIP(PromptedModel):
     # -- forward -----------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
         """(classes, embed) unit vectors of the class prompts under the active subnet."""
-        upt = self._upt()
-        ctx = upt.text_context() if upt is not None else None
+        text = self._text_module()
+        ctx = text.text_context() if text is not None else None
         if ctx is None:  # the template: fixed, computed once
             if self._template is None or self._template.device != self._device():
                 with torch.no_grad():

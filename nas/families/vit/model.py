@@ -227,12 +227,13 @@ class PromptedViT(PromptedModel):
         directory: str | Path,
         backbone: nn.Module | None = None,
         *,
-        merge_lora: bool = False,
+        merge: bool = False,
         check_backbone: bool = True,
     ) -> PromptedViT:
         """Load a saved subnet onto ``backbone`` (built from the recorded architecture when not
         given; pass the pretrained backbone it was trained on). A backbone whose weights differ
-        from the recorded hash is refused unless ``check_backbone`` is False."""
+        from the recorded hash is refused unless ``check_backbone`` is False. With ``merge``,
+        the mergeable kinds are folded into the backbone's weights (``PromptedModel.merge``)."""
         meta_path = Path(directory) / SUBNET_FILE
         reader, meta, subnet = cls._open_saved(directory, ["num_classes"])
         num_classes = reader.integer(meta["num_classes"], "num_classes", minimum=1)
@@ -267,6 +268,6 @@ class PromptedViT(PromptedModel):
                 f"{type(exc).__name__}: {str(exc)[:200]}"
             ) from None
         model._load_weights(Path(directory) / WEIGHTS_FILE)
-        if merge_lora:
-            model.merge_lora()
+        if merge:
+            model.merge()
         return model
