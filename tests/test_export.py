@@ -17,11 +17,27 @@ from safetensors.torch import save_file
 from nas.cli.main import main
 from nas.families.vit.model import PromptedViT
 from nas.families.vit.spec import BackboneSpec
+from nas.space.cost import subnet_params
 from nas.space.subnet import Subnet
 from tests.conftest import REPO, VARIANTS
 
 NAS = [sys.executable, "-m", "nas"]
 LORA = Subnet({"lora": [4, 0, 2, 4]})  # ranks differ per layer, one layer without LoRA
+# LoRA on every linear layer of a block, the rank per layer and per target
+LORA_ALL = Subnet(
+    {"lora": [4, 0, 2, 4], "lora_proj": [2, 2], "lora_fc1": [0, 4, 0, 1], "lora_fc2": [8]}
+)
+# IA3's targets differ per layer: output scalings (qkv, proj, fc1) and fc2's input
+IA3 = Subnet.from_data({"ia3": {"depth": 4, "dims": ["qkv+fc2.in", 0, "all", "fc1"]}})
+MERGEABLE = Subnet.from_data(
+    {
+        "lora": [4, 0, 2, 4],
+        "ssf": {"depth": 3, "dims": ["all", "norm1+fc2", 0]},
+        "bitfit": {"depth": 4, "dims": ["qkv+proj", 0, 0, "all"]},
+        "ia3": {"depth": 2, "dims": ["fc2.in", "qkv"]},
+        "lora_fc2": [2],  # reads fc2's input, which IA3 scales: merged before that scaling
+    }
+)
 
 
 def saved(
@@ -120,6 +136,92 @@ def test_a_lora_subnet_round_trips_through_peft_with_equal_logits(tmp_path, vari
     assert ranks == {
         f"base_model.model.blocks.{i}.attn.qkv": r for i, r in ((0, 4), (2, 2), (3, 4))
     }
+
+
+def test_lora_on_every_linear_layer_is_one_peft_adapter_with_equal_logits(tmp_path, nas):
+    model = saved(tmp_path, VARIANTS["cls-token"], LORA_ALL)
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    want_ranks = {
+        **{f"blocks.{i}.attn.qkv": r for i, r in ((0, 4), (2, 2), (3, 4))},
+        "blocks.0.attn.proj": 2,
+        "blocks.1.attn.proj": 2,
+        "blocks.1.mlp.fc1": 4,
+        "blocks.3.mlp.fc1": 1,
+        "blocks.0.mlp.fc2": 8,
+    }
+    assert config["rank_pattern"] == want_ranks == config["alpha_pattern"]
+    assert config["target_modules"] == sorted(want_ranks) and config["r"] == 8
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        got = PeftModel.from_pretrained(model.backbone_spec.create(5), str(tmp_path / "p"))
+        torch.testing.assert_close(got.eval()(x), want, atol=1e-5, rtol=1e-5)
+        merged = model.export(merge=True).eval()  # every LoRA folded into its layer
+        assert not merged.prompt_modules
+        torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=1e-5)
+    held = sum(p.numel() for p in model.prompt_modules.parameters())
+    assert (
+        held
+        == subnet_params(LORA_ALL, model.geometry)
+        == ((4 + 2 + 4) * (48 + 144) + (2 + 2) * 96 + (4 + 1) * (48 + 192) + 8 * (192 + 48))
+    )
+
+
+@pytest.mark.parametrize("variant", ["cls-token", "registers"])
+def test_an_ia3_subnet_round_trips_through_peft_with_equal_logits(tmp_path, variant, nas):
+    model = saved(tmp_path, VARIANTS[variant], IA3)
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
+    assert config["target_modules"] == [
+        "blocks.0.attn.qkv",
+        "blocks.0.mlp.fc2",
+        "blocks.2.attn.proj",
+        "blocks.2.attn.qkv",
+        "blocks.2.mlp.fc1",
+        "blocks.2.mlp.fc2",
+        "blocks.3.mlp.fc1",
+    ]
+    assert config["feedforward_modules"] == ["blocks.0.mlp.fc2", "blocks.2.mlp.fc2"]
+    x = torch.randn(4, 3, 32, 32)
+    base = model.backbone_spec.create(5)
+    with torch.no_grad():
+        plain = base(x)
+        got = PeftModel.from_pretrained(base, str(tmp_path / "p")).eval()(x)
+        want = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (plain - want).abs().max() > 1e-2  # the scalings and head were loaded, not ignored
+
+
+def test_mergeable_kinds_become_a_timm_checkpoint_but_not_one_peft_adapter(tmp_path, nas):
+    model = saved(tmp_path, VARIANTS["cls-token"], MERGEABLE)
+    out = tmp_path / "t"
+    result = nas("export", str(tmp_path / "model"), "--format", "timm", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
+    )
+    assert (
+        result.returncode == 2
+        and "expresses one PEFT method (ia3, lora, lora_fc2)" in result.stderr
+    )
+    assert "uses ssf ([all,fc2+norm1]), bitfit ([qkv+proj,0,0,all])" in result.stderr
+    two = Subnet({k: v for k, v in MERGEABLE.items() if k in ("lora", "ia3")})
+    (tmp_path / "two").mkdir()
+    saved(tmp_path / "two", VARIANTS["cls-token"], two)
+    result = nas("export", str(tmp_path / "two" / "model"), "--format", "peft", "--out", "p")
+    assert result.returncode == 2 and "a PEFT adapter holds one method" in result.stderr
 
 
 def test_a_lora_subnet_becomes_a_timm_checkpoint_with_equal_logits(tmp_path, nas):
@@ -228,6 +330,7 @@ def test_modules_a_format_cannot_express_are_named(tmp_path, fmt, nas):
     assert len(lines) == 1, result.stderr
     can = {"peft": "one PEFT method (lora)", "timm": "the modules that merge into the frozen "
            "weights (lora)"}[fmt]  # fmt: skip
+    # (the model holds the subnet's kinds only: the ones that could be exported are named)
     assert f"--format {fmt} expresses {can} and the head only" in lines[0]
     assert "uses vpt (2x2), adapter ([0,8,8,8])" in lines[0]
     assert not (tmp_path / "o").exists()

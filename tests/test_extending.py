@@ -89,7 +89,9 @@ class LowRankMLP(LayeredModule):
         w = self.sliced(layer, dim)
         return x + F.linear(F.linear(x, w["a"]), w["b"])
 
-    def merge_into(self, operation) -> None:
+    def merge_into(self, operation, *, inputs: bool) -> None:
+        if not inputs:
+            return  # it acts at an input only
         for layer, dim in enumerate(self.active):
             if dim:
                 w, fc2 = self.sliced(layer, dim), operation(layer, "fc2")

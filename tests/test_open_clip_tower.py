@@ -46,6 +46,10 @@ def space(tmp_path_factory):
         "  upt: {modes: [none, text, unified], n_ctx: [2, 4]}\n"
         "  ssf: {targets: [none, all, qkv+fc1], depths: [3]}\n"
         "  bitfit: {targets: [none, all], depths: [3]}\n"
+        "  ia3: {targets: [none, all], depths: [3]}\n"
+        "  lora_proj: {dims: [0, 2], depths: [3]}\n"
+        "  lora_fc1: {dims: [0, 2], depths: [3]}\n"
+        "  lora_fc2: {dims: [0, 2], depths: [3]}\n"
     )
     return parse_space(parse_yaml(text))
 
@@ -122,6 +126,8 @@ def test_every_site_changes_the_output(spec, space):
             {"upt": ("text", 2)},
             *({"ssf": (1 << i,)} for i in range(6)),  # after each of its six operations
             *({"bitfit": (1 << i,) * 3} for i in range(6)),
+            *({"ia3": (1 << i,) * 3} for i in range(4)),  # qkv, proj, fc1, fc2's input
+            *({kind: (2, 2, 2)} for kind in ("lora_proj", "lora_fc1", "lora_fc2")),
         ):
             model.set_subnet(Subnet(subnet))
             assert not torch.allclose(model(x), plain, atol=1e-4), subnet

@@ -1,4 +1,4 @@
-"""SSF and bias tuning (issue 40): per-layer sets of operations as choices, exact parameter
+"""SSF, bias tuning and IA3 (issue 40): per-layer sets of operations as choices, exact parameter
 counts against the built tensors, no added matmul FLOPs, every operation a site, folded into
 the frozen weights with the same logits (biases created where timm has none), saved and
 loaded, and one clear error for a bad space."""
@@ -16,7 +16,8 @@ from nas.core.errors import ConfigError
 from nas.core.yamlio import parse_yaml
 from nas.families.vit.model import PromptedViT
 from nas.families.vit.spec import BackboneSpec
-from nas.modules.vectors import ALL, TARGETS
+from nas.modules import module_class
+from nas.modules.vectors import ALL
 from nas.space.cost import added_flops, subnet_params
 from nas.space.search_space import load_space, parse_space
 from nas.space.subnet import Subnet
@@ -25,6 +26,7 @@ from tests.conftest import SMALL, randomise_modules, small_space_yaml
 VECTORS = """
   ssf: {targets: [none, all, qkv+fc1, [norm1, norm2]], depths: [2, 4]}
   bitfit: {targets: [none, all, proj], depths: [4]}
+  ia3: {targets: [none, all, qkv+fc2.in], depths: [4]}
 """
 BACKBONES = {
     "biased": BackboneSpec("vit_tiny_patch16_224", SMALL),
@@ -74,7 +76,7 @@ def test_export_merge_and_exact_counts(name):
         held = sum(p.numel() for p in alone.prompt_modules.parameters())
         assert held == subnet_params(subnet, model.geometry), subnet
         kept = Subnet({k: v for k, v in subnet.items() if k in ("vpt", "adapter")})
-        assert set(merged.prompt_modules) == set(kept)  # LoRA, SSF and BitFit folded in
+        assert set(merged.prompt_modules) == set(kept)  # LoRA, SSF, BitFit and IA3 folded in
         assert not any(p.requires_grad for p in merged.backbone.blocks.parameters())
 
 
@@ -84,8 +86,8 @@ def test_each_operation_is_a_site_and_adds_no_matmul_flops():
     model.set_subnet(Subnet())
     with torch.no_grad():
         plain = model(x)
-        for kind in ("ssf", "bitfit"):
-            for i, op in enumerate(TARGETS):
+        for kind in ("ssf", "bitfit", "ia3"):
+            for i, op in enumerate(module_class(kind).targets):
                 subnet = Subnet({kind: (1 << i,) * 4})
                 model.set_subnet(subnet)
                 assert not torch.allclose(model(x), plain, atol=1e-4), (kind, op)
@@ -151,7 +153,16 @@ def test_a_bad_space_is_one_error_naming_the_key(module, message):
     assert message in str(err.value)
 
 
-def test_the_shipped_extended_space_validates():
-    space = load_space("noah_extended_cpu")
-    assert {"ssf", "bitfit"} <= set(space.modules)
-    assert space.admits(space.smallest())
+@pytest.mark.parametrize(
+    ("name", "budget"),
+    [
+        ("noah_extended_cpu", 40_000),
+        ("noah_extended_vtab", 430_000),
+        ("noah_extended_vtab_gps", 220_000),
+    ],
+)
+def test_the_shipped_extended_spaces_validate(name, budget):
+    space = load_space(name)
+    assert {"ssf", "bitfit", "ia3"} <= set(space.modules)
+    assert space.budget.params.high == budget and space.admits(space.smallest())
+    assert str(Subnet({"ia3": (0b1001,) * 2})) == "ia3=(qkv+fc2.in)x2"

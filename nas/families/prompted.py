@@ -204,8 +204,9 @@ class PromptedModel(nn.Module):
         if not merged:
             return
         with torch.no_grad():
-            for kind in merged:
-                self.prompt_modules[kind].merge_into(self.tower.operation)
+            for inputs in (False, True):  # outputs first: see PromptModule.merge_into
+                for kind in merged:
+                    self.prompt_modules[kind].merge_into(self.tower.operation, inputs=inputs)
         self.tower.detach()
         for kind in merged:
             del self.prompt_modules[kind]

@@ -85,10 +85,11 @@ def check_expressible(model: PromptedViT, fmt: str, where: str) -> None:
             f"{where}: subnet {model.subnet} has no module that PEFT expresses, so there is no "
             "PEFT adapter to write; --format timm writes its head into a timm checkpoint"
         )
-    if fmt == "peft" and len(active) > 1:
+    methods = {m.peft_type for m in active.values()}
+    if fmt == "peft" and len(methods) > 1:
         raise NasError(
             f"{where}: subnet {model.subnet} uses {_listed(model, sorted(active))}; a PEFT "
-            "adapter holds one method: export a subnet with one of them"
+            f"adapter holds one method ({', '.join(sorted(methods))}): export a subnet with one"
         )
 
 
@@ -102,14 +103,22 @@ def head_names(model: PromptedViT) -> list[str]:
     return [names[id(h)] for h in model.tower.head_modules()]
 
 
-def peft_adapter(model: PromptedViT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``adapter_config.json`` and the adapter's tensors: the one active PEFT kind's own
-    (``PromptModule.peft_adapter``), the head saved whole."""
-    (module,) = _active(model).values()
+def peft_adapter(
+    model: PromptedViT, where: str = ""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``adapter_config.json`` and the adapter's tensors: the active kinds' own
+    (``PromptModule.peft_adapter``, one PEFT method, combined by its ``peft_combine``), the
+    head saved whole."""
+    modules = list(_active(model).values())
     names = _names(model)
-    fields, tensors = module.peft_adapter(
-        lambda layer, op: names[id(model.tower.operation(layer, op))]
-    )
+
+    def name_of(layer: int, op: str) -> str:
+        return names[id(model.tower.operation(layer, op))]
+
+    try:
+        fields, tensors = type(modules[0]).peft_combine([m.peft_adapter(name_of) for m in modules])
+    except ValueError as exc:
+        raise NasError(f"{where}: {exc}") from None
     spec = model.backbone_spec
     config = {
         "task_type": None,
@@ -158,8 +167,12 @@ def base_model_code(model: PromptedViT) -> str:
     return "\n".join(lines)
 
 
-def write_peft(model: PromptedViT, out: Path) -> list[Path]:
-    config, tensors = peft_adapter(model)
+def write_peft(
+    model: PromptedViT,
+    out: Path,
+    adapter: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+) -> list[Path]:
+    config, tensors = adapter or peft_adapter(model, str(out))
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     mean, std = model.backbone_spec.normalisation() if model.backbone_spec else (None, None)
@@ -246,6 +259,7 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, *, force: bool = Fa
         raise NasError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     model = load_vit(model_dir)
     check_expressible(model, fmt, str(model_dir))
+    adapter = peft_adapter(model, str(model_dir)) if fmt == "peft" else None  # checked first
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NasError(f"--out {out}: a file, not a folder")
@@ -254,4 +268,4 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, *, force: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     with torch.no_grad():
-        return write_peft(model, out) if fmt == "peft" else write_timm(model, out)
+        return write_peft(model, out, adapter) if adapter else write_timm(model, out)

@@ -19,6 +19,10 @@ REGISTRY: Registry[type[PromptModule]] = Registry(
         "upt": "nas.modules.upt:UPT",
         "ssf": "nas.modules.ssf:SSF",
         "bitfit": "nas.modules.bitfit:BitFit",
+        "ia3": "nas.modules.ia3:IA3",
+        "lora_proj": "nas.modules.lora:LoRAProj",
+        "lora_fc1": "nas.modules.lora:LoRAFc1",
+        "lora_fc2": "nas.modules.lora:LoRAFc2",
     },
 )
 

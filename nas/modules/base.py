@@ -133,10 +133,15 @@ class PromptModule(nn.Module):
         output ``out`` (site ``op``)."""
         return out
 
-    def merge_into(self, operation: Callable[[int, str], Weights]) -> None:
+    def merge_into(self, operation: Callable[[int, str], Weights], *, inputs: bool) -> None:
         """Fold the active choice into the frozen weights (``operation(layer, op)``: block
         ``layer``'s ``op``, whose ``weight`` and ``bias`` are updated in place), so that the
-        model without this module computes what it computed with it. Only for ``mergeable``."""
+        model without this module computes what it computed with it. Only for ``mergeable``.
+
+        Called twice: first with ``inputs`` False for what the kind does at operations' outputs
+        (every kind in turn, in the order they act), then with ``inputs`` True for what it does
+        to their inputs: a scaling of an input folds into the weight *after* every update that
+        reads that input (LoRA's ``B A x``) has been added to it."""
         raise NotImplementedError(f"{type(self).__name__} does not merge")
 
     # -- a CLIP's text side (``text_side`` kinds) ------------------------------------------------
@@ -160,6 +165,16 @@ class PromptModule(nn.Module):
         base-model prefix (``name_of(layer, op)``: block ``layer``'s ``op``'s qualified name
         in the timm model)."""
         raise NotImplementedError(f"{type(self).__name__} has no PEFT counterpart")
+
+    @classmethod
+    def peft_combine(
+        cls, parts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One adapter from several kinds' ``peft_adapter`` parts of this ``peft_type`` (LoRA
+        on several targets); ValueError, saying why, where PEFT cannot hold them together."""
+        if len(parts) > 1:
+            raise ValueError(f"a PEFT {cls.peft_type} adapter holds one of these kinds")
+        return parts[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""LoRA: a low-rank update of the fused qkv projection (Hu et al., 2021), as NOAH builds it.
+"""LoRA: a low-rank update of a block's linear layer (Hu et al., 2021). ``lora`` is NOAH's, on
+the fused qkv projection; ``lora_proj``, ``lora_fc1`` and ``lora_fc2`` put it on attention's
+output projection and the MLP's two layers, each a kind of its own, so that the rank per layer
+*and per target* is searched (and PEFT's ``target_modules`` with a ``rank_pattern`` is one
+point of the space).
 
-``qkv(x) + B (A dropout(x))`` with ``A``: width -> r (Kaiming-uniform, like nn.Linear),
-``B``: r -> 3 * width (zero init, so a fresh module changes nothing), no alpha/r scaling.
-Rank ``r_i`` per layer; the supernet uses ``A[:r]`` and ``B[:, :r]``. Once trained, ``B A``
-can be merged into the frozen qkv weight (zero inference overhead).
+``op(x) + B (A dropout(x))`` with ``A``: in -> r (Kaiming-uniform, like nn.Linear), ``B``:
+r -> out (zero init, so a fresh module changes nothing), no alpha/r scaling, as NOAH builds
+it. Rank ``r_i`` per layer; the supernet uses ``A[:r]`` and ``B[:, :r]``. Once trained, ``B A``
+merges into the frozen weight (zero inference overhead), and the LoRA kinds of a subnet
+export together as one PEFT LoRA adapter (same logits, tested).
 """
 
 from __future__ import annotations
@@ -20,16 +25,24 @@ from nas.modules.base import LayeredModule
 from nas.towers.geometry import TowerGeometry, Weights
 
 
+def widths(target: str, geometry: TowerGeometry) -> tuple[int, int]:
+    """A linear layer's input and output widths."""
+    d, h = geometry.width, geometry.mlp_hidden
+    return {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}[target]
+
+
 class _LoRALayer(nn.Module):
-    def __init__(self, rank: int, width: int) -> None:
+    def __init__(self, rank: int, fan_in: int, fan_out: int) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, width))
-        self.B = nn.Parameter(torch.zeros(3 * width, rank))
+        self.A = nn.Parameter(torch.empty(rank, fan_in))
+        self.B = nn.Parameter(torch.zeros(fan_out, rank))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
 
 class LoRA(LayeredModule):
     kind = "lora"
+    #: the linear layer it updates (its site is that layer's output)
+    target: ClassVar[str] = "qkv"
     sites = frozenset({"qkv"})
     noah_key = "LORA_DIM"
     options: ClassVar[dict[str, float]] = {"dropout": 0.1}
@@ -37,9 +50,13 @@ class LoRA(LayeredModule):
     peft_type = "LORA"
     slice_axes: ClassVar[dict[str, int | None]] = {"A": 0, "B": 1}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        cls.sites = frozenset({cls.target})
+        super().__init_subclass__(**kwargs)
+
     @classmethod
     def layer_params(cls, dim: int, geometry: TowerGeometry) -> int:
-        return dim * geometry.width + 3 * geometry.width * dim
+        return dim * sum(widths(cls.target, geometry))
 
     @classmethod
     def flops(
@@ -52,7 +69,7 @@ class LoRA(LayeredModule):
         )
 
     def make_layer(self, dim: int) -> nn.Module:
-        return _LoRALayer(dim, self.geometry.width)
+        return _LoRALayer(dim, *widths(self.target, self.geometry))
 
     def site_out(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         rank = self.dim(layer)
@@ -63,27 +80,29 @@ class LoRA(LayeredModule):
         return out + F.linear(F.linear(x, w["A"]), w["B"])
 
     def merged_weight(self, layer: int) -> torch.Tensor | None:
-        """``B A`` of the active rank at ``layer``: what merging adds to the qkv weight."""
+        """``B A`` of the active rank at ``layer``: what merging adds to the target's weight."""
         rank = self.dim(layer)
         if rank == 0:
             return None
         w = self.sliced(layer, rank)
         return w["B"] @ w["A"]
 
-    def merge_into(self, operation: Callable[[int, str], Weights]) -> None:
+    def merge_into(self, operation: Callable[[int, str], Weights], *, inputs: bool) -> None:
+        if inputs:
+            return  # LoRA acts at an output only
         for layer in range(self.geometry.depth):
             delta = self.merged_weight(layer)
             if delta is not None:
-                operation(layer, "qkv").weight.add_(delta)
+                operation(layer, self.target).weight.add_(delta)
 
     def peft_adapter(
         self, name_of: Callable[[int, str], str]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        ranks = {name_of(layer, "qkv"): rank for layer, rank in enumerate(self.active) if rank}
-        tensors = {}
+        ranks, tensors = {}, {}
         for layer, rank in enumerate(self.active):
             if rank:
-                w, name = self.sliced(layer, rank), name_of(layer, "qkv")
+                w, name = self.sliced(layer, rank), name_of(layer, self.target)
+                ranks[name] = rank
                 tensors[f"{name}.lora_A.weight"] = w["A"]
                 tensors[f"{name}.lora_B.weight"] = w["B"]
         top = max(ranks.values())
@@ -103,3 +122,44 @@ class LoRA(LayeredModule):
             "use_dora": False,
         }
         return config, tensors
+
+    @classmethod
+    def peft_combine(
+        cls, parts: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One PEFT LoRA adapter from several LoRA kinds' (their targets' union, each at its
+        own ranks); their dropouts must agree, as PEFT's ``lora_dropout`` is one number."""
+        dropouts = {config["lora_dropout"] for config, _ in parts}
+        if len(dropouts) > 1:
+            raise ValueError(
+                f"the LoRA kinds' dropouts differ ({sorted(dropouts)}); a PEFT adapter has one"
+            )
+        config = dict(parts[0][0])
+        ranks = {k: v for c, _ in parts for k, v in c["rank_pattern"].items()}
+        top = max(ranks.values())
+        config.update(
+            r=top,
+            lora_alpha=top,
+            target_modules=sorted(ranks),
+            rank_pattern=dict(sorted(ranks.items())),
+            alpha_pattern=dict(sorted(ranks.items())),
+        )
+        return config, {k: v for _, tensors in parts for k, v in tensors.items()}
+
+
+class LoRAProj(LoRA):
+    kind = "lora_proj"
+    target = "proj"
+    noah_key = None
+
+
+class LoRAFc1(LoRA):
+    kind = "lora_fc1"
+    target = "fc1"
+    noah_key = None
+
+
+class LoRAFc2(LoRA):
+    kind = "lora_fc2"
+    target = "fc2"
+    noah_key = None

@@ -161,7 +161,8 @@ class VectorModule(LayeredModule):
         if not choice:
             return "-"
         if len(set(choice)) == 1:
-            return f"{cls.mask_str(choice[0])}x{len(choice)}"
+            name = cls.mask_str(choice[0])
+            return f"{name if name.isalnum() else f'({name})'}x{len(choice)}"
         return "[" + ",".join(cls.mask_str(m) if m else "0" for m in choice) + "]"
 
     @classmethod
@@ -252,9 +253,9 @@ class VectorModule(LayeredModule):
         """The same folded into the frozen weights of the site's operation."""
         raise NotImplementedError
 
-    def merge_into(self, operation: Callable[[int, str], Weights]) -> None:
+    def merge_into(self, operation: Callable[[int, str], Weights], *, inputs: bool) -> None:
         for layer in range(len(self.active)):
-            for site in self.targets:
+            for site in (s for s in self.targets if s.endswith(".in") == inputs):
                 vectors = self.on(layer, site)
                 if vectors is not None:
                     self.fold(vectors, site, operation(layer, site.removesuffix(".in")))
