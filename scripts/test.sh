@@ -12,6 +12,8 @@ export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled MLFLOW_DISABLE_TELEMETRY
 # cycle, nothing of Ray or MLflow below the tracking and pipeline layers. It writes its cache
 # under .import_linter_cache (git-ignored), not into the home directory.
 "$venv/bin/lint-imports"
+# Every function <= 80 lines and every file <= 400 in nas/, trainers/ and benchmarks/.
+"$venv/bin/python" scripts/sizes.py
 # Two workers (NAS_TEST_WORKERS): half the suite's time is Ray and MLflow starting up and
 # waiting, which the other worker's tests fill. Tests sharing a costly fixture (an end-to-end
 # run) carry one xdist_group, so it runs once, on one worker.
