@@ -89,6 +89,15 @@ def nas(capsys):
     return call
 
 
+def exported_to_peft(tmp_path: Path, nas) -> dict:
+    """`nas export tmp_path/model --format peft --out tmp_path/p`, succeeded; its config."""
+    result = nas(
+        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+
+
 def test_the_command_line_prints_one_error_line_and_no_traceback(tmp_path):
     saved(tmp_path, VARIANTS["cls-token"], Subnet({"vpt": [2, 0, 0, 0]}))
     result = subprocess.run(
@@ -104,11 +113,7 @@ def test_the_command_line_prints_one_error_line_and_no_traceback(tmp_path):
 @pytest.mark.parametrize("variant", ["cls-token", "registers", "deit-distilled"])
 def test_a_lora_subnet_round_trips_through_peft_with_equal_logits(tmp_path, variant, nas):
     model = saved(tmp_path, VARIANTS[variant], LORA)
-    result = nas(
-        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
-    )
-    assert result.returncode == 0, result.stderr
-    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    config = exported_to_peft(tmp_path, nas)
     assert config["rank_pattern"] == {
         "blocks.0.attn.qkv": 4,
         "blocks.2.attn.qkv": 2,
@@ -140,11 +145,7 @@ def test_a_lora_subnet_round_trips_through_peft_with_equal_logits(tmp_path, vari
 
 def test_lora_on_every_linear_layer_is_one_peft_adapter_with_equal_logits(tmp_path, nas):
     model = saved(tmp_path, VARIANTS["cls-token"], LORA_ALL)
-    result = nas(
-        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
-    )
-    assert result.returncode == 0, result.stderr
-    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    config = exported_to_peft(tmp_path, nas)
     want_ranks = {
         **{f"blocks.{i}.attn.qkv": r for i, r in ((0, 4), (2, 2), (3, 4))},
         "blocks.0.attn.proj": 2,
@@ -174,11 +175,7 @@ def test_lora_on_every_linear_layer_is_one_peft_adapter_with_equal_logits(tmp_pa
 @pytest.mark.parametrize("variant", ["cls-token", "registers"])
 def test_an_ia3_subnet_round_trips_through_peft_with_equal_logits(tmp_path, variant, nas):
     model = saved(tmp_path, VARIANTS[variant], IA3)
-    result = nas(
-        "export", str(tmp_path / "model"), "--format", "peft", "--out", str(tmp_path / "p")
-    )
-    assert result.returncode == 0, result.stderr
-    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    config = exported_to_peft(tmp_path, nas)
     assert config["peft_type"] == "IA3"
     assert config["target_modules"] == [
         "blocks.0.attn.qkv",

@@ -254,13 +254,19 @@ class LayeredModule(PromptModule):
         return {"depth": len(choice), "dims": list(choice)}
 
     @classmethod
+    def dim_str(cls, dim: int) -> str:
+        """One layer's dim as a subnet prints it."""
+        return str(dim)
+
+    @classmethod
     def choice_str(cls, choice: Sequence[int]) -> str:
         choice = trim(choice)
         if not choice:
             return "-"
         if len(set(choice)) == 1:
-            return f"{choice[0]}x{len(choice)}"
-        return "[" + ",".join(map(str, choice)) + "]"
+            one = cls.dim_str(choice[0])
+            return f"{one if one.isalnum() else f'({one})'}x{len(choice)}"
+        return "[" + ",".join(map(cls.dim_str, choice)) + "]"
 
     @classmethod
     def parse_space(

@@ -156,14 +156,8 @@ class VectorModule(LayeredModule):
         return data
 
     @classmethod
-    def choice_str(cls, choice: Sequence[int]) -> str:
-        choice = trim(choice)
-        if not choice:
-            return "-"
-        if len(set(choice)) == 1:
-            name = cls.mask_str(choice[0])
-            return f"{name if name.isalnum() else f'({name})'}x{len(choice)}"
-        return "[" + ",".join(cls.mask_str(m) if m else "0" for m in choice) + "]"
+    def dim_str(cls, dim: int) -> str:
+        return cls.mask_str(dim) if dim else "0"
 
     @classmethod
     def parse_space(
