@@ -191,9 +191,11 @@ def largest_uniform(space: SearchSpace) -> Subnet:
 
 
 def largest_single(space: SearchSpace, kind: str) -> Subnet:
-    """One module kind on every layer at the largest dim that keeps it in budget."""
+    """One module kind on every layer at the largest dim (by parameters: a vector kind's dims
+    are sets) that keeps it in budget."""
     ms = space.modules[kind]
-    for dim in sorted((d for d in ms.dims if d), reverse=True):
+    size = ms.module.layer_params
+    for dim in sorted((d for d in ms.dims if d), key=lambda d: size(d, space.geometry))[::-1]:
         subnet = Subnet.from_data({kind: {"depth": max(ms.depths), "dims": dim}})
         if space.admits(subnet):
             return subnet

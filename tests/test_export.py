@@ -221,6 +221,25 @@ def test_mergeable_kinds_become_a_timm_checkpoint_but_not_one_peft_adapter(tmp_p
     assert result.returncode == 2 and "a PEFT adapter holds one method" in result.stderr
 
 
+def test_biases_merging_made_are_in_the_timm_checkpoint(tmp_path, nas):
+    """A backbone built without qkv and MLP biases: bias tuning on qkv and fc1 merges into
+    biases it creates, and timm's checkpoint is rebuilt with them (loads strictly)."""
+    spec = BackboneSpec("vit_tiny_patch16_224", {**VARIANTS["cls-token"].overrides,
+                        "qkv_bias": False, "proj_bias": False})  # fmt: skip
+    model = saved(tmp_path, spec, Subnet.from_data({"bitfit": [1, 4]}))  # qkv, then fc1
+    out = tmp_path / "t"
+    assert (
+        nas("export", str(tmp_path / "model"), "--format", "timm", "--out", str(out)).returncode
+        == 0
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["qkv_bias"] is True and config["model_args"]["proj_bias"] is True
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_lora_subnet_becomes_a_timm_checkpoint_with_equal_logits(tmp_path, nas):
     model = saved(tmp_path, VARIANTS["cls-token"], LORA)
     out = tmp_path / "t"

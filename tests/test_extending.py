@@ -219,6 +219,7 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
         "modules": {
             "lowrank": {"dims": [0, 2, 4], "depths": [2, 6], "max_dim": 4},
             "lora": {"dims": [0, 2], "depths": [2], "max_dim": 2},
+            "ia3": {"targets": ["none", "fc2.in"], "depths": [6]},
         },
         "budget": {"params": {"max": 20_000}},
     }
@@ -251,6 +252,10 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
         merged = model.export(merge=True).eval()
         assert "lowrank" not in merged.prompt_modules and not merged.tower.injector.used_sites()
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+        # beside IA3 at the same input (IA3 acts first: the layer computes W M M_ia3 x)
+        model.set_subnet(Subnet({"lowrank": [4, 0, 2], "ia3": (8, 8, 8)}))
+        both = model(x)
+        torch.testing.assert_close(model.export(merge=True).eval()(x), both, atol=1e-5, rtol=1e-5)
         model.set_subnet(Subnet())
         assert not torch.allclose(model(x), alone(x))  # the kind changed the output
     assert alone.num_params()["modules"] == 2 * g.mlp_hidden * 6

@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.core.errors import ConfigError
+from nas.core.errors import ConfigError, NasError
 from nas.core.yamlio import parse_yaml
 from nas.families.vit.model import PromptedViT
 from nas.families.vit.spec import BackboneSpec
@@ -102,6 +102,24 @@ def test_each_operation_is_a_site_and_adds_no_matmul_flops():
                 assert added_flops(subnet, model.geometry) == 0
 
 
+def test_sets_rank_by_their_parameters_not_their_bitmask():
+    extra = "  ssf: {targets: [fc1+fc2, norm1+norm2+proj], depths: [4]}"
+    space = parse_space(parse_yaml(small_space_yaml(extra=extra)))
+    ssf, g = space.modules["ssf"], space.geometry
+    small, large = Subnet({"ssf": ssf.smallest(g)}), Subnet({"ssf": ssf.largest(g)})
+    assert str(large) == "ssf=(fc1+fc2)x4"  # 2 x (4 D + D) per layer, against 2 x 3 D
+    assert subnet_params(small, g) < subnet_params(large, g)
+
+
+def test_a_merged_model_is_not_saved_as_prompt_weights(tmp_path):
+    _, model = build("biased")
+    model.set_subnet(Subnet({"bitfit": (ALL,) * 4}))
+    merged = model.export(merge=True)
+    with pytest.raises(NasError, match="save before merging"):
+        merged.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_bitfit_leaves_the_frozen_biases_and_starts_at_zero():
     space, _ = build("biased")
     torch.manual_seed(0)
@@ -140,6 +158,7 @@ def test_save_and_load_round_trip(tmp_path):
         ("ssf: {targets: [none], depths: [2]}", "modules.ssf.targets: only 'none'"),
         ("bitfit: {targets: all, depths: [2]}", "modules.bitfit.targets: expected a list"),
         ("bitfit: {targets: [all], depths: [9]}", "modules.bitfit.depths[0]: depth 9 is above"),
+        ("ia3: {targets: [all], depths: [0]}", "modules.ia3.depths: only 0 (absent)"),
         (
             "ssf: {dims: [0, 1], depths: [2]}",
             "modules.ssf.dims: unknown key; expected one of: targets",

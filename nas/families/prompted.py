@@ -87,6 +87,7 @@ class PromptedModel(nn.Module):
         self.tower = tower_for(trunk, injector=self)
         self.geometry = geometry
         self.subnet = Subnet()
+        self.merged = False  # whether merge() folded kinds into the frozen weights
 
     def _index_sites(self) -> None:
         """Which modules act at each site (in the kinds' order), from their ``sites``."""
@@ -204,15 +205,19 @@ class PromptedModel(nn.Module):
         if not merged:
             return
         with torch.no_grad():
-            for inputs in (False, True):  # outputs first: see PromptModule.merge_into
-                for kind in merged:
-                    self.prompt_modules[kind].merge_into(self.tower.operation, inputs=inputs)
+            # outputs first, in the order the kinds act; then inputs, the last to act first
+            # (W M2 M1 x): see PromptModule.merge_into
+            for kind in merged:
+                self.prompt_modules[kind].merge_into(self.tower.operation, inputs=False)
+            for kind in reversed(merged):
+                self.prompt_modules[kind].merge_into(self.tower.operation, inputs=True)
         self.tower.detach()
         for kind in merged:
             del self.prompt_modules[kind]
         self._index_sites()
         self.tower.attach()
         self.subnet = Subnet({k: v for k, v in self.subnet.items() if k not in merged})
+        self.merged = True
 
     def _is_standalone(self) -> bool:
         return all(m.holds_exactly(self.subnet[k]) for k, m in self.prompt_modules.items()) and all(
@@ -228,6 +233,12 @@ class PromptedModel(nn.Module):
         """Write ``subnet.yaml`` (subnet, module options, the frozen model it runs on) and
         ``weights.safetensors`` (trainable weights only) of the standalone model of the
         active subnet."""
+        if self.merged:
+            raise NasError(
+                "this model's frozen weights hold merged modules, which a saved folder (prompt "
+                "weights on the pretrained model) cannot describe: save before merging, or "
+                "write a timm checkpoint (nas export --format timm)"
+            )
         model = self if self._is_standalone() else self.export()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -206,6 +206,7 @@ def write_timm(model: PromptedViT, out: Path) -> list[Path]:
         mean, std = model.backbone_spec.normalisation()
         config["pretrained_cfg"] = {"mean": list(mean), "std": list(std)}
     spec_args = dict(model.backbone_spec.overrides) if model.backbone_spec else {}
+    spec_args.update(_biases_made(backbone, spec_args))
     merged.tower.detach()  # timm's save reads state_dict(); no hooks needed, none saved
     try:
         save_for_hf(
@@ -219,6 +220,29 @@ def write_timm(model: PromptedViT, out: Path) -> list[Path]:
         merged.tower.attach()
     describe_weights(out / "config.json", model)
     return [out / "config.json", out / "model.safetensors"]
+
+
+#: timm ViT arguments that switch biases off, and the layers of each block they cover.
+BIAS_ARGS = {"qkv_bias": ("attn.qkv",), "proj_bias": ("attn.proj", "mlp.fc1", "mlp.fc2")}
+
+
+def _biases_made(backbone: torch.nn.Module, args: dict[str, Any]) -> dict[str, bool]:
+    """Where merging gave a layer of a model built without biases (``qkv_bias: false``) a
+    bias (bias tuning, SSF), the timm arguments that rebuild it with biases, and zero biases
+    on the rest of that group, so that timm's checkpoint loads strictly."""
+    switched = {}
+    for arg, paths in BIAS_ARGS.items():
+        layers = [block.get_submodule(p) for block in backbone.blocks for p in paths]
+        if args.get(arg, True) is False and any(layer.bias is not None for layer in layers):
+            for layer in layers:
+                if layer.bias is None:
+                    weight = layer.weight
+                    layer.bias = torch.nn.Parameter(
+                        torch.zeros(len(weight), dtype=weight.dtype, device=weight.device),
+                        requires_grad=False,
+                    )
+            switched[arg] = True
+    return switched
 
 
 #: What timm's config carries over from the architecture's stock pretrained weights (their

@@ -112,8 +112,12 @@ class RGBPrompts(nn.Module):
         import copy
 
         found = [m for m in model.prompt_modules.values() if m.invertible and m.active]
-        if not found:
-            raise NasError("the model's active subnet has no PGN to export")
+        if len(found) != 1:
+            raise NasError(
+                "the model's active subnet has no PGN to export"
+                if not found
+                else f"{[m.kind for m in found]}: one input-space prompt module deploys at a time"
+            )
         (pgn,) = found
         prompts, library, generator, resolution, placement = pgn.active
         if placement != "border":

@@ -140,8 +140,9 @@ class PromptModule(nn.Module):
 
         Called twice: first with ``inputs`` False for what the kind does at operations' outputs
         (every kind in turn, in the order they act), then with ``inputs`` True for what it does
-        to their inputs: a scaling of an input folds into the weight *after* every update that
-        reads that input (LoRA's ``B A x``) has been added to it."""
+        to their inputs (the kinds in reverse order: with M1 acting before M2 the layer
+        computes W M2 M1 x): a transform of an input folds into the weight *after* every update
+        that reads that input (LoRA's ``B A x``) has been added to it."""
         raise NotImplementedError(f"{type(self).__name__} does not merge")
 
     # -- a CLIP's text side (``text_side`` kinds) ------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nas.core.errors import NasError
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.base import LayeredModule
@@ -44,25 +45,23 @@ def width(site: str, geometry: TowerGeometry) -> int:
     return geometry.width
 
 
-def _size(mask: int) -> tuple[int, int]:
-    return bin(mask).count("1"), mask
-
-
 @dataclass(frozen=True)
 class MaskSpace(LayeredSpace):
     """A vector kind's choices: a depth, then one of the space's operation sets per layer.
-    Sets order by how many operations they hold (then by bitmask)."""
+    Sets order by their parameters on the space's tower (``by_size``, smallest first), not by
+    their bitmask."""
+
+    by_size: tuple[int, ...] = ()
 
     def sample_tilted(self, rng: random.Random, tilt: float) -> tuple[int, ...]:
         depth = _tilted_choice(rng, sorted(self.depths), tilt)
-        sets = sorted(self.dims, key=_size)
-        return trim(_tilted_choice(rng, sets, tilt) for _ in range(depth))
+        return trim(_tilted_choice(rng, self.by_size, tilt) for _ in range(depth))
 
     def smallest(self, geometry: TowerGeometry) -> tuple[int, ...]:
-        return trim((min(self.dims, key=_size),) * min(self.depths))
+        return trim((self.by_size[0],) * min(self.depths))
 
     def largest(self, geometry: TowerGeometry) -> tuple[int, ...]:
-        return trim((max(self.dims, key=_size),) * max(self.depths))
+        return trim((self.by_size[-1],) * max(self.depths))
 
     def to_data(self) -> dict[str, Any]:
         return {
@@ -180,10 +179,15 @@ class VectorModule(LayeredModule):
                     join_key(key, f"depths[{i}]"),
                     f"depth {depth} is above the backbone's depth ({geometry.depth} blocks)",
                 )
+        if depths == (0,):
+            reader.fail(
+                join_key(key, "depths"), "only 0 (absent): give at least one positive depth"
+            )
         union = 0
         for mask in masks:
             union |= mask
-        return MaskSpace(cls, tuple(masks), depths, union, {})
+        by_size = sorted(masks, key=lambda m: (cls.layer_params(m, geometry), m))
+        return MaskSpace(cls, tuple(masks), depths, union, {}, tuple(by_size))
 
     # -- costs ---------------------------------------------------------------------------------
     @classmethod
@@ -260,7 +264,7 @@ def bias_of(weights: Weights, width: int) -> torch.Tensor:
     with ``bias=False`` gets one to fold into."""
     if weights.bias is None:
         if not isinstance(weights, nn.Module):
-            raise ValueError(f"{type(weights).__name__} has no bias to fold vectors into")
+            raise NasError(f"{type(weights).__name__} has no bias to fold vectors into")
         reference = weights.weight
         weights.bias = nn.Parameter(
             torch.zeros(width, device=reference.device, dtype=reference.dtype),
