@@ -192,11 +192,11 @@ def largest_uniform(space: SearchSpace) -> Subnet:
 
 def largest_single(space: SearchSpace, kind: str) -> Subnet:
     """One module kind on every layer at the largest dim (by parameters: a vector kind's dims
-    are sets) that keeps it in budget."""
+    are sets; among an adapter's equal sizes, Adapter+'s own setting) that keeps it in
+    budget."""
     ms = space.modules[kind]
-    size = ms.module.layer_params
-    for dim in sorted((d for d in ms.dims if d), key=lambda d: size(d, space.geometry))[::-1]:
-        subnet = Subnet.from_data({kind: {"depth": max(ms.depths), "dims": dim}})
+    for dim in [d for d in ms.ordered_dims() if d][::-1]:
+        subnet = Subnet({kind: (dim,) * max(ms.depths)})
         if space.admits(subnet):
             return subnet
     raise ValueError(f"no uniform {kind} subnet fits the budget")

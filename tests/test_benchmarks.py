@@ -99,3 +99,24 @@ def test_paired_interval():
     assert p["mean"] == 2.0 and p["n"] == 3
     assert p["low"] == pytest.approx(2 - 4.302652729911275 / 3**0.5)  # t(0.975, 2) * sd / sqrt n
     assert span(paired([1.0])) == "—"
+
+
+def test_the_kinds_benchmark_holds_every_kind_at_its_largest_uniform_size_in_budget():
+    """Issue 40's benchmark spec: each single kind alone on every layer at the largest dim in
+    the budget (recipes.largest_single), and Adapter+ (after the MLP, scaled) the same."""
+    from benchmarks.recipes import largest_single
+    from nas.modules.adapter import compose
+    from nas.spec.experiment import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "experiments/benchmark_mini_vtab_kinds.yaml")
+    space, baselines = spec.space, spec.retrain.subnet_baselines()
+    assert set(baselines) == {*space.modules, "adapter_plus"}
+    for kind in space.modules:
+        assert baselines[kind] == largest_single(space, kind), kind
+    sizes = sorted(space.modules["adapter"].to_data()["dims"], reverse=True)
+    plus = next(
+        s
+        for s in (Subnet({"adapter": (compose(d, "after_mlp", True),) * 6}) for d in sizes)
+        if space.admits(s)
+    )
+    assert baselines["adapter_plus"] == plus and str(plus) == "adapter=(4+scale)x6"

@@ -27,6 +27,7 @@ from nas.families.vit.model import PromptedViT
 from nas.families.vit.spec import BackboneSpec, load_backbone
 from nas.modules import REGISTRY
 from nas.modules.base import LayeredModule
+from nas.modules.options import Options
 from nas.pipeline.context import load_splits, read_splits, supernet_steps
 from nas.search import ALGORITHMS, Evaluated, SearchAlgorithm, make_search
 from nas.space.backbones import FAMILIES, Family
@@ -56,6 +57,13 @@ class FlatLists(DatasetFormat):
         return splits
 
 
+@dataclasses.dataclass(frozen=True)
+class LowRankOptions(Options):
+    """The toy's one option (``options: {init_std: ...}`` in a space): A's initial scale."""
+
+    init_std: float = 0.02
+
+
 class LowRankMLP(LayeredModule):
     """A toy module kind at a site no shipped kind uses (the input of each chosen block's fc2,
     the MLP's hidden units): ``x + (x A^T) B^T`` with A (dim x hidden) and B (hidden x dim), B
@@ -64,6 +72,7 @@ class LowRankMLP(LayeredModule):
     kind = "lowrank"
     sites = frozenset({"fc2.in"})
     mergeable = True
+    Options = LowRankOptions
     slice_axes: ClassVar[dict[str, int | None]] = {"a": 0, "b": 1}
 
     @classmethod
@@ -78,7 +87,7 @@ class LowRankMLP(LayeredModule):
 
     def make_layer(self, dim: int) -> nn.Module:
         layer = nn.Module()
-        layer.a = nn.Parameter(torch.randn(dim, self.geometry.mlp_hidden) * 0.02)
+        layer.a = nn.Parameter(torch.randn(dim, self.geometry.mlp_hidden) * self.options.init_std)
         layer.b = nn.Parameter(torch.zeros(self.geometry.mlp_hidden, dim))
         return layer
 
@@ -217,7 +226,12 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
         "name": "toy-space",
         "backbone": "vit_fmnist",
         "modules": {
-            "lowrank": {"dims": [0, 2, 4], "depths": [2, 6], "max_dim": 4},
+            "lowrank": {
+                "dims": [0, 2, 4],
+                "depths": [2, 6],
+                "max_dim": 4,
+                "options": {"init_std": 0.05},
+            },
             "lora": {"dims": [0, 2], "depths": [2], "max_dim": 2},
             "ia3": {"targets": ["none", "fc2.in"], "depths": [6]},
         },
@@ -232,12 +246,15 @@ def test_a_new_module_kind_is_one_class_and_one_registration(tmp_path, mini_vtab
     # its exact costs drive the space's counts and the budget
     # depth 2's choices are depth 6's with trailing zeros: 3^6 distinct choices
     assert spec.space.modules["lowrank"].count() == 3**6
+    # its options are its frozen dataclass, read from the space's YAML
+    assert spec.space.modules["lowrank"].options == LowRankOptions(init_std=0.05)
     subnet = Subnet({"lowrank": [4, 0, 2]})
     assert subnet_params(subnet, g) == 2 * g.mlp_hidden * 6 and spec.space.admits(subnet)
     history = supernet_step_and_search(spec_path)
     assert len(history) == 4 and all(e.cost <= 20_000 for e in history)
     # an exported subnet holds exactly its slices and computes what the supernet computed
     model = build_prompted(spec.backbone, spec.space, _Classes(10), dataset="digits")
+    assert model.prompt_modules["lowrank"].options.init_std == 0.05
     model.set_subnet(subnet)
     torch.manual_seed(0)
     for param in model.trainable_parameters():  # B starts at zero: make the kind act

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from nas.core.yamlio import parse_yaml
 from nas.families.clip.model import PromptedCLIP
+from nas.modules.adapter import compose
 from nas.space.cost import subnet_params
 from nas.space.search_space import parse_space
 from nas.space.subnet import Subnet
@@ -42,7 +43,8 @@ def space(tmp_path_factory):
         f"name: oc\nbackbone: {{clip: {folder / 'clip.yaml'}}}\nmodules:\n"
         "  vpt: {dims: [0, 2, 4], depths: [1, 3]}\n"
         "  lora: {dims: [0, 2], depths: [3]}\n"
-        "  adapter: {dims: [0, 4], depths: [3]}\n"
+        "  adapter: {dims: [0, 4], depths: [3], positions: [after_mlp, after_attn, parallel],"
+        " scaling: [false, true]}\n"
         "  upt: {modes: [none, text, unified], n_ctx: [2, 4]}\n"
         "  ssf: {targets: [none, all, qkv+fc1], depths: [3]}\n"
         "  bitfit: {targets: [none, all], depths: [3]}\n"
@@ -122,6 +124,7 @@ def test_every_site_changes_the_output(spec, space):
             {"vpt": (2,)},
             {"lora": (2, 2, 2)},
             {"adapter": (4, 4, 4)},
+            *({"adapter": (compose(4, p, True),) * 3} for p in ("after_attn", "parallel")),
             {"upt": ("unified", 2)},
             {"upt": ("text", 2)},
             *({"ssf": (1 << i,)} for i in range(6)),  # after each of its six operations

@@ -125,7 +125,8 @@ def manual_gradients(model, space, x, y, draws, distill):
 def test_distillation_is_the_kl_to_the_largest_detached_predictions(task, monkeypatch):
     space, data, mean, std = task
     no_dropout = {
-        k: dataclasses.replace(m, options={"dropout": 0.0}) for k, m in space.modules.items()
+        k: dataclasses.replace(m, options=dataclasses.replace(m.options, dropout=0.0))
+        for k, m in space.modules.items()
     }
     space = dataclasses.replace(space, modules=no_dropout)  # every forward pass repeatable
     data = dataclasses.replace(data, images=data.images[:64], labels=data.labels[:64])

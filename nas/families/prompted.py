@@ -245,7 +245,7 @@ class PromptedModel(nn.Module):
         meta: dict[str, Any] = {
             "format": self.FORMAT,
             "subnet": model.subnet.to_data(),
-            "options": {k: dict(m.config) for k, m in model.prompt_modules.items()},
+            "options": {k: m.options.to_data() for k, m in model.prompt_modules.items()},
             **model._record(),
             "trainable_params": model.num_params(),
             "added_flops": model.added_flops(),

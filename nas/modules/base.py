@@ -27,18 +27,20 @@ from torch import nn
 
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key
+from nas.modules.options import Options
 from nas.modules.spaces import Choice, LayeredSpace, ModuleSpace, trim
 from nas.towers.geometry import SITES, TokenLayout, TowerGeometry, Weights
 
 
 class PromptModule(nn.Module):
-    """Base class of prompt module kinds. Subclasses set ``kind``, ``sites`` and ``options``."""
+    """Base class of prompt module kinds. Subclasses set ``kind`` and ``sites``, and
+    ``Options`` where they have hyper-parameters."""
 
     kind: ClassVar[str]
     #: where the kind acts (``nas.towers.geometry.SITES``)
     sites: ClassVar[frozenset[str]] = frozenset()
-    #: module hyper-parameters settable in YAML (``options:``), with their defaults
-    options: ClassVar[Mapping[str, float]] = {}
+    #: the kind's hyper-parameters settable in YAML (``options:``), with their defaults
+    Options: ClassVar[type[Options]] = Options
     #: whether a trained choice folds into the frozen weights (``merge_into``)
     mergeable: ClassVar[bool] = False
     #: the PEFT method a trained choice exports to (``peft_adapter``), or None
@@ -193,7 +195,10 @@ class LayeredModule(PromptModule):
     slice_axes: ClassVar[Mapping[str, int | None]] = {}
 
     def __init__(
-        self, geometry: TowerGeometry, capacity: Sequence[int], options: Mapping[str, float]
+        self,
+        geometry: TowerGeometry,
+        capacity: Sequence[int],
+        options: Options | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         capacity = trim(capacity)
@@ -203,7 +208,7 @@ class LayeredModule(PromptModule):
             )
         self.geometry = geometry
         self.capacity = capacity
-        self.config = {**self.options, **dict(options)}
+        self.options = self.Options.of(options)
         # Layers with capacity 0 hold no weights at all.
         self.layers = nn.ModuleDict(
             {str(i): self.make_layer(dim) for i, dim in enumerate(capacity) if dim > 0}
@@ -253,6 +258,12 @@ class LayeredModule(PromptModule):
         if not choice:
             return None
         return {"depth": len(choice), "dims": list(choice)}
+
+    @classmethod
+    def width_of(cls, dim: int) -> int:
+        """The width a layer's dim sets (prompt tokens, a rank, a bottleneck), which a space
+        keeps within 4 x the backbone's width; 0 where it sets none (a set of operations)."""
+        return dim
 
     @classmethod
     def dim_str(cls, dim: int) -> str:
@@ -314,15 +325,7 @@ class LayeredModule(PromptModule):
                         join_key(key, f"dims[{i}]"),
                         f"dim {dim} is above the supernet maximum max_dim={max_dim}",
                     )
-        options = dict(cls.options)
-        if "options" in value:
-            given = reader.mapping(
-                value["options"], join_key(key, "options"), optional=list(cls.options)
-            )
-            for name, v in given.items():
-                options[name] = reader.number(v, join_key(key, f"options.{name}"), minimum=0.0)
-                if name == "dropout" and options[name] >= 1.0:
-                    reader.fail(join_key(key, "options.dropout"), f"{v} must be below 1")
+        options = cls.Options.parse(value.get("options", {}), reader, join_key(key, "options"))
         return LayeredSpace(cls, dims, depths, max_dim, options)
 
     # -- costs ---------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ class LayeredModule(PromptModule):
             raise ValueError(
                 f"{self.kind}: cannot export {list(choice)} from {list(self.capacity)}"
             )
-        clone = type(self)(self.geometry, choice, self.config)
+        clone = type(self)(self.geometry, choice, self.options)
         reference = next(self.parameters(), None)
         if reference is not None:  # the copy lives where the source does (device and dtype)
             clone.to(device=reference.device, dtype=reference.dtype)

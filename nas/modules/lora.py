@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.modules.base import LayeredModule
+from nas.modules.options import Options
 from nas.towers.geometry import TowerGeometry, Weights
 
 
@@ -29,6 +31,13 @@ def widths(target: str, geometry: TowerGeometry) -> tuple[int, int]:
     """A linear layer's input and output widths."""
     d, h = geometry.width, geometry.mlp_hidden
     return {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}[target]
+
+
+@dataclass(frozen=True)
+class LoRAOptions(Options):
+    """LoRA's options: dropout on the input of A (PEFT's ``lora_dropout``)."""
+
+    dropout: float = field(default=0.1, metadata={"below": 1.0})
 
 
 class _LoRALayer(nn.Module):
@@ -45,7 +54,7 @@ class LoRA(LayeredModule):
     target: ClassVar[str] = "qkv"
     sites = frozenset({"qkv"})
     noah_key = "LORA_DIM"
-    options: ClassVar[dict[str, float]] = {"dropout": 0.1}
+    Options = LoRAOptions
     mergeable = True
     peft_type = "LORA"
     slice_axes: ClassVar[dict[str, int | None]] = {"A": 0, "B": 1}
@@ -76,7 +85,7 @@ class LoRA(LayeredModule):
         if rank == 0:
             return out
         w = self.sliced(layer, rank)
-        x = F.dropout(x, self.config["dropout"], self.training)
+        x = F.dropout(x, self.options.dropout, self.training)
         return out + F.linear(F.linear(x, w["A"]), w["B"])
 
     def merged_weight(self, layer: int) -> torch.Tensor | None:
@@ -114,7 +123,7 @@ class LoRA(LayeredModule):
             "rank_pattern": dict(sorted(ranks.items())),
             # PEFT scales B A by lora_alpha / r; this project's LoRA is unscaled.
             "alpha_pattern": dict(sorted(ranks.items())),
-            "lora_dropout": float(self.config["dropout"]),
+            "lora_dropout": self.options.dropout,
             "bias": "none",
             "fan_in_fan_out": False,
             "init_lora_weights": True,

@@ -25,7 +25,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.base import PromptModule
+from nas.modules.options import Options
 from nas.modules.pgn_generators import GENERATORS, generator_flops, generator_params, make_generator
 from nas.modules.spaces import ModuleSpace, Param
 from nas.towers.geometry import TokenLayout, TowerGeometry
@@ -59,10 +60,12 @@ class PGN(PromptModule):
     kind = "pgn"
     sites = frozenset({"tokens"})
     invertible = True
-    options: ClassVar[dict[str, float]] = {}
 
     def __init__(
-        self, geometry: TowerGeometry, capacity: Sequence[Any], options: Mapping[str, float]
+        self,
+        geometry: TowerGeometry,
+        capacity: Sequence[Any],
+        options: Options | Mapping[str, Any] | None = None,
     ) -> None:
         """``capacity``: a choice, or ``(L, M, generators, resolutions)`` with tuples of the
         generator variants and resolutions the weights must serve (a supernet's)."""
@@ -71,7 +74,7 @@ class PGN(PromptModule):
         generators = (generators,) if isinstance(generators, str) else tuple(generators)
         self.geometry = geometry
         self.capacity = (prompts, library, generators)
-        self.config = dict(options)
+        self.options = Options.of(options)
         self.library = nn.Parameter(torch.randn(library, geometry.width) * 0.02)
         self.generators = nn.ModuleDict(
             {g: make_generator(g, geometry.in_chans) for g in generators}
@@ -271,7 +274,7 @@ class PGN(PromptModule):
         if not choice or not self.fits(choice):
             raise ValueError(f"pgn: cannot export {choice} from {self.capacity}")
         prompts, library, generator = choice[:3]
-        clone = PGN(self.geometry, choice, self.config)
+        clone = PGN(self.geometry, choice, self.options)
         clone.to(device=self.library.device, dtype=self.library.dtype)
         with torch.no_grad():
             clone.library.copy_(self.library[:library])
@@ -310,8 +313,8 @@ class PGNSpace(ModuleSpace):
     module = PGN
 
     @property
-    def options(self) -> dict[str, float]:
-        return {}
+    def options(self) -> Options:
+        return Options()
 
     def _axes(self) -> tuple[tuple[Any, ...], ...]:
         return (self.prompts, self.library, self.generators, self.resolutions, self.placements)

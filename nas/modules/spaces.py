@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from nas.modules.options import Options
 from nas.towers.geometry import TowerGeometry
 
 Choice = Any  # a kind's plain-data setting; a tuple of per-layer dims for layered kinds
@@ -63,7 +64,7 @@ class ModuleSpace:
 
     kind: str
     module: type[KindCosts]
-    options: dict[str, float]
+    options: Options
 
     def count(self) -> int:
         raise NotImplementedError
@@ -162,13 +163,16 @@ def _convolve(a: Counter[int], b: Counter[int]) -> Counter[int]:
 
 @dataclass(frozen=True)
 class LayeredSpace(ModuleSpace):
-    """Choices of a layered kind: a depth from ``depths``, then a dim from ``dims`` per layer."""
+    """Choices of a layered kind: a depth from ``depths``, then a dim from ``dims`` per layer.
+    ``by_size`` orders the dims by their parameters where their values do not (a vector kind's
+    sets, an adapter's positions); empty: by value."""
 
     module: type[LayeredCosts]
     dims: tuple[int, ...]
     depths: tuple[int, ...]
     max_dim: int
-    options: dict[str, float] = field(default_factory=dict)
+    options: Options = field(default_factory=Options)
+    by_size: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -202,8 +206,12 @@ class LayeredSpace(ModuleSpace):
         """Depth and per-layer dims drawn with weights exp(tilt * rank / (n - 1)) over their
         sorted values: tilt 0 is NOAH's sampling, large positive tilts favour the largest."""
         depth = _tilted_choice(rng, sorted(self.depths), tilt)
-        dims = sorted(self.dims)
+        dims = self.ordered_dims()
         return trim(_tilted_choice(rng, dims, tilt) for _ in range(depth))
+
+    def ordered_dims(self) -> tuple[int, ...]:
+        """The dims, fewest parameters first."""
+        return self.by_size or tuple(sorted(self.dims))
 
     def sample_uniform(self, rng: random.Random) -> tuple[int, ...]:
         groups = self._depth_groups()
@@ -252,10 +260,10 @@ class LayeredSpace(ModuleSpace):
         return total
 
     def smallest(self, geometry: TowerGeometry) -> tuple[int, ...]:
-        return trim((min(self.dims),) * min(self.depths))
+        return trim((self.ordered_dims()[0],) * min(self.depths))
 
     def largest(self, geometry: TowerGeometry) -> tuple[int, ...]:
-        return trim((max(self.dims),) * max(self.depths))
+        return trim((self.ordered_dims()[-1],) * max(self.depths))
 
     def ladder(self, geometry: TowerGeometry) -> list[tuple[int, ...]]:
         """The uniform choices, smallest first: one dim on every layer of a depth (and the
@@ -268,11 +276,11 @@ class LayeredSpace(ModuleSpace):
             "dims": list(self.dims),
             "depths": list(self.depths),
             "max_dim": self.max_dim,
-            "options": dict(self.options),
+            "options": self.options.to_data(),
         }
 
     def summary(self) -> str:
-        opts = ", ".join(f"{k}={v:g}" for k, v in self.options.items())
+        opts = ", ".join(f"{k}={v:g}" for k, v in self.options.to_data().items())
         line = f"dims {list(self.dims)}  depths {list(self.depths)}  supernet max {self.max_dim}"
         return line + (f"  ({opts})" if opts else "")
 

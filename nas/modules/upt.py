@@ -28,8 +28,8 @@ import itertools
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from torch import nn
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.base import PromptModule
+from nas.modules.options import Options
 from nas.modules.spaces import ModuleSpace, Param
 from nas.towers.geometry import TokenLayout, TowerGeometry
 
@@ -51,15 +52,26 @@ def encoder_layer_params(width: int) -> int:
     return 6 * width * width + 10 * width
 
 
+@dataclass(frozen=True)
+class UPTOptions(Options):
+    """UPT's options: dropout of its encoder layer, and the phrase the first context vectors
+    start from (``random``: none)."""
+
+    dropout: float = field(default=0.1, metadata={"below": 1.0})
+    init: str = "a photo of a"
+
+
 class UPT(PromptModule):
     kind = "upt"
     sites = frozenset({"tokens"})
     text_side = True
-    #: dropout of the encoder layer; the phrase the first context vectors start from
-    options: ClassVar[dict[str, Any]] = {"dropout": 0.1, "init": "a photo of a"}
+    Options = UPTOptions
 
     def __init__(
-        self, geometry: TowerGeometry, capacity: Sequence[Any], options: Mapping[str, float]
+        self,
+        geometry: TowerGeometry,
+        capacity: Sequence[Any],
+        options: Options | Mapping[str, Any] | None = None,
     ) -> None:
         """``capacity``: a choice, or ``(modes, n_ctx)`` with a tuple of the modes the weights
         must serve (a supernet's)."""
@@ -70,7 +82,7 @@ class UPT(PromptModule):
         modes = (modes,) if isinstance(modes, str) else tuple(modes)
         self.geometry = geometry
         self.capacity = (modes, n)
-        self.config = {**self.options, **dict(options)}
+        self.options = UPTOptions.of(options)
         d, v = geometry.text_width, geometry.width
         if "text" in modes:
             self.ctx = nn.Parameter(torch.randn(n, d) * 0.02)
@@ -81,7 +93,7 @@ class UPT(PromptModule):
                 d,
                 nhead=1,
                 dim_feedforward=d,
-                dropout=float(self.config["dropout"]),
+                dropout=self.options.dropout,
                 batch_first=True,
             )
             self.to_visual = nn.Linear(d, v)
@@ -141,19 +153,7 @@ class UPT(PromptModule):
                 f"{max(n_ctx)} context vectors leave no room for class names in the text "
                 f"tower's {geometry.text_context} tokens; use at most {limit}",
             )
-        options = dict(cls.options)
-        if "options" in value:
-            given = reader.mapping(
-                value["options"], join_key(key, "options"), optional=["dropout", "init"]
-            )
-            if "dropout" in given:
-                options["dropout"] = reader.number(
-                    given["dropout"], join_key(key, "options.dropout"), minimum=0.0
-                )
-                if options["dropout"] >= 1.0:
-                    reader.fail(join_key(key, "options.dropout"), "must be below 1")
-            if "init" in given:
-                options["init"] = reader.string(given["init"], join_key(key, "options.init"))
+        options = UPTOptions.parse(value.get("options", {}), reader, join_key(key, "options"))
         return UPTSpace(modes, n_ctx, options)
 
     # -- costs -------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class UPT(PromptModule):
         self._visual = None
 
     def text_init_phrase(self) -> str | None:
-        phrase = self.config.get("init")
+        phrase = self.options.init
         return None if not phrase or phrase == RANDOM_INIT else str(phrase)
 
     def init_context(self, phrase: torch.Tensor) -> None:
@@ -238,7 +238,7 @@ class UPT(PromptModule):
         if not choice or not self.fits(choice):
             raise ValueError(f"upt: cannot export {choice} from {self.capacity}")
         mode, n = choice
-        clone = UPT(self.geometry, choice, self.config)
+        clone = UPT(self.geometry, choice, self.options)
         reference = next(self.parameters())
         clone.to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
@@ -268,7 +268,7 @@ class UPTSpace(ModuleSpace):
 
     modes: tuple[str, ...]
     n_ctx: tuple[int, ...]
-    options: dict[str, Any]
+    options: UPTOptions
 
     kind = "upt"
     module = UPT
@@ -323,4 +323,8 @@ class UPTSpace(ModuleSpace):
         return max(self.choices(), key=lambda c: UPT.params(c, geometry))
 
     def to_data(self) -> dict[str, Any]:
-        return {"modes": list(self.modes), "n_ctx": list(self.n_ctx), "options": dict(self.options)}
+        return {
+            "modes": list(self.modes),
+            "n_ctx": list(self.n_ctx),
+            "options": self.options.to_data(),
+        }

@@ -16,7 +16,6 @@ they compute is affine per channel: every such kind folds into the frozen weight
 from __future__ import annotations
 
 import itertools
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +27,8 @@ from nas.core.errors import NasError
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.base import LayeredModule
-from nas.modules.spaces import LayeredSpace, _tilted_choice, trim
+from nas.modules.options import Options
+from nas.modules.spaces import LayeredSpace, trim
 from nas.towers.geometry import TowerGeometry, Weights
 
 #: SSF's and bias tuning's targets: after each operation of a block (bit i: ``TARGETS[i]``).
@@ -50,18 +50,6 @@ class MaskSpace(LayeredSpace):
     """A vector kind's choices: a depth, then one of the space's operation sets per layer.
     Sets order by their parameters on the space's tower (``by_size``, smallest first), not by
     their bitmask."""
-
-    by_size: tuple[int, ...] = ()
-
-    def sample_tilted(self, rng: random.Random, tilt: float) -> tuple[int, ...]:
-        depth = _tilted_choice(rng, sorted(self.depths), tilt)
-        return trim(_tilted_choice(rng, self.by_size, tilt) for _ in range(depth))
-
-    def smallest(self, geometry: TowerGeometry) -> tuple[int, ...]:
-        return trim((self.by_size[0],) * min(self.depths))
-
-    def largest(self, geometry: TowerGeometry) -> tuple[int, ...]:
-        return trim((self.by_size[-1],) * max(self.depths))
 
     def to_data(self) -> dict[str, Any]:
         return {
@@ -155,6 +143,10 @@ class VectorModule(LayeredModule):
         return data
 
     @classmethod
+    def width_of(cls, dim: int) -> int:
+        return 0  # a set of operations, not a width
+
+    @classmethod
     def dim_str(cls, dim: int) -> str:
         return cls.mask_str(dim) if dim else "0"
 
@@ -187,7 +179,7 @@ class VectorModule(LayeredModule):
         for mask in masks:
             union |= mask
         by_size = sorted(masks, key=lambda m: (cls.layer_params(m, geometry), m))
-        return MaskSpace(cls, tuple(masks), depths, union, {}, tuple(by_size))
+        return MaskSpace(cls, tuple(masks), depths, union, Options(), tuple(by_size))
 
     # -- costs ---------------------------------------------------------------------------------
     @classmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.modules.base import LayeredModule
+from nas.modules.options import Options
 from nas.towers.geometry import TokenLayout, TowerGeometry
 
 
@@ -38,11 +40,18 @@ class _PromptLayer(nn.Module):
         self.prompts = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
 
 
+@dataclass(frozen=True)
+class VPTOptions(Options):
+    """VPT's options: dropout on the prompts."""
+
+    dropout: float = field(default=0.0, metadata={"below": 1.0})
+
+
 class VPT(LayeredModule):
     kind = "vpt"
     sites = frozenset({"tokens"})
     noah_key = "VISUAL_PROMPT_DIM"
-    options: ClassVar[dict[str, float]] = {"dropout": 0.0}
+    Options = VPTOptions
     slice_axes: ClassVar[dict[str, int | None]] = {"prompts": 0}
 
     @classmethod
@@ -75,5 +84,5 @@ class VPT(LayeredModule):
         if dim == 0:
             return x
         prompts = self.sliced(layer, dim)["prompts"]
-        prompts = F.dropout(prompts, self.config["dropout"], self.training)
+        prompts = F.dropout(prompts, self.options.dropout, self.training)
         return layout.replace(x, self.kind, prompts.unsqueeze(0).expand(x.shape[0], -1, -1))

@@ -36,6 +36,7 @@ from nas.core.registry import resolve
 from nas.core.validate import Reader
 from nas.core.yamlio import Document, load_yaml, to_plain
 from nas.modules import REGISTRY
+from nas.modules.options import Options
 from nas.modules.spaces import ModuleSpace
 from nas.space.backbones import DEFAULT_FAMILY, FAMILIES, Backbone
 from nas.space.cost import added_flops, subnet_params
@@ -136,8 +137,8 @@ class SearchSpace:
         for combo in itertools.product(*(self.modules[k].choices() for k in kinds)):
             yield Subnet(dict(zip(kinds, combo, strict=True)))
 
-    def options(self) -> dict[str, dict[str, float]]:
-        return {kind: dict(space.options) for kind, space in self.modules.items()}
+    def options(self) -> dict[str, Options]:
+        return {kind: space.options for kind, space in self.modules.items()}
 
     # -- statistics --------------------------------------------------------------------------
     def count(self) -> int:

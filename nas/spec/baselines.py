@@ -79,12 +79,12 @@ def parse_baselines(
         if deep:
             r.fail(f"stages.retrain.baselines.{bname}", deep)
         limit = 4 * space.geometry.width  # the spaces' own rule: wider is not efficient
-        layered = {
-            k: c
+        widths = {
+            k: max(map(space.modules[k].module.width_of, c))
             for k, c in subnet.items()
-            if isinstance(c, tuple) and c and all(isinstance(d, int) for d in c)
+            if hasattr(space.modules[k].module, "width_of") and c
         }
-        wide = {k: max(c) for k, c in layered.items() if max(c) > limit}
+        wide = {k: w for k, w in widths.items() if w > limit}
         if wide:
             kind, dim = next(iter(wide.items()))
             r.fail(

@@ -86,6 +86,7 @@ class TimmViTTower(HookedTower):
         "fc2": "mlp.fc2",
         "norm1": "norm1",
         "norm2": "norm2",
+        "attn": "attn",
         "mlp": "mlp",
     }
 
@@ -172,6 +173,7 @@ class OpenClipViTTower(HookedTower):
         "fc2": "mlp.c_proj",
         "norm1": "ln_1",
         "norm2": "ln_2",
+        "attn": None,  # the attention branch, computed in _block
         "mlp": "mlp",
     }
 
@@ -208,7 +210,7 @@ class OpenClipViTTower(HookedTower):
 
     def _block(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         attn, used = block.attn, self.injector.used_sites()
-        h = block.ln_1(x)
+        h = z = block.ln_1(x)
         if "qkv.in" in used:
             h = self.injector.site_in(layer, "qkv", h)
         qkv = nn.functional.linear(h, attn.in_proj_weight, attn.in_proj_bias)
@@ -219,6 +221,8 @@ class OpenClipViTTower(HookedTower):
         q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
         o = nn.functional.scaled_dot_product_attention(q, k, v)
         o = attn.out_proj(o.transpose(1, 2).reshape(b, n, d))
+        if "attn" in used:
+            o = self.injector.site_out(layer, "attn", z, o)
         x = x + block.ls_1(o)
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 

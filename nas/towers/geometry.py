@@ -99,7 +99,7 @@ class TokenLayout:
 
 
 #: The operations of a block whose output (and, for the linear ones, input) is a site.
-OPERATIONS = ("qkv", "proj", "fc1", "fc2", "norm1", "norm2", "mlp")
+OPERATIONS = ("qkv", "proj", "fc1", "fc2", "norm1", "norm2", "attn", "mlp")
 #: The linear operations (a weight and a bias; their input is a site too, ``OP.in``).
 LINEAR = ("qkv", "proj", "fc1", "fc2")
 #: Every site a module kind may name in its ``sites``.

@@ -26,6 +26,7 @@ from nas.families.clip.spec import ClipSpec, class_names, encode_tokens, load_cl
 from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
 from nas.modules import module_class
 from nas.modules.base import PromptModule
+from nas.modules.options import Options
 from nas.space.cost import subnet_params
 from nas.space.search_space import SearchSpace
 from nas.space.subnet import Subnet
@@ -137,7 +138,7 @@ class PromptedCLIP(PromptedModel):
         spec: ClipSpec,
         class_names: Sequence[str],
         subnet: Subnet,
-        options: Mapping[str, Mapping[str, Any]] | None = None,
+        options: Mapping[str, Options | Mapping[str, Any]] | None = None,
         clip: nn.Module | None = None,
     ) -> PromptedCLIP:
         """A standalone model with modules allocated at exactly ``subnet``'s sizes."""

@@ -27,6 +27,7 @@ from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weig
 from nas.families.vit.spec import BackboneSpec
 from nas.modules import module_class
 from nas.modules.base import PromptModule
+from nas.modules.options import Options
 from nas.space.cost import head_params, subnet_params
 from nas.space.search_space import SearchSpace
 from nas.space.subnet import Subnet
@@ -173,7 +174,7 @@ class PromptedViT(PromptedModel):
         cls,
         backbone: nn.Module,
         subnet: Subnet,
-        options: Mapping[str, Mapping[str, float]] | None = None,
+        options: Mapping[str, Options | Mapping[str, Any]] | None = None,
         backbone_spec: BackboneSpec | None = None,
         *,
         full_finetune: bool = False,
