@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from nas.space.cost import subnet_params
-from nas.space.search_space import DEFAULT_SPACE, SearchSpace, load_space
+from nas.core.paths import DEFAULT_SPACE
+
+if TYPE_CHECKING:
+    from nas.space.search_space import SearchSpace
+
+# The commands below import nas.space (and through the kinds' classes, torch) when they run,
+# not when the parser is built: `nas --help` loads neither.
 
 
 def _fmt_flops(flops: int) -> str:
@@ -31,7 +37,7 @@ def _fmt_share(part: int, whole: int) -> str:
 
 def space_summary(space: SearchSpace) -> dict:
     """Everything ``nas space show`` reports, as plain data."""
-    from nas.space.cost import added_flops
+    from nas.space.cost import added_flops, subnet_params
 
     g = space.geometry
     smallest, largest = space.smallest(), space.largest()
@@ -117,6 +123,8 @@ def print_space(space: SearchSpace) -> None:
 
 
 def cmd_space_show(args: argparse.Namespace) -> int:
+    from nas.space.search_space import load_space
+
     space = load_space(args.space)
     if args.json:
         print(json.dumps(space_summary(space), indent=2))
@@ -126,6 +134,8 @@ def cmd_space_show(args: argparse.Namespace) -> int:
 
 
 def cmd_space_validate(args: argparse.Namespace) -> int:
+    from nas.space.search_space import load_space
+
     for path in args.files:
         space = load_space(path)
         print(f"{path}: ok ({space.name}: {space.count():,} subnets)")
@@ -134,7 +144,7 @@ def cmd_space_validate(args: argparse.Namespace) -> int:
 
 def subnet_info(subnet, space: SearchSpace) -> dict:
     """What ``nas subnet show`` (and ``import-noah``) reports about ``subnet`` in ``space``."""
-    from nas.space.cost import added_flops
+    from nas.space.cost import added_flops, subnet_params
 
     g = space.geometry
     return {
@@ -179,6 +189,7 @@ def print_subnet_info(info: dict, subnet, space: SearchSpace) -> None:
 
 def cmd_subnet_show(args: argparse.Namespace) -> int:
     from nas.core.errors import NasError
+    from nas.space.search_space import load_space
     from nas.space.subnet import Subnet, too_deep
 
     subnet = Subnet.load(args.subnet)
@@ -201,6 +212,7 @@ def cmd_subnet_import_noah(args: argparse.Namespace) -> int:
 
     from nas.core.errors import NasError
     from nas.interop.noah_import import import_noah
+    from nas.space.search_space import load_space
     from nas.space.subnet import too_deep
 
     noah = import_noah(args.file)

@@ -6,3 +6,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BACKBONES_DIR = REPO_ROOT / "backbones"
 SPACES_DIR = REPO_ROOT / "search_spaces"
+
+#: The space a CLI command reads when none is named.
+DEFAULT_SPACE = "noah_vtab"

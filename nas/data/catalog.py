@@ -1,4 +1,6 @@
-"""What is known about the standard benchmarks: class counts and VTAB groups.
+"""What is known about the standard benchmarks: class counts and VTAB groups, and the names of
+the offline mini-VTAB tasks (built by ``nas.data.mini_vtab``; here as plain data, so that a
+spec or a CLI argument is checked without importing what builds them).
 
 Folder names are those of the VTAB-1k and few-shot releases used by the VPT and NOAH code."""
 
@@ -29,3 +31,18 @@ def vtab_group(dataset: str) -> str | None:
         if dataset in names:
             return group
     return None
+
+
+#: The mini-VTAB tasks ``nas.data.mini_vtab.TASKS`` builds, in its order.
+MINI_VTAB_TASKS: tuple[str, ...] = (
+    "animal_mnist", "mnist5k", "digits", "textures", "elpv", "dsprites_loc", "dsprites_ori",
+    "clevr_count", "scenes_shape", "scenes_fill",
+)  # fmt: skip
+#: The domain-generalisation targets a task ships (``targets:`` of a spec's dataset entry).
+TASK_TARGETS: dict[str, tuple[str, ...]] = {
+    "mnist5k": ("uci_digits", "inverted", "noisy", "sketch")
+}
+#: Tasks whose source the train, val and test splits (and targets) use up: no ``devtest``.
+WITHOUT_DEVTEST = frozenset({"digits", "mnist5k", "textures", "elpv"})
+# ELPV's licence is non-commercial; the scene tasks are CLIP probes, asked for by name
+DEFAULT_TASKS = tuple(t for t in MINI_VTAB_TASKS if t != "elpv" and not t.startswith("scenes_"))

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from nas.core.jsonio import read_json
 from nas.core.registry import Registry
 from nas.core.validate import Reader
-from nas.data.catalog import vtab_group
+from nas.data.catalog import MINI_VTAB_TASKS, TASK_TARGETS, WITHOUT_DEVTEST, vtab_group
 from nas.data.lists import (
     DEVTEST_FILE,
     VTAB_SPLITS,
@@ -25,7 +25,6 @@ from nas.data.lists import (
     read_image_folder,
     read_vtab,
 )
-from nas.data.mini_vtab import TASK_TARGETS, TASKS, WITHOUT_DEVTEST
 
 #: A dataset's variants: (shots, split seed) pairs; (None, None) for a format without them.
 Variants = list[tuple[int | None, int | None]]
@@ -115,8 +114,8 @@ class MiniVtabFormat(DatasetFormat):
 
     def check_name(self, r: Reader, key: str, name: str) -> None:
 
-        if name not in TASKS:
-            r.fail(key, f"{name!r} is not a mini-VTAB task; known: {', '.join(TASKS)}")
+        if name not in MINI_VTAB_TASKS:
+            r.fail(key, f"{name!r} is not a mini-VTAB task; known: {', '.join(MINI_VTAB_TASKS)}")
 
     def check_target(self, r: Reader, key: str, name: str, target: str) -> None:
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from nas.core.errors import NasError
 from nas.core.paths import REPO_ROOT
+from nas.data.catalog import DEFAULT_TASKS, MINI_VTAB_TASKS
 from nas.data.decode import decode_split
 from nas.data.hashing import image_fingerprints
 from nas.data.lists import DEVTEST_FILE, read_target, read_vtab
@@ -216,14 +217,8 @@ TASKS: dict[str, Callable[[np.random.Generator, int], TaskData]] = {
         "fill of a small shape",
     ),
 }
-#: The domain-generalisation targets a task ships (``targets:`` of a spec's dataset entry).
-TASK_TARGETS: dict[str, tuple[str, ...]] = {
-    "mnist5k": ("uci_digits", "inverted", "noisy", "sketch")
-}
-# ELPV's licence is non-commercial; the scene tasks are CLIP probes, asked for by name
-#: Tasks whose source the train, val and test splits (and targets) use up: no ``devtest``.
-WITHOUT_DEVTEST = frozenset({"digits", "mnist5k", "textures", "elpv"})
-DEFAULT_TASKS = tuple(t for t in TASKS if t != "elpv" and not t.startswith("scenes_"))
+if tuple(TASKS) != MINI_VTAB_TASKS:  # the catalog names what is built here, in order
+    raise AssertionError("nas.data.catalog.MINI_VTAB_TASKS differs from mini_vtab.TASKS")
 
 
 def _check_disjoint(name: str, data: TaskData, pretrain: np.ndarray | None) -> dict[str, int]:

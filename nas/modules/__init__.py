@@ -4,9 +4,13 @@ registry imports a kind's file when the kind is first asked for."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nas.core.errors import NasError
 from nas.core.registry import Registry
-from nas.modules.base import PromptModule
+
+if TYPE_CHECKING:  # the kinds' base imports torch; the registry names kinds without it
+    from nas.modules.base import PromptModule
 
 #: The kinds in their canonical order (subnets and reports list them so).
 REGISTRY: Registry[type[PromptModule]] = Registry(

@@ -43,8 +43,6 @@ from nas.space.cost import added_flops, subnet_params
 from nas.space.subnet import Subnet
 from nas.towers.geometry import TowerGeometry
 
-DEFAULT_SPACE = "noah_vtab"
-
 #: FLOPs budgets are counted exactly by enumeration up to this many subnets, else estimated.
 EXACT_FLOPS_COUNT_LIMIT = 200_000
 
