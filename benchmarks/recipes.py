@@ -179,9 +179,7 @@ def largest_uniform(space: SearchSpace) -> Subnet:
     best, best_params = None, -1
     for dims in itertools.product(*(space.modules[k].dims for k in kinds)):
         depth = {k: max(space.modules[k].depths) for k in kinds}
-        subnet = Subnet.from_data(
-            {k: {"depth": depth[k], "dims": d} for k, d in zip(kinds, dims, strict=True) if d}
-        )
+        subnet = Subnet({k: (d,) * depth[k] for k, d in zip(kinds, dims, strict=True) if d})
         params = subnet_params(subnet, space.geometry)
         if space.admits(subnet) and params > best_params:
             best, best_params = subnet, params

@@ -257,3 +257,60 @@ def test_after_attention_acts_after_what_merges_into_proj():
         merged = model.export(merge=True)
         assert set(merged.prompt_modules) == {"adapter"}
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_budget_moves_and_anchors_treat_equal_sizes_as_one_rung():
+    from nas.search.anchors import step
+
+    space, _ = build()
+    ladder, g = space.modules["adapter"].ladder(space.geometry), space.geometry
+    assert ladder[-1] == space.modules["adapter"].largest(g) == (compose(8, "after_mlp", True),) * 3
+    start = Subnet({"adapter": (3, 3, 3)})
+    own = subnet_params(start, g)
+    rng = random.Random(0)
+    sizes = {subnet_params(step(space, start, "adapter", rng), g) for _ in range(200)}
+    assert own not in sizes  # a step changes the size, up or down
+    assert any(s > own for s in sizes) and any(s < own for s in sizes)
+
+
+def test_tilted_sampling_ranks_equal_sizes_alike():
+    space, _ = build()
+    adapter = space.modules["adapter"]
+    ranks = dict(zip(adapter.by_size, adapter.size_ranks, strict=True))
+    assert len({ranks[compose(8, p)] for p in ("after_mlp", "after_attn", "parallel")}) == 1
+    assert ranks[compose(8, "parallel", True)] == ranks[compose(8, "after_mlp", True)] > ranks[8]
+
+
+def test_a_value_is_one_position_and_a_plain_width():
+    _, model = build()
+    both = 8 | AFTER_ATTN | PARALLEL
+    with pytest.raises(ValueError, match=r"choice \(8@after_attn\|parallel\)x1 exceeds"):
+        model.prompt_modules["adapter"].activate((both,))
+    with pytest.raises(ConfigError, match="4,294,967,304 is no adapter dim"):
+        Subnet.from_data({"adapter": {"depth": 1, "dims": ["4294967304"]}})
+    assert Subnet.from_data({"adapter": [3, "8+scale"]}).to_data()["adapter"]["dims"] == [
+        3,
+        "8+scale",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"dropout": True}, "option dropout: True; expected a number"),
+        ({"dropout": "0.2"}, "option dropout: '0.2'; expected a number"),
+        ({"dropout": 1.5}, "option dropout: 1.5 must be below 1"),
+        ({"dropout": None}, "option dropout: None; expected a number"),
+    ],
+)
+def test_recorded_options_are_checked_as_the_yaml_is(data, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterOptions.of(data)
+    assert AdapterOptions.of({"dropout": 0}) == AdapterOptions(dropout=0.0)
+
+
+def test_largest_uniform_reads_composed_dims():
+    from benchmarks.recipes import largest_uniform
+
+    space, _ = build()
+    assert largest_uniform(space)["adapter"] == (compose(8, "after_mlp", True),) * 3

@@ -110,6 +110,8 @@ def noah_subnet(doc: Document) -> NoahSubnet:
             continue
         top = maxima.get(key)
         for i, dim in enumerate(dims):
+            if REGISTRY[kinds[key]].width_of(dim) != dim:  # the kind reads more than a width
+                r.fail(join_key(where, i), f"{dim:,} is not a width this kind takes")
             if top is not None and dim > top:
                 r.fail(
                     join_key(where, i),

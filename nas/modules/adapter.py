@@ -39,7 +39,7 @@ from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.base import LayeredModule
 from nas.modules.options import Options
-from nas.modules.spaces import LayeredSpace, trim
+from nas.modules.spaces import LayeredSpace, size_order, trim
 from nas.towers.geometry import TowerGeometry
 
 #: The dim's bits of a layer's value; the flags sit above them.
@@ -149,9 +149,9 @@ class Adapter(LayeredModule):
 
     @classmethod
     def dim_str(cls, dim: int) -> str:
-        position = next(n for n, f in POSITIONS.items() if f == position_of(dim))
-        where = "" if position == "after_mlp" else f"@{position}"
-        return f"{dim_of(dim)}{where}{'+scale' if dim & SCALED else ''}"
+        # a supernet's capacity may hold several positions: after_attn|parallel
+        where = "|".join(n for n, f in POSITIONS.items() if f and dim & f)
+        return f"{dim_of(dim)}{'@' + where if where else ''}{'+scale' if dim & SCALED else ''}"
 
     @classmethod
     def parse_layer(cls, value: Any, reader: Reader, key: str) -> int:
@@ -168,6 +168,8 @@ class Adapter(LayeredModule):
                 f"{value!r}; expected a dim, optionally with @POSITION ({', '.join(POSITIONS)})"
                 " and +scale, e.g. 8@parallel+scale",
             )
+        if int(match[1]) > DIM_MASK:
+            reader.fail(key, f"{int(match[1]):,} is no adapter dim (at most {DIM_MASK:,})")
         return compose(int(match[1]), match[2] or "after_mlp", match[3] is not None)
 
     @classmethod
@@ -207,7 +209,7 @@ class Adapter(LayeredModule):
     def choice_to_data(cls, choice: Sequence[int]) -> dict[str, Any] | None:
         data = super().choice_to_data(choice)
         if data is not None and any(v & ~DIM_MASK for v in data["dims"]):
-            data["dims"] = [cls.dim_str(v) if v else 0 for v in data["dims"]]
+            data["dims"] = [cls.dim_str(v) if v & ~DIM_MASK else v for v in data["dims"]]
         return data
 
     @classmethod
@@ -234,17 +236,11 @@ class Adapter(LayeredModule):
         values = tuple(
             dict.fromkeys(compose(d, p, s) for d in base.dims for p in positions for s in scaling)
         )
+        by_size, ranks = size_order(values, lambda v: cls.layer_params(v, geometry), _preference)
         return AdapterSpace(
-            cls,
-            values,
-            base.depths,
-            base.max_dim,
-            base.options,
-            tuple(sorted(values, key=lambda v: (cls.layer_params(v, geometry), _preference(v)))),
-            base.dims,
-            positions,
-            scaling,
-        )
+            cls, values, base.depths, base.max_dim, base.options, by_size, ranks, base.dims,
+            positions, scaling,
+        )  # fmt: skip
 
     # -- costs ---------------------------------------------------------------------------------
     @classmethod
@@ -268,7 +264,9 @@ class Adapter(LayeredModule):
     def fits(self, choice: Sequence[int]) -> bool:
         choice = trim(choice)
         return len(choice) <= len(self.capacity) and all(
-            dim_of(v) <= dim_of(c) and (v & ~DIM_MASK) & ~c == 0
+            dim_of(v) <= dim_of(c)
+            and (v & ~DIM_MASK) & ~c == 0
+            and position_of(v) != AFTER_ATTN | PARALLEL  # one position per layer
             for v, c in zip(choice, self.capacity, strict=False)
         )
 

@@ -352,8 +352,8 @@ class LayeredModule(PromptModule):
         choice = trim(choice)
         if not self.fits(choice):
             raise ValueError(
-                f"{self.kind}: choice {list(choice)} exceeds the allocated capacity "
-                f"{list(self.capacity)}"
+                f"{self.kind}: choice {self.choice_str(choice)} exceeds the allocated capacity "
+                f"{self.choice_str(self.capacity)}"
             )
         self.active = choice
 
@@ -374,7 +374,8 @@ class LayeredModule(PromptModule):
         choice = trim(choice)
         if not self.fits(choice):
             raise ValueError(
-                f"{self.kind}: cannot export {list(choice)} from {list(self.capacity)}"
+                f"{self.kind}: cannot export {self.choice_str(choice)} from "
+                f"{self.choice_str(self.capacity)}"
             )
         clone = type(self)(self.geometry, choice, self.options)
         reference = next(self.parameters(), None)

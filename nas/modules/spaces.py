@@ -173,6 +173,8 @@ class LayeredSpace(ModuleSpace):
     max_dim: int
     options: Options = field(default_factory=Options)
     by_size: tuple[int, ...] = ()
+    #: with ``by_size``: each entry's rank among the distinct sizes (equal sizes, equal rank)
+    size_ranks: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -207,7 +209,8 @@ class LayeredSpace(ModuleSpace):
         sorted values: tilt 0 is NOAH's sampling, large positive tilts favour the largest."""
         depth = _tilted_choice(rng, sorted(self.depths), tilt)
         dims = self.ordered_dims()
-        return trim(_tilted_choice(rng, dims, tilt) for _ in range(depth))
+        ranks = self.size_ranks or None
+        return trim(_tilted_choice(rng, dims, tilt, ranks) for _ in range(depth))
 
     def ordered_dims(self) -> tuple[int, ...]:
         """The dims, fewest parameters first."""
@@ -269,7 +272,16 @@ class LayeredSpace(ModuleSpace):
         """The uniform choices, smallest first: one dim on every layer of a depth (and the
         empty choice when a dim of 0 or a depth of 0 allows it)."""
         steps = [(d,) * depth for depth in self.depths for d in self.dims]
-        return _by_size(self.module, geometry, [s for s in steps if self.contains(s)])
+        steps = [s for s in steps if self.contains(s)]
+        if not self.by_size:
+            return _by_size(self.module, geometry, steps)
+        # equal sizes in the space's own order of preference (the last is what largest() takes)
+        rank = {v: i for i, v in enumerate(self.by_size)}
+        unique = {self.module.canonical(s): None for s in steps}
+        return sorted(
+            unique,
+            key=lambda c: (self.module.params(c, geometry), tuple(rank.get(v, -1) for v in c)),
+        )
 
     def to_data(self) -> dict[str, Any]:
         return {
@@ -280,13 +292,32 @@ class LayeredSpace(ModuleSpace):
         }
 
     def summary(self) -> str:
-        opts = ", ".join(f"{k}={v:g}" for k, v in self.options.to_data().items())
+        opts = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.options.to_data().items()
+        )
         line = f"dims {list(self.dims)}  depths {list(self.depths)}  supernet max {self.max_dim}"
         return line + (f"  ({opts})" if opts else "")
 
 
-def _tilted_choice(rng: random.Random, ordered: Sequence[int], tilt: float) -> int:
+def size_order(
+    values: Sequence[int], size: Callable[[int], int], tie: Callable[[int], Any] = lambda v: v
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A layered space's ``by_size`` and ``size_ranks``: ``values`` fewest parameters
+    (``size``) first, equal sizes ordered by ``tie``, and each one's rank among the distinct
+    sizes."""
+    ordered = tuple(sorted(values, key=lambda v: (size(v), tie(v))))
+    distinct = sorted({size(v) for v in values})
+    return ordered, tuple(distinct.index(size(v)) for v in ordered)
+
+
+def _tilted_choice(
+    rng: random.Random, ordered: Sequence[int], tilt: float, ranks: Sequence[int] | None = None
+) -> int:
+    """One of ``ordered`` (smallest first) drawn with weights exp(tilt * rank / top rank):
+    the rank is the position, or ``ranks`` (equal sizes sharing one)."""
     if len(ordered) == 1 or tilt == 0:
         return rng.choice(ordered)
-    n = len(ordered) - 1
-    return rng.choices(ordered, weights=[math.exp(tilt * i / n) for i in range(n + 1)])[0]
+    ranks = list(range(len(ordered))) if ranks is None else list(ranks)
+    top = max(ranks) or 1
+    return rng.choices(ordered, weights=[math.exp(tilt * r / top) for r in ranks])[0]

@@ -28,7 +28,7 @@ from nas.core.validate import Reader
 from nas.core.yamlio import join_key
 from nas.modules.base import LayeredModule
 from nas.modules.options import Options
-from nas.modules.spaces import LayeredSpace, trim
+from nas.modules.spaces import LayeredSpace, size_order, trim
 from nas.towers.geometry import TowerGeometry, Weights
 
 #: SSF's and bias tuning's targets: after each operation of a block (bit i: ``TARGETS[i]``).
@@ -178,8 +178,8 @@ class VectorModule(LayeredModule):
         union = 0
         for mask in masks:
             union |= mask
-        by_size = sorted(masks, key=lambda m: (cls.layer_params(m, geometry), m))
-        return MaskSpace(cls, tuple(masks), depths, union, Options(), tuple(by_size))
+        by_size, ranks = size_order(masks, lambda m: cls.layer_params(m, geometry))
+        return MaskSpace(cls, tuple(masks), depths, union, Options(), by_size, ranks)
 
     # -- costs ---------------------------------------------------------------------------------
     @classmethod

@@ -79,14 +79,28 @@ def transfer(
 
 
 def step(space: SearchSpace, subnet: Subnet, kind: str, rng: random.Random) -> Subnet:
-    """``kind`` one rung up or down its ladder from the rung nearest its size."""
+    """``kind`` one rung up or down its ladder from the rung nearest its size. Rungs that
+    differ only in what costs nothing (an adapter's positions: the same widths, the same
+    size) are one rung: one of them is drawn."""
     g = space.geometry
     module = space.modules[kind].module
     ladder = space.modules[kind].ladder(g)
+    sizes = [module.params(c, g) for c in ladder]
+    widths = getattr(module, "width_of", None)
+    keys = [
+        (size, tuple(map(widths, c)) if widths and isinstance(c, tuple) else c)
+        for size, c in zip(sizes, ladder, strict=True)
+    ]
     own = module.params(subnet[kind], g)
-    at = min(range(len(ladder)), key=lambda i: abs(module.params(ladder[i], g) - own))
-    to = at + rng.choice((-1, 1))
-    return _with(subnet, kind, ladder[to]) if 0 <= to < len(ladder) else subnet
+    at = min(range(len(ladder)), key=lambda i: abs(sizes[i] - own))
+    direction = rng.choice((-1, 1))
+    to = at + direction
+    while 0 <= to < len(ladder) and keys[to] == keys[at]:
+        to += direction
+    if not 0 <= to < len(ladder):
+        return subnet
+    same = [c for c, key in zip(ladder, keys, strict=True) if key == keys[to]]
+    return _with(subnet, kind, same[0] if len(same) == 1 else rng.choice(same))
 
 
 def move(space: SearchSpace, subnet: Subnet, rng: random.Random) -> Subnet | None:

@@ -128,7 +128,9 @@ def sandwich_ends(space: SearchSpace, in_budget: bool) -> tuple[Subnet, Subnet]:
     options = []
     for kind, ms in space.modules.items():
         if hasattr(ms, "dims") and hasattr(ms, "depths"):
-            options.append([(kind, (d,) * max(ms.depths)) for d in ms.dims])
+            # one dim per layer size (an adapter's positions cost alike): the last of each
+            by_size = {ms.module.layer_params(d, g): d for d in ms.ordered_dims()}
+            options.append([(kind, (d,) * max(ms.depths)) for d in by_size.values()])
         else:
             options.append([(kind, ms.largest(g)), (kind, ms.smallest(g))])
     candidates += [Subnet(dict(combo)) for combo in itertools.product(*options)]

@@ -244,7 +244,10 @@ class PromptedCLIP(PromptedModel):
                 "weights were trained on (sha256 mismatch)"
             )
         names = reader.mapping(meta.get("options") or {}, "options", open_keys=True)
-        model = cls.for_subnet(spec, list(meta["class_names"]), subnet, names, clip)
+        try:
+            model = cls.for_subnet(spec, list(meta["class_names"]), subnet, names, clip)
+        except ValueError as exc:  # options or a subnet edited beyond what the kinds take
+            raise NasError(f"{meta_path}: subnet {subnet} cannot be built: {exc}") from None
         model._load_weights(Path(directory) / WEIGHTS_FILE)
         return model
 
