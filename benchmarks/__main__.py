@@ -21,6 +21,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "pgn-deploy": ("pgn_deploy", "PGN inverted to input-space prompts: accuracy and speed"),
     "pgn-deployed": ("pgn_deployed", "a pipeline run's PGN winners deployed as RGB prompts"),
     "quickstart-time": ("quickstart_time", "wall time of the README's quickstart"),
+    "cli-time": ("cli_time", "wall time and heavy imports of the CLI's light commands"),
     "ray-trial-cost": ("ray_trial_cost", "the cost of one Ray Tune trial over a plain call"),
     "vitb16-projection": ("vitb16_projection", "ViT-B/16 throughput, projected to VTAB-1k"),
     "cuda-check": ("cuda_check", "the pipeline's training and search on a GPU"),
