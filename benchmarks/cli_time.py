@@ -31,6 +31,20 @@ COMMANDS = (
 HEAVY = ("torch", "timm", "torchvision", "ray", "mlflow", "optuna", "open_clip")
 
 
+def imported(args: tuple[str, ...], repo: Path = REPO) -> set[str]:
+    """The top-level packages ``python -X importtime -m nas ARGS`` imports in ``repo``."""
+    trace = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nas", *args],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, check=True,
+        capture_output=True, text=True,
+    ).stderr  # fmt: skip
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in trace.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
 def time_command(repo: Path, args: tuple[str, ...], runs: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(repo)}
     walls = []
@@ -41,20 +55,11 @@ def time_command(repo: Path, args: tuple[str, ...], runs: int) -> dict:
             capture_output=True,
         )  # fmt: skip
         walls.append(time.perf_counter() - start)
-    trace = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "nas", *args],
-        cwd=repo, env=env, check=True, capture_output=True, text=True,
-    ).stderr  # fmt: skip
-    loaded = {
-        line.rsplit("|", 1)[1].strip().split(".")[0]
-        for line in trace.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
     return {
         "command": "nas " + " ".join(args),
         "median_s": round(statistics.median(walls), 3),
         "runs_s": [round(w, 3) for w in walls],
-        "heavy_imports": sorted(loaded & set(HEAVY)),
+        "heavy_imports": sorted(imported(args, repo) & set(HEAVY)),
     }
 
 

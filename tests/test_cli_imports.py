@@ -5,33 +5,15 @@ geometry is read off the model built on the meta device)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-HEAVY = {"torch", "timm", "ray", "mlflow", "optuna", "torchvision", "open_clip"}
-
-
-def imported(*args: str) -> set[str]:
-    """The top-level packages ``python -X importtime -m nas ARGS`` imports."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "nas", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    names = set()
-    for line in done.stderr.splitlines():
-        if line.startswith("import time:") and "|" in line:
-            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
-    return names
+from benchmarks.cli_time import HEAVY, imported
 
 
 def test_help_imports_nothing_heavy():
-    assert not imported("--help") & HEAVY
-    assert not imported("run", "--help") & HEAVY
+    assert not imported(("--help",)) & set(HEAVY)
+    assert not imported(("run", "--help")) & set(HEAVY)
 
 
 def test_space_show_imports_no_ray_mlflow_or_optuna():
-    loaded = imported("space", "show", "tiny_cpu")
+    loaded = imported(("space", "show", "tiny_cpu"))
     assert "nas" in loaded and "torch" in loaded  # the check reads real imports
     assert not loaded & {"ray", "mlflow", "optuna"}
