@@ -119,6 +119,27 @@ modules:
 {extra}"""
 
 
+def _release(package: str) -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version(package).split(".")[:2] if p.isdigit())
+
+
+def pytest_configure(config):
+    """Under ``--dist loadgroup`` (scripts/test.sh) each ``xdist_group`` runs on one worker,
+    so its shared fixtures (a whole ``nas run``) are made once. With pytest 9.2 and
+    pytest-xdist up to 3.8 the grouping is silently lost (pytest-dev/pytest-xdist#1386) and
+    every group's fixtures run on each worker: refused, with the fix."""
+    if config.getoption("dist", None) != "loadgroup" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if _release("pytest") >= (9, 2) and _release("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(
+            "--dist loadgroup does not group tests with pytest 9.2 and pytest-xdist <= 3.8 "
+            "(pytest-dev/pytest-xdist#1386): run bash scripts/setup.sh to install the "
+            "versions pyproject.toml's dev extra pins"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -149,4 +170,43 @@ def mini_vtab_data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("mv")
     prepare(out, ("digits", "dsprites_loc"), test_size=200, log=lambda *_: None)
+    return out
+
+
+#: The sizes of ``small_mini_vtab``'s lists: train, val (trainval is both), test.
+SMALL_SPLITS = {"train800.txt": 256, "val200.txt": 64, "test.txt": 128}
+
+
+@pytest.fixture(scope="session")
+def small_mini_vtab(tmp_path_factory, mini_vtab_data):
+    """``mini_vtab_data`` with shorter lists (256 train, 64 val, 128 test images per task, the
+    first of each list) and its manifest's counts and content hashes made to match, for the
+    end-to-end runs: every stage, resume and record is the same code on a quarter of the
+    images. Same layout and file names."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from nas.data.decode import decode_split
+    from nas.data.lists import read_vtab
+
+    out = tmp_path_factory.mktemp("mv-small")
+    manifest = json.loads((mini_vtab_data / "manifest.json").read_text())
+    for task, entry in manifest["tasks"].items():
+        shutil.copytree(mini_vtab_data / task, out / task)
+        for name, size in SMALL_SPLITS.items():
+            lines = (out / task / name).read_text().splitlines()[:size]
+            (out / task / name).write_text("\n".join(lines) + "\n")
+        both = [(out / task / n).read_text() for n in ("train800.txt", "val200.txt")]
+        (out / task / "train800val200.txt").write_text("".join(both))
+        for split, listed in read_vtab(out / task).items():
+            decoded = decode_split(listed, 28, 1)
+            labels = np.bincount(decoded.labels.numpy(), minlength=entry["num_classes"])
+            entry["splits"][split] |= {
+                "count": len(listed),
+                "per_class": labels.tolist(),
+                "sha256": decoded.content_hash(),
+            }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

@@ -51,15 +51,15 @@ SPEC = {
 
 
 @pytest.fixture(scope="module")
-def clip_run(tmp_path_factory, mini_vtab_data):
+def clip_run(tmp_path_factory, small_mini_vtab):
     root = tmp_path_factory.mktemp("clip-pipeline")
-    spec = {**SPEC, "datasets": [{**d, "root": str(mini_vtab_data)} for d in SPEC["datasets"]]}
+    spec = {**SPEC, "datasets": [{**d, "root": str(small_mini_vtab)} for d in SPEC["datasets"]]}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
-    run_to_end(root / "spec.yaml", root / "out", mini_vtab_data)
+    run_to_end(root / "spec.yaml", root / "out", small_mini_vtab)
     return root / "out"
 
 
-def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
+def test_clip_pipeline_end_to_end(clip_run, small_mini_vtab):
     client, runs = mlflow_runs(clip_run, "clip-ci")
     kinds = Counter(
         (r.data.tags.get("nas.stage"), "mlflow.parentRunId" in r.data.tags) for r in runs
@@ -83,19 +83,19 @@ def test_clip_pipeline_end_to_end(clip_run, mini_vtab_data):
     model = families.load(local).eval()  # whichever backbone: the folder names its CLIP
     assert isinstance(model, PromptedCLIP)
     assert model.class_names[:3] == ["zero", "one", "two"]
-    test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
+    test = decode_split(read_vtab(small_mini_vtab / "digits")["test"], 28, 1)
     mean, std = model.clip_spec.normalisation()
     assert abs(evaluate(model, test, mean=mean, std=std) - winner.data.metrics["test_acc"]) < 1e-9
 
 
-def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, mini_vtab_data):
+def test_a_dataset_without_class_names_is_refused_for_clip(tmp_path, small_mini_vtab):
     import shutil
 
     from nas.pipeline.context import load_splits
     from nas.pipeline.preflight import check_class_names
 
     data = tmp_path / "data"
-    shutil.copytree(mini_vtab_data / "digits", data / "digits")
+    shutil.copytree(small_mini_vtab / "digits", data / "digits")
     (data / "digits" / "classnames.txt").unlink()
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(

@@ -75,7 +75,18 @@ def nas_run(spec: Path, output: Path, env: dict, extra: dict | None = None, cwd:
     )
 
 
-def test_two_node_cluster(tmp_path, mlflow_server):
+def small_data(root: Path) -> dict:
+    """The spec's datasets read from ``root`` (the conftest's shortened lists) instead of
+    prepared in full inside the run's output."""
+    return {
+        "datasets": [
+            {"name": name, "format": "mini-vtab", "root": str(root)}
+            for name in ("digits", "dsprites_loc")
+        ]
+    }
+
+
+def test_two_node_cluster(tmp_path, mlflow_server, small_mini_vtab):
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     env = {**os.environ, **ENV}
     port = free_port()
@@ -109,16 +120,15 @@ def test_two_node_cluster(tmp_path, mlflow_server):
         assert second.returncode == 0, second.stderr[-2000:]
         env = {"RAY_ADDRESS": f"127.0.0.1:{port}"}
         # A node-local sqlite store on a two-node cluster is refused, with the fix.
-        refused = nas_run(SPEC, tmp_path / "refused", env)
+        refused = nas_run(SPEC, tmp_path / "refused", env, extra=small_data(small_mini_vtab))
         assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
         assert "the cluster has 2 nodes but mlflow.tracking_uri is 'sqlite:" in refused.stderr
         assert "mlflow.tracking_uri: http://<head ip>:5000" in refused.stderr
         # With a tracking server every node reaches, it runs, on both nodes.
         out = tmp_path / "shared" / "run"
         out.parent.mkdir()
-        done = nas_run(
-            SPEC, out, env, extra={"mlflow": {"tracking_uri": mlflow_server, "experiment": "two"}}
-        )
+        tracking = {"mlflow": {"tracking_uri": mlflow_server, "experiment": "two"}}
+        done = nas_run(SPEC, out, env, extra={**tracking, **small_data(small_mini_vtab)})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:
         kill_matching(temp)

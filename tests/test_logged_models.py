@@ -47,13 +47,13 @@ def retrain_task(path, spec, seed: int, label: str, role: str, subnet, val_acc=N
 
 
 @pytest.fixture(scope="module")
-def retrained(tmp_path_factory, mini_vtab_data):
+def retrained(tmp_path_factory, small_mini_vtab):
     """One LoRA baseline on digits retrained (1 epoch) by the retrain stage's own code; the
     path and spec, for more."""
     tmp = tmp_path_factory.mktemp("logged")
     spec_doc = {
         "name": "logged",
-        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
+        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(small_mini_vtab)}],
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
         "seeds": [0, 1],
@@ -142,7 +142,7 @@ def test_a_run_lists_the_splits_it_saw_as_dataset_inputs(retrained):
     }
 
 
-def test_pyfunc_loads_from_the_store_and_classifies_images(retrained, mini_vtab_data):
+def test_pyfunc_loads_from_the_store_and_classifies_images(retrained, small_mini_vtab):
     spec, _, row = retrained
     mlflow.set_tracking_uri(spec.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{row['mlflow_model_id']}")

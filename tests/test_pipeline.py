@@ -169,18 +169,18 @@ def kill_when(spec_path: Path, output: Path, data: Path, ready) -> None:
 # Session-scoped, so that under pytest-xdist the one worker of the "pipeline" group keeps them
 # however its items interleave with other modules'.
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory, mini_vtab_data) -> Path:
+def workdir(tmp_path_factory, small_mini_vtab) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
-    spec = {**SPEC, "datasets": [{**d, "root": str(mini_vtab_data)} for d in SPEC["datasets"]]}
+    spec = {**SPEC, "datasets": [{**d, "root": str(small_mini_vtab)} for d in SPEC["datasets"]]}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     return root
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(workdir, mini_vtab_data) -> Path:
+def uninterrupted(workdir, small_mini_vtab) -> Path:
     """The spec run to the end in a terminal; what the terminal showed is beside it."""
     out = workdir / "uninterrupted"
-    screen = run_in_terminal(workdir / "spec.yaml", out, mini_vtab_data)
+    screen = run_in_terminal(workdir / "spec.yaml", out, small_mini_vtab)
     (workdir / "uninterrupted.screen").write_text(screen)
     return out
 
@@ -227,7 +227,7 @@ def parent_run(runs, stage: str, **tags: str):
 
 
 @pytest.mark.xdist_group("pipeline")  # one uninterrupted run
-def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
+def test_end_to_end_mlflow_and_artifacts(uninterrupted, small_mini_vtab):
     client, runs = mlflow_runs(uninterrupted)
     kinds = Counter(
         (r.data.tags.get("nas.stage"), "mlflow.parentRunId" in r.data.tags) for r in runs
@@ -282,7 +282,7 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
     space = load_space("tiny_cpu")
     model = PromptedViT.load(local, space.backbone.create(10)).eval()
     assert families.load(local).subnet == model.subnet  # the generic loader finds the same
-    test = decode_split(read_vtab(mini_vtab_data / "digits")["test"], 28, 1)
+    test = decode_split(read_vtab(small_mini_vtab / "digits")["test"], 28, 1)
     mean, std = space.backbone.normalisation()
     acc = evaluate(model, test, mean=mean, std=std)
     assert abs(acc - winner.data.metrics["test_acc"]) < 1e-9
@@ -333,22 +333,22 @@ def test_end_to_end_mlflow_and_artifacts(uninterrupted, mini_vtab_data):
 
 
 @pytest.mark.xdist_group("pipeline")  # one uninterrupted run
-def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, mini_vtab_data):
+def test_kill_and_resume_matches_an_uninterrupted_run(workdir, uninterrupted, small_mini_vtab):
     out = workdir / "killed"
     spec = workdir / "spec.yaml"
     # Killed (SIGKILL, driver and Ray) in the middle of supernet training ...
-    kill_when(spec, out, mini_vtab_data, lambda: any((out / "supernet").glob("*/state.pt")))
+    kill_when(spec, out, small_mini_vtab, lambda: any((out / "supernet").glob("*/state.pt")))
     # ... and again in the middle of the search.
     kill_when(
         spec,
         out,
-        mini_vtab_data,
+        small_mini_vtab,
         lambda: any(
             len(p.read_text().splitlines()) >= 12
             for p in (out / "search").glob("*/candidates.jsonl")
         ),
     )
-    run_to_end(spec, out, mini_vtab_data)
+    run_to_end(spec, out, small_mini_vtab)
 
     for d in ("digits", "dsprites_loc"):
         a = (uninterrupted / "search" / f"{d}-seed0" / "candidates.jsonl").read_text()
@@ -393,10 +393,10 @@ def test_another_spec_in_the_same_output_is_refused(workdir, uninterrupted):
     assert "Traceback" not in result.stderr
 
 
-def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
+def test_hparams_stage_feeds_later_stages(tmp_path, small_mini_vtab):
     spec = {
         "name": "hp",
-        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
+        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(small_mini_vtab)}],
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
         "budget": {"params": {"max": 20000}},
@@ -433,9 +433,9 @@ def test_hparams_stage_feeds_later_stages(tmp_path, mini_vtab_data):
     out = tmp_path / "out"
     # Killed as soon as the first sweep has its winner: the rerun keeps it and runs the other.
     sweeps = out / "hparams" / "digits"
-    kill_when(path, out, mini_vtab_data, lambda: any(sweeps.glob("*/done.json")))
+    kill_when(path, out, small_mini_vtab, lambda: any(sweeps.glob("*/done.json")))
     kept = {p.parent.name: p.read_text() for p in sweeps.glob("*/done.json")}
-    log = run_to_end(path, out, mini_vtab_data)
+    log = run_to_end(path, out, small_mini_vtab)
     assert f"== hparams: {2 - len(kept)} of 2 sweeps to run" in log and len(kept) == 1
     # The live progress: every stage's lines say how far it is and how long is left.
     for stage in ("hparams", "supernet", "search", "retrain"):
@@ -526,12 +526,12 @@ def test_searched_subnets_retrain_at_their_own_sweeps_rates(tmp_path):
         assert lr("baseline-b", "baseline", 0) == 2e-3
 
 
-def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_data):
+def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, small_mini_vtab):
     """A learning rate that makes the loss NaN: the supernet trial fails on every retry, and
     the run stops with one message naming the dataset, the seed and the error."""
     spec = {
         "name": "nan",
-        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(mini_vtab_data)}],
+        "datasets": [{"name": "digits", "format": "mini-vtab", "root": str(small_mini_vtab)}],
         "backbone": "vit_fmnist",
         "space": "tiny_cpu",
         "stages": {
@@ -542,7 +542,7 @@ def test_a_failing_trial_is_retried_then_reported_by_name(tmp_path, mini_vtab_da
     }
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(spec))
-    proc, tmpdir = start(path, tmp_path / "out", mini_vtab_data)
+    proc, tmpdir = start(path, tmp_path / "out", small_mini_vtab)
     try:
         out, _ = proc.communicate(timeout=600)
     finally:

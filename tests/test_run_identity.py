@@ -54,11 +54,11 @@ def results_ids(output: Path) -> tuple[set[str], set[str]]:
 
 
 def test_two_outputs_of_one_spec_on_one_server_keep_their_own_records(
-    tmp_path, mini_vtab_data, mlflow_server
+    tmp_path, small_mini_vtab, mlflow_server
 ):
     spec = {
         **SPEC,
-        "datasets": [{**d, "root": str(mini_vtab_data)} for d in SPEC["datasets"]],
+        "datasets": [{**d, "root": str(small_mini_vtab)} for d in SPEC["datasets"]],
         "mlflow": {"tracking_uri": mlflow_server, "experiment": "same"},
     }
     spec_path = tmp_path / "spec.yaml"
@@ -66,7 +66,7 @@ def test_two_outputs_of_one_spec_on_one_server_keep_their_own_records(
     first, second = tmp_path / "first", tmp_path / "second"
     client = MlflowClient(mlflow_server)
 
-    run_to_end(spec_path, first, mini_vtab_data)
+    run_to_end(spec_path, first, small_mini_vtab)
     before = runs_of(client, "same")
     first_id = output_id(first)
     assert {r.data.tags["nas.output_id"] for r in before.values()} == {first_id}
@@ -75,8 +75,8 @@ def test_two_outputs_of_one_spec_on_one_server_keep_their_own_records(
 
     # The second output is stopped in its supernet's training, then continued.
     state = second / "supernet" / "digits-seed0" / "state.pt"
-    kill_when(spec_path, second, mini_vtab_data, state.is_file)
-    run_to_end(spec_path, second, mini_vtab_data)
+    kill_when(spec_path, second, small_mini_vtab, state.is_file)
+    run_to_end(spec_path, second, small_mini_vtab)
     after = runs_of(client, "same")
     second_id = output_id(second)
     assert second_id != first_id

@@ -40,8 +40,8 @@ SPEC = {
 
 
 @pytest.mark.xdist_group("verify")
-def test_verify_picks_on_val_resumes_after_kill_and_is_tracked(tmp_path, mini_vtab_data):
-    spec = {**SPEC, "datasets": [{**SPEC["datasets"][0], "root": str(mini_vtab_data)}]}
+def test_verify_picks_on_val_resumes_after_kill_and_is_tracked(tmp_path, small_mini_vtab):
+    spec = {**SPEC, "datasets": [{**SPEC["datasets"][0], "root": str(small_mini_vtab)}]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "run"
     folder = out / "verify" / "digits-seed0"
@@ -49,9 +49,9 @@ def test_verify_picks_on_val_resumes_after_kill_and_is_tracked(tmp_path, mini_vt
     def verifying() -> bool:  # a candidate has finished an epoch; the ranking is not written
         return any(folder.glob("c*.json")) and not (folder / "done.json").is_file()
 
-    kill_when(tmp_path / "spec.yaml", out, mini_vtab_data, verifying)
+    kill_when(tmp_path / "spec.yaml", out, small_mini_vtab, verifying)
     assert not (folder / "done.json").is_file()
-    log = run_to_end(tmp_path / "spec.yaml", out, mini_vtab_data)
+    log = run_to_end(tmp_path / "spec.yaml", out, small_mini_vtab)
     assert "== verify: 1 of 1 verifications to run" in log
 
     done = json.loads((folder / "done.json").read_text())
@@ -113,13 +113,13 @@ def test_divergence_rule():
     assert divergence(None, 5.0, verified=None) is None  # nothing to compare with
 
 
-def test_a_diverging_retrain_is_retried_at_a_lower_rate_and_reported(tmp_path, mini_vtab_data):
+def test_a_diverging_retrain_is_retried_at_a_lower_rate_and_reported(tmp_path, small_mini_vtab):
     """A retraining whose loss ends far above its verified run's is started again at a
     quarter of its rate, at most twice; every attempt is an MLflow run, the diverged ones
     FAILED and tagged, and the result says so (run here in-process, without Ray)."""
     spec = {
         **SPEC,
-        "datasets": [{**SPEC["datasets"][0], "root": str(mini_vtab_data)}],
+        "datasets": [{**SPEC["datasets"][0], "root": str(small_mini_vtab)}],
         "stages": {"search": {"enabled": False}, "retrain": SPEC["stages"]["retrain"]},
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
