@@ -151,14 +151,22 @@ class SearchSpace:
         return Subnet({k: s.largest(g) for k, s in self.modules.items()})
 
     def count_within(self, params: Bounds) -> int:
-        """Exact number of subnets whose trainable parameters lie within ``params``."""
+        """Exact number of subnets whose trainable parameters lie within ``params``: the
+        modules' cost distributions convolved (the one with the most distinct costs last, read
+        by bisection), partial sums above the upper bound dropped as they arise (a module's
+        cost is never negative, so they cannot come back within it)."""
         g = self.geometry
-        dists = [space.cost_distribution(g) for space in self.modules.values()]
+        dists = sorted((space.cost_distribution(g) for space in self.modules.values()), key=len)
+        high = math.inf if params.high is None else params.high
         head: Counter[int] = Counter({0: 1})
         for dist in dists[:-1]:
+            ordered = sorted(dist.items())
             nxt: Counter[int] = Counter()
             for a, ca in head.items():
-                for b, cb in dist.items():
+                room = high - a
+                for b, cb in ordered:
+                    if b > room:
+                        break
                     nxt[a + b] += ca * cb
             head = nxt
         last = sorted(dists[-1].items())
@@ -167,7 +175,7 @@ class SearchSpace:
         total = 0
         for cost, count in head.items():
             lo = -math.inf if params.low is None else params.low - cost
-            hi = math.inf if params.high is None else params.high - cost
+            hi = high - cost
             i, j = bisect.bisect_left(keys, lo), bisect.bisect_right(keys, hi)
             if j > i:
                 total += count * (cumulative[j - 1] - (cumulative[i - 1] if i else 0))
