@@ -177,12 +177,10 @@ def mini_vtab_data(tmp_path_factory):
 SMALL_SPLITS = {"train800.txt": 256, "val200.txt": 64, "test.txt": 128}
 
 
-@pytest.fixture(scope="session")
-def small_mini_vtab(tmp_path_factory, mini_vtab_data):
-    """``mini_vtab_data`` with shorter lists (256 train, 64 val, 128 test images per task, the
-    first of each list) and its manifest's counts and content hashes made to match, for the
-    end-to-end runs: every stage, resume and record is the same code on a quarter of the
-    images. Same layout and file names."""
+def shorten_mini_vtab(src: Path, out: Path) -> Path:
+    """A copy of the mini-VTAB tasks prepared under ``src`` with shorter lists (the first
+    ``SMALL_SPLITS`` lines of each; trainval both) and its manifest's counts, per-class counts
+    and content hashes recomputed as ``prepare`` computes them. Same layout and file names."""
     import json
     import shutil
 
@@ -191,10 +189,9 @@ def small_mini_vtab(tmp_path_factory, mini_vtab_data):
     from nas.data.decode import decode_split
     from nas.data.lists import read_vtab
 
-    out = tmp_path_factory.mktemp("mv-small")
-    manifest = json.loads((mini_vtab_data / "manifest.json").read_text())
+    manifest = json.loads((src / "manifest.json").read_text())
     for task, entry in manifest["tasks"].items():
-        shutil.copytree(mini_vtab_data / task, out / task)
+        shutil.copytree(src / task, out / task)
         for name, size in SMALL_SPLITS.items():
             lines = (out / task / name).read_text().splitlines()[:size]
             (out / task / name).write_text("\n".join(lines) + "\n")
@@ -210,3 +207,11 @@ def small_mini_vtab(tmp_path_factory, mini_vtab_data):
             }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def small_mini_vtab(tmp_path_factory, mini_vtab_data):
+    """``mini_vtab_data`` with shorter lists (256 train, 64 val, 128 test images per task),
+    for the end-to-end runs: every stage, resume and record is the same code on a quarter of
+    the images."""
+    return shorten_mini_vtab(mini_vtab_data, tmp_path_factory.mktemp("mv-small"))

@@ -16,9 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from nas.pipeline import context
 from nas.spec.experiment import load_spec
+from tests.conftest import shorten_mini_vtab
 from tests.test_dg import TARGETS
 from tests.test_pipeline import mlflow_runs, run_to_end
-from tests.test_splits import SHOTS, three_formats  # noqa: F401  (a fixture)
+from tests.test_splits import SHOTS, write_formats
 
 # Its module-scoped fixtures run once: under pytest-xdist every test here goes to one worker.
 pytestmark = pytest.mark.xdist_group("protocols")
@@ -133,14 +134,21 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def vit_run(tmp_path_factory, three_formats):  # noqa: F811
+def three_formats(tmp_path_factory, small_mini_vtab):
+    """The digits task in each format (``tests.test_splits.write_formats``), from the shorter
+    lists of ``small_mini_vtab``: what is checked here is which splits each stage read."""
+    return write_formats(small_mini_vtab, tmp_path_factory.mktemp("formats"))
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory, three_formats):
     """One run through Ray of every classifier protocol: digits as VTAB-1k, as 2-shot
     few-shot lists and as an ImageFolder, and mnist5k with its four targets (DG)."""
     from nas.data.mini_vtab import prepare
 
     tmp = tmp_path_factory.mktemp("protocols")
-    dg_root = tmp / "dg"
-    prepare(dg_root, ("mnist5k",), test_size=200, log=lambda *_: None)
+    prepare(tmp / "dg-full", ("mnist5k",), test_size=200, log=lambda *_: None)
+    dg_root = shorten_mini_vtab(tmp / "dg-full", tmp / "dg")
     folders = Path(three_formats["imagefolder"]["root"])
     # a name apart from the VTAB copy (the few-shot lists point into folders/digits)
     shutil.copytree(folders / "digits", folders / "digits_folders")
@@ -238,7 +246,7 @@ def test_a_dg_run_reports_every_target_in_results_mlflow_and_report(vit_run):
 @pytest.mark.parametrize("space", ["clip_cpu"])
 def test_coop_few_shot_on_a_clip_reads_the_splits_the_table_states(
     tmp_path,
-    three_formats,  # noqa: F811
+    three_formats,
     space,
 ):
     spec = {

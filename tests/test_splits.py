@@ -25,12 +25,11 @@ SHOTS = 2
 CLASSES = 10  # digits
 
 
-@pytest.fixture(scope="module")
-def three_formats(tmp_path_factory, mini_vtab_data):
-    """The digits task in each format: its VTAB-1k lists, an ImageFolder of the same images
-    (train/val/test, one folder per class), and 2-shot few-shot lists written from it."""
-    root = tmp_path_factory.mktemp("formats")
-    vtab = Path(mini_vtab_data) / "digits"
+def write_formats(vtab_root: Path, root: Path) -> dict[str, dict]:
+    """The digits task under ``vtab_root`` in each format: its VTAB-1k lists, an ImageFolder of
+    the same images (train/val/test, one folder per class), and 2-shot few-shot lists written
+    from it; each as a spec's dataset entry (without its name)."""
+    vtab = Path(vtab_root) / "digits"
     for split, listing in (("train", "train800"), ("val", "val200"), ("test", "test")):
         for line in (vtab / f"{listing}.txt").read_text().splitlines():
             path, label = line.rsplit(" ", 1)
@@ -41,7 +40,7 @@ def three_formats(tmp_path_factory, mini_vtab_data):
     args = ["data", "few-shot", str(root / "folders" / "digits" / "train"), "--out", str(few)]
     assert main([*args, "--shots", str(SHOTS), "--seeds", "0", "--val-per-class", "3"]) == 0
     return {
-        "vtab": {"format": "vtab", "root": str(mini_vtab_data)},
+        "vtab": {"format": "vtab", "root": str(vtab_root)},
         "imagefolder": {"format": "imagefolder", "root": str(root / "folders")},
         "few-shot": {
             "format": "few-shot",
@@ -50,6 +49,12 @@ def three_formats(tmp_path_factory, mini_vtab_data):
             "split_seed": 0,
         },
     }
+
+
+@pytest.fixture(scope="module")
+def three_formats(tmp_path_factory, mini_vtab_data):
+    """The digits task in each format (``write_formats``), at its full size."""
+    return write_formats(mini_vtab_data, tmp_path_factory.mktemp("formats"))
 
 
 def write_spec(tmp_path: Path, dataset: dict) -> Path:
