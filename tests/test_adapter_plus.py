@@ -17,7 +17,7 @@ from nas.core.errors import ConfigError, NasError
 from nas.core.yamlio import parse_yaml
 from nas.families.vit.model import PromptedViT
 from nas.families.vit.spec import BackboneSpec
-from nas.modules.adapter import AFTER_ATTN, PARALLEL, SCALED, AdapterOptions, compose
+from nas.modules.adapter_kind import AFTER_ATTN, PARALLEL, SCALED, AdapterOptions, compose
 from nas.space.cost import added_flops, subnet_params
 from nas.space.search_space import parse_space
 from nas.space.subnet import Subnet

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from nas.core.errors import ConfigError, NasError
+from nas.core.paths import BACKBONES_DIR
 from nas.families.vit.spec import BackboneSpec, load_backbone
 from tests.conftest import REPO
 from tests.test_data import mini_vtab  # noqa: F401 - session fixture
@@ -93,4 +95,26 @@ def test_backbone_yaml_errors(tmp_path):
         load_backbone(path)
     path.write_text("model: vit_tiny_patch16_224\nmean: [0.5, high]\n")
     with pytest.raises(ConfigError, match=r"mean\[1\]: expected a number"):
+        load_backbone(path)
+
+
+def test_a_recorded_geometry_is_checked_against_the_model(tmp_path):
+    """A backbone file may record its tower's geometry (describing a space then needs no
+    timm); a wrong one is one error naming the file and the fields, at the pre-flight check,
+    whether or not the backbone has weights, and never a silently wrong count."""
+    shipped = yaml.safe_load((BACKBONES_DIR / "vit_fmnist" / "backbone.yaml").read_text())
+    assert load_backbone("vit_fmnist").recorded == load_backbone("vit_fmnist").geometry()
+    wrong = {**shipped["geometry"], "mlp_hidden": 700, "depth": 5}
+    path = tmp_path / "backbone.yaml"
+    for weights in (str(BACKBONES_DIR / "vit_fmnist" / "model.safetensors"), None):
+        path.write_text(yaml.safe_dump({**shipped, "weights": weights, "geometry": wrong}))
+        spec = load_backbone(path)
+        assert spec.geometry().depth == 5  # what describing reads, until checked
+        with pytest.raises(ConfigError) as caught:
+            spec.check_weights()
+        message = caught.value.format()
+        assert str(path) in message and "depth 5 (the model has 6)" in message, message
+        assert "mlp_hidden 700 (the model has 768)" in message and "width" not in message
+    path.write_text(yaml.safe_dump({**shipped, "weights": None, "geometry": {"width": 192}}))
+    with pytest.raises(ConfigError, match=r"geometry: missing required key 'depth'"):
         load_backbone(path)

@@ -105,7 +105,7 @@ def test_the_kinds_benchmark_holds_every_kind_at_its_largest_uniform_size_in_bud
     """Issue 40's benchmark spec: each single kind alone on every layer at the largest dim in
     the budget (recipes.largest_single), and Adapter+ (after the MLP, scaled) the same."""
     from benchmarks.recipes import largest_single
-    from nas.modules.adapter import compose
+    from nas.modules.adapter_kind import compose
     from nas.spec.experiment import load_spec
 
     spec = load_spec(Path(__file__).parents[1] / "experiments/benchmark_mini_vtab_kinds.yaml")

@@ -1,11 +1,27 @@
 """The CLI imports only what a command needs (issue 41): its help and parser load none of
-torch, timm, Ray, MLflow or Optuna; `nas space show` loads no Ray, MLflow or Optuna (it needs
-torch and timm: a kind's counts are classmethods of its nn.Module class, and a timm backbone's
-geometry is read off the model built on the meta device)."""
+torch, timm, Ray, MLflow or Optuna; describing a space (`nas space show`, `nas space
+validate`, `nas subnet show`) loads none of them either where the space's kinds have a torch-free
+side and its backbone records its geometry: every shipped ViT space. PGN's counts need timm's
+ResNet definitions and a CLIP's geometry its model's, so those spaces still load torch."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.cli_time import HEAVY, imported
+from nas.core.paths import SPACES_DIR
+from nas.modules import REGISTRY, kind_class, module_class
+from nas.space.search_space import load_space
+
+#: the shipped spaces whose description needs torch, and why (see the module docstring)
+NEED_TORCH = {
+    "clip_cpu": "a CLIP",
+    "clip_vitb16": "a CLIP",
+    "noah_pgn_border_cpu": "PGN",
+    "noah_pgn_cpu": "PGN",
+    "pgn_cpu": "PGN",
+}
+LIGHT_SPACES = sorted(p.stem for p in SPACES_DIR.glob("*.yaml") if p.stem not in NEED_TORCH)
 
 
 def test_help_imports_nothing_heavy():
@@ -13,7 +29,43 @@ def test_help_imports_nothing_heavy():
     assert not imported(("run", "--help")) & set(HEAVY)
 
 
-def test_space_show_imports_no_ray_mlflow_or_optuna():
+def test_describing_a_space_imports_nothing_heavy(tmp_path):
     loaded = imported(("space", "show", "tiny_cpu"))
-    assert "nas" in loaded and "torch" in loaded  # the check reads real imports
-    assert not loaded & {"ray", "mlflow", "optuna"}
+    assert "nas" in loaded and "yaml" in loaded  # the check reads real imports
+    assert not loaded & set(HEAVY)
+    files = [str(SPACES_DIR / f"{name}.yaml") for name in LIGHT_SPACES]
+    assert len(files) >= 9
+    assert not imported(("space", "validate", *files)) & set(HEAVY)
+    subnet = tmp_path / "subnet.yaml"
+    subnet.write_text("vpt: {depth: 6, dims: 8}\nlora: {depth: 6, dims: 4}\n")
+    assert not imported(("subnet", "show", str(subnet), "--space", "tiny_cpu")) & set(HEAVY)
+
+
+def test_a_space_with_pgn_says_why_it_needs_torch():
+    assert "torch" in imported(("space", "show", "pgn_cpu"))
+
+
+def test_every_module_class_is_its_kind_with_weights():
+    """The torch-free side answers for the module: same class attributes, and the module class
+    subclasses it (so their counts are one code)."""
+    for kind in REGISTRY:
+        light, module = kind_class(kind), module_class(kind)
+        assert issubclass(module, light), kind
+        assert light.kind == module.kind == kind
+        assert (light.sites, light.mergeable, light.peft_type, light.noah_key) == (
+            module.sites,
+            module.mergeable,
+            module.peft_type,
+            module.noah_key,
+        )
+
+
+@pytest.mark.parametrize("name", LIGHT_SPACES)
+def test_a_recorded_geometry_is_the_models(name):
+    """A backbone's recorded geometry (what describing a space reads) is the one timm's model
+    has, for every shipped space that records one."""
+    from nas.families.vit.spec import _geometry
+
+    backbone = load_space(name).backbone
+    assert backbone.recorded is not None, name
+    assert backbone.recorded == _geometry(backbone.key())

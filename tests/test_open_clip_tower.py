@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from nas.core.yamlio import parse_yaml
 from nas.families.clip.model import PromptedCLIP
-from nas.modules.adapter import compose
+from nas.modules.adapter_kind import compose
 from nas.space.cost import subnet_params
 from nas.space.search_space import parse_space
 from nas.space.subnet import Subnet

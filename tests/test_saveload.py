@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from nas.core.errors import NasError
-from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE
+from nas.core.paths import SUBNET_FILE, WEIGHTS_FILE
 from nas.families.vit.model import PromptedViT
 from nas.space.subnet import Subnet
 from tests.conftest import VARIANTS, randomise_modules, space_for

@@ -17,7 +17,7 @@ from nas.core.yamlio import parse_yaml
 from nas.families.vit.model import PromptedViT
 from nas.families.vit.spec import BackboneSpec
 from nas.modules import module_class
-from nas.modules.vectors import ALL
+from nas.modules.vectors_kind import ALL
 from nas.space.cost import added_flops, subnet_params
 from nas.space.search_space import load_space, parse_space
 from nas.space.subnet import Subnet

@@ -36,6 +36,11 @@ class Registry(MutableMapping[str, T], Generic[T]):
             entry = self._entries[name] = resolve(entry)
         return entry  # type: ignore[return-value]
 
+    def entry(self, name: str) -> T | str:
+        """The entry as registered or resolved so far (a ``"module:attr"`` string is not
+        imported); KeyError if none."""
+        return self._entries[name]
+
     def __setitem__(self, name: str, entry: T | str) -> None:
         self._entries[name] = entry
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas.core.errors import NasError
+from nas.core.paths import SUBNET_FILE
 from nas.core.validate import Reader
 from nas.core.yamlio import load_yaml
-from nas.families.prompted import SUBNET_FILE
 from nas.space.backbones import FAMILIES, Backbone, family_of
 
 if TYPE_CHECKING:

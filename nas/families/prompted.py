@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nas.core.errors import NasError
+from nas.core.paths import SUBNET_FILE, WEIGHTS_FILE
 from nas.core.validate import Reader
 from nas.core.yamlio import load_yaml, to_plain
 from nas.modules.base import PromptModule
@@ -32,10 +33,6 @@ from nas.space.cost import added_flops
 from nas.space.subnet import Subnet
 from nas.towers.adapters import tower_for
 from nas.towers.geometry import SITES, TokenLayout, TowerGeometry, input_site
-
-#: A saved model folder's files: its description (``format``, subnet, backbone) and weights.
-SUBNET_FILE = "subnet.yaml"
-WEIGHTS_FILE = "weights.safetensors"
 
 
 def weights_hash(model: nn.Module, skip: Iterable[str] = ()) -> str:

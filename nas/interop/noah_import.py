@@ -26,13 +26,13 @@ from typing import Any
 from nas.core.errors import ConfigError
 from nas.core.validate import Reader
 from nas.core.yamlio import Document, join_key, load_yaml
-from nas.modules import REGISTRY
+from nas.modules import REGISTRY, kind_class
 from nas.space.subnet import Subnet
 
 
 def noah_kinds() -> dict[str, str]:
     """NOAH's RETRAIN keys and the module kinds they set (each kind's ``noah_key``)."""
-    return {cls.noah_key: kind for kind, cls in REGISTRY.items() if cls.noah_key}
+    return {kind_class(k).noah_key: k for k in REGISTRY if kind_class(k).noah_key}
 
 
 #: Prefix tuning is in NOAH's code but never in its released subnets; it is not offered here.
@@ -110,7 +110,7 @@ def noah_subnet(doc: Document) -> NoahSubnet:
             continue
         top = maxima.get(key)
         for i, dim in enumerate(dims):
-            if REGISTRY[kinds[key]].width_of(dim) != dim:  # the kind reads more than a width
+            if kind_class(kinds[key]).width_of(dim) != dim:  # the kind reads more than a width
                 r.fail(join_key(where, i), f"{dim:,} is not a width this kind takes")
             if top is not None and dim > top:
                 r.fail(

@@ -1,15 +1,13 @@
-"""What every prompt module kind provides, and the shared base of the layered kinds.
+"""Prompt modules: a kind (``nas.modules.kind``: its choices and costs as data) with weights,
+and the shared runtime of the layered kinds.
 
-A module *kind* is one ``PromptModule`` subclass. The class itself answers questions about
-*choices* (a subnet's setting of that module, plain data) without building anything: parsing,
-canonical form, exact trainable parameters, added FLOPs, and its search space. An instance
-holds weights at some *capacity* (the supernet's maxima, or exactly one subnet's sizes for a
-standalone model), is switched to a choice with ``activate`` (bookkeeping only: no allocation,
-no copy), and acts at the tower sites it names in ``sites`` (``nas.towers.geometry.SITES``:
-the token sequence, and the input or output of a block's qkv, proj, fc1, fc2, LayerNorms and
-MLP). A kind owns its capabilities: where it acts, whether it folds into the frozen weights
-(``mergeable``, ``merge_into``), its options and their defaults; no code outside
-``nas.modules`` names a kind.
+An instance holds weights at some *capacity* (the supernet's maxima, or exactly one subnet's
+sizes for a standalone model), is switched to a choice with ``activate`` (bookkeeping only: no
+allocation, no copy), and acts at the tower sites its kind names in ``sites``
+(``nas.towers.geometry.SITES``: the token sequence, and the input or output of a block's qkv,
+proj, fc1, fc2, LayerNorms and MLP). A kind owns its capabilities: where it acts, whether it
+folds into the frozen weights (``mergeable``, ``merge_into``), its options and their defaults;
+no code outside ``nas.modules`` names a kind.
 
 The layered kinds (VPT, LoRA, Adapter) share ``LayeredModule``: a choice is one dimension per
 layer for layers ``0..depth-1`` (0 = absent on that layer); its canonical form is the tuple of
@@ -25,89 +23,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from nas.core.validate import Reader
-from nas.core.yamlio import join_key
+from nas.modules.kind import Kind, LayeredKind
 from nas.modules.options import Options
-from nas.modules.spaces import Choice, LayeredSpace, ModuleSpace, trim
-from nas.towers.geometry import SITES, TokenLayout, TowerGeometry, Weights
+from nas.modules.spaces import Choice, trim
+from nas.towers.geometry import TokenLayout, TowerGeometry, Weights
 
 
-class PromptModule(nn.Module):
-    """Base class of prompt module kinds. Subclasses set ``kind`` and ``sites``, and
-    ``Options`` where they have hyper-parameters."""
-
-    kind: ClassVar[str]
-    #: where the kind acts (``nas.towers.geometry.SITES``)
-    sites: ClassVar[frozenset[str]] = frozenset()
-    #: the kind's hyper-parameters settable in YAML (``options:``), with their defaults
-    Options: ClassVar[type[Options]] = Options
-    #: whether a trained choice folds into the frozen weights (``merge_into``)
-    mergeable: ClassVar[bool] = False
-    #: the PEFT method a trained choice exports to (``peft_adapter``), or None
-    peft_type: ClassVar[str | None] = None
-    #: whether the kind prompts a CLIP's text tower (``text_context``; at most one per model)
-    text_side: ClassVar[bool] = False
-    #: whether its prompts can be carried by the input image itself (prompt inversion:
-    #: ``nas.interop.inversion``)
-    invertible: ClassVar[bool] = False
-    #: the key of NOAH's RETRAIN config that sets this kind's per-block dims (None: not NOAH's)
-    noah_key: ClassVar[str | None] = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        unknown = sorted(set(cls.sites) - SITES)
-        if unknown:
-            raise TypeError(
-                f"{cls.__name__}.sites names {unknown}, which no tower has; the sites are "
-                f"{', '.join(sorted(SITES))}"
-            )
-
-    # -- choices as data -------------------------------------------------------------------
-    @classmethod
-    def empty_choice(cls) -> Choice:
-        raise NotImplementedError
-
-    @classmethod
-    def canonical(cls, choice: Choice) -> Choice:
-        raise NotImplementedError
-
-    @classmethod
-    def parse_choice(cls, value: Any, reader: Reader, key: str) -> Choice:
-        raise NotImplementedError
-
-    @classmethod
-    def choice_to_data(cls, choice: Choice) -> Any:
-        raise NotImplementedError
-
-    @classmethod
-    def choice_str(cls, choice: Choice) -> str:
-        raise NotImplementedError
-
-    @classmethod
-    def parse_space(
-        cls, value: Any, reader: Reader, key: str, geometry: TowerGeometry
-    ) -> ModuleSpace:
-        raise NotImplementedError
-
-    # -- costs, without building a model -----------------------------------------------------
-    @classmethod
-    def params(cls, choice: Choice, geometry: TowerGeometry) -> int:
-        """Exact number of trainable parameters of ``choice``."""
-        raise NotImplementedError
-
-    @classmethod
-    def extra_tokens(cls, choice: Choice, geometry: TowerGeometry) -> list[int]:
-        """Prompt tokens this choice adds to the sequence entering each block."""
-        return [0] * geometry.depth
-
-    @classmethod
-    def flops(
-        cls, choice: Choice, geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
-    ) -> int:
-        """FLOPs of the module's own matmuls for one image, given each block's sequence length
-        (attention/MLP cost of extra tokens is counted by ``nas.space.cost``). Every kind states its
-        own, 0 included: a kind that forgot would otherwise look free to a FLOPs budget."""
-        raise NotImplementedError(f"{cls.__name__}.flops")
+class PromptModule(Kind, nn.Module):
+    """Base class of prompt modules: a kind (``nas.modules.kind.Kind``: its choices and costs)
+    with weights. Subclasses subclass their kind and define the runtime below."""
 
     # -- runtime -----------------------------------------------------------------------------
     def activate(self, choice: Choice) -> None:
@@ -185,7 +109,7 @@ class PromptModule(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class LayeredModule(PromptModule):
+class LayeredModule(LayeredKind, PromptModule):
     """Shared runtime of kinds whose choice is one dimension per layer.
 
     Subclasses define ``layer_params(dim, geometry)``, ``make_layer(dim)`` returning a module
@@ -214,128 +138,6 @@ class LayeredModule(PromptModule):
             {str(i): self.make_layer(dim) for i, dim in enumerate(capacity) if dim > 0}
         )
         self.active: tuple[int, ...] = ()
-
-    # -- choices as data -------------------------------------------------------------------
-    @classmethod
-    def empty_choice(cls) -> tuple[int, ...]:
-        return ()
-
-    @classmethod
-    def canonical(cls, choice: Sequence[int]) -> tuple[int, ...]:
-        return trim(choice)
-
-    @classmethod
-    def parse_choice(cls, value: Any, reader: Reader, key: str) -> tuple[int, ...]:
-        """``{depth: d, dims: [..d ints..]}``, ``{depth: d, dims: k}`` (k on every layer), a
-        plain list of per-layer dims, or null / ``{depth: 0}`` for absent."""
-        if value is None:
-            return ()
-        if isinstance(value, list):
-            return trim(reader.integer(v, join_key(key, i), minimum=0) for i, v in enumerate(value))
-        value = reader.mapping(value, key, required=["depth"], optional=["dims"])
-        depth = reader.integer(value["depth"], join_key(key, "depth"), minimum=0)
-        if depth == 0:
-            return ()
-        if "dims" not in value:
-            reader.fail(key, "missing required key 'dims' (one per layer, or one for all)")
-        dims = value["dims"]
-        if isinstance(dims, list):
-            if len(dims) != depth:
-                reader.fail(
-                    join_key(key, "dims"),
-                    f"has {len(dims)} entries but depth is {depth}; give one dim per layer",
-                )
-            return trim(
-                reader.integer(v, join_key(key, f"dims[{i}]"), minimum=0)
-                for i, v in enumerate(dims)
-            )
-        dim = reader.integer(dims, join_key(key, "dims"), minimum=0)
-        return trim((dim,) * depth)
-
-    @classmethod
-    def choice_to_data(cls, choice: Sequence[int]) -> dict[str, Any] | None:
-        choice = trim(choice)
-        if not choice:
-            return None
-        return {"depth": len(choice), "dims": list(choice)}
-
-    @classmethod
-    def width_of(cls, dim: int) -> int:
-        """The width a layer's dim sets (prompt tokens, a rank, a bottleneck), which a space
-        keeps within 4 x the backbone's width; 0 where it sets none (a set of operations)."""
-        return dim
-
-    @classmethod
-    def dim_str(cls, dim: int) -> str:
-        """One layer's dim as a subnet prints it."""
-        return str(dim)
-
-    @classmethod
-    def choice_str(cls, choice: Sequence[int]) -> str:
-        choice = trim(choice)
-        if not choice:
-            return "-"
-        if len(set(choice)) == 1:
-            one = cls.dim_str(choice[0])
-            return f"{one if one.isalnum() else f'({one})'}x{len(choice)}"
-        return "[" + ",".join(map(cls.dim_str, choice)) + "]"
-
-    @classmethod
-    def parse_space(
-        cls, value: Any, reader: Reader, key: str, geometry: TowerGeometry
-    ) -> LayeredSpace:
-        value = reader.mapping(
-            value, key, required=["dims", "depths"], optional=["max_dim", "options"]
-        )
-        dims = reader.int_choices(value["dims"], join_key(key, "dims"), minimum=0)
-        depths = reader.int_choices(value["depths"], join_key(key, "depths"), minimum=0)
-        if dims == (0,):
-            reader.fail(join_key(key, "dims"), "only 0 (absent): give at least one positive dim")
-        if depths == (0,):
-            reader.fail(
-                join_key(key, "depths"), "only 0 (absent): give at least one positive depth"
-            )
-        for i, depth in enumerate(depths):
-            if depth > geometry.depth:
-                reader.fail(
-                    join_key(key, f"depths[{i}]"),
-                    f"depth {depth} is above the backbone's depth ({geometry.depth} blocks)",
-                )
-        limit = 4 * geometry.width  # a module wider than that adds more than it saves
-        for i, dim in enumerate(dims):
-            if dim > limit:
-                reader.fail(
-                    join_key(key, f"dims[{i}]"),
-                    f"dim {dim:,} is above 4 x the backbone's width ({geometry.width}): "
-                    f"expected at most {limit:,} (a supernet that wide is not "
-                    "parameter-efficient, and may not fit in memory)",
-                )
-        max_dim = max(dims)
-        if "max_dim" in value:
-            max_dim = reader.integer(value["max_dim"], join_key(key, "max_dim"), minimum=1)
-            if max_dim > limit:
-                reader.fail(
-                    join_key(key, "max_dim"),
-                    f"{max_dim:,} is above 4 x the backbone's width ({geometry.width}): "
-                    f"expected at most {limit:,}",
-                )
-            for i, dim in enumerate(dims):
-                if dim > max_dim:
-                    reader.fail(
-                        join_key(key, f"dims[{i}]"),
-                        f"dim {dim} is above the supernet maximum max_dim={max_dim}",
-                    )
-        options = cls.Options.parse(value.get("options", {}), reader, join_key(key, "options"))
-        return LayeredSpace(cls, dims, depths, max_dim, options)
-
-    # -- costs ---------------------------------------------------------------------------------
-    @classmethod
-    def layer_params(cls, dim: int, geometry: TowerGeometry) -> int:
-        raise NotImplementedError
-
-    @classmethod
-    def params(cls, choice: Sequence[int], geometry: TowerGeometry) -> int:
-        return sum(cls.layer_params(d, geometry) for d in choice if d > 0)
 
     # -- runtime -------------------------------------------------------------------------------
     def make_layer(self, dim: int) -> nn.Module:

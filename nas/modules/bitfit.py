@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from nas.modules.vectors import VectorModule, bias_of
+from nas.modules.vectors_kind import BitFitKind
 from nas.towers.geometry import Weights
 
 
-class BitFit(VectorModule):
-    kind = "bitfit"
+class BitFit(BitFitKind, VectorModule):
     vectors: ClassVar[dict[str, Any]] = {"delta": nn.init.zeros_}
 
     def apply(self, vectors: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,12 @@ import torch
 from torch import nn
 
 from nas.modules.vectors import VectorModule
+from nas.modules.vectors_kind import IA3Kind
 from nas.towers.geometry import Weights
 
 
-class IA3(VectorModule):
-    kind = "ia3"
-    targets: ClassVar[tuple[str, ...]] = ("qkv", "proj", "fc1", "fc2.in")
+class IA3(IA3Kind, VectorModule):
     vectors: ClassVar[dict[str, Any]] = {"scaling": nn.init.ones_}
-    peft_type = "IA3"
 
     def apply(self, vectors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return x * vectors["scaling"]

@@ -1,21 +1,10 @@
-"""LoRA: a low-rank update of a block's linear layer (Hu et al., 2021). ``lora`` is NOAH's, on
-the fused qkv projection; ``lora_proj``, ``lora_fc1`` and ``lora_fc2`` put it on attention's
-output projection and the MLP's two layers, each a kind of its own, so that the rank per layer
-*and per target* is searched (and PEFT's ``target_modules`` with a ``rank_pattern`` is one
-point of the space).
-
-``op(x) + B (A dropout(x))`` with ``A``: in -> r (Kaiming-uniform, like nn.Linear), ``B``:
-r -> out (zero init, so a fresh module changes nothing), no alpha/r scaling, as NOAH builds
-it. Rank ``r_i`` per layer; the supernet uses ``A[:r]`` and ``B[:, :r]``. Once trained, ``B A``
-merges into the frozen weight (zero inference overhead), and the LoRA kinds of a subnet
-export together as one PEFT LoRA adapter (same logits, tested).
-"""
+"""LoRA's module: per-layer low-rank updates of a linear layer's weight, ``W + B A`` (what LoRA
+is as data: ``nas.modules.lora_kind``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -23,21 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.modules.base import LayeredModule
-from nas.modules.options import Options
-from nas.towers.geometry import TowerGeometry, Weights
-
-
-def widths(target: str, geometry: TowerGeometry) -> tuple[int, int]:
-    """A linear layer's input and output widths."""
-    d, h = geometry.width, geometry.mlp_hidden
-    return {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}[target]
-
-
-@dataclass(frozen=True)
-class LoRAOptions(Options):
-    """LoRA's options: dropout on the input of A (PEFT's ``lora_dropout``)."""
-
-    dropout: float = field(default=0.1, metadata={"below": 1.0})
+from nas.modules.lora_kind import LoRAFc1Kind, LoRAFc2Kind, LoRAKind, LoRAProjKind, widths
+from nas.towers.geometry import Weights
 
 
 class _LoRALayer(nn.Module):
@@ -48,34 +24,8 @@ class _LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
 
-class LoRA(LayeredModule):
-    kind = "lora"
-    #: the linear layer it updates (its site is that layer's output)
-    target: ClassVar[str] = "qkv"
-    sites = frozenset({"qkv"})
-    noah_key = "LORA_DIM"
-    Options = LoRAOptions
-    mergeable = True
-    peft_type = "LORA"
+class LoRA(LoRAKind, LayeredModule):
     slice_axes: ClassVar[dict[str, int | None]] = {"A": 0, "B": 1}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        cls.sites = frozenset({cls.target})
-        super().__init_subclass__(**kwargs)
-
-    @classmethod
-    def layer_params(cls, dim: int, geometry: TowerGeometry) -> int:
-        return dim * sum(widths(cls.target, geometry))
-
-    @classmethod
-    def flops(
-        cls, choice: Sequence[int], geometry: TowerGeometry, seq_lens: Sequence[int], merged: bool
-    ) -> int:
-        if merged:
-            return 0
-        return sum(
-            2 * seq_lens[i] * cls.layer_params(dim, geometry) for i, dim in enumerate(choice)
-        )
 
     def make_layer(self, dim: int) -> nn.Module:
         return _LoRALayer(dim, *widths(self.target, self.geometry))
@@ -156,19 +106,13 @@ class LoRA(LayeredModule):
         return config, {k: v for _, tensors in parts for k, v in tensors.items()}
 
 
-class LoRAProj(LoRA):
-    kind = "lora_proj"
-    target = "proj"
-    noah_key = None
+class LoRAProj(LoRAProjKind, LoRA):
+    pass
 
 
-class LoRAFc1(LoRA):
-    kind = "lora_fc1"
-    target = "fc1"
-    noah_key = None
+class LoRAFc1(LoRAFc1Kind, LoRA):
+    pass
 
 
-class LoRAFc2(LoRA):
-    kind = "lora_fc2"
-    target = "fc2"
-    noah_key = None
+class LoRAFc2(LoRAFc2Kind, LoRA):
+    pass

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from nas.modules.vectors import VectorModule, bias_of
+from nas.modules.vectors_kind import SSFKind
 from nas.towers.geometry import Weights
 
 
-class SSF(VectorModule):
-    kind = "ssf"
+class SSF(SSFKind, VectorModule):
     vectors: ClassVar[dict[str, Any]] = {
         "scale": lambda t: nn.init.normal_(t, 1.0, 0.02),
         "shift": lambda t: nn.init.normal_(t, 0.0, 0.02),

@@ -86,7 +86,7 @@ FAMILIES: Registry[Family] = Registry(
             "clip",
             load="nas.families.clip.spec:load_clip",
             model="nas.families.clip.model:PromptedCLIP",
-            claims="nas.families.clip.spec:is_clip",
+            claims="nas.families.clip.names:is_clip",
         ),
     },
 )

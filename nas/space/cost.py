@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from nas.modules import module_class
+from nas.modules import kind_class
 from nas.space.subnet import Subnet
 from nas.towers.geometry import TowerGeometry
 
@@ -31,14 +31,14 @@ def seq_lens(subnet: Subnet, g: TowerGeometry) -> list[int]:
     """The sequence length entering each block under ``subnet``."""
     lens = [g.seq_len] * g.depth
     for kind, choice in subnet.items():
-        for i, extra in enumerate(module_class(kind).extra_tokens(choice, g)):
+        for i, extra in enumerate(kind_class(kind).extra_tokens(choice, g)):
             lens[i] += extra
     return lens
 
 
 def subnet_params(subnet: Subnet, g: TowerGeometry) -> int:
     """Exact trainable parameters of the subnet's prompt modules (head excluded)."""
-    return sum(module_class(kind).params(choice, g) for kind, choice in subnet.items())
+    return sum(kind_class(kind).params(choice, g) for kind, choice in subnet.items())
 
 
 def head_params(g: TowerGeometry, num_classes: int) -> int:
@@ -52,5 +52,5 @@ def added_flops(subnet: Subnet, g: TowerGeometry, *, merged: bool = False) -> in
     lens = seq_lens(subnet, g)
     total = sum(block_flops(n, g) - block_flops(g.seq_len, g) for n in lens)
     for kind, choice in subnet.items():
-        total += module_class(kind).flops(choice, g, lens, merged)
+        total += kind_class(kind).flops(choice, g, lens, merged)
     return total

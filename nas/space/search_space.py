@@ -35,7 +35,7 @@ from nas.core.paths import SPACES_DIR
 from nas.core.registry import resolve
 from nas.core.validate import Reader
 from nas.core.yamlio import Document, load_yaml, to_plain
-from nas.modules import REGISTRY
+from nas.modules import REGISTRY, kind_class
 from nas.modules.options import Options
 from nas.modules.spaces import ModuleSpace
 from nas.space.backbones import DEFAULT_FAMILY, FAMILIES, Backbone
@@ -267,7 +267,7 @@ def parse_backbone_value(value: Any, reader: Reader, base: Path) -> Backbone:
         value,
         "backbone",
         required=["model"],
-        optional=["overrides", "weights", "mean", "std", "name"],
+        optional=["overrides", "weights", "mean", "std", "name", "geometry"],
     )
     return resolve(default.mapping)(bb, reader, "backbone", base)
 
@@ -295,7 +295,7 @@ def parse_space(doc: Document) -> SearchSpace:
     modules = {}
     for kind in REGISTRY:  # registry order, whatever the file's order
         if kind in modules_data:
-            cls = REGISTRY[kind]
+            cls = kind_class(kind)
             modules[kind] = cls.parse_space(modules_data[kind], reader, f"modules.{kind}", geometry)
 
     budget = Budget()

@@ -18,7 +18,7 @@ import yaml
 
 from nas.core.validate import Reader
 from nas.core.yamlio import Document, load_yaml, parse_yaml
-from nas.modules import REGISTRY, module_class
+from nas.modules import REGISTRY, kind_class
 
 
 class Subnet(Mapping[str, Any]):
@@ -29,7 +29,7 @@ class Subnet(Mapping[str, Any]):
     def __init__(self, choices: Mapping[str, Any] | None = None) -> None:
         canonical = {}
         for kind, choice in (choices or {}).items():
-            cls = module_class(kind)
+            cls = kind_class(kind)
             choice = cls.canonical(choice)
             if choice != cls.empty_choice():
                 canonical[kind] = choice
@@ -41,7 +41,7 @@ class Subnet(Mapping[str, Any]):
     def __getitem__(self, kind: str) -> Any:
         if kind in self._choices:
             return self._choices[kind]
-        return module_class(kind).empty_choice()
+        return kind_class(kind).empty_choice()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._choices)
@@ -66,7 +66,7 @@ class Subnet(Mapping[str, Any]):
         if not self._choices:
             return "(no modules)"
         return " ".join(
-            f"{kind}={module_class(kind).choice_str(choice)}"
+            f"{kind}={kind_class(kind).choice_str(choice)}"
             for kind, choice in self._choices.items()
         )
 
@@ -75,8 +75,7 @@ class Subnet(Mapping[str, Any]):
 
     def to_data(self) -> dict[str, Any]:
         return {
-            kind: module_class(kind).choice_to_data(choice)
-            for kind, choice in self._choices.items()
+            kind: kind_class(kind).choice_to_data(choice) for kind, choice in self._choices.items()
         }
 
     def to_yaml(self) -> str:
@@ -96,7 +95,7 @@ class Subnet(Mapping[str, Any]):
         choices = {}
         for kind, value in data.items():
             sub_key = f"{key}.{kind}" if key else kind
-            choices[kind] = module_class(kind).parse_choice(value, reader, sub_key)
+            choices[kind] = kind_class(kind).parse_choice(value, reader, sub_key)
         return cls(choices)
 
     @classmethod

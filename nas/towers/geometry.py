@@ -23,9 +23,10 @@ adapter, not copies of the modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # only annotations here: describing a space (geometry, sites) loads no torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class TokenLayout:
             start += count
         old = self.segments.get(owner, 0)
         self.segments[owner] = tokens.shape[1]
+        import torch  # heavy; only a forward pass gets here, with torch loaded (see the top)
+
         return torch.cat((x[:, :start], tokens, x[:, start + old :]), dim=1)
 
     def strip(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,8 @@ class TokenLayout:
         total = self.num_prompts
         if total == 0:
             return x
+        import torch  # heavy; only a forward pass gets here, with torch loaded (see the top)
+
         return torch.cat((x[:, : self.num_prefix], x[:, self.num_prefix + total :]), dim=1)
 
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.core.errors import NasError
+from nas.core.paths import SUBNET_FILE, WEIGHTS_FILE
 from nas.families.clip.spec import ClipSpec, class_names, encode_tokens, load_clip
-from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
+from nas.families.prompted import PromptedModel, weights_hash
 from nas.modules import module_class
 from nas.modules.base import PromptModule
 from nas.modules.options import Options

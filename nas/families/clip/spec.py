@@ -32,13 +32,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nas.core.errors import ConfigError, NasError
+from nas.core.paths import BACKBONES_DIR, CLIP_FILE
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key, load_yaml
-from nas.families.vit.spec import BACKBONES_DIR, BackboneSpec, load_backbone, load_weights
+from nas.families.vit.spec import BackboneSpec, load_backbone, load_weights
 from nas.towers.adapters import geometry_of
 from nas.towers.geometry import TowerGeometry
 
-CLIP_FILE = "clip.yaml"
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -263,18 +263,6 @@ def load_clip_weights(model: nn.Module, path: str | Path) -> None:
 
 
 # -- loading specs -----------------------------------------------------------------------------
-
-
-def is_clip(name_or_path: str | Path) -> bool:
-    """Whether ``name_or_path`` names a shipped CLIP, a folder with a clip.yaml, or one."""
-    path = Path(name_or_path)
-    if path.name == CLIP_FILE:
-        return True
-    if not path.suffix:
-        return (BACKBONES_DIR / str(name_or_path) / CLIP_FILE).is_file() or (
-            path / CLIP_FILE
-        ).is_file()
-    return False
 
 
 def load_clip(name_or_path: str | Path) -> ClipSpec:

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from nas.core.errors import NasError
-from nas.core.paths import BACKBONES_DIR
+from nas.core.paths import BACKBONES_DIR, SUBNET_FILE, WEIGHTS_FILE
 from nas.core.validate import Reader
-from nas.families.prompted import SUBNET_FILE, WEIGHTS_FILE, PromptedModel, weights_hash
+from nas.families.prompted import PromptedModel, weights_hash
 from nas.families.vit.spec import BackboneSpec
 from nas.modules import module_class
 from nas.modules.base import PromptModule

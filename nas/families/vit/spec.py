@@ -3,7 +3,10 @@
 A ``BackboneSpec`` names a timm model and optional architecture overrides (``img_size``,
 ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``in_chans``, ``reg_tokens``,
 ``class_token``, ``global_pool``, ...). Its geometry (width, depth, tokens) is read off the
-model built on the ``meta`` device, which allocates no memory and downloads nothing.
+model built on the ``meta`` device, which allocates no memory and downloads nothing, or off
+the backbone file's ``geometry`` where it records one (checked when the model is built): then
+describing a space on it (``nas space show``) loads neither timm nor torch. timm, torch and
+safetensors are imported by the functions that build or load a model, not by this module.
 """
 
 from __future__ import annotations
@@ -12,21 +15,23 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import timm
-import timm.data
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nas.core.errors import ConfigError, NasError
 from nas.core.paths import BACKBONES_DIR
 from nas.core.validate import Reader
 from nas.core.yamlio import join_key, load_yaml
-from nas.towers.adapters import geometry_of
 from nas.towers.geometry import TowerGeometry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+#: The fields of a backbone file's ``geometry`` (``nas.towers.geometry.TowerGeometry``'s).
+GEOMETRY_FIELDS = (
+    "width", "depth", "num_heads", "mlp_hidden", "num_prefix_tokens", "num_patches",
+    "patch_size", "in_chans",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ class BackboneSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     name: str | None = None
+    #: the geometry the backbone file records (None: read off the model built on ``meta``);
+    #: not part of the spec's identity, and checked against the model when it is built
+    recorded: TowerGeometry | None = field(default=None, compare=False, repr=False)
+    #: the file it was read from, for messages
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def key(self) -> str:
         """Identifies the architecture (not the weights): what the geometry depends on."""
@@ -67,12 +77,14 @@ class BackboneSpec:
         return out
 
     def geometry(self) -> TowerGeometry:
-        return _geometry(self.key())
+        return self.recorded if self.recorded is not None else _geometry(self.key())
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) for the model's inputs."""
         if self.mean is not None and self.std is not None:
             return self.mean, self.std
+        import timm.data  # heavy (torch): only a backbone without its own statistics needs it
+
         cfg = timm.get_pretrained_cfg(self.model) if "." in self.model else None
         if cfg is None:
             try:
@@ -105,10 +117,40 @@ class BackboneSpec:
         """Load the weights once (a clear error if they are missing, damaged or do not fit),
         before any trial starts; random and hub weights need no check."""
         if self.weights not in (None, "hub"):
-            self.create(2)
+            self.create(2)  # checks the recorded geometry too
+        else:
+            self.check_geometry()
 
     def create(self, num_classes: int, **kwargs: Any) -> nn.Module:
         """Build the model with a fresh ``num_classes`` head and load its weights (if any)."""
+        model = self._create(num_classes, **kwargs)
+        if self.recorded is not None:
+            from nas.towers.adapters import geometry_of  # torch: see the module's docstring
+
+            self.check_geometry(geometry_of(model))
+        return model
+
+    def check_geometry(self, built: TowerGeometry | None = None) -> None:
+        """ConfigError naming the file where the recorded geometry is not the model's (``built``,
+        or the model built on ``meta``)."""
+        if self.recorded is None:
+            return
+        built = built if built is not None else _geometry(self.key())
+        wrong = [
+            f"{f} {getattr(self.recorded, f)} (the model has {getattr(built, f)})"
+            for f in GEOMETRY_FIELDS
+            if getattr(built, f) != getattr(self.recorded, f)
+        ]
+        if wrong:
+            raise ConfigError(
+                f"backbone geometry does not match the model: {', '.join(wrong)}; correct it "
+                "or leave geometry out",
+                file=self.source,
+            )
+
+    def _create(self, num_classes: int, **kwargs: Any) -> nn.Module:
+        import timm  # heavy: see the module's docstring
+
         args = {**self.overrides, **kwargs}
         if self.weights == "hub":
             try:
@@ -133,6 +175,10 @@ HEAD_PREFIXES = ("head.", "head_dist.")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch  # heavy: see the module's docstring
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -159,6 +205,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     The same path serves a user's checkpoint and the project's shipped backbone. timm's ViT
     checkpoint filter adapts other layouts (JAX/big_vision names, another grid's position
     embedding). Anything that does not fit is one NasError naming the file and the keys."""
+    import torch  # heavy: see the module's docstring
+
     path = Path(path)
     if not path.is_file():
         raise NasError(f"{path}: weights file not found")
@@ -246,9 +294,20 @@ def load_backbone(name_or_path: str | Path) -> BackboneSpec:
     doc = load_yaml(path)
     r = Reader(doc)
     data = r.mapping(
-        doc.data, "", required=["model"], optional=["name", "overrides", "weights", "mean", "std"]
+        doc.data,
+        "",
+        required=["model"],
+        optional=["name", "overrides", "weights", "mean", "std", "geometry"],
     )
     return parse_backbone_mapping(data, r, "", path.parent)
+
+
+def _recorded_geometry(value: Any, r: Any, key: str) -> TowerGeometry:
+    """A backbone's ``geometry`` mapping (every field of ``GEOMETRY_FIELDS``)."""
+    value = r.mapping(value, key, required=list(GEOMETRY_FIELDS))
+    return TowerGeometry(
+        **{f: r.integer(value[f], join_key(key, f), minimum=1) for f in GEOMETRY_FIELDS}
+    )
 
 
 def parse_backbone_mapping(data: dict, r: Any, key: str, base: Path) -> BackboneSpec:
@@ -277,11 +336,22 @@ def parse_backbone_mapping(data: dict, r: Any, key: str, base: Path) -> Backbone
         mean=stats.get("mean"),
         std=stats.get("std"),
         name=data.get("name"),
+        recorded=(
+            _recorded_geometry(data["geometry"], r, join_key(key, "geometry"))
+            if data.get("geometry") is not None
+            else None
+        ),
+        source=str(r.doc.file) if getattr(r, "doc", None) and r.doc.file else None,
     )
 
 
 @functools.lru_cache(maxsize=64)
 def _geometry(spec_key: str) -> TowerGeometry:
+    import timm  # heavy: see the module's docstring
+    import torch
+
+    from nas.towers.adapters import geometry_of
+
     spec = json.loads(spec_key)
     name, overrides = spec["model"], spec.get("overrides", {})
     arch = name.split(".")[0]  # "vit_base_patch16_224.augreg_in21k": architecture.tag
