@@ -1,8 +1,9 @@
 """The CLI imports only what a command needs (issue 41): its help and parser load none of
 torch, timm, Ray, MLflow or Optuna; describing a space (`nas space show`, `nas space
 validate`, `nas subnet show`) loads none of them either where the space's kinds have a torch-free
-side and its backbone records its geometry: every shipped ViT space. PGN's counts need timm's
-ResNet definitions and a CLIP's geometry its model's, so those spaces still load torch."""
+side and its backbone records its geometry: every shipped ViT space; nor does `nas subnet
+import-noah`. PGN's counts are read off timm's ResNet (its generators) and a CLIP's geometry off
+its model, so those spaces still load torch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from benchmarks.cli_time import HEAVY, imported
 from nas.core.paths import SPACES_DIR
 from nas.modules import REGISTRY, kind_class, module_class
 from nas.space.search_space import load_space
+from tests.test_noah_import import CLEVR, noah_config
 
 #: the shipped spaces whose description needs torch, and why (see the module docstring)
 NEED_TORCH = {
@@ -39,6 +41,9 @@ def test_describing_a_space_imports_nothing_heavy(tmp_path):
     subnet = tmp_path / "subnet.yaml"
     subnet.write_text("vpt: {depth: 6, dims: 8}\nlora: {depth: 6, dims: 4}\n")
     assert not imported(("subnet", "show", str(subnet), "--space", "tiny_cpu")) & set(HEAVY)
+    noah = tmp_path / "clevr.yaml"
+    noah.write_text(noah_config(CLEVR))
+    assert not imported(("subnet", "import-noah", str(noah))) & set(HEAVY)
 
 
 def test_a_space_with_pgn_says_why_it_needs_torch():

@@ -174,7 +174,7 @@ def test_optuna_asks_a_conditional_parameter_only_when_it_exists(space):
     which exists only for a mode with context."""
     import optuna
 
-    from nas.modules.upt import UPTSpace
+    from nas.modules.upt_kind import UPTSpace
     from nas.search.operators import suggest
 
     lora = space.modules["lora"]  # depths [2, 4], dims [1, 4]
@@ -224,7 +224,8 @@ def test_upt_mutation_on_its_parameters_is_the_per_kind_one_draw_for_draw():
     """UPT's n_ctx exists only for a mode with context but is carried (latent) through mode
     ``none``: the generic mutation then makes UPT's own draws, in its order, for every
     choice including the zero-shot one."""
-    from nas.modules.upt import UPT, UPTSpace
+    from nas.modules.upt import UPT
+    from nas.modules.upt_kind import UPTSpace
     from nas.search.operators import mutate
 
     def per_kind(space, choice, rng, m_prob, s_prob):  # UPT's mutation as it was written

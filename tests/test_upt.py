@@ -16,7 +16,8 @@ from nas import families
 from nas.core.errors import ConfigError, NasError
 from nas.core.yamlio import parse_yaml
 from nas.families.clip.model import PromptedCLIP
-from nas.modules.upt import UPT, encoder_layer_params
+from nas.modules.upt import UPT
+from nas.modules.upt_kind import encoder_layer_params
 from nas.space.cost import subnet_params
 from nas.space.search_space import parse_space
 from nas.space.subnet import Subnet

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nas.core.errors import NasError
-from nas.modules.pgn import border_patches
+from nas.modules.pgn_kind import border_patches
 
 
 class PatchInverse:

@@ -41,6 +41,8 @@ LIGHT: dict[str, str] = {
     "nas.modules.vpt:VPT": "nas.modules.vpt_kind:VPTKind",
     "nas.modules.lora:LoRA": "nas.modules.lora_kind:LoRAKind",
     "nas.modules.adapter:Adapter": "nas.modules.adapter_kind:AdapterKind",
+    "nas.modules.pgn:PGN": "nas.modules.pgn_kind:PGNKind",
+    "nas.modules.upt:UPT": "nas.modules.upt_kind:UPTKind",
     "nas.modules.lora:LoRAProj": "nas.modules.lora_kind:LoRAProjKind",
     "nas.modules.lora:LoRAFc1": "nas.modules.lora_kind:LoRAFc1Kind",
     "nas.modules.lora:LoRAFc2": "nas.modules.lora_kind:LoRAFc2Kind",

@@ -1,12 +1,17 @@
-"""PGN's prompt generators: small timm ResNets by name, their exact parameter and FLOPs counts."""
+"""PGN's prompt generators: small timm ResNets by name, their exact parameter and FLOPs counts.
+
+The names are plain data; torch and timm are imported by the functions that build a generator
+or count one (on the meta device), so that reading a PGN choice or space needs neither.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from timm.models.resnet import BasicBlock, ResNet
+if TYPE_CHECKING:
+    import torch
+    from timm.models.resnet import ResNet
 
 #: generator variants: timm ResNets of BasicBlocks (the paper's 4-stage ResNet-10 by default)
 GENERATORS: dict[str, dict[str, Any]] = {
@@ -17,6 +22,8 @@ GENERATORS: dict[str, dict[str, Any]] = {
 
 def make_generator(name: str, in_chans: int, device: str | torch.device | None = None) -> ResNet:
     """A generator variant: a timm ResNet with no classifier (it returns pooled features)."""
+    from timm.models.resnet import BasicBlock, ResNet  # heavy: see the module's docstring
+
     cfg = GENERATORS[name]
     return ResNet(
         BasicBlock,
@@ -39,6 +46,7 @@ def generator_params(name: str, in_chans: int) -> tuple[int, int]:
 @functools.cache
 def generator_flops(name: str, in_chans: int, resolution: int) -> int:
     """Matmul/conv FLOPs of one image through a generator, counted on the meta device."""
+    import torch  # heavy: see the module's docstring
     from torch.utils.flop_counter import FlopCounterMode
 
     model = make_generator(name, in_chans, device="meta").eval()
