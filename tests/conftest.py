@@ -184,10 +184,8 @@ def shorten_mini_vtab(src: Path, out: Path) -> Path:
     import json
     import shutil
 
-    import numpy as np
-
-    from nas.data.decode import decode_split
     from nas.data.lists import read_vtab
+    from nas.data.mini_vtab import split_entry
 
     manifest = json.loads((src / "manifest.json").read_text())
     for task, entry in manifest["tasks"].items():
@@ -198,13 +196,7 @@ def shorten_mini_vtab(src: Path, out: Path) -> Path:
         both = [(out / task / n).read_text() for n in ("train800.txt", "val200.txt")]
         (out / task / "train800val200.txt").write_text("".join(both))
         for split, listed in read_vtab(out / task).items():
-            decoded = decode_split(listed, 28, 1)
-            labels = np.bincount(decoded.labels.numpy(), minlength=entry["num_classes"])
-            entry["splits"][split] |= {
-                "count": len(listed),
-                "per_class": labels.tolist(),
-                "sha256": decoded.content_hash(),
-            }
+            entry["splits"][split] |= split_entry(listed, entry["num_classes"])
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 

@@ -36,7 +36,7 @@ from nas.core.paths import REPO_ROOT
 from nas.data.catalog import DEFAULT_TASKS, MINI_VTAB_TASKS
 from nas.data.decode import decode_split
 from nas.data.hashing import image_fingerprints
-from nas.data.lists import DEVTEST_FILE, read_target, read_vtab
+from nas.data.lists import DEVTEST_FILE, Split, read_target, read_vtab
 from nas.data.mini_dg import mnist_targets
 from nas.data.mini_vtab_base import (
     DEV,
@@ -243,6 +243,17 @@ def _check_disjoint(name: str, data: TaskData, pretrain: np.ndarray | None) -> d
     return overlap
 
 
+def split_entry(split: Split, num_classes: int) -> dict[str, Any]:
+    """A split's manifest entry: its image count, per-class counts and the content hash of
+    what the loader decodes from its files (later stages record and compare it)."""
+    decoded = decode_split(split, SIZE, 1)
+    return {
+        "count": len(split),
+        "per_class": np.bincount(decoded.labels.numpy(), minlength=num_classes).tolist(),
+        "sha256": decoded.content_hash(),
+    }
+
+
 def _target_entries(folder: Path, data: TaskData, num_classes: int) -> dict[str, dict]:
     """Per shipped target: its image count, classes present and content hash."""
 
@@ -251,14 +262,9 @@ def _target_entries(folder: Path, data: TaskData, num_classes: int) -> dict[str,
         split = read_target(
             folder / "targets" / f"{target}.txt", folder, target, num_classes, data.class_names
         )
-        decoded = decode_split(split, SIZE, 1)
-        per_class = np.bincount(decoded.labels.numpy(), minlength=num_classes).tolist()
-        entries[target] = {
-            "count": len(split),
-            "classes": sum(1 for c in per_class if c),
-            "per_class": per_class,
-            "sha256": decoded.content_hash(),
-        }
+        entry = split_entry(split, num_classes)
+        classes = sum(1 for c in entry["per_class"] if c)
+        entries[target] = {"count": entry["count"], "classes": classes, **entry}
     return entries
 
 
@@ -348,14 +354,7 @@ def prepare(
             "pretraining_overlap_checked": pretrain is not None,
         }
         for split, spl in splits.items():
-            decoded = decode_split(spl, SIZE, 1)
-            entry["splits"][split] = {
-                "count": len(spl),
-                "per_class": np.bincount(
-                    decoded.labels.numpy(), minlength=len(data.class_names)
-                ).tolist(),
-                "sha256": decoded.content_hash(),
-            }
+            entry["splits"][split] = split_entry(spl, len(data.class_names))
         if data.targets:
             entry["targets"] = _target_entries(folder, data, len(data.class_names))
         manifest["tasks"][name] = entry
