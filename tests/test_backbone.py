@@ -118,3 +118,40 @@ def test_a_recorded_geometry_is_checked_against_the_model(tmp_path):
     path.write_text(yaml.safe_dump({**shipped, "weights": None, "geometry": {"width": 192}}))
     with pytest.raises(ConfigError, match=r"geometry: missing required key 'depth'"):
         load_backbone(path)
+
+
+def test_a_clip_image_tower_s_recorded_geometry_is_checked_too(tmp_path):
+    """A CLIP built on a timm tower reads the tower's geometry (its image side, too): a wrong
+    recorded one is the same error at the CLIP's pre-flight check and when it is built."""
+    from nas.families.clip.spec import load_clip
+
+    shipped = yaml.safe_load((BACKBONES_DIR / "vit_fmnist" / "backbone.yaml").read_text())
+    tower = tmp_path / "tower" / "backbone.yaml"
+    tower.parent.mkdir()
+    wrong = {**shipped["geometry"], "num_patches": 25}
+    weights = str(BACKBONES_DIR / "vit_fmnist" / "model.safetensors")
+    tower.write_text(yaml.safe_dump({**shipped, "weights": weights, "geometry": wrong}))
+    clip = yaml.safe_load((BACKBONES_DIR / "clip_fmnist" / "clip.yaml").read_text())
+    clip["weights"] = str(BACKBONES_DIR / "clip_fmnist" / clip["weights"])
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump({**clip, "image_tower": str(tower)}))
+    spec = load_clip(path)
+    for check in (spec.check_weights, spec.create):
+        with pytest.raises(ConfigError, match=r"num_patches 25 \(the model has 16\)") as caught:
+            check()
+        assert str(tower) in caught.value.format()
+
+
+def test_a_geometry_without_a_class_token_can_be_recorded(tmp_path):
+    overrides = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 192, "depth": 2,
+                 "num_heads": 3, "class_token": False, "global_pool": "avg"}  # fmt: skip
+    geometry = {"width": 192, "depth": 2, "num_heads": 3, "mlp_hidden": 768,
+                "num_prefix_tokens": 0, "num_patches": 16, "patch_size": 7,
+                "in_chans": 1}  # fmt: skip
+    path = tmp_path / "backbone.yaml"
+    path.write_text(yaml.safe_dump(
+        {"model": "vit_tiny_patch16_224", "overrides": overrides, "geometry": geometry}
+    ))  # fmt: skip
+    spec = load_backbone(path)
+    spec.check_weights()
+    assert spec.geometry().seq_len == 16

@@ -138,6 +138,11 @@ def cmd_space_validate(args: argparse.Namespace) -> int:
 
     for path in args.files:
         space = load_space(path)
+        # A recorded geometry spares describing a space the model; validating checks it (and
+        # with it the model's name and overrides) against the model built on ``meta``.
+        check = getattr(space.backbone, "check_geometry", None)
+        if check is not None:
+            check()
         print(f"{path}: ok ({space.name}: {space.count():,} subnets)")
     return 0
 

@@ -9,9 +9,8 @@ proj, fc1, fc2, LayerNorms and MLP). A kind owns its capabilities: where it acts
 folds into the frozen weights (``mergeable``, ``merge_into``), its options and their defaults;
 no code outside ``nas.modules`` names a kind.
 
-The layered kinds (VPT, LoRA, Adapter) share ``LayeredModule``: a choice is one dimension per
-layer for layers ``0..depth-1`` (0 = absent on that layer); its canonical form is the tuple of
-per-layer dims with trailing zeros removed, so nothing is recorded beyond the depth. Weights are
+The layered kinds (VPT, LoRA, Adapter, the vector kinds) share ``LayeredModule``, the runtime
+of ``nas.modules.kind.LayeredKind`` (a choice is one dimension per layer): weights are
 allocated once per layer at the capacity's dimension and a choice uses leading slices of them.
 """
 

@@ -20,8 +20,8 @@ Choice = Any  # a kind's plain-data setting; a tuple of per-layer dims for layer
 
 
 class KindCosts(Protocol):
-    """What a space asks of its kind's class (``nas.modules.base.PromptModule`` answers it;
-    named here structurally, so that this module does not import the kinds' base)."""
+    """What a space asks of its kind's class (``nas.modules.kind.Kind`` answers it; named here
+    structurally, so that this module does not import the kinds' base)."""
 
     kind: ClassVar[str]
 
@@ -34,7 +34,7 @@ class KindCosts(Protocol):
 
 
 class LayeredCosts(KindCosts, Protocol):
-    """A layered kind's class (``nas.modules.base.LayeredModule``): one dim per layer."""
+    """A layered kind's class (``nas.modules.kind.LayeredKind``): one dim per layer."""
 
     @classmethod
     def layer_params(cls, dim: int, geometry: TowerGeometry) -> int: ...

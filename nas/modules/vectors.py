@@ -27,6 +27,8 @@ class VectorModule(VectorKind, LayeredModule):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.vectors and not cls.vector_names:  # a kind in one class: its vectors name them
+            cls.vector_names = tuple(cls.vectors)
         if cls.vectors and tuple(cls.vectors) != cls.vector_names:
             raise TypeError(
                 f"{cls.__name__}.vectors names {tuple(cls.vectors)}; its kind counts "

@@ -129,7 +129,14 @@ class ClipSpec:
         return {"backbone": local, "clip_text": self.weights}
 
     def check_weights(self) -> None:
-        """Loaded by the first trial (open_clip reports its own errors)."""
+        """Loaded by the first trial (open_clip reports its own errors); a timm image tower's
+        recorded geometry is checked here, before any trial."""
+        self.check_geometry()
+
+    def check_geometry(self) -> None:
+        """A timm image tower's recorded geometry against its model (``BackboneSpec``'s)."""
+        if self.image_tower is not None:
+            self.image_tower.check_geometry()
 
     def create(self, *, load: bool = True) -> nn.Module:
         """The ``open_clip.CLIP`` model, every weight frozen, in eval mode. With ``load`` False
@@ -146,6 +153,7 @@ class ClipSpec:
         from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
         assert self.image_tower is not None
+        self.image_tower.check_geometry()  # the tower's side below is read off its geometry
         trunk = register_timm_tower(self.image_tower)
         geometry = self.image_tower.geometry()
         side = geometry.image_size

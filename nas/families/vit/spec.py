@@ -11,6 +11,7 @@ safetensors are imported by the functions that build or load a model, not by thi
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 from dataclasses import dataclass, field
@@ -135,7 +136,11 @@ class BackboneSpec:
         or the model built on ``meta``)."""
         if self.recorded is None:
             return
-        built = built if built is not None else _geometry(self.key())
+        if built is None:
+            try:
+                built = _geometry(self.key())
+            except ConfigError as exc:  # an unknown model or overrides: say which file
+                raise ConfigError(exc.message, file=exc.file or self.source, key=exc.key) from None
         wrong = [
             f"{f} {getattr(self.recorded, f)} (the model has {getattr(built, f)})"
             for f in GEOMETRY_FIELDS
@@ -306,7 +311,10 @@ def _recorded_geometry(value: Any, r: Any, key: str) -> TowerGeometry:
     """A backbone's ``geometry`` mapping (every field of ``GEOMETRY_FIELDS``)."""
     value = r.mapping(value, key, required=list(GEOMETRY_FIELDS))
     return TowerGeometry(
-        **{f: r.integer(value[f], join_key(key, f), minimum=1) for f in GEOMETRY_FIELDS}
+        **{
+            f: r.integer(value[f], join_key(key, f), minimum=0 if f == "num_prefix_tokens" else 1)
+            for f in GEOMETRY_FIELDS
+        }
     )
 
 
@@ -356,7 +364,7 @@ def _geometry(spec_key: str) -> TowerGeometry:
     name, overrides = spec["model"], spec.get("overrides", {})
     arch = name.split(".")[0]  # "vit_base_patch16_224.augreg_in21k": architecture.tag
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.8)
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown timm model {name!r}{hint}", key="backbone.model")
     try:
