@@ -86,6 +86,17 @@ def small_data(root: Path) -> dict:
     }
 
 
+def agent_ports() -> list[str]:
+    """``ray start`` flags giving a node's agents free ports (Ray's defaults are fixed, so two
+    Rays on one machine would share them)."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
 def test_two_node_cluster(tmp_path, mlflow_server, small_mini_vtab):
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     env = {**os.environ, **ENV}
@@ -99,22 +110,19 @@ def test_two_node_cluster(tmp_path, mlflow_server, small_mini_vtab):
         "--include-dashboard=false",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
+        *agent_ports(),
         env=env,
     )
     try:
         assert head.returncode == 0, head.stderr[-2000:]
-        ports = [free_port() for _ in range(6)]
         second = ray_cli(
             "start",
             f"--address=127.0.0.1:{port}",
             "--node-ip-address=127.0.0.1",
             "--num-cpus=1",
-            f"--node-manager-port={ports[0]}",
-            f"--object-manager-port={ports[1]}",
-            f"--dashboard-agent-listen-port={ports[2]}",
-            f"--metrics-export-port={ports[3]}",
-            f"--runtime-env-agent-port={ports[4]}",
-            f"--dashboard-agent-grpc-port={ports[5]}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            *agent_ports(),
             env=env,
         )
         assert second.returncode == 0, second.stderr[-2000:]
@@ -172,6 +180,10 @@ def test_ray_job_submit_stop_and_resubmit(tmp_path, mlflow_server):
         f"--dashboard-port={dash}",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
+        # Its job agent's own ports: at Ray's defaults (52365, ...) any other Ray on this
+        # machine, such as a test's private one on the other xdist worker, holds them, and
+        # the agent never serves ("No available agent to submit job").
+        *agent_ports(),
         env=env,
     )
     out = tmp_path / "job-output"  # absolute: the job runs in a copy of the working dir
