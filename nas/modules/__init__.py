@@ -8,6 +8,7 @@ show` loads no torch. A kind registered as one class answers both from that clas
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from nas.core.errors import NasError
@@ -62,7 +63,13 @@ def kind_class(kind: str) -> type[Kind]:
     if not isinstance(entry, str):  # resolved, or registered as a class: name it as LIGHT does
         entry = f"{entry.__module__}:{entry.__qualname__}"
     light = LIGHT.get(entry)
-    return resolve(light) if light is not None else module_class(kind)
+    return _resolved(light) if light is not None else module_class(kind)
+
+
+@functools.cache
+def _resolved(ref: str) -> type[Kind]:
+    """A ``LIGHT`` reference imported once: costs ask for it in the search's inner loops."""
+    return resolve(ref)
 
 
 def module_class(kind: str) -> type[PromptModule]:
