@@ -140,6 +140,9 @@ class ConsoleView:
     def running(self) -> list[TrialState]:
         return [s for s in self.trials.values() if s.ended is None]
 
+    def waiting(self) -> int:
+        return self.total - len(self.trials)
+
     def seconds_left(self, now: float) -> float | None:
         """The longest time left of a running trial, plus the waiting trials' share of the
         workers at the mean duration of those done; None until it can be told."""
@@ -186,6 +189,23 @@ class Console:
         self.view = ConsoleView(stage, total)
         self.mode, self.stream = mode, stream
         self.live: Any = None
+        self.views: dict[int, ConsoleView] = {}  # each step's, by its index
+        self.view_of: dict[str, ConsoleView] = {}  # each trial's step's view
+
+    def begin(self, key: int, stage: str, total: int) -> None:
+        """A dataset's trials of a stage (``key``: its step) begin: the stage's view counts
+        them, and the screen shows every stage that has trials running or waiting."""
+        view = self.views.get(key)
+        if view is None:
+            self.views[key] = view = ConsoleView(stage, 0)
+        view.total += total
+        self.view = view
+        self.refresh()
+
+    def _view(self, trial: str, key: int | None = None) -> ConsoleView:
+        if trial not in self.view_of:
+            self.view_of[trial] = self.views.get(key, self.view) if key is not None else self.view
+        return self.view_of[trial]
 
     def out(self) -> TextIO:
         return self.stream or sys.stdout
@@ -201,11 +221,14 @@ class Console:
     def renderable(self) -> Any:
         from rich.text import Text
 
-        lines = self.view.render(time.time())
+        now = time.time()
+        active = [v for _, v in sorted(self.views.items()) if v.running() or v.waiting()]
+        lines = [line for view in active or [self.view] for line in view.render(now)]
         return Text("\n".join([f"{stamp()}  nas run", *lines]))
 
-    def started(self, trial: str, name: str) -> None:
-        self.view.start(trial, name, time.time())
+    def started(self, trial: str, name: str, key: int | None = None) -> None:
+        """A trial (of step ``key``) starts."""
+        self._view(trial, key).start(trial, name, time.time())
         self.refresh()
 
     def reported(self, trial: str, result: dict[str, Any]) -> None:
@@ -213,16 +236,17 @@ class Console:
         if progress is None:
             return
         now = time.time()
-        self.view.update(trial, progress, now)
+        self._view(trial).update(trial, progress, now)
         self.plain(progress.line(), now)
         self.refresh()
 
     def ended(self, trial: str, failed: bool = False) -> None:
         now = time.time()
-        state = self.view.end(trial, now, failed)
+        view = self._view(trial)
+        state = view.end(trial, now, failed)
         name = state.progress.head() if state.progress is not None else state.name
         word = "failed" if failed else "done"
-        self.plain(f"{name} {word} after {now - state.started:.0f} s; {self.view.totals(now)}", now)
+        self.plain(f"{name} {word} after {now - state.started:.0f} s; {view.totals(now)}", now)
         self.refresh()
 
     @contextlib.contextmanager
@@ -261,7 +285,8 @@ def tune_callback(console: Console) -> Any:
 
     class ConsoleCallback(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            console.started(trial.trial_id, task_from_config(trial.config["task"]).describe())
+            task = task_from_config(trial.config["task"])
+            console.started(trial.trial_id, task.describe(), trial.config.get("step"))
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any

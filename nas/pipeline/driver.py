@@ -39,9 +39,10 @@ from nas.pipeline.preflight import (
     probe_tracking,
 )
 from nas.pipeline.provenance import record_output
-from nas.pipeline.ray_layer import launch, start_ray
+from nas.pipeline.ray_layer import run_sequence, start_ray
 from nas.pipeline.reports import collect_results, ui_links
 from nas.pipeline.retrain import Retrain
+from nas.pipeline.sequence import StageSequence, Step
 from nas.pipeline.stage import Stage
 from nas.pipeline.subnet_search import LOGGERS_LOCK, SupernetAndSearch
 from nas.pipeline.verify import Verify
@@ -184,20 +185,28 @@ def pipeline(spec: ExperimentSpec) -> list[tuple[str, Stage]]:
 
 
 def run_stages(spec: ExperimentSpec) -> None:
-    """Each stage's unfinished trials through Ray Tune, in order (``pipeline``)."""
+    """Each stage's unfinished trials in order (``pipeline``), all in one Ray Tune run."""
     base = {**spec_reference(spec), "output": str(spec.output)}
-    timings = StageTimer(run_layout(spec).timings)
     pairs = [(ds, seed) for ds in spec.datasets for seed in spec.seeds]
-    for name, stage in pipeline(spec):
-        with timings(name):
-            plan = stage.plan(spec, base, pairs)
-            say(plan.line)
-            launch(stage, plan, storage=run_layout(spec).ray, cpus=spec.cpus, gpus=spec.gpus)
+    steps = [Step(name, stage.name, _planner(stage, spec, base, pairs), stage.run)
+             for name, stage in pipeline(spec)]  # fmt: skip
+    sequence = StageSequence(
+        steps, lanes=[ds.key for ds in spec.datasets], timer=StageTimer(run_layout(spec).timings)
+    )
+    run_sequence(sequence, storage=run_layout(spec).ray, cpus=spec.cpus, gpus=spec.gpus)
+
+
+def _planner(stage: Stage, spec: ExperimentSpec, base: dict[str, str], pairs: list) -> Any:
+    """A stage's plan for one dataset (a lane of the sequence): its pairs alone."""
+    return lambda key: stage.plan(spec, base, [(ds, seed) for ds, seed in pairs if ds.key == key])
 
 
 class StageTimer:
     """Wall time of each stage, appended per invocation of ``nas run`` to ``timings.json``
-    (a resumed run adds an entry; stages it skipped take a fraction of a second)."""
+    (a resumed run adds an entry; stages it skipped take a fraction of a second): from its
+    plan to its last trial's end. A stage that ends is recorded as its seconds; one stopped
+    or failed as ``{"seconds": s, "ended": "stopped" | "failed"}``, and said so on the
+    console."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -207,29 +216,18 @@ class StageTimer:
         except ValueError:  # only timings: a damaged file is started afresh
             self.history = []
         self.history.append(self.entry)
+        self.began: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        """A stage that ends is recorded as its seconds; one stopped or failed as
-        ``{"seconds": s, "ended": "stopped" | "failed"}``, and said so on the console."""
-        start = time.perf_counter()
-        ended = "stopped"
-        try:
-            yield
-            ended = "finished"
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            ended = "failed"
-            raise
-        finally:
-            seconds = round(time.perf_counter() - start, 2)
-            finished = ended == "finished"
-            self.entry["stages"][stage] = (
-                seconds if finished else {"seconds": seconds, "ended": ended}
-            )
-            write_json(self.path, self.history)
-            say(f"== {stage}: {seconds:.1f} s" + ("" if finished else f" ({ended})"))
+    def start(self, stage: str) -> None:
+        self.began[stage] = time.perf_counter()
+
+    def stop(self, stage: str, ended: str) -> None:
+        """A stage ended: ``finished``, ``stopped`` or ``failed``."""
+        seconds = round(time.perf_counter() - self.began.pop(stage), 2)
+        finished = ended == "finished"
+        self.entry["stages"][stage] = seconds if finished else {"seconds": seconds, "ended": ended}
+        write_json(self.path, self.history)
+        say(f"== {stage}: {seconds:.1f} s" + ("" if finished else f" ({ended})"))
 
 
 def spec_reference(spec: ExperimentSpec) -> dict[str, str]:

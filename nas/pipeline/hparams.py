@@ -318,7 +318,12 @@ class Hparams(Stage):
         self.title = "hparams (searched subnets)" if searched else "hparams"
 
     def sweeps(self, spec: ExperimentSpec, pairs: Pairs) -> list[Sweep]:
-        return searched_sweeps(spec, pairs) if self.searched else hparams_sweeps(spec)
+        """The sweeps of the datasets in ``pairs`` (those before the search: at the spec's
+        first seed, whichever seeds ``pairs`` names)."""
+        if self.searched:
+            return searched_sweeps(spec, pairs)
+        keys = {ds.key for ds, _ in pairs}
+        return [s for s in hparams_sweeps(spec) if s.ds.key in keys]
 
     def tasks(self, spec: ExperimentSpec, base: dict[str, str], pairs: Pairs) -> list[SweepPoint]:
         return [p for s in self.sweeps(spec, pairs) for p in sweep_points(spec, s, base)]

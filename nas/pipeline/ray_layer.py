@@ -1,4 +1,6 @@
-"""The thin layer between the pipeline and Ray Tune: one Tune trial per task of a stage.
+"""The thin layer between the pipeline and Ray Tune: one Tune run per ``nas run``, one trial per
+task of each of its stages (``run_sequence``: the stages in order, as ``sequence.StageSequence``
+plans them; a trial's process serves the trials after it, of its stage or the next).
 
 Everything distributed is configuration here (resources per trial, storage path, retries);
 the work itself is a plain function of a task dict (the stage modules: ``nas.pipeline.hparams``,
@@ -16,12 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
 
 from nas.core.errors import NasError
 from nas.pipeline.console import (
@@ -33,10 +36,9 @@ from nas.pipeline.console import (
     tune_callback,
 )
 from nas.pipeline.progress import Progress
+from nas.pipeline.sequence import Ended, StageSequence, Step
+from nas.pipeline.stage import Halving, Plan
 from nas.pipeline.tasks import Task, task_from_config
-
-if TYPE_CHECKING:
-    from nas.pipeline.stage import Plan, Stage
 
 # Ray's side effects we do not want: usage statistics, and a token file in the home directory.
 RAY_ENV = {
@@ -124,8 +126,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _trainable(config: dict[str, Any], run: Callable[..., dict[str, Any]]) -> None:
-    """One trial: the stage's ``run`` (handed over by ``tune.with_parameters``) on the task."""
+def _trainable(config: dict[str, Any], runs: tuple[Callable[..., dict[str, Any]], ...]) -> None:
+    """One trial: its step's ``run`` (the steps' runs handed over by ``tune.with_parameters``)
+    on the task."""
     quiet_worker()
     # Which node ran the trial, for the record (the stage code itself knows nothing of Ray).
     task = replace(task_from_config(config["task"]), node=ray.get_runtime_context().get_node_id())
@@ -134,7 +137,7 @@ def _trainable(config: dict[str, Any], run: Callable[..., dict[str, Any]]) -> No
         # The driver's console shows it (nas.pipeline.console): nothing printed here.
         tune.report(to_result(progress))
 
-    result = run(task, report)
+    result = runs[config["step"]](task, report)
     tune.report(
         {"finished": 1, **{k: v for k, v in (result or {}).items() if isinstance(v, int | float)}}
     )
@@ -178,80 +181,181 @@ class GroupedASHA(FIFOScheduler):
         return f"Using ASHA within {len(self.groups)} groups of trials (by {self.key})"
 
 
-class GroupEnd(Callback):
-    """Calls ``on_group(group, ended)`` as soon as every trial of a group (the trials whose
-    task has one value of its field ``key``; ``sizes`` says how many each has) has ended,
-    stopped early by a scheduler or not; ``ended`` holds each trial's task and last result."""
-
-    def __init__(
-        self,
-        key: str,
-        sizes: dict[str, int],
-        on_group: Callable[[str, list[tuple[Any, dict[str, Any]]]], None],
-    ) -> None:
-        self.key, self.sizes, self.on_group = key, sizes, on_group
-        self.ended: dict[str, list[tuple[Task, dict[str, Any]]]] = {}
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        task = task_from_config(trial.config["task"])
-        group = str(getattr(task, self.key))
-        ended = self.ended.setdefault(group, [])
-        ended.append((task, trial.last_result or {}))
-        if len(ended) == self.sizes[group]:
-            self.on_group(group, ended)
-
-
 def describe_task(config: dict[str, Any]) -> str:
     """A trial's task in words, from the config Tune holds."""
     return task_from_config(config).describe()
+
+
+def last_error(trial: Any) -> str:
+    """The last line of a failed trial's error (its exception), as Tune wrote it."""
+    path = Path(trial.error_file) if getattr(trial, "error_file", None) else None
+    if path is not None and path.is_file():
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else ""
+    return ""
 
 
 class RetryReport(Callback):
     """Says so when a trial failed and Tune retries it: a retry is for a fault, and one that
     hides an error costs an attempt and the time it ran."""
 
-    def __init__(self, stage: str, max_failures: int) -> None:
-        self.stage, self.max_failures = stage, max_failures
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = ""
-        path = Path(trial.error_file) if getattr(trial, "error_file", None) else None
-        if path is not None and path.is_file():
-            lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-            error = lines[-1][:300] if lines else ""
         say(
-            f"nas: {self.stage} trial {describe_task(trial.config['task'])} failed "
+            f"nas: {trial.config['stage']} trial {describe_task(trial.config['task'])} failed "
             f"(attempt {trial.run_metadata.num_failures} of {self.max_failures + 1}), "
-            f"retrying: {error}"
+            f"retrying: {last_error(trial)}"
         )
 
 
-def launch(stage: Stage, plan: Plan, *, storage: Path, cpus: float, gpus: float) -> None:
-    """A stage's plan through Ray Tune: one trial per task, running ``stage.run``. Where the
-    plan asks for successive halving: ASHA on ``val_acc`` within each group of trials (their
-    tasks' ``group``: ``GroupedASHA``), and ``plan.on_group`` called as each group ends
-    (``GroupEnd``)."""
-    halving, scheduler, callbacks = plan.halving, None, []
-    if halving is not None:
-        scheduler = GroupedASHA(
-            "group",
-            metric="val_acc",
-            mode="max",
-            max_t=halving.epochs,
-            grace_period=min(halving.grace_period, halving.epochs),
-            reduction_factor=halving.reduction_factor,
-        )
-        callbacks = [GroupEnd("group", plan.sizes, plan.on_group)]
-    run_stage(
-        stage.name,
-        stage.run,
-        plan.tasks,
-        storage=storage,
-        cpus=cpus,
-        gpus=gpus,
-        scheduler=scheduler,
-        callbacks=callbacks,
+class StepSchedulers(FIFOScheduler):
+    """Each step's own scheduler (a step's trials carry its index, ``config["step"]``): ASHA
+    on ``val_acc`` within groups (``GroupedASHA``) for a step whose plan asks for successive
+    halving (``halving_of``), first in first out otherwise."""
+
+    def __init__(self, halving_of: Callable[[int], Halving | None]) -> None:
+        super().__init__()
+        self.halving_of = halving_of
+        self.by_step: dict[int, GroupedASHA | None] = {}
+
+    def _of(self, trial: Any) -> GroupedASHA | None:
+        return self.by_step.get(trial.config["step"])
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        step = trial.config["step"]
+        if step not in self.by_step:
+            h = self.halving_of(step)
+            self.by_step[step] = None
+            if h is not None:
+                self.by_step[step] = GroupedASHA(
+                    "group",
+                    metric="val_acc",
+                    mode="max",
+                    max_t=h.epochs,
+                    grace_period=min(h.grace_period, h.epochs),
+                    reduction_factor=h.reduction_factor,
+                )
+        if (own := self._of(trial)) is not None:
+            own.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        own = self._of(trial)
+        if own is None:
+            return super().on_trial_result(tune_controller, trial, result)
+        return own.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if (own := self._of(trial)) is not None:
+            own.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        if (own := self._of(trial)) is not None:
+            own.on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        if (own := self._of(trial)) is not None:
+            own.on_trial_remove(tune_controller, trial)
+
+
+class Sequencer(Searcher):
+    """Tune's side of a ``StageSequence``: each trial Tune asks for is the sequence's next task
+    (None while the current step's last trials run, FINISHED once it is over)."""
+
+    def __init__(self, sequence: StageSequence) -> None:
+        super().__init__()
+        self.sequence = sequence
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.sequence.finished():
+            return Searcher.FINISHED
+        handed = self.sequence.next_task()
+        if handed is None:
+            return None
+        index, step, task = handed
+        return {"step": index, "stage": step.stage, "task": task.to_config()}
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        """Nothing: ``SequenceEnds`` hands the end on, with the trial it needs."""
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Nothing to save: a rerun plans again from the files the trials wrote."""
+
+
+class SequenceEnds(Callback):
+    """Hands each trial's end (completed, stopped early, or failed after its retries) to the
+    sequence, after the console has shown it."""
+
+    def __init__(self, sequence: StageSequence) -> None:
+        self.sequence = sequence
+
+    def _ended(self, trial: Any, error: str | None) -> None:
+        task = task_from_config(trial.config["task"])
+        self.sequence.ended(trial.config["step"], Ended(task, trial.last_result or {}, error))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, last_error(trial) or "failed")
+
+
+def run_sequence(
+    sequence: StageSequence,
+    *,
+    storage: Path,
+    cpus: float,
+    gpus: float,
+    name: str | None = None,
+) -> None:
+    """The sequence's steps through one Ray Tune run: one trial per task, each running its
+    step's ``run`` (a plain function that knows nothing of Ray), a trial's process reused by
+    the trials after it (``reuse_actors``), of its own stage or the next. Raises the
+    sequence's errors (failed trials, a plan's) once no trial runs."""
+    console = Console("", 0, choose_mode())
+    sequence.on_step = lambda index, step, plan: console.begin(index, step.stage, len(plan.tasks))
+    name = name or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    sequence.logs = str(storage / name)
+    if not sequence.start():
+        sequence.raise_errors()
+        return
+    runs = tuple(step.run for step in sequence.steps)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, runs=runs), {"cpu": cpus, "gpu": gpus}
     )
+
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            reuse_actors=True,
+            search_alg=Sequencer(sequence),
+            scheduler=StepSchedulers(sequence.halving.get),
+            num_samples=-1,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=sequence.max_failures),
+            verbose=0,
+            callbacks=[
+                RetryReport(sequence.max_failures),
+                tune_callback(console),
+                SequenceEnds(sequence),
+            ],
+        ),
+    )
+    # Tune's INFO lines ("Wrote the latest version of all result files ...") are not news.
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    with console.showing():
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            sequence.interrupted()
+            raise
+    sequence.raise_errors()
 
 
 def run_stage(
@@ -262,51 +366,10 @@ def run_stage(
     storage: Path,
     cpus: float,
     gpus: float,
-    max_failures: int = 2,
-    scheduler: Any = None,
     name: str | None = None,
-    callbacks: Sequence[Any] = (),
-) -> list[Any]:
-    """Run the stage's work (``run(task, report)``, a plain function that knows nothing of
-    Ray) on every task, one Tune trial each; NasError if any failed. ``stage`` names the
-    trials and their console."""
-    if not tasks:
-        return []
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, run=run), {"cpu": cpus, "gpu": gpus}
-    )
-    console = Console(stage, len(tasks), choose_mode())
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"stage": stage, "task": tune.grid_search([t.to_config() for t in tasks])},
-        tune_config=tune.TuneConfig(reuse_actors=True, scheduler=scheduler),
-        run_config=tune.RunConfig(
-            name=name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(storage),
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-            verbose=0,
-            callbacks=[RetryReport(stage, max_failures), tune_callback(console), *callbacks],
-        ),
-    )
-    # Tune's INFO lines ("Wrote the latest version of all result files ...") are not news.
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    with console.showing():
-        results = tuner.fit()
-    failed = [(r.config["task"], r.error) for r in results if r.error is not None]
-    if failed:
-        lines = [
-            f"{describe_task(t)}: {str(err).strip().splitlines()[-1][:300]}" for t, err in failed
-        ]
-        raise NasError(
-            f"{stage}: {len(failed)} trial(s) failed after {max_failures} retries:\n  "
-            + "\n  ".join(lines)
-            + f"\n(trial logs under {storage / stage})"
-        )
-    if scheduler is None:  # a scheduler (ASHA) may stop trials early on purpose
-        unfinished = [r for r in results if r.error is None and not r.metrics.get("finished")]
-        if unfinished:
-            raise NasError(
-                f"{stage}: {len(unfinished)} trial(s) ended before finishing, without an error "
-                "(stopped from outside?); run the same command again to continue them"
-            )
-    return list(results)
+) -> None:
+    """One stage's ``run`` on every task (a sequence of one step); NasError if a trial
+    failed."""
+    tasks = list(tasks)
+    step = Step(stage, stage, lambda lane: Plan(tasks, ""), run)
+    run_sequence(StageSequence([step]), storage=storage, cpus=cpus, gpus=gpus, name=name)
