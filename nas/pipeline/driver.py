@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,13 @@ from nas.pipeline.preflight import (
     check_job_paths,
     check_output,
     check_packaged_targets,
+    check_private_cpus,
     check_resources,
     check_resume_state,
     probe_tracking,
 )
 from nas.pipeline.provenance import record_output
-from nas.pipeline.ray_layer import run_sequence, start_ray
+from nas.pipeline.ray_layer import ray_started, run_sequence, start_ray
 from nas.pipeline.reports import collect_results, ui_links
 from nas.pipeline.retrain import Retrain
 from nas.pipeline.sequence import StageSequence, Step
@@ -49,6 +51,7 @@ from nas.pipeline.verify import Verify
 from nas.spec.experiment import ExperimentSpec, load_spec
 from nas.tracking.candidates import wait_for_loggers
 from nas.tracking.logged_model import register_winners
+from nas.tracking.runs import Tracker
 
 
 def run_experiment(
@@ -74,39 +77,28 @@ def run_experiment(
     spec = check_output(spec, new)
     check_resume_state(spec)
     check_inputs(spec)
-    started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
+    started, tracker = False, None
     try:
-        check_resources(spec, private=started)
-        # before provenance.json says it ran before
-        for line in relocate_output(spec.output, own_store=spec.mlflow_uri is None):
-            say(line)
-        record_output(spec)
-        # Before anything is written for the trials: what the cluster lacks is said first.
-        check_cluster(spec)
-        # Create the MLflow store's tables and the experiment here, once: trials that start
-        # together would otherwise race to migrate a new sqlite database (and deadlock).
-        tracker = tracker_for(spec)
-        # MLflow 3.17's UI opens an experiment of unknown kind as a GenAI one (traces,
-        # "Agent versions"); this one is model training (runs, models, their metrics).
-        tracker.client.set_experiment_tag(
-            tracker.experiment_id, "mlflow.experimentKind", "custom_model_development"
-        )
-        if spec.description:  # the experiment page's description
-            tracker.client.set_experiment_tag(
-                tracker.experiment_id, "mlflow.note.content", spec.description
-            )
-        data_hashes = prepare_data(spec)
-        check_class_names(spec)
-        check_packaged_targets(spec)
-        prov = read_json(run_layout(spec).provenance)
-        prov["data_sha256"] = data_hashes
-        write_json(run_layout(spec).provenance, prov)
+        if private and not ray_started():
+            check_private_cpus(spec)  # before anything is written
+            # The run's own files (output folder, MLflow store, data) are made while the private
+            # Ray starts (about 8 s on 2 cores, most of it waiting for its processes).
+            with ThreadPoolExecutor(1, thread_name_prefix="nas-set-up") as pool:
+                local = pool.submit(set_up, spec, cluster=False)
+                started = start_ray(None)
+            tracker = local.result()
+            check_resources(spec, private=True)
+        else:
+            started = start_ray(spec.ray_address)  # the output folder is made once Ray answers
+            check_resources(spec, private=started)
+            tracker = set_up(spec, cluster=True)
         with stop_on_signals():  # after ray.init, which installs a SIGTERM handler that aborts
             run_stages(spec)
         if spec.mlflow_register:
             register(spec)
     except KeyboardInterrupt:
-        stop_tracking(spec)
+        if tracker is not None:  # else nothing was tracked yet
+            stop_tracking(spec)
         raise
     finally:
         if started:
@@ -117,6 +109,37 @@ def run_experiment(
     for line in ui_links(spec.tracking_uri, tracker.experiment_id, output_id(spec.output)):
         say(line)
     return results
+
+
+def set_up(spec: ExperimentSpec, cluster: bool) -> Tracker:
+    """The run's own files: the output folder claimed and recorded, what the cluster lacks
+    said first (``cluster``: Ray is up), the MLflow store and experiment, the data prepared
+    and checked. Returns the run's tracker."""
+    # before provenance.json says it ran before
+    for line in relocate_output(spec.output, own_store=spec.mlflow_uri is None):
+        say(line)
+    record_output(spec)
+    if cluster:  # Before anything is written for the trials: what the cluster lacks is said first.
+        check_cluster(spec)
+    # Create the MLflow store's tables and the experiment here, once: trials that start
+    # together would otherwise race to migrate a new sqlite database (and deadlock).
+    tracker = tracker_for(spec)
+    # MLflow 3.17's UI opens an experiment of unknown kind as a GenAI one (traces,
+    # "Agent versions"); this one is model training (runs, models, their metrics).
+    tracker.client.set_experiment_tag(
+        tracker.experiment_id, "mlflow.experimentKind", "custom_model_development"
+    )
+    if spec.description:  # the experiment page's description
+        tracker.client.set_experiment_tag(
+            tracker.experiment_id, "mlflow.note.content", spec.description
+        )
+    data_hashes = prepare_data(spec)
+    check_class_names(spec)
+    check_packaged_targets(spec)
+    prov = read_json(run_layout(spec).provenance)
+    prov["data_sha256"] = data_hashes
+    write_json(run_layout(spec).provenance, prov)
+    return tracker
 
 
 def register(spec: ExperimentSpec) -> None:

@@ -292,10 +292,7 @@ def check_resources(spec: ExperimentSpec, private: bool = False) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cores = max((n.get("Resources", {}).get("CPU", 0) for n in nodes), default=0)
     if spec.cpus > cores:
-        text = (
-            f"{spec.path}: resources.cpus is {spec.cpus:g} per trial but no node of the Ray "
-            f"cluster has that many CPUs (the most on one node: {cores:g})"
-        )
+        text = _cpus_text(spec, cores)
         if private:  # nothing will ever add a node: trials would wait forever
             raise NasError(f"{text}; set resources.cpus to at most {cores:g}")
         print(
@@ -313,6 +310,24 @@ def check_resources(spec: ExperimentSpec, private: bool = False) -> None:
             f"to at most {most:g} if the cluster has none to add.",
             flush=True,
         )
+
+
+def _cpus_text(spec: ExperimentSpec, cores: float) -> str:
+    return (
+        f"{spec.path}: resources.cpus is {spec.cpus:g} per trial but no node of the Ray "
+        f"cluster has that many CPUs (the most on one node: {cores:g})"
+    )
+
+
+def check_private_cpus(spec: ExperimentSpec) -> None:
+    """Before a private Ray starts (and anything is written): a trial's CPUs must fit on this
+    machine, as Ray will count them (its affinity and cgroup limits)."""
+    # Ray's own count of this machine's CPUs (no public API gives it before ray.init).
+    from ray._private.utils import get_num_cpus
+
+    cores = get_num_cpus()
+    if spec.cpus > cores:
+        raise NasError(f"{_cpus_text(spec, cores)}; set resources.cpus to at most {cores:g}")
 
 
 def check_cluster(spec: ExperimentSpec) -> None:

@@ -95,6 +95,11 @@ def probe_ray(address: str, where: str = "ray.address", timeout: float = 5.0) ->
     return target if address == "auto" else address
 
 
+def ray_started() -> bool:
+    """Whether this process is attached to a Ray already."""
+    return ray.is_initialized()
+
+
 def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Attach to a cluster (``address``, or RAY_ADDRESS as under ``ray job submit``), or start
     a private local instance. Returns whether this call started Ray (and should stop it)."""
