@@ -133,6 +133,34 @@ def test_live_mode_redraws_in_place_and_leaves_the_screen_clean():
     assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", screen, re.M)
 
 
+def test_stages_of_several_datasets_side_by_side():
+    """Each dataset goes on to its next stage on its own: the screen shows every stage with
+    trials running or waiting, and a trial counts in its own stage's totals."""
+    out = io.StringIO()
+    console = Console("", 0, mode="plain", stream=out)
+    console.begin(0, "supernet+search", 1)  # digits' search
+    console.begin(0, "supernet+search", 1)  # dsprites_loc's
+    console.started("a", "digits seed 1", 0)
+    console.started("b", "dsprites_loc seed 1", 0)
+    console.ended("a")
+    console.begin(1, "retrain", 1)  # digits goes on while dsprites_loc searches
+    console.started("c", "digits seed 1 rank1", 1)
+    console.reported("b", to_result(EPOCH))
+    screen = console.renderable().plain.splitlines()
+    assert screen[1:] == [
+        EPOCH.line(),
+        "supernet+search: 2 trials, 1 done, 1 running, 0 waiting, ~30 s left",
+        "[digits seed 1 rank1] starting (0 s)",
+        "retrain: 1 trials, 0 done, 1 running, 0 waiting",
+    ]
+    console.ended("b")
+    assert (
+        out.getvalue()
+        .splitlines()[-1]
+        .endswith("supernet+search: 2 trials, 2 done, 0 running, 0 waiting")
+    )
+
+
 def test_mode_follows_the_terminal_unless_asked(monkeypatch):
     monkeypatch.delenv("NAS_PROGRESS", raising=False)
     assert choose_mode(stream=io.StringIO()) == "plain"
