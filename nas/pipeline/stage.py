@@ -4,9 +4,9 @@ of stages by name.
 A stage says which tasks it has for a spec (one Tune trial each), where a task's trial writes
 (its ``folder``; the done marker there lets a rerun skip it), and runs one task in a plain
 function (``run``) that reports typed progress events (``nas.pipeline.progress``) through a
-callback and knows nothing of Ray. ``plan`` says what to run now; ``ray_layer.launch`` runs it
-through Ray Tune. Nothing here imports Ray or torch: the stage modules are imported when a stage
-is looked up.
+callback and knows nothing of Ray. ``plan`` says what to run now (per dataset: a lane of
+``sequence.StageSequence``); ``ray_layer.run_sequence`` runs it through Ray Tune. Nothing here
+imports Ray or torch: the stage modules are imported when a stage is looked up.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Halving:
 
 @dataclass
 class Plan:
-    """What a stage hands the Ray layer (``ray_layer.launch``): the tasks to run now, the
+    """What a stage hands the sequence (``sequence.StageSequence``): the tasks to run now, the
     console line that announces them, and for stages of short scored trials (sweeps,
     verification) successive halving within groups, with ``on_group`` called as each group's
     trials have all ended (``sizes``: how many trials each group has)."""
