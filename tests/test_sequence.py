@@ -174,3 +174,39 @@ def test_stages_with_nothing_to_do_are_passed_and_a_stop_is_recorded():
                             ("stopped", "b")]  # fmt: skip
     empty = StageSequence([steps[0]], timer=Clock())
     assert not empty.start() and empty.finished()
+
+
+def test_a_trial_tune_ends_without_a_callback_is_passed_on_once():
+    """Tune may end a trial without on_trial_complete/on_trial_error (a reused worker that
+    could not be reset): found at the end of Tune's step, so its lane does not wait forever."""
+    from types import SimpleNamespace
+
+    from nas.pipeline.ray_layer import SequenceEnds
+
+    plain = Task(spec="s.yaml", spec_abs="/s.yaml", output="/o", dataset="x", seed=0)
+    seq = StageSequence([Step("a", "a", lambda lane: Plan([plain], ""), print)])
+    seq.start()
+    ((_, t),) = drain(seq)
+    ends = SequenceEnds(seq)
+    trial = SimpleNamespace(trial_id="t1", status="RUNNING", config={"step": 0,
+                            "task": t.to_config()}, last_result={}, error_file=None)  # fmt: skip
+    ends.on_step_end(1, [trial])
+    assert not seq.finished()  # still running: nothing to pass on
+    trial.status = "ERROR"
+    ends.on_step_end(2, [trial])
+    assert seq.finished()
+    ends.on_trial_error(3, [trial], trial)  # a late callback: passed on once only
+    with pytest.raises(NasError, match="x seed 0: its worker could not be reset for it"):
+        seq.raise_errors()
+
+
+def test_errors_of_ours_are_raised_together_and_a_bug_as_it_was(capsys):
+    seq = StageSequence([])
+    seq.errors += [NasError("a: failed"), KeyError("bug"), NasError("b: failed")]
+    with pytest.raises(KeyError):
+        seq.raise_errors()
+    said = capsys.readouterr().out.splitlines()[-2:]
+    assert said[0].endswith("nas: error: a: failed") and said[1].endswith("nas: error: b: failed")
+    ours = StageSequence([], errors=[NasError("a: failed"), NasError("b: failed")])
+    with pytest.raises(NasError, match=r"^a: failed\nb: failed$"):
+        ours.raise_errors()

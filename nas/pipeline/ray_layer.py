@@ -292,20 +292,36 @@ class Sequencer(Searcher):
 
 class SequenceEnds(Callback):
     """Hands each trial's end (completed, stopped early, or failed after its retries) to the
-    sequence, after the console has shown it."""
+    sequence once, after the console has shown it. A trial Tune ends by another path (a reused
+    worker that could not be reset) is found at the end of Tune's next step, so that no lane
+    waits forever for it. An error of the driver's part (a plan, a group's end) is kept by the
+    sequence, never raised into Tune (which would run the finished trial again)."""
 
     def __init__(self, sequence: StageSequence) -> None:
         self.sequence = sequence
+        self.passed: set[str] = set()
 
     def _ended(self, trial: Any, error: str | None) -> None:
+        if trial.trial_id in self.passed:
+            return
+        self.passed.add(trial.trial_id)
         task = task_from_config(trial.config["task"])
-        self.sequence.ended(trial.config["step"], Ended(task, trial.last_result or {}, error))
+        try:
+            self.sequence.ended(trial.config["step"], Ended(task, trial.last_result or {}, error))
+        except Exception as exc:  # kept, and raised after the Tune run
+            self.sequence.errors.append(exc)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, last_error(trial) or "failed")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        for trial in trials:
+            if trial.trial_id not in self.passed and trial.status in ("TERMINATED", "ERROR"):
+                why = "its worker could not be reset for it" if trial.status == "ERROR" else None
+                self._ended(trial, (last_error(trial) or why) if why else None)
 
 
 def run_sequence(
@@ -352,14 +368,25 @@ def run_sequence(
             ],
         ),
     )
+    # Tune lets a custom searcher have one trial pending at a time: each worker would start
+    # only once the one before it had (its imports, ~11 s on 2 cores). As many as for a grid
+    # search instead (Tune's own rule for it), unless the user set the variable.
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(200, int(cluster_cpus * 1.1))))
     # Tune's INFO lines ("Wrote the latest version of all result files ...") are not news.
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     with console.showing():
         try:
             tuner.fit()
-        except KeyboardInterrupt:
-            sequence.interrupted()
+        except BaseException as exc:
+            sequence.interrupted("stopped" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise
+    if not sequence.finished():  # Tune's run ended early (its SIGUSR1 handler, say)
+        sequence.interrupted("stopped")
+        raise NasError(
+            "the Ray Tune run ended before its trials did; run the same command again to "
+            "continue them"
+        )
     sequence.raise_errors()
 
 

@@ -131,26 +131,40 @@ class StageSequence:
                 self._guard(lane, lambda: plan.on_group(group, members))
         if lane.running() > 0 or lane.queue:
             return
-        if not lane.stopped and (problem := self._problem(lane)) is not None:
-            self.errors.append(problem)
-            lane.stopped = True
+        if (problem := self._problem(lane)) is not None:
+            self._stop_lane(lane, problem)
         self._leave(lane)
         self._advance(lane)
 
-    def interrupted(self) -> None:
-        """The run was stopped (Ctrl-C, SIGTERM): every stage begun and not ended is."""
+    def interrupted(self, ended: str = "stopped") -> None:
+        """The run was stopped (Ctrl-C, SIGTERM) or failed: every stage begun and not ended
+        is recorded so (``ended``), and nothing more is handed out."""
         if self.timer is not None:
             for index in sorted(self._began):
-                self.timer.stop(self.steps[index].name, "stopped")
+                self.timer.stop(self.steps[index].name, ended)
         self._began.clear()
+        for lane in self._lanes.values():
+            lane.plan, lane.queue = None, []
 
     def raise_errors(self) -> None:
-        """Raise what went wrong: a plan's error as it was (one), or the failed stages'."""
+        """Raise what went wrong: the failed stages' errors as one, or else (an error that is
+        not one of ours: a bug) the first such, as it was, the others said before it."""
         if not self.errors:
             return
-        if len(self.errors) == 1 or not all(isinstance(e, NasError) for e in self.errors):
-            raise self.errors[0]
-        raise NasError("\n".join(str(e) for e in self.errors))
+        ours = [e for e in self.errors if isinstance(e, NasError)]
+        if len(ours) == len(self.errors):
+            raise ours[0] if len(ours) == 1 else NasError("\n".join(map(str, ours)))
+        for error in ours:
+            say(f"nas: error: {error}")
+        raise next(e for e in self.errors if not isinstance(e, NasError))
+
+    def _stop_lane(self, lane: Lane, error: BaseException) -> None:
+        """A lane's stage failed: said at once (the other datasets go on), raised at the end."""
+        self.errors.append(error)
+        lane.stopped, lane.queue = True, []
+        if len(self._lanes) > 1:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            say(f"nas: {lane.key} stops here ({first}); the other datasets go on")
 
     def _lane_of(self, task: Task) -> str:
         return task.dataset if task.dataset in self._lanes else next(iter(self._lanes))
@@ -182,8 +196,7 @@ class StageSequence:
         try:
             call()
         except Exception as exc:  # kept, and raised after the Tune run
-            self.errors.append(exc)
-            lane.stopped, lane.queue = True, []
+            self._stop_lane(lane, exc)
 
     def _leave(self, lane: Lane) -> None:
         """The lane's current step is over for it (finished, skipped, or failed)."""
