@@ -186,11 +186,6 @@ class GroupedASHA(FIFOScheduler):
         return f"Using ASHA within {len(self.groups)} groups of trials (by {self.key})"
 
 
-def describe_task(config: dict[str, Any]) -> str:
-    """A trial's task in words, from the config Tune holds."""
-    return task_from_config(config).describe()
-
-
 def last_error(trial: Any) -> str:
     """The last line of a failed trial's error (its exception), as Tune wrote it."""
     path = Path(trial.error_file) if getattr(trial, "error_file", None) else None
@@ -201,15 +196,15 @@ def last_error(trial: Any) -> str:
 
 
 class RetryReport(Callback):
-    """Says so when a trial failed and Tune retries it: a retry is for a fault, and one that
-    hides an error costs an attempt and the time it ran."""
+    """Says so when Tune retries a failed trial: a retry that hides an error costs time."""
 
     def __init__(self, max_failures: int) -> None:
         self.max_failures = max_failures
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        task = task_from_config(trial.config["task"])
         say(
-            f"nas: {trial.config['stage']} trial {describe_task(trial.config['task'])} failed "
+            f"nas: {trial.config['stage']} trial {task.describe()} failed "
             f"(attempt {trial.run_metadata.num_failures} of {self.max_failures + 1}), "
             f"retrying: {last_error(trial)}"
         )
@@ -368,9 +363,8 @@ def run_sequence(
             ],
         ),
     )
-    # Tune lets a custom searcher have one trial pending at a time: each worker would start
-    # only once the one before it had (its imports, ~11 s on 2 cores). As many as for a grid
-    # search instead (Tune's own rule for it), unless the user set the variable.
+    # Tune lets a custom searcher have one pending trial: workers would start one after another
+    # (~11 s of imports each). As many as a grid search gets (Tune's rule), unless set.
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(200, int(cluster_cpus * 1.1))))
     # Tune's INFO lines ("Wrote the latest version of all result files ...") are not news.
@@ -400,8 +394,7 @@ def run_stage(
     gpus: float,
     name: str | None = None,
 ) -> None:
-    """One stage's ``run`` on every task (a sequence of one step); NasError if a trial
-    failed."""
+    """One stage's ``run`` on every task (a one-step sequence); NasError if a trial failed."""
     tasks = list(tasks)
     step = Step(stage, stage, lambda lane: Plan(tasks, ""), run)
     run_sequence(StageSequence([step]), storage=storage, cpus=cpus, gpus=gpus, name=name)
